@@ -1,0 +1,1 @@
+"""bayes_model."""

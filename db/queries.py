@@ -1,0 +1,147 @@
+"""Read-side queries: campaign status and the read-only SQL console."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import func, select, text
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import Session
+
+from db.engine import DatabaseError, readonly_engine
+from db.models import Campaign, Label, LabelStatus, Round, Structure
+
+__all__ = [
+    "QueryResult",
+    "ReadOnlyViolation",
+    "campaign_overview",
+    "check_readonly_sql",
+    "label_failures",
+    "round_table",
+    "run_readonly_sql",
+]
+
+# Statements the console accepts; the database's own read-only mode is the real guard.
+_READ_KEYWORDS = {"select", "with", "values", "explain", "table", "show"}
+
+
+class ReadOnlyViolation(DatabaseError):
+    """A statement tried to change the database through the read-only console."""
+
+
+@dataclass
+class QueryResult:
+    columns: list[str]
+    rows: list[tuple[Any, ...]]
+
+
+def _strip_literals(sql: str) -> str:
+    """SQL with string literals, quoted identifiers and comments blanked out."""
+    return re.sub(
+        r"'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|--[^\n]*|/\*.*?\*/", " ", sql, flags=re.S
+    )
+
+
+def check_readonly_sql(sql: str) -> str:
+    """Validate a console statement; returns it without a trailing semicolon.
+
+    Refuses more than one statement and anything that does not start as a query.
+    """
+    stmt = sql.strip().rstrip(";").strip()
+    bare = _strip_literals(stmt)
+    if ";" in bare:
+        raise ReadOnlyViolation("one statement at a time, please (found ';' inside the query)")
+    words = bare.split()
+    if not words:
+        raise ReadOnlyViolation("empty query")
+    keyword = words[0].lower()
+    if keyword not in _READ_KEYWORDS:
+        raise ReadOnlyViolation(
+            f"`bayesal sql` is read-only and does not run {words[0].upper()} statements; "
+            "it accepts queries (SELECT, WITH, VALUES, EXPLAIN, TABLE, SHOW). Change data with "
+            "bayesal commands (import, run, ...) or a database client of your own."
+        )
+    return stmt
+
+
+def run_readonly_sql(url: str, sql: str, *, max_rows: int | None = None) -> QueryResult:
+    """Run one query on a read-only connection (the database refuses any write)."""
+    stmt = check_readonly_sql(sql)
+    engine = readonly_engine(url)
+    try:
+        with engine.connect() as conn:
+            try:
+                result = conn.execute(text(stmt))
+            except DBAPIError as exc:
+                msg = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
+                if "read-only" in msg or "readonly" in msg or "query_only" in msg:
+                    raise ReadOnlyViolation(
+                        f"refused by the database: {msg}. `bayesal sql` is read-only."
+                    ) from None
+                raise DatabaseError(f"query failed: {msg}") from None
+            columns = list(result.keys())
+            rows = result.fetchmany(max_rows) if max_rows else result.fetchall()
+            conn.rollback()
+    finally:
+        engine.dispose()
+    return QueryResult(columns, [tuple(r) for r in rows])
+
+
+def campaign_overview(session: Session) -> list[dict[str, Any]]:
+    """One dict per campaign: structures by source, labels by status, rounds."""
+    n_struct = (
+        select(Structure.campaign_id, Structure.source, func.count().label("n"))
+        .group_by(Structure.campaign_id, Structure.source)
+    )
+    by_source: dict[int, dict[str, int]] = {}
+    for cid, source, n in session.execute(n_struct):
+        by_source.setdefault(cid, {})[source] = n
+    n_label = (
+        select(Structure.campaign_id, Label.status, func.count())
+        .join(Structure, Structure.id == Label.structure_id)
+        .group_by(Structure.campaign_id, Label.status)
+    )
+    by_status: dict[int, dict[str, int]] = {}
+    for cid, status, n in session.execute(n_label):
+        by_status.setdefault(cid, {})[status] = n
+    rounds = (
+        select(Round.campaign_id, func.count(), func.max(Round.round_index))
+        .group_by(Round.campaign_id)
+    )
+    round_info = {cid: (n, last) for cid, n, last in session.execute(rounds)}
+    out = []
+    for camp in session.scalars(select(Campaign).order_by(Campaign.created_at, Campaign.id)):
+        statuses = by_status.get(camp.id, {})
+        n_rounds, last = round_info.get(camp.id, (0, None))
+        out.append({
+            "campaign": camp.name,
+            "created_at": camp.created_at,
+            "structures": by_source.get(camp.id, {}),
+            "n_structures": sum(by_source.get(camp.id, {}).values()),
+            "n_ok": statuses.get(LabelStatus.OK.value, 0),
+            "n_failed": sum(v for k, v in statuses.items() if k != LabelStatus.OK.value),
+            "n_rounds": n_rounds,
+            "last_round": last,
+        })
+    return out
+
+
+def round_table(session: Session, campaign: str) -> list[dict[str, Any]]:
+    """Rows of the ``round_summary`` view for one campaign, by round index."""
+    q = text("SELECT * FROM round_summary WHERE campaign = :c ORDER BY round_index")
+    return [dict(r._mapping) for r in session.execute(q, {"c": campaign})]
+
+
+def label_failures(session: Session, campaign: str) -> list[dict[str, Any]]:
+    """Failed labels of a campaign grouped by status and error text."""
+    q = (
+        select(Label.status, Label.error, func.count().label("n"))
+        .join(Structure, Structure.id == Label.structure_id)
+        .join(Campaign, Campaign.id == Structure.campaign_id)
+        .where(Campaign.name == campaign, Label.status != LabelStatus.OK.value)
+        .group_by(Label.status, Label.error)
+        .order_by(func.count().desc())
+    )
+    return [r._asdict() for r in session.execute(q)]

@@ -1,0 +1,184 @@
+"""Reading structure files frame by frame, with validation that names file, frame and field."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import ase.io
+import numpy as np
+from ase import Atoms
+
+from db.identity import MIN_DISTANCE, closest_pair
+
+__all__ = ["Frame", "InputError", "InputIssue", "iter_frames", "validate_frame"]
+
+# Keys under which ASE (>= 3.23) and common MLIP files keep labels when no key is given.
+ENERGY_KEYS = ("energy", "REF_energy", "free_energy")
+FORCES_KEYS = ("forces", "REF_forces")
+
+
+@dataclass(frozen=True)
+class InputIssue:
+    """One problem with an input file."""
+
+    file: str
+    frame: int | None  # 0-based frame index, None for the file as a whole
+    field: str | None  # "positions", "energy", "forces", "numbers", ...
+    message: str
+
+    def __str__(self) -> str:
+        where = self.file
+        if self.frame is not None:
+            where += f", frame {self.frame}"
+        if self.field:
+            where += f", field '{self.field}'"
+        return f"{where}: {self.message}"
+
+
+class InputError(ValueError):
+    """Bad input; nothing was written. ``issues`` lists every problem found."""
+
+    max_listed = 20
+
+    def __init__(self, issues: list[InputIssue]) -> None:
+        self.issues = list(issues)
+        shown = [f"  - {issue}" for issue in self.issues[: self.max_listed]]
+        if len(self.issues) > self.max_listed:
+            shown.append(f"  ... and {len(self.issues) - self.max_listed} more")
+        n = len(self.issues)
+        super().__init__(
+            f"{n} problem{'s' if n != 1 else ''} in the input; nothing was written:\n"
+            + "\n".join(shown)
+        )
+
+
+@dataclass
+class Frame:
+    """A frame read from a file, with its label when one was asked for."""
+
+    file: str
+    index: int
+    atoms: Atoms
+    energy: float | None = None  # eV
+    forces: np.ndarray | None = None  # (n_atoms, 3) eV/Å
+
+
+def _lookup(atoms: Atoms, keys: tuple[str, ...], where: str):
+    results = getattr(atoms.calc, "results", None) or {}
+    store = atoms.info if where == "info" else atoms.arrays
+    for key in keys:
+        if key in results:
+            return results[key]
+        if key in store:
+            return store[key]
+    return None
+
+
+def validate_frame(
+    file: str,
+    index: int,
+    atoms: Atoms,
+    *,
+    labelled: bool = False,
+    energy_key: str | None = None,
+    forces_key: str | None = None,
+) -> tuple[Frame | None, list[InputIssue]]:
+    """Check one frame; returns the frame (with its label) or the list of issues."""
+
+    def issue(field: str | None, message: str) -> InputIssue:
+        return InputIssue(file, index, field, message)
+
+    issues: list[InputIssue] = []
+    n = len(atoms)
+    if n == 0:
+        return None, [issue("numbers", "the structure has no atoms")]
+    unknown = np.flatnonzero((atoms.numbers <= 0) | (atoms.numbers > 118))
+    if unknown.size:
+        k = int(unknown[0])
+        issues.append(issue("numbers", f"unknown element (atomic number {atoms.numbers[k]}) at "
+                            f"atom {k}; use real chemical symbols"))
+    bad = np.flatnonzero(~np.isfinite(atoms.positions).all(axis=1))
+    if bad.size:
+        issues.append(issue("positions", f"non-finite (NaN/inf) position at atom {bad[0]}"
+                            f" ({bad.size} atom{'s' if bad.size > 1 else ''} affected)"))
+    if not np.isfinite(atoms.cell.array).all():
+        issues.append(issue("cell", "non-finite (NaN/inf) lattice vectors"))
+    if not issues:
+        pair = closest_pair(atoms)
+        if pair is not None:
+            i, j, d = pair
+            issues.append(issue("positions", f"atoms {i} and {j} are {d:.4f} Å apart "
+                                f"(< {MIN_DISTANCE} Å); the geometry is broken"))
+    energy = forces = None
+    if labelled:
+        e_keys = (energy_key,) if energy_key else ENERGY_KEYS
+        f_keys = (forces_key,) if forces_key else FORCES_KEYS
+        raw_e = _lookup(atoms, e_keys, "info")
+        raw_f = _lookup(atoms, f_keys, "arrays")
+        if raw_e is None:
+            issues.append(issue(e_keys[0], f"no energy (looked for {', '.join(e_keys)}); "
+                                "import without --labelled or name the key with --energy-key"))
+        else:
+            try:
+                energy = float(raw_e)
+            except (TypeError, ValueError):
+                issues.append(issue(e_keys[0], f"energy {raw_e!r} is not a number"))
+            else:
+                if not math.isfinite(energy):
+                    issues.append(issue(e_keys[0], f"energy is {energy}"))
+        if raw_f is None and n == 1 and not atoms.pbc.any():
+            forces = np.zeros((1, 3))  # an isolated atom feels no force
+        elif raw_f is None:
+            issues.append(issue(f_keys[0], f"no forces (looked for {', '.join(f_keys)}); "
+                                "import without --labelled or name the key with --forces-key"))
+        else:
+            forces = np.asarray(raw_f, dtype=float)
+            if forces.shape != (n, 3):
+                issues.append(issue(f_keys[0], f"forces have shape {forces.shape}, expected "
+                                    f"({n}, 3) for {n} atoms"))
+            elif not np.isfinite(forces).all():
+                issues.append(issue(f_keys[0], "non-finite (NaN/inf) forces"))
+    if issues:
+        return None, issues
+    return Frame(file, index, atoms, energy, forces), []
+
+
+def iter_frames(
+    path: str | Path,
+    *,
+    labelled: bool = False,
+    energy_key: str | None = None,
+    forces_key: str | None = None,
+    format: str | None = None,
+) -> Iterator[Frame | InputIssue]:
+    """Yield validated frames of a file, or the issues of frames that fail validation.
+
+    A file that cannot be parsed yields one issue naming the frame where parsing stopped
+    and ends there.
+    """
+    name = str(path)
+    if not Path(path).is_file():
+        yield InputIssue(name, None, None, "file not found")
+        return
+    index = 0
+    try:
+        for atoms in ase.io.iread(name, index=":", format=format):
+            frame, issues = validate_frame(name, index, atoms, labelled=labelled,
+                                           energy_key=energy_key, forces_key=forces_key)
+            if frame is not None:
+                yield frame
+            yield from issues
+            index += 1
+    except KeyError as exc:  # ASE raises KeyError('Xx') for an unknown chemical symbol
+        yield InputIssue(name, index, "species", f"unknown element symbol {exc.args[0]!r}")
+        return
+    except Exception as exc:
+        kind = type(exc).__name__
+        yield InputIssue(name, index, None, f"cannot parse the file here ({kind}: {exc}); "
+                         "is it a valid extxyz (or other ASE-readable) file?")
+        return
+    if index == 0:
+        yield InputIssue(name, None, None, "no frames in the file")

@@ -1,0 +1,331 @@
+"""The ``bayesal`` command line (typer). Composition root: settings -> db/labelers/models.
+
+Run ``bayesal --help`` or ``bayesal COMMAND --help``; docs/cli.md has the reference.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from flows.settings import Settings, SettingsError, load_settings
+
+app = typer.Typer(
+    name="bayesal",
+    help="Bayesian active learning for machine-learning interatomic potentials.",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    pretty_exceptions_enable=False,
+)
+db_app = typer.Typer(help="Database schema management (Alembic migrations).",
+                     no_args_is_help=True)
+app.add_typer(db_app, name="db")
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+class _State:
+    database_url: str | None = None
+
+
+state = _State()
+
+
+def settings() -> Settings:
+    overrides = {"database_url": state.database_url} if state.database_url else {}
+    return load_settings(**overrides)
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn expected failures into a one-paragraph message and exit code 1."""
+    from sqlalchemy.exc import OperationalError
+
+    from db import DatabaseError
+    from db.readers import InputError
+
+    try:
+        yield
+    except (InputError, DatabaseError, SettingsError, ValueError, FileNotFoundError) as exc:
+        err_console.print("[bold red]error:[/] ", end="")
+        err_console.print(str(exc), markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+    except OperationalError as exc:
+        msg = str(exc.orig).strip() if exc.orig else str(exc)
+        err_console.print("[bold red]error:[/] ", end="")
+        err_console.print(f"cannot use the database: {msg}", markup=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+
+
+def _progress() -> Progress:
+    return Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                    TextColumn("{task.completed:,.0f} frames"), TimeElapsedColumn(),
+                    console=err_console, transient=False, disable=not err_console.is_terminal)
+
+
+@app.callback()
+def _root(
+    database_url: Annotated[str | None, typer.Option(
+        "--database-url", help="SQLAlchemy URL; overrides BAYESAL_DATABASE_URL.",
+        show_default=False)] = None,
+) -> None:
+    """bayesal: train Bayesian e3nn potentials, pick structures by BALD, label them with
+    PySCF, keep everything in SQL. Settings come from BAYESAL_* environment variables."""
+    state.database_url = database_url
+
+
+# ---------------------------------------------------------------- db
+@db_app.command("upgrade")
+def db_upgrade(
+    revision: Annotated[str, typer.Argument(help="Target revision.")] = "head",
+) -> None:
+    """Create or upgrade the database schema to the current version."""
+    from db import make_engine, upgrade
+
+    with user_errors():
+        cfg = settings()
+        engine = make_engine(cfg.database_url)
+        try:
+            reached = upgrade(engine, revision)
+        finally:
+            engine.dispose()
+        where = engine.url.render_as_string(hide_password=True)
+        console.print(f"database {where} is at revision {reached}")
+
+
+@db_app.command("current")
+def db_current() -> None:
+    """Show the database's schema revision and the one this bayesal needs."""
+    from db import current_revision, head_revision, readonly_engine
+
+    with user_errors():
+        engine = readonly_engine(settings().database_url)
+        try:
+            current = current_revision(engine)
+        finally:
+            engine.dispose()
+        console.print(f"database: {current or 'no schema'}; bayesal needs: {head_revision()}")
+
+
+# ---------------------------------------------------------------- import / export
+@app.command("import")
+def import_(
+    files: Annotated[list[Path], typer.Argument(help="extxyz or any ASE-readable files.",
+                                                show_default=False)],
+    campaign: Annotated[str, typer.Option(help="Campaign name (created if new).")],
+    source: Annotated[str, typer.Option(
+        help="What the structures are for: initial, pool, explored or test.")] = "pool",
+    labelled: Annotated[bool, typer.Option(
+        "--labelled", help="Also store the files' energies and forces as reference labels.")
+    ] = False,
+    method: Annotated[str, typer.Option(
+        help="Level of theory of --labelled data (e.g. pbe); labels with the same method and "
+             "basis are comparable.")] = "unknown",
+    basis: Annotated[str, typer.Option(help="Basis set of --labelled data.")] = "unknown",
+    energy_key: Annotated[str | None, typer.Option(
+        help="info key of the energy (default: energy, REF_energy).")] = None,
+    forces_key: Annotated[str | None, typer.Option(
+        help="array key of the forces (default: forces, REF_forces).")] = None,
+) -> None:
+    """Import structures (and with --labelled their labels) into a campaign.
+
+    All or nothing: any bad frame aborts the import with a list of problems and the
+    database unchanged. Structures already present are reported as duplicates.
+    """
+    from db import StructureSource
+    from db.importer import ReferenceLevel, import_files
+
+    with user_errors():
+        try:
+            src = StructureSource(source)
+        except ValueError:
+            raise ValueError(f"--source {source!r} is not one of "
+                             f"{', '.join(s.value for s in StructureSource)}") from None
+        cfg = settings()
+        with _progress() as progress:
+            task = progress.add_task("importing", total=None)
+            report = import_files(
+                _writer(cfg), files, campaign, source=src, labelled=labelled,
+                level=ReferenceLevel(method, basis), energy_key=energy_key,
+                forces_key=forces_key,
+                on_frame=lambda n: progress.update(task, completed=n),
+            )
+        console.print(
+            f"campaign [bold]{campaign}[/]: {report.n_frames} frames read, "
+            f"{report.n_structures_new} new structures, "
+            f"{report.n_structures_duplicate} duplicates skipped"
+            + (f", {report.n_labels_new} new labels ({report.n_labels_existing} already there)"
+               if labelled else "")
+        )
+
+
+def _writer(cfg: Settings):
+    from db import make_engine
+
+    return make_engine(cfg.database_url)
+
+
+@app.command("export")
+def export(
+    campaign: Annotated[str, typer.Option(help="Campaign to export.")],
+    output: Annotated[Path, typer.Option(help="Output file.")],
+    format: Annotated[str, typer.Option(help="extxyz, csv or parquet.")] = "extxyz",
+    settings_hash: Annotated[str | None, typer.Option(
+        help="Labeler settings to export when a campaign has several (a prefix is enough).")
+    ] = None,
+    include_unlabelled: Annotated[bool, typer.Option(
+        "--include-unlabelled", help="Also write structures without an ok label.")] = False,
+    energy_key: Annotated[str, typer.Option(help="extxyz info key for energies.")
+    ] = "REF_energy",
+    forces_key: Annotated[str, typer.Option(help="extxyz array key for forces.")
+    ] = "REF_forces",
+) -> None:
+    """Export a campaign's labelled structures (extxyz readable by ASE, MACE, NequIP)."""
+    from db.export import export_campaign
+
+    with user_errors():
+        cfg = settings()
+        with _progress() as progress:
+            task = progress.add_task("exporting", total=None)
+            report = export_campaign(
+                cfg.database_url, campaign, output, format, settings_hash=settings_hash,
+                include_unlabelled=include_unlabelled, energy_key=energy_key,
+                forces_key=forces_key, on_row=lambda n: progress.update(task, completed=n),
+            )
+        console.print(f"wrote {report.n_structures} structures to {report.path}")
+
+
+# ---------------------------------------------------------------- status / sql
+@app.command("status")
+def status(
+    campaign: Annotated[str | None, typer.Option(help="Show one campaign in detail.")] = None,
+) -> None:
+    """Campaigns with structure, label and round counts; rounds of one campaign."""
+    from db.engine import readonly_session
+    from db.ingest import get_campaign
+    from db.queries import campaign_overview, label_failures, round_table
+
+    with user_errors(), readonly_session(settings().database_url) as session:
+        overview = campaign_overview(session)
+        if campaign is not None:
+            if get_campaign(session, campaign) is None:
+                names = ", ".join(c["campaign"] for c in overview) or "none yet"
+                raise ValueError(f"no campaign named {campaign!r}; existing: {names}")
+            overview = [c for c in overview if c["campaign"] == campaign]
+        table = Table(title="campaigns")
+        for col in ("campaign", "structures", "by source", "ok labels", "failed labels",
+                    "rounds", "created"):
+            table.add_column(col)
+        for c in overview:
+            table.add_row(
+                c["campaign"], str(c["n_structures"]),
+                ", ".join(f"{k} {v}" for k, v in sorted(c["structures"].items())),
+                str(c["n_ok"]), str(c["n_failed"]), str(c["n_rounds"]),
+                f"{c['created_at']:%Y-%m-%d %H:%M}",
+            )
+        if not overview:
+            console.print("no campaigns yet: start one with `bayesal import FILE --campaign "
+                          "NAME` (see README)")
+            return
+        console.print(table)
+        if campaign is None:
+            return
+        rounds = round_table(session, campaign)
+        if rounds:
+            rt = Table(title=f"rounds of {campaign}")
+            for col in ("round", "status", "ok", "failed", "scored", "selected", "models",
+                        "started", "finished"):
+                rt.add_column(col)
+            for r in rounds:
+                rt.add_row(str(r["round_index"]), r["status"], str(r["n_ok"]),
+                           str(r["n_failed"]), str(r["n_scored"]), str(r["n_selected"]),
+                           str(r["n_models"]), str(r["started_at"])[:19],
+                           str(r["finished_at"] or "")[:19])
+            console.print(rt)
+        else:
+            console.print(f"{campaign}: no active-learning rounds yet")
+        failures = label_failures(session, campaign)
+        if failures:
+            ft = Table(title="failed labels")
+            for col in ("status", "reason", "count"):
+                ft.add_column(col)
+            for f in failures:
+                ft.add_row(f["status"], (f["error"] or "")[:100], str(f["n"]))
+            console.print(ft)
+
+
+def _cell(value, for_csv: bool):
+    from db.arrays import ArrayEncodingError, decode_array
+
+    if isinstance(value, bytes | memoryview):
+        try:
+            arr = decode_array(value)
+        except ArrayEncodingError:
+            return f"<{len(bytes(value))} bytes>"
+        return json.dumps(arr.tolist()) if for_csv else f"<array {arr.shape}>"
+    if isinstance(value, dict | list):
+        return json.dumps(value)
+    return "" if value is None and for_csv else str(value)
+
+
+@app.command("sql")
+def sql(
+    query: Annotated[str, typer.Argument(help="One read-only SQL query.", show_default=False)],
+    csv: Annotated[bool, typer.Option("--csv", help="Print CSV instead of a table.")] = False,
+    max_rows: Annotated[int, typer.Option(help="Most rows shown in a table (0: all).")] = 200,
+) -> None:
+    """Run a read-only SQL query (writes are refused by the database itself).
+
+    Views for everyday questions: labelled_data, round_summary, label_failures; tables:
+    campaigns, structures, labels, rounds, models, scores. Arrays print as shapes, or as
+    JSON lists with --csv.
+    """
+    import csv as csv_mod
+
+    from db.engine import ensure_schema, readonly_engine
+    from db.queries import run_readonly_sql
+
+    with user_errors():
+        url = settings().database_url
+        engine = readonly_engine(url)
+        try:
+            ensure_schema(engine)
+        finally:
+            engine.dispose()
+        result = run_readonly_sql(url, query, max_rows=None if csv or max_rows == 0
+                                  else max_rows + 1)
+        if csv:
+            writer = csv_mod.writer(sys.stdout)
+            writer.writerow(result.columns)
+            for row in result.rows:
+                writer.writerow([_cell(v, True) for v in row])
+            return
+        table = Table()
+        for col in result.columns:
+            table.add_column(col)
+        shown = result.rows[:max_rows] if max_rows else result.rows
+        for row in shown:
+            table.add_row(*(_cell(v, False) for v in row))
+        console.print(table)
+        more = len(result.rows) > len(shown)
+        console.print(f"{len(shown)} row{'s' if len(shown) != 1 else ''}"
+                      + (" shown (more exist; raise --max-rows or use --csv)" if more else ""))
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""Shared fixtures: reference data, databases (SQLite and a real PostgreSQL server)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from db.testing import PostgresUnavailable, TemporaryPostgres, create_database
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_data_dir() -> Path | None:
+    """``$BAYESAL_SHARED_DATA`` or ``../shared/data`` beside the checkout, if present."""
+    env = os.environ.get("BAYESAL_SHARED_DATA")
+    path = Path(env) if env else REPO.parent / "shared" / "data"
+    return path if path.is_dir() else None
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    path = shared_data_dir()
+    if path is None:
+        pytest.skip("shared reference data not found: set BAYESAL_SHARED_DATA to its folder")
+    return path
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    """URL of a PostgreSQL server: $BAYESAL_TEST_POSTGRES_URL, or a private one started here.
+
+    Without PostgreSQL binaries the tests that need it are skipped, unless
+    BAYESAL_REQUIRE_POSTGRES=1 (set by .ci/run), which turns the skip into a failure.
+    """
+    url = os.environ.get("BAYESAL_TEST_POSTGRES_URL")
+    if url:
+        yield url
+        return
+    try:
+        server = TemporaryPostgres().start()
+    except PostgresUnavailable as exc:
+        if os.environ.get("BAYESAL_REQUIRE_POSTGRES") == "1":
+            pytest.fail(f"PostgreSQL required but unavailable: {exc}")
+        pytest.skip(str(exc))
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def pg_url(pg_server) -> str:
+    """A fresh, empty PostgreSQL database."""
+    return create_database(pg_server)
+
+
+@pytest.fixture
+def sqlite_url(tmp_path) -> str:
+    return f"sqlite:///{tmp_path / 'bayesal.db'}"
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def db_url(request, tmp_path) -> str:
+    """An empty database URL, once per backend."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'bayesal.db'}"
+    return request.getfixturevalue("pg_url")
+
+
+@pytest.fixture
+def engine(db_url):
+    from db import make_engine, upgrade
+
+    eng = make_engine(db_url)
+    upgrade(eng)
+    yield eng
+    eng.dispose()

@@ -1,0 +1,119 @@
+"""The `bayesal` command line, run as users run it (typer's runner, real databases)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
+from typer.testing import CliRunner
+
+from db import make_engine, readonly_engine
+from flows.cli import app
+
+runner = CliRunner()
+
+
+def bayesal(url: str, *args: str):
+    return runner.invoke(app, ["--database-url", url, *args], catch_exceptions=False)
+
+
+@pytest.fixture(scope="module",
+                params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def filled(request, tmp_path_factory, shared_data):
+    """A database holding the 1000 labelled ethanol frames (read-only tests share it)."""
+    if request.param == "sqlite":
+        db_url = f"sqlite:///{tmp_path_factory.mktemp('cli') / 'bayesal.db'}"
+    else:
+        from db.testing import create_database
+
+        db_url = create_database(request.getfixturevalue("pg_server"))
+    res = bayesal(db_url, "import", str(shared_data / "ethanol" / "train.xyz"), "--campaign",
+                  "eth", "--labelled", "--method", "pbe", "--basis", "def2-svp")
+    assert res.exit_code == 0, res.output
+    assert "1000 new structures" in res.output
+    return db_url
+
+
+def test_status_and_everyday_sql(filled):
+    res = bayesal(filled, "status")
+    assert res.exit_code == 0 and "eth" in res.output and "1000" in res.output
+    res = bayesal(filled, "status", "--campaign", "nope")
+    assert res.exit_code == 1 and "no campaign named 'nope'" in res.output and "eth" in res.output
+    res = bayesal(filled, "sql", "--csv",
+                  "SELECT formula, COUNT(*) AS n FROM labelled_data GROUP BY formula")
+    assert res.exit_code == 0
+    assert res.output.splitlines()[:2] == ["formula,n", "C2H6O,1000"]
+    res = bayesal(filled, "sql", "SELECT positions FROM structures LIMIT 1")
+    assert "<array (9, 3)>" in res.output
+    res = bayesal(filled, "sql", "--csv", "SELECT forces FROM labels ORDER BY id LIMIT 1")
+    assert len(json.loads(res.output.splitlines()[1].strip('"').replace('""', '"'))) == 9
+
+
+@pytest.mark.parametrize("stmt", [
+    "DELETE FROM labels",
+    "UPDATE labels SET energy = 0",
+    "DROP TABLE labels",
+    "  delete from labels;",
+    "SELECT 1; DELETE FROM labels",
+    "PRAGMA query_only = OFF",
+    "/* sneaky */ INSERT INTO campaigns (name) VALUES ('x')",
+])
+def test_sql_refuses_writes(filled, stmt):
+    res = bayesal(filled, "sql", stmt)
+    assert res.exit_code == 1
+    assert "read-only" in res.output or "one statement" in res.output
+    res = bayesal(filled, "sql", "--csv", "SELECT COUNT(*) AS n FROM labels")
+    assert res.output.splitlines()[1] == "1000"
+
+
+def test_database_itself_refuses_writes_on_readonly_connections(filled):
+    """The keyword check is convenience; the database is the guard (CTEs, EXPLAIN ANALYZE)."""
+    engine = readonly_engine(filled)
+    try:
+        with engine.connect() as conn, pytest.raises(DBAPIError):
+            conn.execute(text("DELETE FROM labels"))
+    finally:
+        engine.dispose()
+    res = bayesal(filled, "sql", "WITH x AS (SELECT 1) DELETE FROM labels")
+    assert res.exit_code == 1 and "read-only" in res.output
+    engine = make_engine(filled)
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT COUNT(*) FROM labels")).scalar() == 1000
+    engine.dispose()
+
+
+def test_export_command_writes_file(filled, tmp_path):
+    out = tmp_path / "sub" / "eth.xyz"
+    res = bayesal(filled, "export", "--campaign", "eth", "--output", str(out))
+    assert res.exit_code == 0, res.output
+    assert out.read_text().count("REF_energy=") == 1000
+    res = bayesal(filled, "export", "--campaign", "eth", "--output", str(out), "--format", "xls")
+    assert res.exit_code == 1 and "unknown export format" in res.output
+
+
+def test_import_errors_are_readable(sqlite_url, tmp_path):
+    bad = tmp_path / "bad.xyz"
+    bad.write_text("2\nProperties=species:S:1:pos:R:3\nH 0 0 0\nH 0 0 0.7\n")
+    res = bayesal(sqlite_url, "import", str(bad), "--campaign", "c", "--labelled")
+    assert res.exit_code == 1
+    assert "bad.xyz, frame 0, field 'energy'" in res.output
+    assert "nothing was written" in res.output
+    res = bayesal(sqlite_url, "import", str(bad), "--campaign", "c", "--source", "zoo")
+    assert res.exit_code == 1 and "initial, pool, explored, test" in res.output
+
+
+def test_read_commands_on_a_missing_database_say_what_to_run(tmp_path):
+    url = f"sqlite:///{tmp_path / 'none.db'}"
+    res = bayesal(url, "status")
+    assert res.exit_code == 1 and "does not exist" in res.output
+    res = bayesal(url, "db", "upgrade")
+    assert res.exit_code == 0 and "revision 0001" in res.output
+    res = bayesal(url, "status")
+    assert res.exit_code == 0 and "no campaigns yet" in res.output
+
+
+def test_unreachable_postgres_is_a_clear_error():
+    res = bayesal("postgresql+psycopg://nobody@127.0.0.1:1/none", "db", "upgrade")
+    assert res.exit_code == 1 and "cannot use the database" in res.output
