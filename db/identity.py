@@ -7,7 +7,9 @@ twice (from any file, in any campaign) has the same hash.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+from collections.abc import Sequence
 
 import numpy as np
 from ase import Atoms
@@ -19,12 +21,21 @@ __all__ = [
     "ROUND_ANGSTROM",
     "atoms_hash",
     "closest_pair",
+    "closest_pairs",
+    "hill_formula",
     "pbc_string",
     "structure_hash",
 ]
 
 ROUND_ANGSTROM = 1e-6  # Å, resolution of the identity hash
 MIN_DISTANCE = 0.1  # Å, atoms closer than this are a broken structure
+
+
+def _flags(pbc) -> tuple[bool, bool, bool]:
+    if isinstance(pbc, bool | np.bool_):
+        return (bool(pbc),) * 3
+    a, b, c = pbc
+    return bool(a), bool(b), bool(c)
 
 
 def structure_hash(numbers: np.ndarray, positions: np.ndarray, cell: np.ndarray, pbc) -> str:
@@ -45,7 +56,7 @@ def structure_hash(numbers: np.ndarray, positions: np.ndarray, cell: np.ndarray,
     h.update(np.asarray(numbers, dtype="<i8").tobytes())
     h.update(np.rint(np.asarray(positions, dtype=float) / ROUND_ANGSTROM).astype("<i8").tobytes())
     h.update(np.rint(np.asarray(cell, dtype=float) / ROUND_ANGSTROM).astype("<i8").tobytes())
-    h.update(bytes(bool(p) for p in np.broadcast_to(pbc, 3)))
+    h.update(bytes(_flags(pbc)))
     return h.hexdigest()
 
 
@@ -54,9 +65,19 @@ def atoms_hash(atoms: Atoms) -> str:
     return structure_hash(atoms.numbers, atoms.positions, atoms.cell.array, atoms.pbc)
 
 
+@functools.lru_cache(maxsize=4096)
+def _formula(numbers: bytes) -> str:
+    return Atoms(numbers=np.frombuffer(numbers, dtype=np.int64)).get_chemical_formula("hill")
+
+
+def hill_formula(numbers: np.ndarray) -> str:
+    """Hill formula (C, H, then alphabetical), cached per composition and order."""
+    return _formula(np.asarray(numbers, dtype=np.int64).tobytes())
+
+
 def pbc_string(pbc) -> str:
     """Periodic flags as a 3-character string, e.g. ``"FFF"``."""
-    return "".join("T" if p else "F" for p in np.broadcast_to(pbc, 3))
+    return "".join("T" if p else "F" for p in _flags(pbc))
 
 
 def closest_pair(atoms: Atoms, cutoff: float = MIN_DISTANCE) -> tuple[int, int, float] | None:
@@ -67,8 +88,16 @@ def closest_pair(atoms: Atoms, cutoff: float = MIN_DISTANCE) -> tuple[int, int, 
     millions in a large box).
     """
     if not atoms.pbc.any():
-        if len(atoms) < 2:
+        n = len(atoms)
+        if n < 2:
             return None
+        if n <= 64:  # small molecules: all pairs in numpy beat building a tree
+            pos = atoms.positions
+            d2 = ((pos[:, None, :] - pos[None, :, :]) ** 2).sum(-1)
+            d2[np.diag_indices(n)] = np.inf
+            k = int(np.argmin(d2))
+            d = float(np.sqrt(d2.flat[k]))
+            return (k // n, k % n, d) if d < cutoff else None
         dist, idx = cKDTree(atoms.positions).query(atoms.positions, k=2)
         i = int(np.argmin(dist[:, 1]))
         d = float(dist[i, 1])
@@ -79,3 +108,35 @@ def closest_pair(atoms: Atoms, cutoff: float = MIN_DISTANCE) -> tuple[int, int, 
         return None
     k = int(np.flatnonzero(close)[np.argmin(d[close])])
     return int(i[k]), int(j[k]), float(d[k])
+
+
+def closest_pairs(
+    images: Sequence[Atoms], cutoff: float = MIN_DISTANCE
+) -> list[tuple[int, int, float] | None]:
+    """:func:`closest_pair` of many structures at once.
+
+    Small molecules of equal size are stacked and checked in one numpy operation, which is
+    what makes validating large imports cheap; everything else goes one by one.
+    """
+    out: list[tuple[int, int, float] | None] = [None] * len(images)
+    groups: dict[int, list[int]] = {}
+    for k, atoms in enumerate(images):
+        n = len(atoms)
+        if 2 <= n <= 64 and not atoms.pbc.any():
+            groups.setdefault(n, []).append(k)
+        else:
+            out[k] = closest_pair(atoms, cutoff)
+    for n, ks in groups.items():
+        step = max(1, 2_000_000 // (3 * n * n))  # bounded memory per chunk
+        diag = np.arange(n)
+        for start in range(0, len(ks), step):
+            chunk = ks[start : start + step]
+            pos = np.stack([images[k].positions for k in chunk])  # (B, n, 3)
+            d2 = ((pos[:, :, None, :] - pos[:, None, :, :]) ** 2).sum(-1)  # (B, n, n)
+            d2[:, diag, diag] = np.inf
+            flat = d2.reshape(len(chunk), -1)
+            arg = flat.argmin(axis=1)
+            dmin = np.sqrt(flat[np.arange(len(chunk)), arg])
+            for b in np.flatnonzero(dmin < cutoff):
+                out[chunk[b]] = (int(arg[b] // n), int(arg[b] % n), float(dmin[b]))
+    return out

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import functools
+import itertools
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from ase import Atoms
 from sqlalchemy import Engine
 
 from db.engine import ensure_schema
@@ -15,17 +18,24 @@ from db.ingest import (
     StoreReport,
     get_or_create_campaign,
     json_scalars,
-    label_row,
     run_transaction,
     settings_hash,
     structure_row,
     upsert_labels,
     upsert_structures,
 )
-from db.models import LabelStatus, StructureSource
-from db.readers import ENERGY_KEYS, Frame, InputError, InputIssue, iter_frames
+from db.models import StructureSource
+from db.readers import (
+    ENERGY_KEYS,
+    Frame,
+    InputError,
+    InputIssue,
+    check_distances,
+    iter_frames,
+    validate_frame,
+)
 
-__all__ = ["ReferenceLevel", "import_files"]
+__all__ = ["ReferenceLevel", "import_atoms", "import_files", "import_frames"]
 
 
 @dataclass(frozen=True)
@@ -53,13 +63,10 @@ def import_files(
     paths: Sequence[str | Path],
     campaign: str,
     *,
-    source: StructureSource | str = StructureSource.POOL,
     labelled: bool = False,
-    level: ReferenceLevel | None = None,
     energy_key: str | None = None,
     forces_key: str | None = None,
-    batch_size: int = 2000,
-    on_frame: Callable[[int], None] | None = None,
+    **kwargs,
 ) -> StoreReport:
     """Import structure files into a campaign (created if needed), all-or-nothing.
 
@@ -67,9 +74,55 @@ def import_files(
     all problems (file, frame, field) and the database is left exactly as it was. A
     structure already stored (same hash) is counted as a duplicate and skipped; with
     ``labelled`` its reference label is added if it has none under the same level.
+    Other keyword arguments as for :func:`import_frames`.
+    """
+    frames = itertools.chain.from_iterable(
+        iter_frames(p, labelled=labelled, energy_key=energy_key, forces_key=forces_key,
+                    distances=False)
+        for p in paths
+    )
+    return import_frames(engine, frames, campaign, labelled=labelled, **kwargs)
+
+
+def import_atoms(
+    engine: Engine,
+    images: Iterable[Atoms],
+    campaign: str,
+    *,
+    labelled: bool = False,
+    name: str = "<memory>",
+    **kwargs,
+) -> StoreReport:
+    """:func:`import_files` for in-memory ``Atoms`` (labels from their calculators)."""
+    def frames() -> Iterator[Frame | InputIssue]:
+        for i, atoms in enumerate(images):
+            frame, issues = validate_frame(name, i, atoms, labelled=labelled,
+                                           check_distances=False)
+            if frame is not None:
+                yield frame
+            yield from issues
+
+    return import_frames(engine, frames(), campaign, labelled=labelled, **kwargs)
+
+
+def import_frames(
+    engine: Engine,
+    frames: Iterable[Frame | InputIssue],
+    campaign: str,
+    *,
+    source: StructureSource | str = StructureSource.POOL,
+    labelled: bool = False,
+    level: ReferenceLevel | None = None,
+    batch_size: int = 2000,
+    on_frame: Callable[[int], None] | None = None,
+) -> StoreReport:
+    """Store validated frames in one transaction; any issue rolls everything back.
 
     Parameters
     ----------
+    frames
+        Frames and the issues found while reading them (:func:`db.readers.iter_frames`);
+        the too-close-atoms check is run here, per batch.
     on_frame
         Called with the number of frames read so far, for progress bars.
     """
@@ -84,30 +137,44 @@ def import_files(
         batch: list[Frame] = []
 
         def flush() -> None:
-            if issues or not batch:  # after the first problem: validate only, write nothing
-                batch.clear()
-                return
-            report.merge(_store_batch(session, camp.id, batch, src, labelled, level))
+            good, bad = check_distances(batch)
+            issues.extend(bad)
+            if not issues and good:  # after the first problem: validate only, write nothing
+                report.merge(_store_batch(session, camp.id, good, src, labelled, level))
             batch.clear()
 
-        for path in paths:
-            for item in iter_frames(path, labelled=labelled, energy_key=energy_key,
-                                    forces_key=forces_key):
-                if isinstance(item, InputIssue):
-                    issues.append(item)
-                    continue
-                report.n_frames += 1
-                batch.append(item)
-                if len(batch) >= batch_size:
-                    flush()
-                if on_frame is not None:
-                    on_frame(report.n_frames)
+        for item in frames:
+            if isinstance(item, InputIssue):
+                issues.append(item)
+                continue
+            report.n_frames += 1
+            batch.append(item)
+            if len(batch) >= batch_size:
+                flush()
+            if on_frame is not None:
+                on_frame(report.n_frames)
         flush()
         if issues:
-            raise InputError(issues)  # rolls back the whole transaction
+            raise InputError(sorted(issues, key=_order()))  # rolls back the transaction
         return report
 
-    return run_transaction(engine, work)
+    # No automatic retry: ``frames`` is a one-shot iterator (a retry would see it empty).
+    return run_transaction(engine, work, retries=0)
+
+
+def _order():
+    """Sort key of issues: files in the order first seen, then frame index."""
+    seen: dict[str, int] = {}
+
+    def key(issue: InputIssue) -> tuple[int, int]:
+        return seen.setdefault(issue.file, len(seen)), -1 if issue.frame is None else issue.frame
+
+    return key
+
+
+@functools.lru_cache(maxsize=256)
+def _resolved(file: str) -> str:
+    return str(Path(file).resolve()) if not file.startswith("<") else file
 
 
 def _store_batch(session, campaign_id: int, batch: list[Frame], source: StructureSource,
@@ -121,15 +188,16 @@ def _store_batch(session, campaign_id: int, batch: list[Frame], source: Structur
     report = StoreReport(n_structures_new=n_new, n_structures_duplicate=len(rows) - n_new,
                          structure_ids=ids)
     if labelled:
-        label_rows = [
-            label_row(sid, LabelRecord(
-                labeler="reference", settings_hash=level.settings_hash,
-                status=LabelStatus.OK.value, energy=f.energy, forces=f.forces,
-                method=level.method.lower(), basis=level.basis.lower(), settings=level.settings,
-                provenance={"file": str(Path(f.file).resolve()), "frame": f.index},
+        settings, shash = level.settings, level.settings_hash
+        items = [
+            (sid, LabelRecord(
+                labeler="reference", settings_hash=shash, status="ok",
+                energy=f.energy, forces=f.forces, method=settings["method"],
+                basis=settings["basis"], settings=settings,
+                provenance={"file": _resolved(f.file), "frame": f.index},
             ))
             for sid, f in zip(ids, batch, strict=True)
         ]
-        report.n_labels_new = upsert_labels(session, label_rows)
-        report.n_labels_existing = len(label_rows) - report.n_labels_new
+        report.n_labels_new = upsert_labels(session, items)
+        report.n_labels_existing = len(items) - report.n_labels_new
     return report

@@ -36,6 +36,7 @@ __all__ = [
     "Campaign",
     "Label",
     "LabelStatus",
+    "LabelerSettings",
     "Model",
     "Round",
     "RoundStatus",
@@ -142,6 +143,19 @@ class Structure(Base):
     labels: Mapped[list[Label]] = relationship(back_populates="structure")
 
 
+class LabelerSettings(Base):
+    """Full settings of a labeler, stored once; labels refer to them by hash."""
+
+    __tablename__ = "labeler_settings"
+
+    settings_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    labeler: Mapped[str] = mapped_column(String(64))
+    method: Mapped[str | None] = mapped_column(String(64))
+    basis: Mapped[str | None] = mapped_column(String(64))
+    settings: Mapped[dict[str, Any]] = mapped_column(default=dict)  # everything that matters
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_utcnow)
+
+
 class Label(Base):
     """A labeling outcome for one structure under one labeler-settings hash."""
 
@@ -157,11 +171,12 @@ class Label(Base):
     structure_id: Mapped[int] = mapped_column(
         ForeignKey("structures.id", ondelete="CASCADE"), index=True
     )
-    settings_hash: Mapped[str] = mapped_column(String(64))  # what makes two labels comparable
+    settings_hash: Mapped[str] = mapped_column(
+        ForeignKey("labeler_settings.settings_hash")
+    )  # what makes two labels comparable
     labeler: Mapped[str] = mapped_column(String(64))  # "pyscf", "replay", "reference", ...
     method: Mapped[str | None] = mapped_column(String(64))  # e.g. "pbe", "hf"
     basis: Mapped[str | None] = mapped_column(String(64))  # e.g. "def2-svp"
-    settings: Mapped[dict[str, Any]] = mapped_column(default=dict)  # full labeler settings
     status: Mapped[str] = mapped_column(String(16))  # LabelStatus value
     energy: Mapped[float | None] = mapped_column(Float)  # eV
     forces: Mapped[np.ndarray | None]  # (n_atoms, 3) float64, eV/Å

@@ -11,9 +11,16 @@ import ase.io
 import numpy as np
 from ase import Atoms
 
-from db.identity import MIN_DISTANCE, closest_pair
+from db.identity import MIN_DISTANCE, closest_pair, closest_pairs
 
-__all__ = ["Frame", "InputError", "InputIssue", "iter_frames", "validate_frame"]
+__all__ = [
+    "Frame",
+    "InputError",
+    "InputIssue",
+    "check_distances",
+    "iter_frames",
+    "validate_frame",
+]
 
 # Keys under which ASE (>= 3.23) and common MLIP files keep labels when no key is given.
 ENERGY_KEYS = ("energy", "REF_energy", "free_energy")
@@ -85,8 +92,13 @@ def validate_frame(
     labelled: bool = False,
     energy_key: str | None = None,
     forces_key: str | None = None,
+    check_distances: bool = True,
 ) -> tuple[Frame | None, list[InputIssue]]:
-    """Check one frame; returns the frame (with its label) or the list of issues."""
+    """Check one frame; returns the frame (with its label) or the list of issues.
+
+    ``check_distances=False`` skips the too-close-atoms check, for callers that run it on
+    a whole batch at once (:func:`check_distances`).
+    """
 
     def issue(field: str | None, message: str) -> InputIssue:
         return InputIssue(file, index, field, message)
@@ -95,18 +107,18 @@ def validate_frame(
     n = len(atoms)
     if n == 0:
         return None, [issue("numbers", "the structure has no atoms")]
-    unknown = np.flatnonzero((atoms.numbers <= 0) | (atoms.numbers > 118))
-    if unknown.size:
-        k = int(unknown[0])
-        issues.append(issue("numbers", f"unknown element (atomic number {atoms.numbers[k]}) at "
+    numbers, positions = atoms.numbers, atoms.positions
+    if numbers.min() <= 0 or numbers.max() > 118:
+        k = int(np.flatnonzero((numbers <= 0) | (numbers > 118))[0])
+        issues.append(issue("numbers", f"unknown element (atomic number {numbers[k]}) at "
                             f"atom {k}; use real chemical symbols"))
-    bad = np.flatnonzero(~np.isfinite(atoms.positions).all(axis=1))
-    if bad.size:
+    if not np.isfinite(positions).all():
+        bad = np.flatnonzero(~np.isfinite(positions).all(axis=1))
         issues.append(issue("positions", f"non-finite (NaN/inf) position at atom {bad[0]}"
                             f" ({bad.size} atom{'s' if bad.size > 1 else ''} affected)"))
     if not np.isfinite(atoms.cell.array).all():
         issues.append(issue("cell", "non-finite (NaN/inf) lattice vectors"))
-    if not issues:
+    if check_distances and not issues:
         pair = closest_pair(atoms)
         if pair is not None:
             i, j, d = pair
@@ -146,6 +158,21 @@ def validate_frame(
     return Frame(file, index, atoms, energy, forces), []
 
 
+def _too_close(file: str, index: int, pair: tuple[int, int, float]) -> InputIssue:
+    i, j, d = pair
+    return InputIssue(file, index, "positions", f"atoms {i} and {j} are {d:.4f} Å apart "
+                      f"(< {MIN_DISTANCE} Å); the geometry is broken")
+
+
+def check_distances(frames: list[Frame]) -> tuple[list[Frame], list[InputIssue]]:
+    """Batch too-close-atoms check: the frames that pass and the issues of those that fail."""
+    pairs = closest_pairs([f.atoms for f in frames])
+    good = [f for f, p in zip(frames, pairs, strict=True) if p is None]
+    bad = [_too_close(f.file, f.index, p) for f, p in zip(frames, pairs, strict=True)
+           if p is not None]
+    return good, bad
+
+
 def iter_frames(
     path: str | Path,
     *,
@@ -153,11 +180,13 @@ def iter_frames(
     energy_key: str | None = None,
     forces_key: str | None = None,
     format: str | None = None,
+    distances: bool = True,
 ) -> Iterator[Frame | InputIssue]:
     """Yield validated frames of a file, or the issues of frames that fail validation.
 
     A file that cannot be parsed yields one issue naming the frame where parsing stopped
-    and ends there.
+    and ends there. ``distances=False`` leaves the too-close-atoms check to the caller
+    (:func:`check_distances` on batches).
     """
     name = str(path)
     if not Path(path).is_file():
@@ -167,7 +196,8 @@ def iter_frames(
     try:
         for atoms in ase.io.iread(name, index=":", format=format):
             frame, issues = validate_frame(name, index, atoms, labelled=labelled,
-                                           energy_key=energy_key, forces_key=forces_key)
+                                           energy_key=energy_key, forces_key=forces_key,
+                                           check_distances=distances)
             if frame is not None:
                 yield frame
             yield from issues

@@ -13,7 +13,6 @@ from db import Label, Structure, make_engine, session_scope, upgrade
 from db.ingest import (
     LabelRecord,
     get_or_create_campaign,
-    label_row,
     run_transaction,
     settings_hash,
     structure_row,
@@ -27,8 +26,8 @@ SETTINGS = {"labeler": "test", "method": "hf", "basis": "sto-3g"}
 
 def make_atoms(k: int) -> Atoms:
     rng = np.random.default_rng(k)
-    return Atoms("OH2", positions=[[0, 0, 0], [0.96, 0, 0], [-0.24, 0.93, 0]]
-                 + rng.normal(scale=0.02, size=(3, 3)))
+    water = np.array([[0, 0, 0], [0.96, 0, 0], [-0.24, 0.93, 0]])
+    return Atoms("OH2", positions=water + rng.normal(scale=0.02, size=(3, 3)))
 
 
 def worker(url: str, wid: int, barrier, batch: int) -> None:
@@ -47,11 +46,11 @@ def worker(url: str, wid: int, barrier, batch: int) -> None:
             atoms = [make_atoms(k) for k in chunk]
             ids, _ = upsert_structures(session, [structure_row(a, camp.id, "pool")
                                                  for a in atoms])
-            rows = [label_row(sid, LabelRecord(
+            items = [(sid, LabelRecord(
                 labeler="test", settings_hash=settings_hash(SETTINGS), status="ok",
                 energy=-float(k), forces=np.full((3, 3), float(k)), settings=SETTINGS,
                 provenance={"worker": wid})) for sid, k in zip(ids, chunk, strict=True)]
-            upsert_labels(session, rows)
+            upsert_labels(session, items)
 
         run_transaction(engine, work, retries=20)
     engine.dispose()
@@ -77,7 +76,7 @@ def run_race(url: str, batch: int) -> None:
         assert dup == []
         # Every label sits on the right structure: energy -k belongs to make_atoms(k).
         for label, structure in s.execute(select(Label, Structure).join(Structure)):
-            k = int(round(-label.energy))
+            k = round(-label.energy)
             np.testing.assert_array_equal(structure.positions, make_atoms(k).positions)
             np.testing.assert_array_equal(label.forces, np.full((3, 3), float(k)))
     engine.dispose()

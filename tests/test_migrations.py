@@ -11,7 +11,7 @@ from db import SchemaOutOfDate, ensure_schema, head_revision, make_engine, upgra
 from db.engine import current_revision
 from db.models import Base
 
-TABLES = {"campaigns", "structures", "labels", "rounds", "models", "scores"}
+TABLES = {"campaigns", "structures", "labeler_settings", "labels", "rounds", "models", "scores"}
 VIEWS = {"labelled_data", "round_summary", "label_failures"}
 
 

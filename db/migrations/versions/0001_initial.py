@@ -1,4 +1,4 @@
-"""Initial schema: campaigns, structures, labels, rounds, models, scores and SQL views.
+"""Initial schema: campaigns, structures, labeler settings, labels, rounds, models, scores, views.
 
 Revision ID: 0001
 Revises:
@@ -156,6 +156,16 @@ def upgrade() -> None:
     op.create_index(op.f("ix_structures_formula"), "structures", ["formula"])
     op.create_index(op.f("ix_structures_source"), "structures", ["source"])
     op.create_table(
+        "labeler_settings",
+        sa.Column("settings_hash", sa.String(length=64), nullable=False),
+        sa.Column("labeler", sa.String(length=64), nullable=False),
+        sa.Column("method", sa.String(length=64), nullable=True),
+        sa.Column("basis", sa.String(length=64), nullable=True),
+        sa.Column("settings", JSON, nullable=False),
+        sa.Column("created_at", TS, nullable=False),
+        sa.PrimaryKeyConstraint("settings_hash", name=op.f("pk_labeler_settings")),
+    )
+    op.create_table(
         "labels",
         sa.Column("id", sa.Integer(), nullable=False),
         sa.Column("structure_id", sa.Integer(), nullable=False),
@@ -163,7 +173,6 @@ def upgrade() -> None:
         sa.Column("labeler", sa.String(length=64), nullable=False),
         sa.Column("method", sa.String(length=64), nullable=True),
         sa.Column("basis", sa.String(length=64), nullable=True),
-        sa.Column("settings", JSON, nullable=False),
         sa.Column("status", sa.String(length=16), nullable=False),
         sa.Column("energy", sa.Float(), nullable=True),
         sa.Column("forces", sa.LargeBinary(), nullable=True),
@@ -188,6 +197,10 @@ def upgrade() -> None:
         sa.ForeignKeyConstraint(
             ["structure_id"], ["structures.id"],
             name=op.f("fk_labels_structure_id_structures"), ondelete="CASCADE",
+        ),
+        sa.ForeignKeyConstraint(
+            ["settings_hash"], ["labeler_settings.settings_hash"],
+            name=op.f("fk_labels_settings_hash_labeler_settings"),
         ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_labels")),
         sa.UniqueConstraint(
@@ -248,5 +261,6 @@ def upgrade() -> None:
 def downgrade() -> None:
     for name in VIEWS:
         op.execute(f"DROP VIEW IF EXISTS {name}")
-    for table in ("scores", "models", "labels", "structures", "rounds", "campaigns"):
+    for table in ("scores", "models", "labels", "labeler_settings", "structures", "rounds",
+                  "campaigns"):
         op.drop_table(table)
