@@ -39,6 +39,9 @@ class ArrayEncodingError(ValueError):
     """An array cannot be encoded, or stored bytes are not a bayesal array."""
 
 
+_HEADERS: dict[tuple[int, int], struct.Struct] = {}
+
+
 def encode_array(array: np.ndarray) -> bytes:
     """Encode a numeric array as portable bytes (float64, int64 or bool kept as such).
 
@@ -59,11 +62,14 @@ def encode_array(array: np.ndarray) -> bytes:
         raise ArrayEncodingError(
             f"cannot store an array of dtype {arr.dtype} (use float, int or bool)"
         )
-    if arr.ndim > 255:
-        raise ArrayEncodingError(f"array has {arr.ndim} dimensions; at most 255 are supported")
-    header = _MAGIC + struct.pack("<BBB", _VERSION, code, arr.ndim)
-    header += struct.pack(f"<{arr.ndim}I", *arr.shape)
-    return header + np.ascontiguousarray(arr, dtype=dtype).tobytes()
+    ndim = arr.ndim
+    if ndim > 255:
+        raise ArrayEncodingError(f"array has {ndim} dimensions; at most 255 are supported")
+    header = _HEADERS.get((code, ndim))
+    if header is None:
+        header = _HEADERS[(code, ndim)] = struct.Struct(f"<2sBBB{ndim}I")
+    data = arr.astype(dtype, order="C", copy=False).tobytes()
+    return header.pack(_MAGIC, _VERSION, code, ndim, *arr.shape) + data
 
 
 def decode_array(blob: bytes | memoryview | None) -> np.ndarray | None:

@@ -32,6 +32,8 @@ MIN_DISTANCE = 0.1  # Å, atoms closer than this are a broken structure
 
 
 def _flags(pbc) -> tuple[bool, bool, bool]:
+    if isinstance(pbc, np.ndarray) and pbc.shape == (3,):
+        return tuple(pbc.tolist())
     if isinstance(pbc, bool | np.bool_):
         return (bool(pbc),) * 3
     a, b, c = pbc
@@ -52,8 +54,7 @@ def structure_hash(numbers: np.ndarray, positions: np.ndarray, cell: np.ndarray,
     pbc
         Three periodic flags.
     """
-    h = hashlib.sha256()
-    h.update(np.asarray(numbers, dtype="<i8").tobytes())
+    h = hashlib.sha256(np.asarray(numbers).astype("<i8", copy=False).tobytes())
     h.update(np.rint(np.asarray(positions, dtype=float) / ROUND_ANGSTROM).astype("<i8").tobytes())
     h.update(np.rint(np.asarray(cell, dtype=float) / ROUND_ANGSTROM).astype("<i8").tobytes())
     h.update(bytes(_flags(pbc)))

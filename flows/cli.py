@@ -82,6 +82,20 @@ def _root(
     """bayesal: train Bayesian e3nn potentials, pick structures by BALD, label them with
     PySCF, keep everything in SQL. Settings come from BAYESAL_* environment variables."""
     state.database_url = database_url
+    with contextlib.suppress(SettingsError):  # reported by the command that needs settings
+        _configure_logging(settings().log_level)
+
+
+def _configure_logging(level: str) -> None:
+    import logging
+
+    from rich.logging import RichHandler
+
+    handler = RichHandler(console=err_console, show_path=False, rich_tracebacks=False)
+    logger = logging.getLogger("bayesal")
+    logger.handlers[:] = [handler]
+    logger.setLevel(level)
+    logger.propagate = False
 
 
 # ---------------------------------------------------------------- db
@@ -126,7 +140,7 @@ def import_(
     source: Annotated[str, typer.Option(
         help="What the structures are for: initial, pool, explored or test.")] = "pool",
     labelled: Annotated[bool, typer.Option(
-        "--labelled", help="Also store the files' energies and forces as reference labels.")
+        "--labelled", help="Also store the energies and forces in the files as reference labels.")
     ] = False,
     method: Annotated[str, typer.Option(
         help="Level of theory of --labelled data (e.g. pbe); labels with the same method and "
@@ -190,7 +204,7 @@ def export(
     forces_key: Annotated[str, typer.Option(help="extxyz array key for forces.")
     ] = "REF_forces",
 ) -> None:
-    """Export a campaign's labelled structures (extxyz readable by ASE, MACE, NequIP)."""
+    """Export the labelled structures of a campaign (extxyz readable by ASE, MACE, NequIP)."""
     from db.export import export_campaign
 
     with user_errors():
