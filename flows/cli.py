@@ -237,15 +237,17 @@ def status(
                 raise ValueError(f"no campaign named {campaign!r}; existing: {names}")
             overview = [c for c in overview if c["campaign"] == campaign]
         table = Table(title="campaigns")
-        for col in ("campaign", "structures", "by source", "ok labels", "failed labels",
-                    "rounds", "created"):
-            table.add_column(col)
+        table.add_column("campaign", no_wrap=True)
+        for col in ("structures", "ok", "failed", "rounds"):
+            table.add_column(col, justify="right")
+        table.add_column("by source")
+        table.add_column("created", no_wrap=True)
         for c in overview:
             table.add_row(
-                c["campaign"], str(c["n_structures"]),
+                c["campaign"], str(c["n_structures"]), str(c["n_ok"]), str(c["n_failed"]),
+                str(c["n_rounds"]),
                 ", ".join(f"{k} {v}" for k, v in sorted(c["structures"].items())),
-                str(c["n_ok"]), str(c["n_failed"]), str(c["n_rounds"]),
-                f"{c['created_at']:%Y-%m-%d %H:%M}",
+                f"{c['created_at']:%Y-%m-%d}",
             )
         if not overview:
             console.print("no campaigns yet: start one with `bayesal import FILE --campaign "
