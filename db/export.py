@@ -49,6 +49,8 @@ def _quote(value: str) -> str:
 
 
 def _info_value(value: Any) -> str:
+    if isinstance(value, np.generic):
+        value = value.item()
     if isinstance(value, bool):
         return "T" if value else "F"
     if isinstance(value, int | float):

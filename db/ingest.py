@@ -132,6 +132,8 @@ def _execute_counting(session: Session, stmt, table: Table, rows: list[dict[str,
     cols = list(rows[0])
     compiled = stmt.values({c: bindparam(c) for c in cols}).compile(dialect=dialect)
     order = compiled.positiontup or []
+    if not set(order) <= set(cols):  # constants in the statement (e.g. an upsert's WHERE)
+        return session.execute(stmt, rows).rowcount
     columns = []
     for c in order:  # column by column: one bind processor mapped over all rows
         values = [row[c] for row in rows]

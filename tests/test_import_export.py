@@ -159,3 +159,18 @@ def test_duplicates_within_a_file_are_skipped(engine, tmp_path):
     report = import_files(engine, [f], "c", labelled=True)
     assert (report.n_frames, report.n_structures_new, report.n_structures_duplicate) == (4, 2, 2)
     assert counts(engine)["structures"] == 2 and counts(engine)["labels"] == 2
+
+
+def test_extxyz_writer_round_trips_numpy_scalars_and_strings(tmp_path):
+    from db.export import format_extxyz
+
+    info = {"a": np.float64(1.0373), "b": np.int64(3), "c": "two words", "d": True,
+            "e": 'quote " inside'}
+    text = format_extxyz(np.array([1, 8]), np.array([[0.0, 0, 0], [0, 0, 0.97]]),
+                         np.zeros((3, 3)), "FFF", info, {"f": np.ones((2, 3)) / 3})
+    path = tmp_path / "x.xyz"
+    path.write_text(text)
+    back = ase.io.read(path)
+    assert back.info["a"] == 1.0373 and back.info["b"] == 3 and back.info["c"] == "two words"
+    assert back.info["d"] is True and back.info["e"] == 'quote " inside'
+    assert (back.arrays["f"] == 1 / 3).all()

@@ -1,101 +1,24 @@
-"""The ``bayesal`` command line (typer). Composition root: settings -> db/labelers/models.
-
-Run ``bayesal --help`` or ``bayesal COMMAND --help``; docs/cli.md has the reference.
-"""
+"""Data commands: db upgrade/current, import, export, status, sql."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from flows.settings import Settings, SettingsError, load_settings
-
-app = typer.Typer(
-    name="bayesal",
-    help="Bayesian active learning for machine-learning interatomic potentials.",
-    no_args_is_help=True,
-    rich_markup_mode="rich",
-    pretty_exceptions_enable=False,
+from flows.cli._app import (
+    app,
+    console,
+    db_app,
+    progress_bar,
+    settings,
+    user_errors,
+    writer_engine,
 )
-db_app = typer.Typer(help="Database schema management (Alembic migrations).",
-                     no_args_is_help=True)
-app.add_typer(db_app, name="db")
-
-console = Console()
-err_console = Console(stderr=True)
-
-
-class _State:
-    database_url: str | None = None
-
-
-state = _State()
-
-
-def settings() -> Settings:
-    overrides = {"database_url": state.database_url} if state.database_url else {}
-    return load_settings(**overrides)
-
-
-@contextlib.contextmanager
-def user_errors() -> Iterator[None]:
-    """Turn expected failures into a one-paragraph message and exit code 1."""
-    from sqlalchemy.exc import OperationalError
-
-    from db import DatabaseError
-    from db.readers import InputError
-
-    try:
-        yield
-    except (InputError, DatabaseError, SettingsError, ValueError, FileNotFoundError) as exc:
-        err_console.print("[bold red]error:[/] ", end="")
-        err_console.print(str(exc), markup=False, highlight=False, soft_wrap=True)
-        raise typer.Exit(1) from None
-    except OperationalError as exc:
-        msg = str(exc.orig).strip() if exc.orig else str(exc)
-        err_console.print("[bold red]error:[/] ", end="")
-        err_console.print(f"cannot use the database: {msg}", markup=False, soft_wrap=True)
-        raise typer.Exit(1) from None
-
-
-def _progress() -> Progress:
-    return Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
-                    TextColumn("{task.completed:,.0f} frames"), TimeElapsedColumn(),
-                    console=err_console, transient=False, disable=not err_console.is_terminal)
-
-
-@app.callback()
-def _root(
-    database_url: Annotated[str | None, typer.Option(
-        "--database-url", help="SQLAlchemy URL; overrides BAYESAL_DATABASE_URL.",
-        show_default=False)] = None,
-) -> None:
-    """bayesal: train Bayesian e3nn potentials, pick structures by BALD, label them with
-    PySCF, keep everything in SQL. Settings come from BAYESAL_* environment variables."""
-    state.database_url = database_url
-    with contextlib.suppress(SettingsError):  # reported by the command that needs settings
-        _configure_logging(settings().log_level)
-
-
-def _configure_logging(level: str) -> None:
-    import logging
-
-    from rich.logging import RichHandler
-
-    handler = RichHandler(console=err_console, show_path=False, rich_tracebacks=False)
-    logger = logging.getLogger("bayesal")
-    logger.handlers[:] = [handler]
-    logger.setLevel(level)
-    logger.propagate = False
 
 
 # ---------------------------------------------------------------- db
@@ -166,10 +89,10 @@ def import_(
             raise ValueError(f"--source {source!r} is not one of "
                              f"{', '.join(s.value for s in StructureSource)}") from None
         cfg = settings()
-        with _progress() as progress:
+        with progress_bar() as progress:
             task = progress.add_task("importing", total=None)
             report = import_files(
-                _writer(cfg), files, campaign, source=src, labelled=labelled,
+                writer_engine(cfg), files, campaign, source=src, labelled=labelled,
                 level=ReferenceLevel(method, basis), energy_key=energy_key,
                 forces_key=forces_key,
                 on_frame=lambda n: progress.update(task, completed=n),
@@ -181,12 +104,6 @@ def import_(
             + (f", {report.n_labels_new} new labels ({report.n_labels_existing} already there)"
                if labelled else "")
         )
-
-
-def _writer(cfg: Settings):
-    from db import make_engine
-
-    return make_engine(cfg.database_url)
 
 
 @app.command("export")
@@ -209,7 +126,7 @@ def export(
 
     with user_errors():
         cfg = settings()
-        with _progress() as progress:
+        with progress_bar() as progress:
             task = progress.add_task("exporting", total=None)
             report = export_campaign(
                 cfg.database_url, campaign, output, format, settings_hash=settings_hash,
@@ -336,12 +253,3 @@ def sql(
         more = len(result.rows) > len(shown)
         console.print(f"{len(shown)} row{'s' if len(shown) != 1 else ''}"
                       + (" shown (more exist; raise --max-rows or use --csv)" if more else ""))
-
-
-def main() -> None:
-    """Console-script entry point."""
-    app()
-
-
-if __name__ == "__main__":
-    main()

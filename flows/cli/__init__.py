@@ -1,0 +1,14 @@
+"""The ``bayesal`` command line (typer). Composition root: settings -> db/labelers/models.
+
+Run ``bayesal --help`` or ``bayesal COMMAND --help``; docs/cli.md has the reference.
+"""
+
+from flows.cli import data, label  # noqa: F401  (register the commands)
+from flows.cli._app import app
+
+__all__ = ["app", "main"]
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

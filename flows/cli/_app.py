@@ -1,0 +1,101 @@
+"""The ``bayesal`` Typer application and what its commands share."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+from flows.settings import Settings, SettingsError, load_settings
+
+app = typer.Typer(
+    name="bayesal",
+    help="Bayesian active learning for machine-learning interatomic potentials.",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    pretty_exceptions_enable=False,
+)
+db_app = typer.Typer(help="Database schema management (Alembic migrations).",
+                     no_args_is_help=True)
+app.add_typer(db_app, name="db")
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+class _State:
+    database_url: str | None = None
+
+
+state = _State()
+
+
+def settings() -> Settings:
+    overrides = {"database_url": state.database_url} if state.database_url else {}
+    return load_settings(**overrides)
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn expected failures into a one-paragraph message and exit code 1."""
+    from sqlalchemy.exc import OperationalError
+
+    from db import DatabaseError
+    from db.readers import InputError
+    from labelers import LabelerInputError
+
+    try:
+        yield
+    except (InputError, LabelerInputError, DatabaseError, SettingsError, ValueError,
+            FileNotFoundError) as exc:
+        err_console.print("[bold red]error:[/] ", end="")
+        err_console.print(str(exc), markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+    except OperationalError as exc:
+        msg = str(exc.orig).strip() if exc.orig else str(exc)
+        err_console.print("[bold red]error:[/] ", end="")
+        err_console.print(f"cannot use the database: {msg}", markup=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+
+
+def progress_bar(unit: str = "frames") -> Progress:
+    """A progress bar on stderr (shown on terminals only)."""
+    return Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                    TextColumn("{task.completed:,.0f}" + f" {unit}"), TimeElapsedColumn(),
+                    console=err_console, transient=False, disable=not err_console.is_terminal)
+
+
+@app.callback()
+def _root(
+    database_url: Annotated[str | None, typer.Option(
+        "--database-url", help="SQLAlchemy URL; overrides BAYESAL_DATABASE_URL.",
+        show_default=False)] = None,
+) -> None:
+    """bayesal: train Bayesian e3nn potentials, pick structures by BALD, label them with
+    PySCF, keep everything in SQL. Settings come from BAYESAL_* environment variables."""
+    state.database_url = database_url
+    with contextlib.suppress(SettingsError):  # reported by the command that needs settings
+        _configure_logging(settings().log_level)
+
+
+def _configure_logging(level: str) -> None:
+    import logging
+
+    from rich.logging import RichHandler
+
+    handler = RichHandler(console=err_console, show_path=False, rich_tracebacks=False)
+    logger = logging.getLogger("bayesal")
+    logger.handlers[:] = [handler]
+    logger.setLevel(level)
+    logger.propagate = False
+
+
+def writer_engine(cfg: Settings):
+    """A read-write engine on the configured database."""
+    from db import make_engine
+
+    return make_engine(cfg.database_url)

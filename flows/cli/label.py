@@ -1,0 +1,156 @@
+"""`bayesal label`: DFT labels for a file of structures, optionally stored in a campaign."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from flows.cli._app import app, console, progress_bar, settings, user_errors, writer_engine
+
+
+@app.command("label")
+def label(
+    input: Annotated[Path, typer.Option("--input", help="Structures to label (extxyz or any "
+                                        "ASE-readable file).")],
+    output: Annotated[Path, typer.Option(help="extxyz with REF_energy (eV) and REF_forces "
+                                         "(eV/Å) of the labelled frames; failed frames go to "
+                                         "OUTPUT.failed.xyz.")],
+    method: Annotated[str, typer.Option(help="hf or a DFT functional (pbe, b3lyp, ...).")
+                      ] = "pbe",
+    basis: Annotated[str, typer.Option(help="Basis set (def2-svp, 6-31g*, sto-3g, ...).")
+                     ] = "def2-svp",
+    dispersion: Annotated[str, typer.Option(help="none, d3bj, d3zero, d4, ...")] = "none",
+    charge: Annotated[int, typer.Option(help="Total charge.")] = 0,
+    multiplicity: Annotated[int, typer.Option(help="Spin multiplicity 2S+1 (1: restricted).")
+                            ] = 1,
+    workers: Annotated[int, typer.Option(help="Calculations in parallel.")] = 1,
+    threads: Annotated[int, typer.Option(help="Threads per calculation.")] = 1,
+    timeout: Annotated[float, typer.Option(help="Wall-time limit per calculation, s.")
+                       ] = 3600.0,
+    max_memory: Annotated[int, typer.Option(help="Memory per calculation, MB.")] = 4000,
+    grid_level: Annotated[int, typer.Option(help="DFT grid level (0-9).")] = 3,
+    density_fit: Annotated[bool, typer.Option(help="Density fitting (RI).")] = True,
+    guess_dir: Annotated[Path | None, typer.Option(
+        help="Reuse converged densities of similar structures as initial guesses, kept here "
+             "(default with --campaign: BAYESAL_DATA_DIR/scf-guesses).")] = None,
+    campaign: Annotated[str | None, typer.Option(
+        help="Also store structures and labels in this campaign (each label as it finishes; "
+             "structures already labelled with these settings are not computed again).")
+    ] = None,
+    source: Annotated[str, typer.Option(help="Source of new structures in --campaign.")
+                      ] = "pool",
+) -> None:
+    """Label structures with PySCF (energies in eV, forces in eV/Å).
+
+    Every frame is checked before any calculation (charge/multiplicity, basis coverage,
+    geometry). Each calculation runs in its own process under --timeout; SCF failures walk
+    a recovery ladder and are reported, never dropped.
+    """
+    import ase.io
+
+    from db.export import format_extxyz
+    from db.readers import InputError, InputIssue, iter_frames
+    from labelers import PySCFLabeler
+
+    with user_errors():
+        frames, issues = [], []
+        for item in iter_frames(input):
+            (issues if isinstance(item, InputIssue) else frames).append(item)
+        if issues:
+            raise InputError(issues)
+        images = [f.atoms for f in frames]
+        cfg = settings()
+        if guess_dir is None and campaign is not None:
+            guess_dir = cfg.data_dir / "scf-guesses"
+        labeler = PySCFLabeler(
+            method, basis, charge=charge, multiplicity=multiplicity, dispersion=dispersion,
+            density_fit=density_fit, grid_level=grid_level, threads=threads,
+            max_memory_mb=max_memory, timeout_s=timeout, guess_dir=guess_dir,
+        )
+        labeler.validate(images)
+
+        results: dict[int, tuple[str, float | None, object, str | None, float | None]] = {}
+        engine = None
+        todo = list(range(len(images)))
+        if campaign is not None:
+            from tasks.labeling import existing_labels
+
+            engine = writer_engine(cfg)
+            from db import ensure_schema
+
+            ensure_schema(engine, create=True)
+            done = existing_labels(engine, campaign, images, labeler.settings_hash)
+            for i, lab in done.items():
+                results[i] = ("ok", lab.energy, lab.forces, None, None)
+            todo = [i for i in todo if i not in done]
+            if done:
+                console.print(f"{len(done)} of {len(images)} structures already labelled "
+                              f"with these settings in campaign {campaign}; not recomputed")
+
+        with progress_bar("labels") as progress:
+            task = progress.add_task("labelling", total=len(todo))
+
+            def on_result(k: int, res) -> None:
+                i = todo[k]
+                results[i] = (res.status, res.energy, res.forces, res.error, res.wall_s)
+                if engine is not None:
+                    from tasks.labeling import store_results
+
+                    store_results(engine, campaign, labeler, [(images[i], res)], source=source)
+                progress.advance(task)
+
+            labeler.label_many([images[i] for i in todo], workers=workers, on_result=on_result)
+
+        _write_outputs(images, results, output, format_extxyz, ase.io)
+        _summary(results, todo, output)
+
+
+def _write_outputs(images, results, output: Path, format_extxyz, ase_io) -> None:
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    failed = output.with_name(output.stem + ".failed.xyz")
+    n_failed = 0
+    with open(output, "w") as ok_fh, open(failed, "w") as bad_fh:
+        for i, atoms in enumerate(images):
+            status, energy, forces, error, _ = results[i]
+            info = {k: v for k, v in atoms.info.items() if isinstance(v, int | float | str)}
+            info["frame"] = i
+            if status == "ok":
+                info["REF_energy"] = energy
+                ok_fh.write(format_extxyz(atoms.numbers, atoms.positions, atoms.cell.array,
+                                          _pbc(atoms), info, {"REF_forces": forces}))
+            else:
+                n_failed += 1
+                info.update(label_status=status, label_error=(error or "")[:300])
+                bad_fh.write(format_extxyz(atoms.numbers, atoms.positions, atoms.cell.array,
+                                           _pbc(atoms), info, {}))
+    if n_failed == 0:
+        failed.unlink()
+
+
+def _pbc(atoms) -> str:
+    return "".join("T" if p else "F" for p in atoms.pbc)
+
+
+def _summary(results, computed: list[int], output: Path) -> None:
+    counts: dict[str, int] = {}
+    for status, *_ in results.values():
+        counts[status] = counts.get(status, 0) + 1
+    seconds = [results[i][4] for i in computed if results[i][4] is not None]
+    table = Table(title="labels")
+    for col in ("status", "count"):
+        table.add_column(col)
+    for status in ("ok", "scf_failed", "timeout", "error"):
+        if counts.get(status):
+            table.add_row(status, str(counts[status]))
+    console.print(table)
+    if seconds:
+        console.print(f"computed {len(seconds)} labels, mean {sum(seconds) / len(seconds):.2f} "
+                      "s per label")
+    reasons = {results[i][3] for i in results if results[i][0] != "ok"}
+    for reason in sorted(r for r in reasons if r)[:5]:
+        console.print(f"  failure: {reason.splitlines()[0][:160]}", markup=False)
+    console.print(f"wrote {counts.get('ok', 0)} labelled structures to {output}")

@@ -1,0 +1,275 @@
+"""DFT/HF labels from PySCF, isolated per calculation and surviving SCF trouble."""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+from typing import Any
+
+from ase import Atoms
+from ase.data import chemical_symbols
+
+from labelers._identity import structure_key
+from labelers.base import Labeler, LabelResult, LabelStatus
+from labelers.isolation import run_isolated
+
+__all__ = ["DISPERSIONS", "PySCFLabeler", "gpu_available"]
+
+DISPERSIONS = ("none", "d3bj", "d3zero", "d3bjm", "d3zerom", "d3op", "d4")
+COMMON_FUNCTIONALS = "hf, pbe, pbe0, b3lyp, blyp, tpss, r2scan, wb97x-d, wb97m-v, m06-2x"
+COMMON_BASES = "sto-3g, 6-31g*, def2-svp, def2-tzvp, cc-pvdz, cc-pvtz, aug-cc-pvdz"
+
+
+def gpu_available() -> bool:
+    """Whether gpu4pyscf is importable (the GPU backend's requirement)."""
+    try:
+        import gpu4pyscf  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=64)
+def _check_method(method: str) -> None:
+    if method == "hf":
+        return
+    from pyscf.dft import libxc
+
+    try:
+        libxc.parse_xc(method)
+    except Exception:
+        raise ValueError(f"unknown functional {method!r}: use hf or a functional that PySCF/LibXC "
+                         f"knows, e.g. {COMMON_FUNCTIONALS}") from None
+
+
+@functools.lru_cache(maxsize=64)
+def _check_basis_name(basis: str) -> None:
+    import warnings
+
+    from pyscf.gto import basis as pyscf_basis
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PySCF's advice to install basis-set-exchange
+        _load_basis_or_raise(pyscf_basis, basis)
+
+
+def _load_basis_or_raise(pyscf_basis, basis: str) -> None:
+    try:
+        pyscf_basis.load(basis, "H")
+    except Exception:
+        try:  # a basis without hydrogen (rare) still has carbon
+            pyscf_basis.load(basis, "C")
+        except Exception:
+            raise ValueError(f"unknown basis set {basis!r}; PySCF knows e.g. {COMMON_BASES} "
+                             "(see pyscf.gto.basis for all)") from None
+
+
+@functools.lru_cache(maxsize=512)
+def _has_basis(basis: str, symbol: str) -> bool:
+    import warnings
+
+    from pyscf.gto import basis as pyscf_basis
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return bool(pyscf_basis.load(basis, symbol))
+        except Exception:
+            return False
+
+
+@functools.lru_cache(maxsize=64)
+def _check_dispersion(method: str, dispersion: str) -> None:
+    if dispersion not in DISPERSIONS:
+        raise ValueError(f"unknown dispersion {dispersion!r}; use one of {', '.join(DISPERSIONS)}")
+    if dispersion == "none":
+        return
+    from pyscf import dft, gto, scf
+
+    mol = gto.M(atom="H 0 0 0; H 0 0 0.74", basis="sto-3g", verbose=0)
+    mf = scf.RHF(mol) if method == "hf" else dft.RKS(mol, xc=method)
+    mf.disp = dispersion
+    try:
+        mf.get_dispersion()
+    except Exception as exc:
+        raise ValueError(f"dispersion {dispersion!r} has no parameters for {method!r} "
+                         f"({exc}); choose another dispersion or none") from None
+
+
+class PySCFLabeler(Labeler):
+    """Energies and forces from PySCF (HF or any DFT functional).
+
+    Singlets run restricted (RHF/RKS), other multiplicities unrestricted (UHF/UKS). Each
+    calculation runs in its own process under ``timeout_s``; SCF trouble walks a recovery
+    ladder (DIIS -> level shift -> damping -> second-order SCF -> atomic guess) before the
+    label is recorded as ``scf_failed``. Energies in eV and forces in eV/Å, converted with
+    PySCF's own constants.
+
+    Parameters
+    ----------
+    method
+        ``"hf"`` or a functional name (``"pbe"``, ``"b3lyp"``, ...).
+    basis
+        Basis set name known to PySCF.
+    charge, multiplicity
+        Total charge and spin multiplicity 2S+1 of every structure.
+    dispersion
+        ``"none"``, ``"d3bj"``, ``"d3zero"``, ``"d4"``, ... via pyscf-dispersion.
+    density_fit
+        Density fitting (RI-J/K), on by default; ``auxbasis`` None picks PySCF's default.
+    grid_level
+        DFT integration grid level (0-9).
+    conv_tol, max_cycle
+        SCF energy convergence threshold (Hartree) and cycles per ladder rung.
+    threads
+        OpenMP threads of each calculation.
+    max_memory_mb
+        Memory PySCF may use per calculation (PySCF's ``max_memory``).
+    timeout_s
+        Wall-time limit per calculation; ``None`` for none.
+    guess_dir
+        Directory for converged density matrices reused as initial guesses for similar
+        structures (``None``: off).
+    backend
+        ``"cpu"``, ``"gpu"`` (gpu4pyscf) or ``"auto"`` (GPU when gpu4pyscf imports).
+    """
+
+    name = "pyscf"
+
+    def __init__(
+        self,
+        method: str = "pbe",
+        basis: str = "def2-svp",
+        *,
+        charge: int = 0,
+        multiplicity: int = 1,
+        dispersion: str = "none",
+        density_fit: bool = True,
+        auxbasis: str | None = None,
+        grid_level: int = 3,
+        conv_tol: float = 1e-9,
+        max_cycle: int = 100,
+        threads: int = 1,
+        max_memory_mb: int = 4000,
+        timeout_s: float | None = 3600.0,
+        guess_dir: str | Path | None = None,
+        backend: str = "cpu",
+    ) -> None:
+        self._method = method.lower()
+        self._basis = basis.lower()
+        self.dispersion = (dispersion or "none").lower()
+        _check_method(self._method)
+        _check_basis_name(self._basis)
+        _check_dispersion(self._method, self.dispersion)
+        if multiplicity < 1:
+            raise ValueError(f"multiplicity must be >= 1 (2S+1), got {multiplicity}")
+        if not 0 <= grid_level <= 9:
+            raise ValueError(f"grid_level must be 0..9, got {grid_level}")
+        if threads < 1 or max_cycle < 1 or max_memory_mb < 100:
+            raise ValueError("threads and max_cycle must be >= 1 and max_memory_mb >= 100")
+        if timeout_s is not None and timeout_s <= 0:
+            raise ValueError(f"timeout_s must be positive (or None), got {timeout_s}")
+        if backend not in ("cpu", "gpu", "auto"):
+            raise ValueError(f"backend must be cpu, gpu or auto, got {backend!r}")
+        if backend == "gpu" and not gpu_available():
+            raise ValueError("backend='gpu' needs gpu4pyscf (pip install gpu4pyscf-cuda12x); "
+                             "use backend='cpu' or 'auto'")
+        self.backend = ("gpu" if gpu_available() else "cpu") if backend == "auto" else backend
+        self.charge, self.multiplicity = int(charge), int(multiplicity)
+        self.density_fit, self.auxbasis = bool(density_fit), auxbasis
+        self.grid_level, self.conv_tol, self.max_cycle = int(grid_level), conv_tol, max_cycle
+        self.threads, self.max_memory_mb, self.timeout_s = threads, max_memory_mb, timeout_s
+        self.guess_dir = None if guess_dir is None else str(Path(guess_dir))
+        self._fail_gradient = False  # test hook
+
+    # Level of theory only: threads, limits, guesses and backend do not change the numbers.
+    @property
+    def settings(self) -> dict[str, Any]:
+        return {
+            "labeler": self.name, "method": self._method, "basis": self._basis,
+            "charge": self.charge, "multiplicity": self.multiplicity,
+            "dispersion": self.dispersion, "density_fit": self.density_fit,
+            "auxbasis": self.auxbasis,
+            "grid_level": self.grid_level if self._method != "hf" else None,
+        }
+
+    def problem(self, atoms: Atoms) -> str | None:
+        geometry = super().problem(atoms)
+        if geometry:
+            return geometry
+        if atoms.pbc.any():
+            return ("periodic cell: the PySCF labeler computes molecules only; set "
+                    "pbc=False (the cell is then ignored)")
+        n_electrons = int(atoms.numbers.sum()) - self.charge
+        unpaired = self.multiplicity - 1
+        if n_electrons <= 0:
+            return f"charge {self.charge} leaves {n_electrons} electrons"
+        if (n_electrons - unpaired) % 2 or unpaired > n_electrons:
+            fix = "an even multiplicity (2, 4, ...)" if n_electrons % 2 else \
+                  "an odd multiplicity (1, 3, ...)"
+            return (f"{n_electrons} electrons (charge {self.charge}) cannot have multiplicity "
+                    f"{self.multiplicity}; use {fix} or another charge")
+        missing = sorted({chemical_symbols[z] for z in set(atoms.numbers.tolist())
+                          if not _has_basis(self._basis, chemical_symbols[z])})
+        if missing:
+            return f"basis {self._basis} has no functions for {', '.join(missing)}"
+        return None
+
+    def _payload(self, atoms: Atoms) -> dict[str, Any]:
+        return {
+            "symbols": atoms.get_chemical_symbols(), "positions": atoms.positions.tolist(),
+            "numbers": atoms.numbers.tolist(), "key": structure_key(atoms),
+            "method": self._method, "basis": self._basis, "charge": self.charge,
+            "spin": self.multiplicity - 1, "dispersion": self.dispersion,
+            "density_fit": self.density_fit, "auxbasis": self.auxbasis,
+            "grid_level": self.grid_level, "conv_tol": self.conv_tol,
+            "max_cycle": self.max_cycle, "max_memory_mb": self.max_memory_mb,
+            "threads": self.threads, "backend": self.backend, "guess_dir": self.guess_dir,
+            "settings_hash": self.settings_hash, "fail_gradient": self._fail_gradient,
+        }
+
+    def _label_one(self, atoms: Atoms) -> LabelResult:
+        t0 = time.perf_counter()
+        outcome = run_isolated("labelers._pyscf_run:calculate", self._payload(atoms),
+                               timeout=self.timeout_s, threads=self.threads)
+        base_prov = {"settings": self.settings, "host": os.uname().nodename}
+        if outcome.kind == "ok":
+            d = outcome.value
+            return LabelResult(status=d["status"], energy=d.get("energy"),
+                               forces=d.get("forces"), error=d.get("error"),
+                               n_scf_cycles=d.get("n_scf_cycles"),
+                               wall_s=time.perf_counter() - t0,
+                               provenance=base_prov | d.get("provenance", {}))
+        status = LabelStatus.TIMEOUT if outcome.kind == "timeout" else LabelStatus.ERROR
+        return LabelResult(status=status.value, error=outcome.message.strip()[:2000],
+                           wall_s=time.perf_counter() - t0,
+                           provenance=base_prov | {"isolation": outcome.kind})
+
+    def label_many(
+        self,
+        images: Sequence[Atoms],
+        *,
+        workers: int = 1,
+        on_result: Callable[[int, LabelResult], None] | None = None,
+    ) -> list[LabelResult]:
+        """Label in ``workers`` parallel processes (each with ``threads`` threads).
+
+        Every frame is validated first; results come back in input order, and
+        ``on_result`` sees each as soon as it finishes (from the calling thread's pool).
+        """
+        self.validate(images)
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
+        results: list[LabelResult | None] = [None] * len(images)
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            futures = {pool.submit(self._label_one, a): i for i, a in enumerate(images)}
+            for fut in as_completed(futures):
+                i = futures[fut]
+                results[i] = fut.result()
+                if on_result is not None:
+                    on_result(i, results[i])
+        return results  # type: ignore[return-value]

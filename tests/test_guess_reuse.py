@@ -1,0 +1,78 @@
+"""Initial-guess reuse: the rotated density matrix is exact, and reuse saves SCF cycles."""
+
+from __future__ import annotations
+
+import numpy as np
+from ase.build import molecule
+from pyscf import gto, scf
+from scipy.spatial.transform import Rotation
+
+from labelers import PySCFLabeler
+from labelers._pyscf_run import _rotate_dm
+from labelers.guess_store import Guess, GuessStore, kabsch
+
+
+def converged_dm(atoms, basis="6-31g*"):
+    mol = gto.M(atom=list(zip(atoms.get_chemical_symbols(), atoms.positions.tolist(),
+                              strict=True)), basis=basis, unit="Angstrom", verbose=0)
+    mf = scf.RHF(mol)
+    mf.conv_tol = 1e-11
+    mf.kernel()
+    return mol, mf.make_rdm1()
+
+
+def test_kabsch_recovers_a_rotation():
+    pos = molecule("CH3CH2OH").positions
+    rot = Rotation.random(random_state=3).as_matrix()
+    new = (pos - pos.mean(0)) @ rot.T + np.array([1.0, -2.0, 0.5])
+    found, rmsd = kabsch(pos, new)
+    np.testing.assert_allclose(found, rot, atol=1e-10)
+    assert rmsd < 1e-10
+
+
+def test_rotated_density_matrix_equals_converged_one_of_rotated_molecule():
+    atoms = molecule("CH3CH2OH")
+    _, dm = converged_dm(atoms)
+    rotated = atoms.copy()
+    rot = Rotation.random(random_state=7).as_matrix()
+    rotated.positions = (atoms.positions - atoms.positions.mean(0)) @ rot.T + 3.0
+    mol2, dm2 = converged_dm(rotated)
+    found, _ = kabsch(atoms.positions, rotated.positions)
+    guess = Guess(key="x", rmsd=0.0, rotation=found, dm=dm)
+    assert np.abs(_rotate_dm(mol2, guess, restricted=True) - dm2).max() < 1e-6
+    assert np.abs(dm - dm2).max() > 0.1  # without the rotation the guess would be wrong
+
+
+def test_store_finds_nearest_of_same_molecule_only(tmp_path):
+    store = GuessStore(tmp_path, "abc", max_rmsd=0.5)
+    eth = molecule("CH3CH2OH")
+    store.save("a", eth.numbers, eth.positions, np.eye(3))
+    far = eth.copy()
+    far.positions[0] += 3.0
+    store.save("b", far.numbers, far.positions, 2 * np.eye(3))
+    near = eth.copy()
+    near.positions += np.random.default_rng(0).normal(scale=0.01, size=near.positions.shape)
+    hit = store.nearest(near.numbers, near.positions)
+    assert hit.key == "a" and hit.rmsd < 0.03 and (hit.dm == np.eye(3)).all()
+    assert store.nearest(near.numbers[::-1].copy(), near.positions) is None  # other order
+    assert GuessStore(tmp_path, "other").nearest(near.numbers, near.positions) is None
+
+
+def test_reuse_saves_cycles_and_leaves_the_answer_unchanged(tmp_path):
+    atoms = molecule("CH3CH2OH")
+    neighbour = atoms.copy()
+    rng = np.random.default_rng(1)
+    neighbour.positions += rng.normal(scale=0.02, size=atoms.positions.shape)
+    rot = Rotation.random(random_state=2).as_matrix()
+    neighbour.positions = neighbour.positions @ rot.T  # MD neighbours may also rotate
+
+    plain = PySCFLabeler("hf", "6-31g*", conv_tol=1e-10)
+    reuse = PySCFLabeler("hf", "6-31g*", conv_tol=1e-10, guess_dir=tmp_path)
+    assert reuse.label(atoms).provenance["guess"]["source"] == "minao"
+    cold = plain.label(neighbour)
+    warm = reuse.label(neighbour)
+    assert warm.provenance["guess"]["source"] == "reuse"
+    assert warm.provenance["guess"]["rmsd_A"] < 0.1
+    assert warm.n_scf_cycles < cold.n_scf_cycles
+    assert abs(warm.energy - cold.energy) < 1e-6
+    assert np.abs(warm.forces - cold.forces).max() < 1e-4
