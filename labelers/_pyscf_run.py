@@ -16,13 +16,14 @@ import pyscf
 from pyscf import dft, gto, lib, scf
 from pyscf.data import nist
 
-from labelers.guess_store import GuessStore
+from labelers.guess_store import GuessStore, extrapolation_weights
 
 HARTREE2EV = nist.HARTREE2EV  # eV per Hartree (PySCF's constant)
 BOHR = nist.BOHR  # Å per Bohr
 
 # Rungs of the recovery ladder, in order. Each is a fresh SCF object.
 LADDER = ("diis", "level_shift", "damping", "newton", "atom_guess")
+NEIGHBOURS = 3  # stored geometries combined into one initial guess
 
 
 def build_mol(symbols, positions, *, basis: str, charge: int, spin: int,
@@ -112,6 +113,22 @@ def _rotate_dm(mol: gto.Mole, guess, restricted: bool):
     return np.stack([u @ d @ u.T for d in dm])
 
 
+def reused_guess(mol, store: GuessStore, numbers, positions, key: str, restricted: bool):
+    """Initial density from stored neighbours: the nearest one, plus a first-order
+    extrapolation over up to two more when they are near enough. ``None`` if none fits."""
+    found = store.neighbours(numbers, positions, k=NEIGHBOURS, exclude=key)
+    dms = [_rotate_dm(mol, g, restricted) for g in found]
+    pairs = [(g, d) for g, d in zip(found, dms, strict=True) if d is not None]
+    if not pairs:
+        return None
+    guesses, dms = zip(*pairs, strict=True)
+    coeffs = extrapolation_weights(positions, [g.aligned for g in guesses])
+    dm = dms[0] + sum(c * (d - dms[0]) for c, d in zip(coeffs, dms[1:], strict=True))
+    info = {"source": "reuse", "from": guesses[0].key, "rmsd_A": round(guesses[0].rmsd, 4),
+            "neighbours": len(guesses), "weights": [round(float(c), 4) for c in coeffs]}
+    return dm, info
+
+
 def calculate(*, symbols: list[str], positions: list[list[float]], numbers: list[int],
               key: str, method: str, basis: str, charge: int, spin: int, dispersion: str,
               density_fit: bool, auxbasis: str | None, grid_level: int, conv_tol: float,
@@ -134,11 +151,8 @@ def calculate(*, symbols: list[str], positions: list[list[float]], numbers: list
     store = GuessStore(guess_dir, settings_hash) if guess_dir else None
     dm0, guess_info = None, {"source": "minao"}
     if store is not None:
-        guess = store.nearest(np.asarray(numbers), positions, exclude=key)
-        if guess is not None:
-            dm0 = _rotate_dm(mol, guess, restricted)
-            if dm0 is not None:
-                guess_info = {"source": "reuse", "from": guess.key, "rmsd_A": round(guess.rmsd, 4)}
+        dm0, guess_info = reused_guess(mol, store, np.asarray(numbers), positions, key,
+                                       restricted) or (None, guess_info)
 
     mf, attempts = converge(factory, dm0)
     provenance: dict[str, Any] = {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from ase.build import molecule
 from pyscf import gto, scf
 from scipy.spatial.transform import Rotation
@@ -76,3 +77,45 @@ def test_reuse_saves_cycles_and_leaves_the_answer_unchanged(tmp_path):
     assert warm.n_scf_cycles < cold.n_scf_cycles
     assert abs(warm.energy - cold.energy) < 1e-6
     assert np.abs(warm.forces - cold.forces).max() < 1e-4
+
+
+def test_extrapolation_weights_follow_a_straight_path():
+    from labelers.guess_store import extrapolation_weights
+
+    x0 = molecule("CH3CH2OH").positions
+    step = np.random.default_rng(4).normal(scale=0.02, size=x0.shape)
+    # neighbours at x0 (nearest) and x0 - step; the target continues the line: c = -1
+    c = extrapolation_weights(x0 + step, [x0, x0 - step])
+    np.testing.assert_allclose(c, [-1.0], atol=1e-5)
+    # a displacement orthogonal to the history is not extrapolated
+    ortho = np.zeros_like(x0)
+    ortho[0, 0] = 0.02
+    other = np.zeros_like(x0)
+    other[1, 1] = 0.02
+    np.testing.assert_allclose(extrapolation_weights(x0 + ortho, [x0, x0 - other]), [0.0],
+                               atol=1e-9)
+    assert extrapolation_weights(x0, [x0]).size == 0
+
+
+def test_extrapolated_guess_beats_the_nearest_one_along_md_like_path(tmp_path):
+    from labelers._pyscf_run import build_mol, reused_guess
+
+    base = molecule("CH3CH2OH")
+    step = np.random.default_rng(5).normal(scale=0.02, size=base.positions.shape)
+    path = [base.positions + k * step for k in range(3)]
+    dms = []
+    store = GuessStore(tmp_path, "s")
+    for k, pos in enumerate(path):
+        atoms = base.copy()
+        atoms.positions = pos
+        _, dm = converged_dm(atoms, basis="sto-3g")
+        dms.append(dm)
+        if k < 2:
+            store.save(f"k{k}", base.numbers, pos, dm)
+    mol = build_mol(base.get_chemical_symbols(), path[2], basis="sto-3g", charge=0, spin=0,
+                    max_memory_mb=1000)
+    dm, info = reused_guess(mol, store, base.numbers, path[2], "new", restricted=True)
+    assert info["neighbours"] == 2 and info["weights"][0] == pytest.approx(-1, abs=0.01)
+    err_extrapolated = np.abs(dm - dms[2]).max()
+    err_nearest = np.abs(dms[1] - dms[2]).max()
+    assert err_extrapolated < 0.25 * err_nearest

@@ -250,3 +250,16 @@ def test_killing_the_caller_leaves_no_calculation_running(tmp_path):
         alive = [p for p in alive if _running(p)]
         time.sleep(0.1)
     assert alive == []
+
+
+@pytest.mark.gpu
+def test_gpu_backend_agrees_with_cpu():
+    from labelers import gpu_available
+
+    if not gpu_available():
+        pytest.skip("gpu4pyscf is not importable (no GPU backend here)")
+    cpu = PySCFLabeler("pbe", "def2-svp").label(water())
+    gpu = PySCFLabeler("pbe", "def2-svp", backend="gpu").label(water())
+    assert gpu.ok and gpu.provenance["backend"] == "gpu"
+    assert abs(gpu.energy - cpu.energy) < 1e-4
+    assert np.abs(gpu.forces - cpu.forces).max() < 1e-3
