@@ -18,8 +18,6 @@ and prints structures/s, the ratio to the baseline, and the peak memory of each 
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import tempfile
 import time
 import tracemalloc
@@ -27,22 +25,13 @@ from pathlib import Path
 
 import ase.io
 import numpy as np
+from _common import shared_data
 from ase.calculators.singlepoint import SinglePointCalculator
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from db import Campaign, Label, LabelerSettings, Structure, make_engine, session_scope, upgrade
 from db.identity import atoms_hash, pbc_string
 from db.importer import ReferenceLevel, import_atoms, import_files
 from db.testing import TemporaryPostgres, create_database
-
-
-def shared_data() -> Path:
-    env = os.environ.get("BAYESAL_SHARED_DATA")
-    path = Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
-    if not path.is_dir():
-        sys.exit(f"shared data not found at {path}; set BAYESAL_SHARED_DATA")
-    return path
 
 
 def make_structures(n: int, seed: int = 0):

@@ -19,33 +19,22 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import os
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import ase.io
 import numpy as np
+from _common import shared_data
 from ase import units
 from ase.calculators.calculator import Calculator, all_changes
 from ase.md.velocitydistribution import thermalize_momenta
 from ase.md.verlet import VelocityVerlet
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from labelers import PySCFLabeler
 from labelers.guess_store import kabsch
 
 LEVEL = {"method": "pbe", "basis": "def2-svp", "dispersion": "d3bj"}
-
-
-def shared_data() -> Path:
-    env = os.environ.get("BAYESAL_SHARED_DATA")
-    path = Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
-    if not path.is_dir():
-        sys.exit(f"shared data not found at {path}; set BAYESAL_SHARED_DATA")
-    return path
 
 
 def run(labeler: PySCFLabeler, images, workers: int = 1):

@@ -7,6 +7,7 @@ import hashlib
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -124,17 +125,22 @@ class Labeler(ABC):
         workers: int = 1,
         on_result: Callable[[int, LabelResult], None] | None = None,
     ) -> list[LabelResult]:
-        """Label many structures, results in input order.
+        """Label many structures, ``workers`` at a time; results in input order.
 
         All frames are validated before anything is computed. ``on_result(index, result)``
-        is called as each result arrives (to store it at once, or drive a progress bar).
-        This base version is sequential; labelers with real work run them in parallel.
+        is called in the calling thread as each result arrives (to store it at once, or to
+        drive a progress bar). Labelers whose ``_label_one`` runs isolated processes
+        (PySCF) get real parallelism from the worker threads.
         """
         self.validate(images)
-        results = []
-        for i, atoms in enumerate(images):
-            res = self._label_one(atoms)
-            results.append(res)
-            if on_result is not None:
-                on_result(i, res)
-        return results
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
+        results: list[LabelResult | None] = [None] * len(images)
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            futures = {pool.submit(self._label_one, a): i for i, a in enumerate(images)}
+            for fut in as_completed(futures):
+                i = futures[fut]
+                results[i] = fut.result()
+                if on_result is not None:
+                    on_result(i, results[i])
+        return results  # type: ignore[return-value]

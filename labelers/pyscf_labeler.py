@@ -5,8 +5,6 @@ from __future__ import annotations
 import functools
 import os
 import time
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -248,28 +246,3 @@ class PySCFLabeler(Labeler):
         return LabelResult(status=status.value, error=outcome.message.strip()[:2000],
                            wall_s=time.perf_counter() - t0,
                            provenance=base_prov | {"isolation": outcome.kind})
-
-    def label_many(
-        self,
-        images: Sequence[Atoms],
-        *,
-        workers: int = 1,
-        on_result: Callable[[int, LabelResult], None] | None = None,
-    ) -> list[LabelResult]:
-        """Label in ``workers`` parallel processes (each with ``threads`` threads).
-
-        Every frame is validated first; results come back in input order, and
-        ``on_result`` sees each as soon as it finishes (from the calling thread's pool).
-        """
-        self.validate(images)
-        if workers < 1:
-            raise ValueError(f"workers must be >= 1, got {workers}")
-        results: list[LabelResult | None] = [None] * len(images)
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            futures = {pool.submit(self._label_one, a): i for i, a in enumerate(images)}
-            for fut in as_completed(futures):
-                i = futures[fut]
-                results[i] = fut.result()
-                if on_result is not None:
-                    on_result(i, results[i])
-        return results  # type: ignore[return-value]
