@@ -6,10 +6,6 @@ import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
@@ -151,8 +147,10 @@ def readonly_session(url: str, *, check_schema: bool = True) -> Iterator[Session
         engine.dispose()
 
 
-def alembic_config(engine: Engine) -> Config:
+def alembic_config(engine: Engine):
     """Alembic configuration that runs bayesal's migrations on ``engine``."""
+    from alembic.config import Config
+
     cfg = Config()
     cfg.set_main_option("script_location", str(_MIGRATIONS))
     cfg.attributes["engine"] = engine
@@ -161,18 +159,24 @@ def alembic_config(engine: Engine) -> Config:
 
 def head_revision() -> str:
     """Newest migration revision shipped with this version of bayesal."""
+    from alembic.script import ScriptDirectory
+
     script = ScriptDirectory(str(_MIGRATIONS))
     return script.get_current_head() or ""
 
 
 def current_revision(engine: Engine) -> str | None:
     """Revision the database is at, or ``None`` for a database without bayesal schema."""
+    from alembic.runtime.migration import MigrationContext
+
     with engine.connect() as conn:
         return MigrationContext.configure(conn).get_current_revision()
 
 
 def upgrade(engine: Engine, revision: str = "head") -> str:
     """Apply migrations up to ``revision``; returns the revision reached."""
+    from alembic import command
+
     command.upgrade(alembic_config(engine), revision)
     return current_revision(engine) or ""
 

@@ -13,8 +13,6 @@ from collections.abc import Sequence
 
 import numpy as np
 from ase import Atoms
-from ase.neighborlist import neighbor_list
-from scipy.spatial import cKDTree
 
 __all__ = [
     "MIN_DISTANCE",
@@ -99,10 +97,14 @@ def closest_pair(atoms: Atoms, cutoff: float = MIN_DISTANCE) -> tuple[int, int, 
             k = int(np.argmin(d2))
             d = float(np.sqrt(d2.flat[k]))
             return (k // n, k % n, d) if d < cutoff else None
+        from scipy.spatial import cKDTree  # lazy: scipy costs half a second to import
+
         dist, idx = cKDTree(atoms.positions).query(atoms.positions, k=2)
         i = int(np.argmin(dist[:, 1]))
         d = float(dist[i, 1])
         return (i, int(idx[i, 1]), d) if d < cutoff else None
+    from ase.neighborlist import neighbor_list
+
     i, j, d = neighbor_list("ijd", atoms, max(cutoff, 1.0))
     close = d < cutoff
     if not close.any():

@@ -29,6 +29,7 @@ err_console = Console(stderr=True)
 
 class _State:
     database_url: str | None = None
+    debug: bool = False
 
 
 state = _State()
@@ -52,6 +53,8 @@ def user_errors() -> Iterator[None]:
         yield
     except (InputError, LabelerInputError, DatabaseError, SettingsError, ValueError,
             FileNotFoundError) as exc:
+        if state.debug:  # BAYESAL_LOG_LEVEL=DEBUG: the traceback too, for bug reports
+            err_console.print_exception()
         err_console.print("[bold red]error:[/] ", end="")
         err_console.print(str(exc), markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
@@ -79,7 +82,9 @@ def _root(
     PySCF, keep everything in SQL. Settings come from BAYESAL_* environment variables."""
     state.database_url = database_url
     with contextlib.suppress(SettingsError):  # reported by the command that needs settings
-        _configure_logging(settings().log_level)
+        level = settings().log_level
+        state.debug = level == "DEBUG"
+        _configure_logging(level)
 
 
 def _configure_logging(level: str) -> None:
