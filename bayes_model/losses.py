@@ -1,0 +1,59 @@
+"""Training losses: NLL_JEF (default), NLL_E, MSE.
+
+NLL_JEF = λ_E · mean_s[(E_s − μ_s)²/σ²_E,s + log σ²_E,s]
+        + λ_F · mean_i[Δf_iᵀ Σ_i⁻¹ Δf_i + log det Σ_i]
+NLL_E   = the energy term of NLL_JEF + λ_F · mean_i ‖Δf_i‖²/3
+MSE     = λ_E · mean_s[((E_s − μ_s)/N_s)²] + λ_F · mean_i ‖Δf_i‖²/3
+(constants such as log 2π dropped). Units: eV, eV/Å.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import torch
+
+from bayes_model import _keys as K
+
+__all__ = ["LossKind", "compute_loss", "gaussian_nll_energy", "gaussian_nll_forces"]
+
+
+class LossKind(enum.StrEnum):
+    NLL_JEF = "nll_jef"
+    NLL_E = "nll_e"
+    MSE = "mse"
+
+
+def gaussian_nll_energy(pred: torch.Tensor, var: torch.Tensor, target: torch.Tensor):
+    """Per-structure (E − μ)²/σ² + log σ²."""
+    return (target - pred) ** 2 / var + torch.log(var)
+
+
+def gaussian_nll_forces(pred: torch.Tensor, cov: torch.Tensor, target: torch.Tensor):
+    """Per-atom Δfᵀ Σ⁻¹ Δf + log det Σ, through a Cholesky factor of Σ."""
+    chol = torch.linalg.cholesky(cov)
+    diff = (target - pred).unsqueeze(-1)
+    z = torch.linalg.solve_triangular(chol, diff, upper=False)
+    maha = (z**2).sum(dim=(-2, -1))
+    logdet = 2 * torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)
+    return maha + logdet
+
+
+def compute_loss(out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor],
+                 kind: LossKind | str, *, lambda_e: float = 1.0, lambda_f: float = 10.0,
+                 ) -> tuple[torch.Tensor, dict[str, float]]:
+    """Loss of a batch and its parts (for logging)."""
+    kind = LossKind(kind)
+    energy, forces = batch[K.ENERGY], batch[K.FORCES]
+    n_atoms = batch[K.N_ATOMS].to(energy.dtype)
+    df = out["forces"] - forces
+    if kind is LossKind.MSE:
+        e_term = (((out["energy"] - energy) / n_atoms) ** 2).mean()
+    else:
+        e_term = gaussian_nll_energy(out["energy"], out["energy_var"], energy).mean()
+    if kind is LossKind.NLL_JEF:
+        f_term = gaussian_nll_forces(out["forces"], out["forces_cov"], forces).mean()
+    else:
+        f_term = (df**2).sum(-1).mean() / 3
+    loss = lambda_e * e_term + lambda_f * f_term
+    return loss, {"loss": float(loss), "energy_term": float(e_term), "force_term": float(f_term)}

@@ -1,0 +1,222 @@
+"""RACE-style E(3)-equivariant potential with mean-variance heads (e3nn).
+
+Per layer t a message m_i = (1/n̄) Σ_j R(r_ij) ⊙ (h_j ⊗ Y(r̂_ij)) (radial MLP on 8 Bessel
+functions times a polynomial envelope; spherical harmonics up to l_max). The first layer's
+features give A_i = Linear(h_i^(1)); later layers update
+h^(t) = h^(t-1) + Gate[Linear(m) + Linear(A ⊗ m) + SI(h^(t-1), Z)], so the channel-wise
+product with A raises the body order by one per layer. Every layer's invariant features feed
+the readout (concatenated = summed per-layer linear readouts):
+
+* energy ε_i = w · φ_i (× force-scale), E = Σ_i ε_i + shift(Z_i);
+* energy log-variance s_i, σ²_E = Σ_i exp(s_i) (eV², extensive);
+* force covariance Σ_i = expm(S_i) + εI from a 0e ⊕ 2e irrep per atom (a symmetric 3x3 matrix,
+  so Σ_i rotates as R Σ_i Rᵀ and is SPD by construction);
+* forces F = -∂E/∂r by autograd.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from e3nn import nn as e3nn_nn
+from e3nn import o3
+from e3nn.io import CartesianTensor
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from bayes_model import _keys as K
+
+__all__ = ["MVEPotential", "ModelConfig"]
+
+
+class ModelConfig(BaseModel):
+    """Hyperparameters of the potential (units: Å, eV)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    cutoff: float = Field(5.0, gt=0, description="Neighbour cutoff radius, Å.")
+    n_radial: int = Field(8, ge=1, description="Bessel radial basis functions.")
+    envelope_p: int = Field(6, ge=2, description="Polynomial cutoff envelope exponent.")
+    l_max: int = Field(2, ge=1, le=3, description="Highest spherical-harmonic degree.")
+    channels: int = Field(32, ge=1, description="Channels per irrep in hidden features.")
+    n_layers: int = Field(2, ge=1, le=6, description="Interaction layers.")
+    radial_hidden: int = Field(64, ge=4, description="Width of the radial MLP.")
+    sigma_energy0: float = Field(0.02, gt=0, description="Initial per-atom energy std, eV.")
+    sigma_force0: float = Field(0.1, gt=0, description="Initial force std, eV/Å.")
+    cov_eps: float = Field(1e-6, gt=0, description="Jitter added to force covariances, "
+                           "(eV/Å)².")
+
+
+def _hidden_irreps(channels: int, l_max: int) -> o3.Irreps:
+    """Natural-parity irreps 0e, 1o, 2e, 3o: true (polar) tensors."""
+    return o3.Irreps([(channels, (deg, (-1) ** deg)) for deg in range(l_max + 1)])
+
+
+class BesselEnvelope(nn.Module):
+    """sqrt(2/rc) sin(nπ r/rc) / r times the polynomial envelope u(r/rc) (zero at rc)."""
+
+    def __init__(self, cutoff: float, n: int, p: int) -> None:
+        super().__init__()
+        self.cutoff, self.p = cutoff, p
+        self.register_buffer("freqs", torch.arange(1, n + 1) * math.pi / cutoff)
+
+    def forward(self, r: torch.Tensor) -> torch.Tensor:
+        d = r / self.cutoff
+        p = self.p
+        env = (1 - (p + 1) * (p + 2) / 2 * d**p + p * (p + 2) * d ** (p + 1)
+               - p * (p + 1) / 2 * d ** (p + 2))
+        env = env * (d < 1)
+        bessel = math.sqrt(2 / self.cutoff) * torch.sin(self.freqs * r[:, None]) / r[:, None]
+        return bessel * env[:, None]
+
+
+class Interaction(nn.Module):
+    """One message-passing layer (see module docstring). Contract: takes ``irreps_in`` node
+    features, gives ``irreps_hidden`` features; raises if the irreps do not fit."""
+
+    def __init__(self, irreps_in: o3.Irreps, irreps_sh: o3.Irreps, irreps_hidden: o3.Irreps,
+                 n_species: int, n_radial: int, radial_hidden: int, avg_neighbors: float,
+                 with_product: bool) -> None:
+        super().__init__()
+        self.irreps_in, self.irreps_hidden = o3.Irreps(irreps_in), o3.Irreps(irreps_hidden)
+        self.avg_neighbors = avg_neighbors
+        allowed = {ir for _, ir in self.irreps_hidden}
+        mid, instructions = [], []
+        for i1, (mul, ir1) in enumerate(self.irreps_in):
+            for i2, (_, ir2) in enumerate(irreps_sh):
+                for ir_out in ir1 * ir2:
+                    if ir_out in allowed:
+                        instructions.append((i1, i2, len(mid), "uvu", True))
+                        mid.append((mul, ir_out))
+        if not mid:
+            raise ValueError(f"no tensor-product path from {self.irreps_in} x {irreps_sh} to "
+                             f"{self.irreps_hidden}")
+        irreps_mid = o3.Irreps(mid)
+        self.pre = o3.Linear(self.irreps_in, self.irreps_in)
+        self.tp = o3.TensorProduct(self.irreps_in, irreps_sh, irreps_mid, instructions,
+                                   shared_weights=False, internal_weights=False)
+        self.radial = e3nn_nn.FullyConnectedNet(
+            [n_radial, radial_hidden, radial_hidden, self.tp.weight_numel],
+            torch.nn.functional.silu)
+
+        scalars = o3.Irreps([(m, ir) for m, ir in self.irreps_hidden if ir.l == 0])
+        gated = o3.Irreps([(m, ir) for m, ir in self.irreps_hidden if ir.l > 0])
+        gates = o3.Irreps(f"{gated.num_irreps}x0e")
+        self.gate = e3nn_nn.Gate(scalars, [torch.nn.functional.silu], gates, [torch.sigmoid],
+                                 gated)
+        irreps_pre = self.gate.irreps_in
+        self.lin_msg = o3.Linear(irreps_mid, irreps_pre)
+        self.si = o3.FullyConnectedTensorProduct(self.irreps_in, f"{n_species}x0e", irreps_pre)
+        self.with_product = with_product
+        if with_product:
+            self.lin_m = o3.Linear(irreps_mid, self.irreps_hidden)
+            self.prod = o3.ElementwiseTensorProduct(
+                self.irreps_hidden, self.irreps_hidden, filter_ir_out=list(allowed))
+            self.lin_prod = o3.Linear(self.prod.irreps_out, irreps_pre)
+        self.residual = self.irreps_in == self.irreps_hidden
+
+    def forward(self, h, onehot, sh, radial, edge_index, a=None):
+        i, j = edge_index
+        x = self.pre(h)
+        weights = self.radial(radial)
+        messages = self.tp(x[j], sh, weights)
+        m = torch.zeros(h.shape[0], messages.shape[1], dtype=h.dtype, device=h.device)
+        m = m.index_add(0, i, messages) / self.avg_neighbors
+        pre = self.lin_msg(m) + self.si(h, onehot)
+        if self.with_product:
+            pre = pre + self.lin_prod(self.prod(a, self.lin_m(m)))
+        out = self.gate(pre)
+        return h + out if self.residual else out
+
+
+class MVEPotential(nn.Module):
+    """The potential. Construct from a :class:`ModelConfig`, the species (atomic numbers),
+    per-species energy shifts (eV), a force scale (eV/Å) and the mean neighbour count."""
+
+    def __init__(self, config: ModelConfig, species: list[int], shifts: list[float],
+                 scale: float = 1.0, avg_neighbors: float = 10.0) -> None:
+        super().__init__()
+        if len(shifts) != len(species):
+            raise ValueError(f"{len(species)} species but {len(shifts)} energy shifts")
+        self.config, self.species = config, list(species)
+        n_species = len(species)
+        self.register_buffer("shifts", torch.tensor(shifts, dtype=torch.float64))
+        self.register_buffer("scale", torch.tensor(float(scale), dtype=torch.float64))
+        self.avg_neighbors = float(avg_neighbors)
+
+        c = config.channels
+        self.irreps_sh = o3.Irreps.spherical_harmonics(config.l_max)
+        hidden = _hidden_irreps(c, config.l_max)
+        self.sh = o3.SphericalHarmonics(self.irreps_sh, normalize=True, normalization="component")
+        self.radial = BesselEnvelope(config.cutoff, config.n_radial, config.envelope_p)
+        self.embed = o3.Linear(f"{n_species}x0e", f"{c}x0e")
+        layers, irreps_in = [], o3.Irreps(f"{c}x0e")
+        for t in range(config.n_layers):
+            layers.append(Interaction(irreps_in, self.irreps_sh, hidden, n_species,
+                                      config.n_radial, config.radial_hidden, avg_neighbors,
+                                      with_product=t > 0))
+            irreps_in = hidden
+        self.layers = nn.ModuleList(layers)
+        self.lin_a = o3.Linear(hidden, hidden)
+        n_features = c * config.n_layers  # invariant features φ_i of all layers
+        self.energy_head = nn.Linear(n_features, 1, bias=False)  # last layer (Laplace)
+        self.logvar_head = nn.Linear(n_features, 1)
+        self.cov_heads = nn.ModuleList(o3.Linear(hidden, "1x0e+1x2e") for _ in layers)
+        q = CartesianTensor("ij=ji").reduced_tensor_products().change_of_basis  # (6, 3, 3)
+        self.register_buffer("q", q)
+        nn.init.zeros_(self.logvar_head.weight)
+        nn.init.constant_(self.logvar_head.bias, 2 * math.log(config.sigma_energy0))
+        self.log_force_var0 = 2 * math.log(config.sigma_force0)
+
+    @property
+    def n_features(self) -> int:
+        return self.energy_head.in_features
+
+    def features(self, data: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Invariant per-atom features φ (N, n_features) and the covariance log-matrix
+        components (N, 6) in the 0e ⊕ 2e basis."""
+        pos, species = data[K.POSITIONS], data[K.SPECIES]
+        i, j = data[K.EDGE_INDEX]
+        vec = pos[j] - pos[i] + data[K.EDGE_SHIFT]
+        r = vec.norm(dim=-1)
+        sh = self.sh(vec)
+        radial = self.radial(r)
+        onehot = torch.nn.functional.one_hot(species, len(self.species)).to(pos.dtype)
+        h = self.embed(onehot)
+        scalars, cov = [], 0.0
+        a = None
+        for t, layer in enumerate(self.layers):
+            h = layer(h, onehot, sh, radial, data[K.EDGE_INDEX], a)
+            if t == 0:
+                a = self.lin_a(h)
+            scalars.append(h[:, : self.config.channels])  # the 0e block comes first
+            cov = cov + self.cov_heads[t](h)
+        return torch.cat(scalars, dim=1), cov
+
+    def forward(self, data: dict[str, torch.Tensor], *, forces: bool = True,
+                training: bool = False) -> dict[str, torch.Tensor]:
+        """Energies (S,) eV, energy variances (S,) eV², forces (N, 3) eV/Å and force
+        covariances (N, 3, 3) (eV/Å)². ``training`` keeps the graph for double backward."""
+        pos = data[K.POSITIONS]
+        if forces and not pos.requires_grad:
+            pos.requires_grad_(True)
+        phi, cov6 = self.features(data)
+        species, batch = data[K.SPECIES], data[K.BATCH]
+        n_struct = int(data[K.N_ATOMS].shape[0])
+        eps_i = self.energy_head(phi).squeeze(-1) * self.scale.to(phi.dtype)
+        eps_i = eps_i + self.shifts.to(phi.dtype)[species]
+        energy = torch.zeros(n_struct, dtype=phi.dtype, device=phi.device).index_add(
+            0, batch, eps_i)
+        var_i = torch.exp(self.logvar_head(phi).squeeze(-1))
+        energy_var = torch.zeros_like(energy).index_add(0, batch, var_i)
+        log_cov = torch.einsum("nk,kij->nij", cov6, self.q.to(phi.dtype))
+        eye = torch.eye(3, dtype=phi.dtype, device=phi.device)
+        cov = torch.linalg.matrix_exp(log_cov + self.log_force_var0 * eye)
+        cov = 0.5 * (cov + cov.transpose(1, 2)) + self.config.cov_eps * eye
+        out = {"energy": energy, "energy_var": energy_var, "forces_cov": cov,
+               "features": phi}
+        if forces:
+            (grad,) = torch.autograd.grad(energy.sum(), pos, create_graph=training)
+            out["forces"] = -grad
+        return out
