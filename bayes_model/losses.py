@@ -56,4 +56,6 @@ def compute_loss(out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor],
     else:
         f_term = (df**2).sum(-1).mean() / 3
     loss = lambda_e * e_term + lambda_f * f_term
-    return loss, {"loss": float(loss), "energy_term": float(e_term), "force_term": float(f_term)}
+    parts = {"loss": float(loss.detach()), "energy_term": float(e_term.detach()),
+             "force_term": float(f_term.detach())}
+    return loss, parts

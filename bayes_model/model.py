@@ -165,6 +165,8 @@ class MVEPotential(nn.Module):
         self.cov_heads = nn.ModuleList(o3.Linear(hidden, "1x0e+1x2e") for _ in layers)
         q = CartesianTensor("ij=ji").reduced_tensor_products().change_of_basis  # (6, 3, 3)
         self.register_buffer("q", q)
+        # Start from E = Σ shifts (no learned offset to unlearn) with unit variances heads.
+        nn.init.zeros_(self.energy_head.weight)
         nn.init.zeros_(self.logvar_head.weight)
         nn.init.constant_(self.logvar_head.bias, 2 * math.log(config.sigma_energy0))
         self.log_force_var0 = 2 * math.log(config.sigma_force0)

@@ -1,0 +1,151 @@
+"""Model directories: member weights plus a manifest that validates them on load.
+
+Layout of a model directory::
+
+    manifest.json      format/version, method, model config, species, shifts, scale,
+                       neighbour normalisation, dtype, code versions, training summary, and
+                       for each member its file, sha256 and seed
+    member_0.pt ...    state dicts (tensors only; loaded with torch.load(weights_only=True))
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bayes_model.model import ModelConfig, MVEPotential
+
+__all__ = ["FORMAT_VERSION", "CheckpointError", "Manifest", "load_members", "save_members"]
+
+FORMAT = "bayesal-model"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+class CheckpointError(ValueError):
+    """A model directory is missing, corrupted or does not match this bayesal."""
+
+
+@dataclass
+class Manifest:
+    method: str
+    config: ModelConfig
+    species: list[int]
+    shifts: list[float]
+    scale: float
+    avg_neighbors: float
+    dtype: str
+    members: list[dict[str, Any]]
+    extra: dict[str, Any]
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    import e3nn
+
+    try:
+        bayesal = version("bayesal")
+    except PackageNotFoundError:
+        bayesal = "unknown"
+    return {"bayesal": bayesal, "torch": torch.__version__, "e3nn": e3nn.__version__}
+
+
+def save_members(directory: str | Path, models: list[MVEPotential], *, method: str = "ensemble",
+                 seeds: list[int] | None = None, member_info: list[dict] | None = None,
+                 extra: dict[str, Any] | None = None) -> Path:
+    """Write member weights and the manifest (atomically, manifest last)."""
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    first = models[0]
+    members = []
+    for k, model in enumerate(models):
+        if model.config != first.config or model.species != first.species:
+            raise CheckpointError("all members of a model directory must share config and species")
+        path = out / f"member_{k}.pt"
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(model.state_dict(), tmp)
+        os.replace(tmp, path)
+        members.append({"file": path.name, "sha256": _sha256(path),
+                        "seed": None if seeds is None else seeds[k],
+                        **((member_info or [{}] * len(models))[k])})
+    manifest = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "method": method,
+        "config": first.config.model_dump(mode="json"), "species": first.species,
+        "shifts": first.shifts.tolist(), "scale": float(first.scale),
+        "avg_neighbors": first.avg_neighbors,
+        "dtype": str(next(first.parameters()).dtype).removeprefix("torch."),
+        "versions": _versions(), "members": members, "extra": extra or {},
+    }
+    tmp = out / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2))
+    os.replace(tmp, out / MANIFEST)
+    return out
+
+
+def read_manifest(directory: str | Path) -> Manifest:
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        raise CheckpointError(f"{directory} is not a bayesal model directory (no {MANIFEST}); "
+                              "train one with `bayesal train`")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path} is corrupted ({exc})") from None
+    if data.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a bayesal model manifest")
+    if data.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path} has format version {data.get('format_version')}; this "
+                              f"bayesal reads version {FORMAT_VERSION}: retrain or upgrade")
+    try:
+        config = ModelConfig(**data["config"])
+    except Exception as exc:
+        raise CheckpointError(f"{path}: model config does not validate: {exc}") from None
+    return Manifest(method=data["method"], config=config, species=data["species"],
+                    shifts=data["shifts"], scale=data["scale"],
+                    avg_neighbors=data["avg_neighbors"], dtype=data["dtype"],
+                    members=data["members"], extra=data.get("extra", {}))
+
+
+def load_members(directory: str | Path) -> tuple[list[MVEPotential], Manifest]:
+    """Members of a model directory in eval mode; any mismatch raises CheckpointError."""
+    manifest = read_manifest(directory)
+    dtype = getattr(torch, manifest.dtype)
+    models = []
+    for member in manifest.members:
+        path = Path(directory) / member["file"]
+        if not path.is_file():
+            raise CheckpointError(f"{path} is missing (listed in the manifest)")
+        if _sha256(path) != member["sha256"]:
+            raise CheckpointError(f"{path} is corrupted: its sha256 does not match the "
+                                  "manifest; retrain or restore the file")
+        try:
+            state = torch.load(path, weights_only=True, map_location="cpu")
+        except Exception as exc:
+            raise CheckpointError(f"{path} cannot be read: {exc}") from None
+        model = MVEPotential(manifest.config, manifest.species, manifest.shifts,
+                             scale=manifest.scale, avg_neighbors=manifest.avg_neighbors).to(dtype)
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            first = str(exc).splitlines()[0]
+            raise CheckpointError(f"{path} does not match the model its manifest describes "
+                                  f"({first}...)") from None
+        models.append(model.eval())
+    if not models:
+        raise CheckpointError(f"{directory}: the manifest lists no members")
+    return models, manifest

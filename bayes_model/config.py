@@ -1,0 +1,40 @@
+"""YAML files with model and training settings, validated with readable errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from bayes_model.model import ModelConfig
+from bayes_model.train import TrainConfig
+
+__all__ = ["TrainingFile", "load_training_file"]
+
+
+class TrainingFile(BaseModel):
+    """``model:`` and ``train:`` sections of a model YAML file."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+
+def load_training_file(path: str | Path) -> TrainingFile:
+    """Parse and validate; errors name the file and the field path (e.g. model.l_max)."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ValueError(f"{path}: file not found") from None
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: not valid YAML ({exc})") from None
+    try:
+        return TrainingFile(**data)
+    except ValidationError as exc:
+        lines = [f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()]
+        raise ValueError(f"{path}: invalid settings:\n  " + "\n  ".join(lines)) from None
+    except TypeError:
+        raise ValueError(f"{path}: expected a mapping with model: and train: sections") from None

@@ -1,0 +1,186 @@
+"""Deep ensembles of mean-variance potentials: K members, different seeds and data order,
+trained by the same code, in parallel processes when cores allow."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from ase import Atoms
+
+from bayes_model.checkpoint import save_members
+from bayes_model.data import (
+    Graph,
+    atoms_to_graph,
+    energy_shifts_from_isolated,
+    energy_shifts_least_squares,
+    labels_of,
+)
+from bayes_model.model import ModelConfig, MVEPotential
+from bayes_model.train import TrainConfig, build_model, train_model
+
+__all__ = ["PreparedData", "member_summary", "prepare_data", "split_validation", "train_ensemble"]
+
+
+@dataclass
+class PreparedData:
+    species: list[int]
+    shifts: list[float]  # eV per species
+    train: list[Graph]
+    valid: list[Graph]
+
+
+def prepare_data(train: Sequence[Atoms], valid: Sequence[Atoms], config: ModelConfig, *,
+                 isolated_atoms: str | Path | None = None) -> PreparedData:
+    """Species, energy shifts and graphs; every structure must carry energy and forces."""
+    for name, images in (("training", train), ("validation", valid)):
+        for k, atoms in enumerate(images):
+            e, f = labels_of(atoms)
+            if e is None or f is None:
+                raise ValueError(f"{name} structure {k} has no energy/forces; training needs "
+                                 "labelled data")
+    species = sorted({int(z) for a in [*train, *valid] for z in a.numbers})
+    if isolated_atoms is not None:
+        shifts = energy_shifts_from_isolated(isolated_atoms, species)
+    else:
+        shifts = energy_shifts_least_squares(train, species)
+    graphs = [atoms_to_graph(a, species, config.cutoff) for a in [*train, *valid]]
+    return PreparedData(species, [float(s) for s in shifts], graphs[: len(train)],
+                        graphs[len(train):])
+
+
+def _member_job(k: int, data: PreparedData, model_config: ModelConfig, train_config: TrainConfig,
+                work_dir: str, resume: bool, threads: int | None, events=None):
+    if threads:
+        torch.set_num_threads(threads)
+    config = train_config.model_copy(update={"seed": train_config.seed + k})
+    model = build_model(model_config, data.species, data.shifts, data.train, seed=config.seed)
+    member_dir = Path(work_dir) / f"member_{k}"
+    member_dir.mkdir(parents=True, exist_ok=True)
+
+    def report(record: dict[str, float]) -> None:
+        if events is not None:
+            events.put((k, record))
+
+    result = train_model(model, data.train, data.valid, config, work_dir=member_dir,
+                         resume=resume, on_epoch=report)
+    info = {"best_epoch": result.best_epoch, "stopped": result.stopped,
+            "epochs": len(result.history),
+            **{f"valid_{m}": v for m, v in result.best_metrics.items()}}
+    return k, {n: t.detach().cpu() for n, t in result.model.state_dict().items()}, info
+
+
+def train_ensemble(
+    train: Sequence[Atoms],
+    valid: Sequence[Atoms],
+    out_dir: str | Path,
+    *,
+    members: int = 4,
+    model_config: ModelConfig | None = None,
+    train_config: TrainConfig | None = None,
+    isolated_atoms: str | Path | None = None,
+    processes: int | None = None,
+    resume: bool = False,
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+) -> Path:
+    """Train ``members`` models and write a model directory (see bayes_model.checkpoint).
+
+    Member k uses seed ``train_config.seed + k`` for its weights and data order. With
+    ``processes`` > 1 members train in parallel processes (spawned; each gets an equal share
+    of the cores); ``None`` picks min(members, cores). ``resume`` continues interrupted
+    members from their saved training state.
+    """
+    model_config = model_config or ModelConfig()
+    train_config = train_config or TrainConfig()
+    if members < 1:
+        raise ValueError(f"members must be >= 1, got {members}")
+    cores = os.cpu_count() or 1
+    procs = min(members, cores) if processes is None else max(1, min(processes, members))
+    threads = train_config.threads or max(1, cores // procs)
+    data = prepare_data(train, valid, model_config, isolated_atoms=isolated_atoms)
+    work = Path(out_dir) / "work"
+    results: dict[int, tuple[dict, dict]] = {}
+    if procs == 1:
+        for k in range(members):
+            _, state, info = _member_job(k, data, model_config, train_config, str(work), resume,
+                                         threads, _Direct(on_epoch))
+            results[k] = (state, info)
+    else:
+        ctx = mp.get_context("spawn")
+        with ctx.Manager() as manager:
+            events = manager.Queue()
+            stop = threading.Event()
+            pump = threading.Thread(target=_pump, args=(events, on_epoch, stop), daemon=True)
+            pump.start()
+            try:
+                with ProcessPoolExecutor(max_workers=procs, mp_context=ctx) as pool:
+                    futures = [pool.submit(_member_job, k, data, model_config, train_config,
+                                           str(work), resume, threads, events)
+                               for k in range(members)]
+                    for fut in futures:
+                        k, state, info = fut.result()
+                        results[k] = (state, info)
+            finally:
+                stop.set()
+                pump.join()
+    models = []
+    for k in range(members):
+        model = MVEPotential(model_config, data.species, data.shifts)
+        model = model.to(torch.float64 if train_config.float64 else torch.float32)
+        model.load_state_dict(results[k][0])
+        models.append(model)
+    extra = {"train_config": train_config.model_dump(mode="json"),
+             "n_train": len(train), "n_valid": len(valid),
+             "isolated_atoms": None if isolated_atoms is None else str(isolated_atoms)}
+    return save_members(out_dir, models, method="ensemble",
+                        seeds=[train_config.seed + k for k in range(members)],
+                        member_info=[results[k][1] for k in range(members)], extra=extra)
+
+
+class _Direct:
+    """Queue-like adapter that calls the progress callback in process."""
+
+    def __init__(self, callback) -> None:
+        self.callback = callback
+
+    def put(self, item) -> None:
+        if self.callback is not None:
+            self.callback(*item)
+
+
+def _pump(events, callback, stop: threading.Event) -> None:
+    while not stop.is_set() or not events.empty():
+        try:
+            k, record = events.get(timeout=0.2)
+        except (queue.Empty, EOFError, OSError):
+            continue
+        if callback is not None:
+            callback(k, record)
+
+
+def split_validation(images: Sequence[Atoms], fraction: float, seed: int = 0,
+                     ) -> tuple[list[Atoms], list[Atoms]]:
+    """Random train/validation split (at least one validation structure)."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"validation fraction must be in (0, 1), got {fraction}")
+    order = np.random.default_rng(seed).permutation(len(images))
+    n_valid = max(1, round(fraction * len(images)))
+    valid = [images[i] for i in sorted(order[:n_valid])]
+    train = [images[i] for i in sorted(order[n_valid:])]
+    return train, valid
+
+
+def member_summary(directory: str | Path) -> list[dict[str, Any]]:
+    """Per-member training summary from a model directory's manifest."""
+    from bayes_model.checkpoint import read_manifest
+
+    return read_manifest(directory).members

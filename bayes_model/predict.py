@@ -1,0 +1,87 @@
+"""The prediction contract shared by every posterior (ensemble, Laplace, SWAG, IVON).
+
+Per structure: energy mean and its epistemic and aleatoric variance (eV²). Per atom: force
+mean and its epistemic and aleatoric 3x3 covariance ((eV/Å)²). Batched, bounded memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from ase import Atoms
+
+from bayes_model.data import atoms_to_graph, batch_graphs, iter_batches
+from bayes_model.model import MVEPotential
+
+__all__ = ["Prediction", "combine_samples", "predict_members"]
+
+
+@dataclass
+class Prediction:
+    energy: np.ndarray  # (S,) eV
+    energy_var_epi: np.ndarray  # (S,) eV²
+    energy_var_ale: np.ndarray  # (S,) eV²
+    forces: np.ndarray  # (N, 3) eV/Å
+    forces_cov_epi: np.ndarray  # (N, 3, 3) (eV/Å)²
+    forces_cov_ale: np.ndarray  # (N, 3, 3) (eV/Å)²
+    n_atoms: np.ndarray  # (S,)
+
+    @property
+    def energy_std(self) -> np.ndarray:
+        """Total predictive std per structure, eV."""
+        return np.sqrt(self.energy_var_epi + self.energy_var_ale)
+
+    @property
+    def forces_std(self) -> np.ndarray:
+        """Total predictive std per atom and component (N, 3), eV/Å."""
+        total = self.forces_cov_epi + self.forces_cov_ale
+        return np.sqrt(np.diagonal(total, axis1=1, axis2=2))
+
+    def atom_slices(self) -> list[slice]:
+        ends = np.cumsum(self.n_atoms)
+        return [slice(int(e - n), int(e)) for e, n in zip(ends, self.n_atoms, strict=True)]
+
+    @staticmethod
+    def concatenate(parts: Sequence[Prediction]) -> Prediction:
+        return Prediction(*(np.concatenate([getattr(p, f) for p in parts])
+                            for f in Prediction.__dataclass_fields__))
+
+
+def combine_samples(energy: np.ndarray, energy_var: np.ndarray, forces: np.ndarray,
+                    forces_cov: np.ndarray, n_atoms: np.ndarray) -> Prediction:
+    """Moment-match K samples (members or weight draws): (K, S), (K, S), (K, N, 3), (K, N, 3, 3).
+
+    Epistemic = variance (covariance) of the sample means; aleatoric = mean of the sample
+    variances (covariances).
+    """
+    f_mean = forces.mean(0)
+    d = forces - f_mean
+    return Prediction(
+        energy=energy.mean(0), energy_var_epi=energy.var(0), energy_var_ale=energy_var.mean(0),
+        forces=f_mean, forces_cov_epi=np.einsum("kni,knj->nij", d, d) / forces.shape[0],
+        forces_cov_ale=forces_cov.mean(0), n_atoms=n_atoms)
+
+
+def predict_members(models: Sequence[MVEPotential], images: Sequence[Atoms], *,
+                    batch_size: int = 32, max_atoms: int = 4096) -> Prediction:
+    """Ensemble prediction (members as samples), batch by batch."""
+    first = models[0]
+    graphs = [atoms_to_graph(a, first.species, first.config.cutoff, with_labels=False)
+              for a in images]
+    dtype = next(first.parameters()).dtype
+    parts = []
+    for idx in iter_batches(graphs, batch_size=batch_size, max_atoms=max_atoms):
+        outs = []
+        for model in models:
+            batch = batch_graphs([graphs[i] for i in idx], dtype=dtype)
+            out = model(batch)
+            outs.append({k: v.detach().to(torch.float64).numpy() for k, v in out.items()
+                         if k != "features"})
+        stack = {k: np.stack([o[k] for o in outs]) for k in outs[0]}
+        parts.append(combine_samples(stack["energy"], stack["energy_var"], stack["forces"],
+                                     stack["forces_cov"],
+                                     np.array([graphs[i].n_atoms for i in idx])))
+    return Prediction.concatenate(parts)

@@ -1,0 +1,237 @@
+"""Training one mean-variance potential: Adam(amsgrad), plateau LR schedule, EMA of weights,
+validation every epoch, early stopping, a wall-time budget, best weights by validation force
+MAE, resumable, deterministic under a seed."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from bayes_model import _keys as K
+from bayes_model.data import Graph, batch_graphs, iter_batches
+from bayes_model.losses import LossKind, compute_loss, gaussian_nll_energy, gaussian_nll_forces
+from bayes_model.model import ModelConfig, MVEPotential
+
+__all__ = ["TrainConfig", "TrainResult", "build_model", "evaluate_graphs", "train_model"]
+
+STATE_FILE = "train_state.pt"
+
+
+class TrainConfig(BaseModel):
+    """How to train one model (an ensemble trains each member with its own seed)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    loss: LossKind = Field(LossKind.NLL_JEF, description="nll_jef, nll_e or mse.")
+    lambda_e: float = Field(1.0, ge=0, description="Weight of the energy term.")
+    lambda_f: float = Field(10.0, ge=0, description="Weight of the force term.")
+    warmup_epochs: int = Field(5, ge=0, description="Epochs of MSE before the NLL loss.")
+    lr: float = Field(5e-3, gt=0, description="Initial learning rate.")
+    lr_factor: float = Field(0.5, gt=0, lt=1, description="LR reduction on plateau.")
+    lr_patience: int = Field(8, ge=0, description="Epochs without improvement before a cut.")
+    min_lr: float = Field(1e-5, gt=0, description="Stop when the LR falls below this.")
+    batch_size: int = Field(8, ge=1, description="Structures per training batch.")
+    max_epochs: int = Field(1000, ge=1, description="Upper bound on epochs.")
+    max_minutes: float | None = Field(None, gt=0, description="Wall-time budget.")
+    patience: int = Field(40, ge=1, description="Early stopping: epochs without a better "
+                          "validation force MAE.")
+    ema_decay: float = Field(0.99, ge=0, lt=1, description="EMA of weights (0: off).")
+    weight_decay: float = Field(0.0, ge=0, description="L2 penalty (Adam weight_decay).")
+    seed: int = Field(0, description="Seeds initial weights and data order.")
+    float64: bool = Field(False, description="Train in double precision.")
+    threads: int | None = Field(None, ge=1, description="torch threads (None: torch default).")
+
+
+@dataclass
+class TrainResult:
+    model: MVEPotential  # best (EMA) weights, eval mode
+    best_epoch: int
+    best_metrics: dict[str, float]
+    history: list[dict[str, float]] = field(default_factory=list)
+    stopped: str = ""  # why training ended
+
+
+class EMA:
+    """Exponential moving average of a model's parameters (buffers are not averaged)."""
+
+    def __init__(self, model: torch.nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.shadow = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        for n, p in model.named_parameters():
+            self.shadow[n].mul_(self.decay).add_(p.detach(), alpha=1 - self.decay)
+
+    @contextlib.contextmanager
+    def applied(self, model: torch.nn.Module):
+        """Temporarily put the averaged weights into ``model``."""
+        saved = {n: p.detach().clone() for n, p in model.named_parameters()}
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.copy_(self.shadow[n])
+        try:
+            yield model
+        finally:
+            with torch.no_grad():
+                for n, p in model.named_parameters():
+                    p.copy_(saved[n])
+
+
+def evaluate_graphs(model: MVEPotential, graphs: Sequence[Graph], *, batch_size: int = 32,
+                    ) -> dict[str, float]:
+    """Energy/force MAE and Gaussian NLL of a model on labelled graphs."""
+    dtype = next(model.parameters()).dtype
+    e_err, f_err, e_nll, f_nll, n_atoms = [], [], [], [], []
+    model.eval()
+    for idx in iter_batches(graphs, batch_size=batch_size):
+        batch = batch_graphs([graphs[i] for i in idx], dtype=dtype)
+        out = model(batch)
+        e_err.append((out["energy"] - batch[K.ENERGY]).detach())
+        f_err.append((out["forces"] - batch[K.FORCES]).detach())
+        e_nll.append(gaussian_nll_energy(out["energy"], out["energy_var"],
+                                         batch[K.ENERGY]).detach())
+        f_nll.append(gaussian_nll_forces(out["forces"], out["forces_cov"],
+                                         batch[K.FORCES]).detach())
+        n_atoms.append(batch[K.N_ATOMS])
+    e, f = torch.cat(e_err), torch.cat(f_err)
+    n = torch.cat(n_atoms).to(e.dtype)
+    return {
+        "energy_mae": float(e.abs().mean()), "energy_mae_per_atom": float((e.abs() / n).mean()),
+        "force_mae": float(f.abs().mean()), "force_rmse": float(f.pow(2).mean().sqrt()),
+        "nll": float(0.5 * torch.cat(e_nll).mean() + 0.5 * torch.cat(f_nll).mean()),
+    }
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def train_model(
+    model: MVEPotential,
+    train: Sequence[Graph],
+    valid: Sequence[Graph],
+    config: TrainConfig,
+    *,
+    work_dir: str | Path | None = None,
+    resume: bool = False,
+    on_epoch: Callable[[dict[str, float]], None] | None = None,
+) -> TrainResult:
+    """Train ``model`` (already initialised) on labelled graphs.
+
+    With ``work_dir`` the full training state is written there after every epoch
+    (atomically), and ``resume=True`` continues from it. ``on_epoch`` receives a dict with
+    epoch, lr, train loss and validation metrics after every epoch.
+    """
+    if not train or not valid:
+        raise ValueError("training needs at least one training and one validation structure")
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    dtype = torch.float64 if config.float64 else torch.float32
+    model = model.to(dtype)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, amsgrad=True,
+                                 weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer, mode="min", factor=config.lr_factor, patience=config.lr_patience)
+    ema = EMA(model, config.ema_decay) if config.ema_decay > 0 else None
+    generator = torch.Generator().manual_seed(config.seed)
+    state = {"epoch": 0, "best": math.inf, "best_epoch": -1, "best_state": None,
+             "best_metrics": {}, "history": [], "elapsed": 0.0}
+    path = Path(work_dir) / STATE_FILE if work_dir is not None else None
+    if resume and path is not None and path.exists():
+        saved = torch.load(path, weights_only=True)
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        if ema is not None and saved.get("ema") is not None:
+            ema.shadow = saved["ema"]
+        generator.set_state(saved["generator"])
+        state.update({k: saved[k] for k in state})
+    start = time.perf_counter() - state["elapsed"]
+    stopped = "max_epochs"
+    epoch_seconds = 0.0
+    while state["epoch"] < config.max_epochs:
+        elapsed = time.perf_counter() - start
+        if config.max_minutes is not None and elapsed + epoch_seconds > 60 * config.max_minutes:
+            stopped = "time budget"
+            break
+        t_epoch = time.perf_counter()
+        epoch = state["epoch"]
+        kind = LossKind.MSE if epoch < config.warmup_epochs else config.loss
+        model.train()
+        order = torch.randperm(len(train), generator=generator).tolist()
+        losses, skipped = [], 0
+        for idx in iter_batches(train, batch_size=config.batch_size, order=order):
+            batch = batch_graphs([train[i] for i in idx], dtype=dtype)
+            out = model(batch, training=True)
+            loss, _ = compute_loss(out, batch, kind, lambda_e=config.lambda_e,
+                                   lambda_f=config.lambda_f)
+            if not torch.isfinite(loss):
+                skipped += 1  # a bad batch must not poison the weights
+                optimizer.zero_grad(set_to_none=True)
+                continue
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if ema is not None:
+                ema.update(model)
+            losses.append(loss.item())
+        with ema.applied(model) if ema is not None else contextlib.nullcontext(model):
+            metrics = evaluate_graphs(model, valid)
+            best_candidate = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        scheduler.step(metrics["force_mae"])
+        lr = optimizer.param_groups[0]["lr"]
+        record = {"epoch": epoch, "lr": lr, "loss": float(np.mean(losses)) if losses else math.nan,
+                  "loss_kind": kind.value, "skipped_batches": skipped,
+                  **{f"valid_{k}": v for k, v in metrics.items()}}
+        state["history"].append(record)
+        if metrics["force_mae"] < state["best"]:
+            state.update(best=metrics["force_mae"], best_epoch=epoch, best_metrics=metrics,
+                         best_state=best_candidate)
+        state["epoch"] = epoch + 1
+        epoch_seconds = time.perf_counter() - t_epoch
+        state["elapsed"] = time.perf_counter() - start
+        if path is not None:
+            _atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                          "scheduler": scheduler.state_dict(),
+                          "ema": ema.shadow if ema is not None else None,
+                          "generator": generator.get_state(), **state}, path)
+        if on_epoch is not None:
+            on_epoch(record)
+        if epoch - state["best_epoch"] >= config.patience:
+            stopped = "early stopping"
+            break
+        if lr < config.min_lr:
+            stopped = "learning rate below min_lr"
+            break
+    best = model
+    if state["best_state"] is not None:
+        model.load_state_dict(state["best_state"])
+    best.eval()
+    return TrainResult(model=best, best_epoch=state["best_epoch"],
+                       best_metrics=state["best_metrics"], history=state["history"],
+                       stopped=stopped)
+
+
+def build_model(config: ModelConfig, species: list[int], shifts: Sequence[float],
+                graphs: Sequence[Graph], *, seed: int = 0) -> MVEPotential:
+    """A freshly initialised model with data-derived scale and neighbour normalisation."""
+    torch.manual_seed(seed)
+    forces = np.concatenate([g.forces for g in graphs if g.forces is not None])
+    scale = float(np.sqrt(np.mean(forces**2))) or 1.0
+    n_edges = sum(g.edge_index.shape[1] for g in graphs)
+    avg = max(n_edges / max(sum(g.n_atoms for g in graphs), 1), 1.0)
+    return MVEPotential(config, list(species), list(map(float, shifts)), scale=scale,
+                        avg_neighbors=avg)

@@ -1,0 +1,88 @@
+"""`bayesal train / predict / evaluate` as users run them."""
+
+from __future__ import annotations
+
+import json
+
+import ase.io
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from flows.cli import app
+
+runner = CliRunner()
+
+CONFIG = """
+model: {channels: 8, n_layers: 2, radial_hidden: 16}
+train: {max_epochs: 2, warmup_epochs: 1, batch_size: 8}
+"""
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, shared_data):
+    root = tmp_path_factory.mktemp("model")
+    data = root / "train.xyz"
+    ase.io.write(data, ase.io.read(shared_data / "ethanol" / "train.xyz", ":40"),
+                 format="extxyz")
+    cfg = root / "model.yaml"
+    cfg.write_text(CONFIG)
+    res = runner.invoke(app, ["train", "--train", str(data), "--out", str(root / "m"),
+                              "--members", "2", "--config", str(cfg), "--processes", "1",
+                              "--isolated-atoms", str(shared_data / "ethanol" /
+                                                      "isolated_atoms.xyz")],
+                        catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    return root
+
+
+def test_train_writes_a_loadable_model(trained):
+    manifest = json.loads((trained / "m" / "manifest.json").read_text())
+    assert manifest["method"] == "ensemble" and len(manifest["members"]) == 2
+    assert manifest["config"]["channels"] == 8 and manifest["species"] == [1, 6, 8]
+    assert [m["seed"] for m in manifest["members"]] == [0, 1]
+    assert manifest["extra"]["n_valid"] == 2  # 5 % of 40
+
+
+def test_predict_and_evaluate(trained, shared_data, tmp_path):
+    test = shared_data / "ethanol" / "test_MD.xyz"
+    small = tmp_path / "test.xyz"
+    ase.io.write(small, ase.io.read(test, ":10"), format="extxyz")
+    out = tmp_path / "pred.xyz"
+    res = runner.invoke(app, ["predict", "--model", str(trained / "m"), "--input", str(small),
+                              "--output", str(out)], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    pred = ase.io.read(out, ":")
+    assert len(pred) == 10
+    a = pred[0]
+    assert a.info["pred_energy_std"] ** 2 == pytest.approx(
+        a.info["pred_energy_std_epi"] ** 2 + a.info["pred_energy_std_ale"] ** 2, rel=1e-6)
+    assert a.arrays["pred_forces"].shape == (9, 3) and (a.arrays["pred_forces_std"] > 0).all()
+
+    res = runner.invoke(app, ["evaluate", "--model", str(trained / "m"), "--test", str(small),
+                              "--json", str(tmp_path / "m.json")], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    metrics = json.loads((tmp_path / "m.json").read_text())[str(small)]
+    ref = ase.io.read(small, ":")
+    mae = np.mean([np.abs(p.arrays["pred_forces"] - r.get_forces()).mean()
+                   for p, r in zip(pred, ref, strict=True)])
+    assert metrics["force_mae"] == pytest.approx(mae, rel=1e-6)
+    assert {"energy_nll", "force_nll", "force_spearman", "energy_mae_per_atom"} <= set(metrics)
+
+
+def test_bad_config_and_unlabelled_data_are_clear_errors(tmp_path, shared_data):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("model: {l_max: 7, chanels: 3}\n")
+    data = tmp_path / "t.xyz"
+    ase.io.write(data, ase.io.read(shared_data / "ethanol" / "train.xyz", ":4"), format="extxyz")
+    res = runner.invoke(app, ["train", "--train", str(data), "--out", str(tmp_path / "m"),
+                              "--config", str(cfg)])
+    assert res.exit_code == 1
+    assert "model.l_max" in res.output and "model.chanels" in res.output
+    bare = tmp_path / "bare.xyz"
+    ase.io.write(bare, [a.copy() for a in ase.io.read(data, ":")], format="extxyz")
+    res = runner.invoke(app, ["train", "--train", str(bare), "--out", str(tmp_path / "m")])
+    assert res.exit_code == 1 and "bare.xyz, frame 0, field 'energy'" in res.output
+    res = runner.invoke(app, ["predict", "--model", str(tmp_path / "nope"), "--input",
+                              str(data), "--output", str(tmp_path / "o.xyz")])
+    assert res.exit_code == 1 and "not a bayesal model directory" in res.output

@@ -1,0 +1,139 @@
+"""Training, checkpoints, ensembles and the ASE calculator."""
+
+from __future__ import annotations
+
+import json
+
+import ase.io
+import numpy as np
+import pytest
+import torch
+from ase import units
+from ase.build import molecule
+from ase.md.velocitydistribution import thermalize_momenta
+from ase.md.verlet import VelocityVerlet
+
+from bayes_model.calculator import BayesalCalculator
+from bayes_model.checkpoint import CheckpointError, load_members, save_members
+from bayes_model.ensemble import prepare_data
+from bayes_model.model import ModelConfig
+from bayes_model.posterior import EnsemblePosterior, load_posterior
+from bayes_model.predict import predict_members
+from bayes_model.train import TrainConfig, build_model, train_model
+
+SMALL = ModelConfig(channels=8, n_layers=2, radial_hidden=16)
+
+
+@pytest.fixture(scope="module")
+def ethanol(shared_data):
+    return ase.io.read(shared_data / "ethanol" / "train.xyz", ":240")
+
+
+def small_model(data, seed=0):
+    return build_model(SMALL, data.species, data.shifts, data.train, seed=seed)
+
+
+@pytest.mark.slow
+def test_training_beats_the_zero_force_baseline(ethanol):
+    cfg = ModelConfig(channels=16, n_layers=2, radial_hidden=32)
+    data = prepare_data(ethanol[:200], ethanol[200:], cfg)
+    zero = np.mean(np.abs(np.concatenate([g.forces for g in data.valid])))
+    model = build_model(cfg, data.species, data.shifts, data.train)
+    result = train_model(model, data.train, data.valid,
+                         TrainConfig(max_epochs=12, warmup_epochs=2, lr=1e-2, batch_size=8))
+    ratio = result.best_metrics["force_mae"] / zero
+    assert ratio < 0.35, f"validation force MAE / zero-force baseline = {ratio:.2f}"
+
+
+def test_training_is_deterministic_and_resumes_exactly(ethanol, tmp_path):
+    data = prepare_data(ethanol[:40], ethanol[40:48], SMALL)
+    cfg = TrainConfig(max_epochs=4, warmup_epochs=1, float64=True, seed=3)
+
+    straight = train_model(small_model(data), data.train, data.valid, cfg)
+    again = train_model(small_model(data), data.train, data.valid, cfg)
+    for (k, a), b in zip(straight.model.state_dict().items(), again.model.state_dict().values(),
+                         strict=True):
+        assert torch.equal(a, b), k
+
+    first = train_model(small_model(data), data.train, data.valid,
+                        cfg.model_copy(update={"max_epochs": 2}), work_dir=tmp_path)
+    assert len(first.history) == 2
+    resumed = train_model(small_model(data, seed=99), data.train, data.valid, cfg,
+                          work_dir=tmp_path, resume=True)
+    assert [h["epoch"] for h in resumed.history] == [0, 1, 2, 3]
+    for (k, a), b in zip(straight.model.state_dict().items(),
+                         resumed.model.state_dict().values(), strict=True):
+        assert torch.allclose(a, b, atol=1e-12), k
+
+
+def test_checkpoint_round_trip_and_bad_checkpoints(ethanol, tmp_path):
+    data = prepare_data(ethanol[:20], ethanol[20:24], SMALL)
+    models = [small_model(data, seed=s).eval() for s in (0, 1)]
+    save_members(tmp_path, models, seeds=[0, 1])
+    _, manifest = load_members(tmp_path)
+    assert manifest.method == "ensemble" and manifest.species == [1, 6, 8]
+    a = predict_members(models, ethanol[30:33])
+    b = load_posterior(tmp_path).predict(ethanol[30:33])
+    for field in ("energy", "energy_var_epi", "energy_var_ale", "forces", "forces_cov_epi"):
+        np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
+
+    blob = (tmp_path / "member_1.pt").read_bytes()
+    (tmp_path / "member_1.pt").write_bytes(blob[:-10] + b"0123456789")
+    with pytest.raises(CheckpointError, match=r"member_1\.pt is corrupted"):
+        load_members(tmp_path)
+    (tmp_path / "member_1.pt").write_bytes(blob)
+
+    manifest_path = tmp_path / "manifest.json"
+    text = manifest_path.read_text()
+    changed = json.loads(text)
+    changed["config"]["channels"] = 12
+    manifest_path.write_text(json.dumps(changed))
+    with pytest.raises(CheckpointError, match="does not match the model its manifest describes"):
+        load_members(tmp_path)
+    changed["format_version"] = 99
+    manifest_path.write_text(json.dumps(changed))
+    with pytest.raises(CheckpointError, match="format version 99"):
+        load_members(tmp_path)
+    manifest_path.unlink()
+    with pytest.raises(CheckpointError, match="not a bayesal model directory"):
+        load_posterior(tmp_path)
+
+
+def test_identical_members_have_zero_epistemic_variance(ethanol):
+    data = prepare_data(ethanol[:20], ethanol[20:24], SMALL)
+    model = small_model(data).eval()
+    same = EnsemblePosterior([model, model, model]).predict(ethanol[30:34])
+    assert np.abs(same.energy_var_epi).max() == 0
+    assert np.abs(same.forces_cov_epi).max() == 0
+    assert (same.energy_var_ale > 0).all()
+    other = small_model(data, seed=5).eval()
+    with torch.no_grad():
+        other.energy_head.weight.normal_(0, 0.1)  # heads start at zero: make them differ
+    different = EnsemblePosterior([model, other]).predict(ethanol[30:34])
+    assert (different.energy_var_epi > 0).all() and (different.forces_cov_epi != 0).any()
+
+
+def test_calculator_drives_energy_conserving_md(ethanol):
+    data = prepare_data(ethanol[:20], ethanol[20:24], SMALL)
+    torch.manual_seed(0)
+    model = small_model(data).double().eval()
+    with torch.no_grad():
+        model.energy_head.weight.normal_(0, 0.3)  # a non-trivial potential energy surface
+    calc = BayesalCalculator(posterior=EnsemblePosterior([model]))
+    atoms = molecule("CH3CH2OH")
+    atoms.calc = calc
+    p = EnsemblePosterior([model]).predict([atoms])
+    assert atoms.get_potential_energy() == pytest.approx(p.energy[0])
+    np.testing.assert_allclose(atoms.get_forces(), p.forces)
+    assert calc.results["forces_std"].shape == (9, 3) and calc.results["energy_std"] > 0
+    assert calc.results["energy_std_epistemic"] == 0.0  # one member: no epistemic part
+
+    thermalize_momenta(atoms, temperature_K=300, rng=np.random.default_rng(0))
+    dyn = VelocityVerlet(atoms, timestep=0.25 * units.fs)
+    e0 = atoms.get_total_energy()
+    energies = []
+    for _ in range(40):
+        dyn.run(5)
+        energies.append(atoms.get_total_energy())
+    assert np.abs(atoms.get_forces()).max() > 0.05  # it moved on a real surface
+    assert max(abs(e - e0) for e in energies) < 2e-3
