@@ -36,7 +36,7 @@ class TrainConfig(BaseModel):
     lambda_e: float = Field(1.0, ge=0, description="Weight of the energy term.")
     lambda_f: float = Field(10.0, ge=0, description="Weight of the force term.")
     warmup_epochs: int = Field(5, ge=0, description="Epochs of MSE before the NLL loss.")
-    lr: float = Field(5e-3, gt=0, description="Initial learning rate.")
+    lr: float = Field(1e-2, gt=0, description="Initial learning rate.")
     lr_factor: float = Field(0.5, gt=0, lt=1, description="LR reduction on plateau.")
     lr_patience: int = Field(8, ge=0, description="Epochs without improvement before a cut.")
     min_lr: float = Field(1e-5, gt=0, description="Stop when the LR falls below this.")
