@@ -21,7 +21,8 @@ import torch
 
 from bayes_model.model import ModelConfig, MVEPotential
 
-__all__ = ["FORMAT_VERSION", "CheckpointError", "Manifest", "load_members", "save_members"]
+__all__ = ["FORMAT_VERSION", "CheckpointError", "Manifest", "load_members", "load_state_file",
+           "save_members", "save_state_file"]
 
 FORMAT = "bayesal-model"
 FORMAT_VERSION = 1
@@ -43,6 +44,7 @@ class Manifest:
     dtype: str
     members: list[dict[str, Any]]
     extra: dict[str, Any]
+    posterior: dict[str, Any] | None = None  # {"file", "sha256", ...} for laplace/swag/ivon
 
 
 def _sha256(path: Path) -> str:
@@ -67,8 +69,10 @@ def _versions() -> dict[str, str]:
 
 def save_members(directory: str | Path, models: list[MVEPotential], *, method: str = "ensemble",
                  seeds: list[int] | None = None, member_info: list[dict] | None = None,
-                 extra: dict[str, Any] | None = None) -> Path:
-    """Write member weights and the manifest (atomically, manifest last)."""
+                 extra: dict[str, Any] | None = None,
+                 posterior: dict[str, Any] | None = None) -> Path:
+    """Write member weights and the manifest (atomically, manifest last). ``posterior`` is
+    the entry of a posterior state file (see :func:`save_state_file`), written before."""
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     first = models[0]
@@ -90,6 +94,7 @@ def save_members(directory: str | Path, models: list[MVEPotential], *, method: s
         "avg_neighbors": first.avg_neighbors,
         "dtype": str(next(first.parameters()).dtype).removeprefix("torch."),
         "versions": _versions(), "members": members, "extra": extra or {},
+        "posterior": posterior,
     }
     tmp = out / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=2))
@@ -118,7 +123,35 @@ def read_manifest(directory: str | Path) -> Manifest:
     return Manifest(method=data["method"], config=config, species=data["species"],
                     shifts=data["shifts"], scale=data["scale"],
                     avg_neighbors=data["avg_neighbors"], dtype=data["dtype"],
-                    members=data["members"], extra=data.get("extra", {}))
+                    members=data["members"], extra=data.get("extra", {}),
+                    posterior=data.get("posterior"))
+
+
+def save_state_file(directory: str | Path, name: str, state: dict[str, Any]) -> dict[str, str]:
+    """Write a posterior state (tensors and plain values) atomically; returns the manifest
+    entry {file, sha256} that validates it on load."""
+    path = Path(directory) / name
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+    return {"file": name, "sha256": _sha256(path)}
+
+
+def load_state_file(directory: str | Path, entry: dict[str, Any] | None) -> dict[str, Any]:
+    """Read a posterior state listed in the manifest, checking its sha256."""
+    if not entry:
+        raise CheckpointError(f"{directory}: the manifest names no posterior state file; "
+                              "retrain the model")
+    path = Path(directory) / entry["file"]
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing (listed in the manifest)")
+    if _sha256(path) != entry["sha256"]:
+        raise CheckpointError(f"{path} is corrupted: its sha256 does not match the manifest; "
+                              "refit the posterior or restore the file")
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as exc:
+        raise CheckpointError(f"{path} cannot be read: {exc}") from None
 
 
 def load_members(directory: str | Path) -> tuple[list[MVEPotential], Manifest]:

@@ -7,19 +7,33 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from bayes_model.laplace import LaplaceConfig
 from bayes_model.model import ModelConfig
+from bayes_model.sampling import IVONConfig, SWAGConfig
 from bayes_model.train import TrainConfig
 
-__all__ = ["TrainingFile", "load_training_file"]
+__all__ = ["PosteriorSettings", "TrainingFile", "load_training_file"]
+
+
+class PosteriorSettings(BaseModel):
+    """``posterior:`` section: settings of each posterior method."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    laplace: LaplaceConfig = Field(default_factory=LaplaceConfig)
+    swag: SWAGConfig = Field(default_factory=SWAGConfig)
+    ivon: IVONConfig = Field(default_factory=IVONConfig)
+    isotonic: bool = Field(False, description="Also fit isotonic recalibration on validation.")
 
 
 class TrainingFile(BaseModel):
-    """``model:`` and ``train:`` sections of a model YAML file."""
+    """``model:``, ``train:`` and ``posterior:`` sections of a model YAML file."""
 
     model_config = ConfigDict(extra="forbid")
 
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    posterior: PosteriorSettings = Field(default_factory=PosteriorSettings)
 
 
 def load_training_file(path: str | Path) -> TrainingFile:
@@ -37,4 +51,5 @@ def load_training_file(path: str | Path) -> TrainingFile:
         lines = [f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()]
         raise ValueError(f"{path}: invalid settings:\n  " + "\n  ".join(lines)) from None
     except TypeError:
-        raise ValueError(f"{path}: expected a mapping with model: and train: sections") from None
+        raise ValueError(f"{path}: expected a mapping with model:, train: and posterior: "
+                         "sections") from None

@@ -31,7 +31,9 @@ def gaussian_nll_energy(pred: torch.Tensor, var: torch.Tensor, target: torch.Ten
 
 def gaussian_nll_forces(pred: torch.Tensor, cov: torch.Tensor, target: torch.Tensor):
     """Per-atom Δfᵀ Σ⁻¹ Δf + log det Σ, through a Cholesky factor of Σ."""
-    chol = torch.linalg.cholesky(cov)
+    chol, info = torch.linalg.cholesky_ex(cov)
+    if bool((info != 0).any()):  # non-finite or indefinite: a NaN loss, skipped by training
+        return torch.full(cov.shape[:-2], torch.nan, dtype=cov.dtype, device=cov.device)
     diff = (target - pred).unsqueeze(-1)
     z = torch.linalg.solve_triangular(chol, diff, upper=False)
     maha = (z**2).sum(dim=(-2, -1))

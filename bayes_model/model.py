@@ -197,9 +197,10 @@ class MVEPotential(nn.Module):
         return torch.cat(scalars, dim=1), cov
 
     def forward(self, data: dict[str, torch.Tensor], *, forces: bool = True,
-                training: bool = False) -> dict[str, torch.Tensor]:
-        """Energies (S,) eV, energy variances (S,) eV², forces (N, 3) eV/Å and force
-        covariances (N, 3, 3) (eV/Å)². ``training`` keeps the graph for double backward."""
+                training: bool = False, retain_graph: bool = False) -> dict[str, torch.Tensor]:
+        """Energies (S,) eV, energy variances (S,) eV², forces (N, 3) eV/Å, force
+        covariances (N, 3, 3) (eV/Å)² and per-atom features φ. ``training`` keeps the graph
+        for double backward; ``retain_graph`` keeps it for more gradients of φ (Laplace)."""
         pos = data[K.POSITIONS]
         if forces and not pos.requires_grad:
             pos.requires_grad_(True)
@@ -219,6 +220,7 @@ class MVEPotential(nn.Module):
         out = {"energy": energy, "energy_var": energy_var, "forces_cov": cov,
                "features": phi}
         if forces:
-            (grad,) = torch.autograd.grad(energy.sum(), pos, create_graph=training)
+            (grad,) = torch.autograd.grad(energy.sum(), pos, create_graph=training,
+                                          retain_graph=training or retain_graph)
             out["forces"] = -grad
         return out

@@ -1,22 +1,47 @@
-"""One factory for Bayesian posteriors; each delivers the prediction contract."""
+"""One factory for Bayesian posteriors; each delivers the prediction contract.
+
+Methods: ``ensemble`` (deep ensemble, DE-MVE), ``laplace`` (last-layer Laplace), ``swag`` and
+``ivon`` (sampled weights). The last three start from one trained mean-variance model. A
+model directory's manifest names its method and the posterior state file (sha256-checked);
+``calibration.json`` holds the variance scales fitted on validation data.
+"""
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from ase import Atoms
 
-from bayes_model.checkpoint import CheckpointError, Manifest, load_members, read_manifest
+from bayes_model.calibration import Recalibration, fit_recalibration
+from bayes_model.checkpoint import (
+    CheckpointError,
+    Manifest,
+    load_members,
+    load_state_file,
+    read_manifest,
+    save_members,
+    save_state_file,
+)
+from bayes_model.config import TrainingFile
+from bayes_model.data import atoms_to_graph
+from bayes_model.ensemble import train_ensemble
+from bayes_model.laplace import LastLayerLaplace
 from bayes_model.model import MVEPotential
 from bayes_model.predict import Prediction, predict_members
+from bayes_model.sampling import SampledPosterior, collect_swag, load_flat, train_ivon
 
-__all__ = ["EnsemblePosterior", "Method", "load_posterior"]
+__all__ = ["EnsemblePosterior", "Method", "Posterior", "fit_posterior", "load_posterior",
+           "train_posterior"]
 
 
 class Method(enum.StrEnum):
     ENSEMBLE = "ensemble"
+    LAPLACE = "laplace"
+    SWAG = "swag"
+    IVON = "ivon"
 
 
 class EnsemblePosterior:
@@ -46,10 +71,138 @@ class EnsemblePosterior:
         return predict_members(self.models, images, batch_size=batch_size, max_atoms=max_atoms)
 
 
-def load_posterior(directory: str | Path) -> EnsemblePosterior:
-    """The posterior stored in a model directory (its manifest says which method)."""
+Posterior = EnsemblePosterior | LastLayerLaplace | SampledPosterior
+
+
+def load_posterior(directory: str | Path, *, samples: int | None = None,
+                   seed: int = 0) -> Posterior:
+    """The posterior stored in a model directory (its manifest says which method).
+
+    The returned object has ``predict(images) -> Prediction`` (raw variances),
+    ``manifest`` and ``recalibration`` (None when none was fitted). ``samples`` overrides
+    the number of weight samples of SWAG/IVON.
+    """
     manifest = read_manifest(directory)
-    if manifest.method == Method.ENSEMBLE:
-        return EnsemblePosterior.load(directory)
-    raise CheckpointError(f"{directory}: posterior method {manifest.method!r} is not supported "
-                          f"by this bayesal (known: {', '.join(Method)})")
+    try:
+        method = Method(manifest.method)
+    except ValueError:
+        raise CheckpointError(f"{directory}: posterior method {manifest.method!r} is not "
+                              f"supported by this bayesal (known: {', '.join(Method)})") from None
+    posterior: Any
+    if method is Method.ENSEMBLE:
+        posterior = EnsemblePosterior.load(directory)
+    else:
+        models, _ = load_members(directory)
+        state = load_state_file(directory, manifest.posterior)
+        try:
+            if method is Method.LAPLACE:
+                posterior = LastLayerLaplace.from_state(models[0], state)
+            else:
+                posterior = SampledPosterior(
+                    method.value, models[0], state, seed=seed,
+                    samples=samples or int(manifest.posterior.get("samples", 8)))
+        except (KeyError, ValueError) as exc:
+            raise CheckpointError(f"{directory}: {method} posterior state does not match the "
+                                  f"model ({exc}); refit it") from None
+    posterior.manifest = manifest
+    posterior.recalibration = Recalibration.load(directory)
+    return posterior
+
+
+def train_posterior(
+    method: Method | str,
+    train: Sequence[Atoms],
+    valid: Sequence[Atoms],
+    out_dir: str | Path,
+    *,
+    settings: TrainingFile | None = None,
+    members: int = 4,
+    isolated_atoms: str | Path | None = None,
+    processes: int | None = None,
+    resume: bool = False,
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+    on_posterior: Callable[[dict[str, float]], None] | None = None,
+    recalibrate: bool = True,
+) -> Path:
+    """Train a model directory for ``method``.
+
+    ensemble: ``members`` models. laplace/swag/ivon: one model (the MAP, trained like an
+    ensemble member), then the posterior: Laplace fit on the training set, SWAG collection
+    or IVON training continued from it (``on_posterior`` gets their per-epoch records).
+    With ``recalibrate`` variance scales are fitted on ``valid`` (calibration.json).
+    """
+    method = Method(method)
+    settings = settings or TrainingFile()
+    out = Path(out_dir)
+    train_ensemble(train, valid, out, members=members if method is Method.ENSEMBLE else 1,
+                   model_config=settings.model, train_config=settings.train,
+                   isolated_atoms=isolated_atoms, processes=processes, resume=resume,
+                   on_epoch=on_epoch)
+    if method is not Method.ENSEMBLE:
+        fit_posterior(method, out, train, valid, out, settings=settings,
+                      on_posterior=on_posterior, recalibrate=False)
+    if recalibrate:
+        _recalibrate(out, valid, settings)
+    return out
+
+
+def fit_posterior(
+    method: Method | str,
+    map_dir: str | Path,
+    train: Sequence[Atoms],
+    valid: Sequence[Atoms],
+    out_dir: str | Path,
+    *,
+    settings: TrainingFile | None = None,
+    on_posterior: Callable[[dict[str, float]], None] | None = None,
+    recalibrate: bool = True,
+) -> Path:
+    """A laplace/swag/ivon model directory from a trained single-model directory
+    (``map_dir``, e.g. ``bayesal train --members 1``); ``out_dir`` may equal ``map_dir``."""
+    method = Method(method)
+    if method is Method.ENSEMBLE:
+        raise ValueError("an ensemble is trained, not fitted: use train_posterior")
+    settings = settings or TrainingFile()
+    models, manifest = load_members(map_dir)
+    if len(models) != 1:
+        raise ValueError(f"{map_dir} holds {len(models)} models; {method} starts from one "
+                         "trained model (train with --members 1)")
+    model = models[0]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    train_g = [atoms_to_graph(a, model.species, model.config.cutoff) for a in train]
+    valid_g = [atoms_to_graph(a, model.species, model.config.cutoff) for a in valid]
+    cfg = settings.posterior
+    entry_extra: dict[str, Any] = {}
+    if method is Method.LAPLACE:
+        laplace = LastLayerLaplace.fit(model, train_g, config=cfg.laplace, valid=valid_g)
+        state = laplace.state()
+        entry_extra["prior_precision"] = laplace.prior_precision
+    elif method is Method.SWAG:
+        collector = collect_swag(model, train_g, settings.train, cfg.swag,
+                                 on_epoch=on_posterior, valid=valid_g)
+        state = collector.state(cfg.swag.diagonal)
+        load_flat(model, collector.mean)  # the member file holds the SWA mean
+        entry_extra.update(samples=cfg.swag.samples, snapshots=collector.n)
+    else:
+        model, state = train_ivon(model, train_g, valid_g, settings.train, cfg.ivon,
+                                  on_epoch=on_posterior)
+        entry_extra["samples"] = cfg.ivon.samples
+    entry = {**save_state_file(out, f"{method.value}.pt", state), **entry_extra}
+    extra = {**manifest.extra,
+             "posterior_config": getattr(cfg, method.value).model_dump(mode="json")}
+    save_members(out, [model.eval()], method=method.value,
+                 seeds=[m.get("seed") for m in manifest.members],
+                 member_info=[{k: v for k, v in m.items() if k not in ("file", "sha256", "seed")}
+                              for m in manifest.members],
+                 extra=extra, posterior=entry)
+    if recalibrate:
+        _recalibrate(out, valid, settings)
+    return out
+
+
+def _recalibrate(out: Path, valid: Sequence[Atoms], settings: TrainingFile) -> None:
+    posterior = load_posterior(out)
+    recal = fit_recalibration(posterior.predict(valid), valid,
+                              isotonic=settings.posterior.isotonic)
+    recal.save(out)

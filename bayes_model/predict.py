@@ -13,10 +13,11 @@ import numpy as np
 import torch
 from ase import Atoms
 
+from bayes_model import _keys as K
 from bayes_model.data import atoms_to_graph, batch_graphs, iter_batches
 from bayes_model.model import MVEPotential
 
-__all__ = ["Prediction", "combine_samples", "predict_members"]
+__all__ = ["Prediction", "combine_samples", "predict_members", "structure_features"]
 
 
 @dataclass
@@ -28,6 +29,11 @@ class Prediction:
     forces_cov_epi: np.ndarray  # (N, 3, 3) (eV/Å)²
     forces_cov_ale: np.ndarray  # (N, 3, 3) (eV/Å)²
     n_atoms: np.ndarray  # (S,)
+    # Per-structure last-layer features (S, D) for batch-diverse selection: Σ_i φ_i averaged
+    # over samples, or for Laplace J_E L (Σ = L Lᵀ) whose dot products are posterior
+    # covariances of the energies.
+    features: np.ndarray | None = None
+    features_metric: bool = False  # True: dot products of ``features`` are covariances
 
     @property
     def energy_std(self) -> np.ndarray:
@@ -46,12 +52,18 @@ class Prediction:
 
     @staticmethod
     def concatenate(parts: Sequence[Prediction]) -> Prediction:
-        return Prediction(*(np.concatenate([getattr(p, f) for p in parts])
-                            for f in Prediction.__dataclass_fields__))
+        arrays = {f: np.concatenate([getattr(p, f) for p in parts])
+                  for f in Prediction.__dataclass_fields__
+                  if f not in ("features", "features_metric")}
+        with_features = all(p.features is not None for p in parts)
+        return Prediction(**arrays, features=np.concatenate([p.features for p in parts])
+                          if with_features else None,
+                          features_metric=parts[0].features_metric)
 
 
 def combine_samples(energy: np.ndarray, energy_var: np.ndarray, forces: np.ndarray,
-                    forces_cov: np.ndarray, n_atoms: np.ndarray) -> Prediction:
+                    forces_cov: np.ndarray, n_atoms: np.ndarray,
+                    features: np.ndarray | None = None) -> Prediction:
     """Moment-match K samples (members or weight draws): (K, S), (K, S), (K, N, 3), (K, N, 3, 3).
 
     Epistemic = variance (covariance) of the sample means; aleatoric = mean of the sample
@@ -62,7 +74,15 @@ def combine_samples(energy: np.ndarray, energy_var: np.ndarray, forces: np.ndarr
     return Prediction(
         energy=energy.mean(0), energy_var_epi=energy.var(0), energy_var_ale=energy_var.mean(0),
         forces=f_mean, forces_cov_epi=np.einsum("kni,knj->nij", d, d) / forces.shape[0],
-        forces_cov_ale=forces_cov.mean(0), n_atoms=n_atoms)
+        forces_cov_ale=forces_cov.mean(0), n_atoms=n_atoms,
+        features=None if features is None else features.mean(0))
+
+
+def structure_features(phi: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Σ_i φ_i per structure (S, D): the energy's Jacobian w.r.t. the last layer / scale."""
+    n_struct = int(batch[K.N_ATOMS].shape[0])
+    return torch.zeros(n_struct, phi.shape[1], dtype=phi.dtype, device=phi.device).index_add(
+        0, batch[K.BATCH], phi)
 
 
 def predict_members(models: Sequence[MVEPotential], images: Sequence[Atoms], *,
@@ -78,10 +98,11 @@ def predict_members(models: Sequence[MVEPotential], images: Sequence[Atoms], *,
         for model in models:
             batch = batch_graphs([graphs[i] for i in idx], dtype=dtype)
             out = model(batch)
-            outs.append({k: v.detach().to(torch.float64).numpy() for k, v in out.items()
-                         if k != "features"})
+            out["features"] = structure_features(out["features"], batch)
+            outs.append({k: v.detach().to(torch.float64).numpy() for k, v in out.items()})
         stack = {k: np.stack([o[k] for o in outs]) for k in outs[0]}
         parts.append(combine_samples(stack["energy"], stack["energy_var"], stack["forces"],
                                      stack["forces_cov"],
-                                     np.array([graphs[i].n_atoms for i in idx])))
+                                     np.array([graphs[i].n_atoms for i in idx]),
+                                     features=stack["features"]))
     return Prediction.concatenate(parts)

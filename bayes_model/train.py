@@ -22,7 +22,8 @@ from bayes_model.data import Graph, batch_graphs, iter_batches
 from bayes_model.losses import LossKind, compute_loss, gaussian_nll_energy, gaussian_nll_forces
 from bayes_model.model import ModelConfig, MVEPotential
 
-__all__ = ["TrainConfig", "TrainResult", "build_model", "evaluate_graphs", "train_model"]
+__all__ = ["TrainConfig", "TrainResult", "build_model", "evaluate_graphs", "train_epoch",
+           "train_model"]
 
 STATE_FILE = "train_state.pt"
 
@@ -128,12 +129,18 @@ def train_model(
     work_dir: str | Path | None = None,
     resume: bool = False,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    sample_context: Callable[[], contextlib.AbstractContextManager] | None = None,
+    keep_best: bool = True,
 ) -> TrainResult:
     """Train ``model`` (already initialised) on labelled graphs.
 
     With ``work_dir`` the full training state is written there after every epoch
     (atomically), and ``resume=True`` continues from it. ``on_epoch`` receives a dict with
-    epoch, lr, train loss and validation metrics after every epoch.
+    epoch, lr, train loss and validation metrics after every epoch. ``optimizer`` replaces
+    Adam (built on the model's parameters, model already in the training dtype) and
+    ``sample_context`` wraps every forward/backward pass (IVON's weight sampling);
+    ``keep_best=False`` returns the final weights instead of the best ones.
     """
     if not train or not valid:
         raise ValueError("training needs at least one training and one validation structure")
@@ -141,8 +148,9 @@ def train_model(
         torch.set_num_threads(config.threads)
     dtype = torch.float64 if config.float64 else torch.float32
     model = model.to(dtype)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, amsgrad=True,
-                                 weight_decay=config.weight_decay)
+    if optimizer is None:
+        optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, amsgrad=True,
+                                     weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, mode="min", factor=config.lr_factor, patience=config.lr_patience)
     ema = EMA(model, config.ema_decay) if config.ema_decay > 0 else None
@@ -170,24 +178,9 @@ def train_model(
         t_epoch = time.perf_counter()
         epoch = state["epoch"]
         kind = LossKind.MSE if epoch < config.warmup_epochs else config.loss
-        model.train()
-        order = torch.randperm(len(train), generator=generator).tolist()
-        losses, skipped = [], 0
-        for idx in iter_batches(train, batch_size=config.batch_size, order=order):
-            batch = batch_graphs([train[i] for i in idx], dtype=dtype)
-            out = model(batch, training=True)
-            loss, _ = compute_loss(out, batch, kind, lambda_e=config.lambda_e,
-                                   lambda_f=config.lambda_f)
-            if not torch.isfinite(loss):
-                skipped += 1  # a bad batch must not poison the weights
-                optimizer.zero_grad(set_to_none=True)
-                continue
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if ema is not None:
-                ema.update(model)
-            losses.append(loss.item())
+        losses, skipped = train_epoch(model, train, optimizer, config, kind=kind,
+                                      generator=generator, ema=ema,
+                                      sample_context=sample_context)
         with ema.applied(model) if ema is not None else contextlib.nullcontext(model):
             metrics = evaluate_graphs(model, valid)
             best_candidate = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -217,12 +210,46 @@ def train_model(
             stopped = "learning rate below min_lr"
             break
     best = model
-    if state["best_state"] is not None:
+    if keep_best and state["best_state"] is not None:
         model.load_state_dict(state["best_state"])
     best.eval()
     return TrainResult(model=best, best_epoch=state["best_epoch"],
                        best_metrics=state["best_metrics"], history=state["history"],
                        stopped=stopped)
+
+
+def train_epoch(model: MVEPotential, train: Sequence[Graph], optimizer: torch.optim.Optimizer,
+                config: TrainConfig, *, kind: LossKind, generator: torch.Generator,
+                ema: EMA | None = None,
+                sample_context: Callable[[], contextlib.AbstractContextManager] | None = None,
+                lr_at: Callable[[float], float] | None = None) -> tuple[list[float], int]:
+    """One pass over ``train`` in a random order; returns batch losses and the number of
+    skipped (non-finite) batches. ``lr_at(fraction of the epoch)`` sets the learning rate
+    per step (cyclic schedules)."""
+    dtype = next(model.parameters()).dtype
+    model.train()
+    order = torch.randperm(len(train), generator=generator).tolist()
+    batches = list(iter_batches(train, batch_size=config.batch_size, order=order))
+    losses, skipped = [], 0
+    for step, idx in enumerate(batches):
+        if lr_at is not None:
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step / len(batches))
+        batch = batch_graphs([train[i] for i in idx], dtype=dtype)
+        with sample_context() if sample_context is not None else contextlib.nullcontext():
+            out = model(batch, training=True)
+            loss, _ = compute_loss(out, batch, kind, lambda_e=config.lambda_e,
+                                   lambda_f=config.lambda_f)
+            optimizer.zero_grad(set_to_none=True)
+            if not torch.isfinite(loss):
+                skipped += 1  # a bad batch must not poison the weights
+                continue
+            loss.backward()
+        optimizer.step()
+        if ema is not None:
+            ema.update(model)
+        losses.append(loss.item())
+    return losses, skipped
 
 
 def build_model(config: ModelConfig, species: list[int], shifts: Sequence[float],

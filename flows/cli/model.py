@@ -40,8 +40,10 @@ def train(
     valid: Annotated[list[Path] | None, typer.Option(help="Labelled validation data.")] = None,
     valid_fraction: Annotated[float, typer.Option(
         help="Share of --train held out for validation when --valid is not given.")] = 0.05,
-    method: Annotated[str, typer.Option(help="Posterior method: ensemble.")] = "ensemble",
-    members: Annotated[int, typer.Option(help="Ensemble members.")] = 4,
+    method: Annotated[str, typer.Option(
+        help="Posterior: ensemble, laplace (last layer), swag or ivon (one model + posterior)."
+    )] = "ensemble",
+    members: Annotated[int, typer.Option(help="Ensemble members (method ensemble).")] = 4,
     max_minutes: Annotated[float | None, typer.Option(
         help="Wall-time budget of the whole command; members running in parallel share it.")
     ] = None,
@@ -57,16 +59,21 @@ def train(
     resume: Annotated[bool, typer.Option("--resume", help="Continue interrupted training in "
                                          "OUT/work.")] = False,
 ) -> None:
-    """Train a Bayesian potential (deep ensemble of mean-variance e3nn models)."""
+    """Train a Bayesian potential (ensemble, Laplace, SWAG or IVON).
+
+    A deep ensemble of mean-variance e3nn models, or one model with a last-layer Laplace,
+    SWAG or IVON posterior. Variance scales are fitted on the validation data
+    (OUT/calibration.json)."""
     import os
 
     from bayes_model.config import TrainingFile, load_training_file
-    from bayes_model.ensemble import split_validation, train_ensemble
+    from bayes_model.ensemble import split_validation
+    from bayes_model.posterior import Method, train_posterior
 
     with user_errors():
-        if method != "ensemble":
-            raise ValueError(f"--method {method!r}: this bayesal trains 'ensemble' (Laplace, "
-                             "SWAG and IVON come with the posteriors release)")
+        method = _method(method)
+        if method != Method.ENSEMBLE:
+            members = 1
         settings = load_training_file(config) if config else TrainingFile()
         train_cfg = settings.train
         updates = {}
@@ -77,14 +84,16 @@ def train(
             waves = -(-members // procs)
             updates["max_minutes"] = max_minutes / waves
         train_cfg = train_cfg.model_copy(update=updates)
+        settings = settings.model_copy(update={"train": train_cfg})
         images = _read_labelled(train_files)
         if valid:
             train_images, valid_images = images, _read_labelled(valid)
         else:
             train_images, valid_images = split_validation(images, valid_fraction,
                                                           seed=train_cfg.seed)
-        console.print(f"training {members} members on {len(train_images)} structures "
-                      f"(validation {len(valid_images)}), {procs} at a time")
+        console.print(f"training {method} ({members} model{'s' * (members > 1)}) on "
+                      f"{len(train_images)} structures (validation {len(valid_images)}), "
+                      f"{procs} at a time")
         columns = [TextColumn("member {task.fields[k]}"), BarColumn(),
                    TextColumn("epoch {task.completed:.0f}"),
                    TextColumn("loss {task.fields[loss]}"),
@@ -99,10 +108,20 @@ def train(
                                 loss=f"{record['loss']:.3g}",
                                 fmae=f"{record['valid_force_mae']:.4f}")
 
-            train_ensemble(train_images, valid_images, out, members=members,
-                           model_config=settings.model, train_config=train_cfg,
-                           isolated_atoms=isolated_atoms, processes=procs, resume=resume,
-                           on_epoch=on_epoch)
+            post_task = None
+
+            def on_posterior(record: dict) -> None:
+                nonlocal post_task
+                if post_task is None:
+                    post_task = progress.add_task("", total=None, k=f"{method}", loss="-",
+                                                  fmae="-")
+                progress.update(post_task, completed=record["epoch"] + 1,
+                                loss=f"{record['loss']:.3g}",
+                                fmae=f"{record.get('valid_force_mae', float('nan')):.4f}")
+
+            train_posterior(method, train_images, valid_images, out, settings=settings,
+                            members=members, isolated_atoms=isolated_atoms, processes=procs,
+                            resume=resume, on_epoch=on_epoch, on_posterior=on_posterior)
         from bayes_model.checkpoint import read_manifest
 
         table = Table(title=f"model {out}")
@@ -114,6 +133,37 @@ def train(
                           f"{m['valid_energy_mae']:.4f}", f"{m['valid_force_mae']:.4f}",
                           m["stopped"])
         console.print(table)
+        _print_calibration(out)
+
+
+def _method(value: str | None, model_dir: Path | None = None):
+    """Validate ``--method``; with ``model_dir`` it must match the trained model."""
+    from bayes_model.posterior import Method
+
+    if value is None:
+        return None
+    try:
+        method = Method(value)
+    except ValueError:
+        raise ValueError(f"--method {value!r} is not known; choose one of "
+                         f"{', '.join(Method)}") from None
+    if model_dir is not None:
+        from bayes_model.checkpoint import read_manifest
+
+        trained = read_manifest(model_dir).method
+        if trained != method:
+            raise ValueError(f"--method {method}: {model_dir} holds a {trained} model; drop "
+                             f"--method or retrain with --method {method}")
+    return method
+
+
+def _print_calibration(model_dir: Path) -> None:
+    from bayes_model.calibration import Recalibration
+
+    recal = Recalibration.load(model_dir)
+    if recal is not None:
+        console.print(f"variance scales from validation: energy x{recal.energy_scale:.3g}, "
+                      f"forces x{recal.force_scale:.3g} (stored in {model_dir}/calibration.json)")
 
 
 @app.command("predict")
@@ -123,12 +173,17 @@ def predict(
                                         "ASE-readable file).")],
     output: Annotated[Path, typer.Option(help="extxyz with predictions and uncertainties.")],
     batch_size: Annotated[int, typer.Option(help="Structures per batch.")] = 32,
+    method: Annotated[str | None, typer.Option(
+        help="Expected posterior method (checked against the model).")] = None,
+    recalibrated: Annotated[bool, typer.Option(
+        help="Apply the model's validation variance scales.")] = True,
 ) -> None:
     """Predict energies, forces and their uncertainties.
 
     Writes info keys pred_energy, pred_energy_std (total), pred_energy_std_epi,
     pred_energy_std_ale (eV) and arrays pred_forces, pred_forces_std, pred_forces_std_epi,
-    pred_forces_std_ale (eV/Å, per component).
+    pred_forces_std_ale (eV/Å, per component). Standard deviations are recalibrated with
+    the model's calibration.json unless --no-recalibrated.
     """
     import ase.io
     import numpy as np
@@ -137,9 +192,12 @@ def predict(
     from db.export import format_extxyz
 
     with user_errors():
+        _method(method, model)
         posterior = load_posterior(model)
         images = ase.io.read(input, ":")
         pred = posterior.predict(images, batch_size=batch_size)
+        if recalibrated and posterior.recalibration is not None:
+            pred = posterior.recalibration.apply(pred)
         epi = np.sqrt(np.diagonal(pred.forces_cov_epi, axis1=1, axis2=2))
         ale = np.sqrt(np.diagonal(pred.forces_cov_ale, axis1=1, axis2=2))
         output.parent.mkdir(parents=True, exist_ok=True)
@@ -165,25 +223,75 @@ def evaluate(
     test: Annotated[list[Path], typer.Option(help="Labelled test files (repeatable).")],
     json_out: Annotated[Path | None, typer.Option("--json", help="Write metrics as JSON.")
                         ] = None,
+    ood: Annotated[list[Path] | None, typer.Option(
+        help="Out-of-distribution structures: AUROC of telling them from each test file by "
+             "epistemic uncertainty.")] = None,
+    plots: Annotated[Path | None, typer.Option(
+        help="Write reliability diagrams and error-vs-σ plots (PNG) here.")] = None,
+    recalibrate_on: Annotated[Path | None, typer.Option(
+        help="Refit the variance scales on these labelled structures and store them with "
+             "the model.")] = None,
+    isotonic: Annotated[bool, typer.Option(
+        help="With --recalibrate-on: also fit isotonic recalibration.")] = False,
+    method: Annotated[str | None, typer.Option(
+        help="Expected posterior method (checked against the model).")] = None,
 ) -> None:
-    """Accuracy (energy total/per atom, forces), NLL and Spearman ρ(|error|, σ) per test file."""
+    """Accuracy, NLL, calibration and OOD detection per test file.
+
+    Energy (total/per atom) and force MAE/RMSE, NLL, Spearman ρ(|error|, σ), miscalibration
+    area, ENCE and 68/95 % coverage (before and after recalibration), and with --ood the
+    AUROC of separating OOD structures by epistemic uncertainty."""
+    import ase.io
+
+    from bayes_model.calibration import (
+        calibration_metrics,
+        fit_recalibration,
+        ood_auroc,
+        plot_calibration,
+    )
     from bayes_model.metrics import accuracy_metrics
     from bayes_model.posterior import load_posterior
 
     with user_errors():
+        _method(method, model)
         posterior = load_posterior(model)
+        if recalibrate_on is not None:
+            images = _read_labelled([recalibrate_on])
+            recal = fit_recalibration(posterior.predict(images), images, isotonic=isotonic)
+            recal.save(model)
+            posterior.recalibration = recal
+            console.print(f"recalibrated on {recalibrate_on}: energy variance x"
+                          f"{recal.energy_scale:.3g}, force variance x{recal.force_scale:.3g}")
+        recal = posterior.recalibration
+        ood_preds = {}
+        for path in ood or []:
+            ood_preds[str(path)] = posterior.predict(ase.io.read(path, ":"))
         results = {}
         for path in test:
             images = _read_labelled([path])
-            results[str(path)] = accuracy_metrics(posterior.predict(images), images)
-        table = Table(title=f"evaluation of {model}")
-        keys = ["energy_mae", "energy_mae_per_atom", "energy_rmse", "force_mae", "force_rmse",
-                "energy_nll", "force_nll", "energy_spearman", "force_spearman"]
+            pred = posterior.predict(images)
+            metrics = accuracy_metrics(pred, images)
+            metrics.update(calibration_metrics(pred, images, recalibration=recal))
+            if recal is not None:
+                for k, v in accuracy_metrics(recal.apply(pred), images).items():
+                    if "nll" in k:
+                        metrics[f"{k}_recal"] = v
+            for name, ood_pred in ood_preds.items():
+                for k, v in ood_auroc(pred, ood_pred).items():
+                    metrics[k if len(ood_preds) == 1 else f"{k}:{Path(name).name}"] = v
+            if plots is not None:
+                for png in plot_calibration(pred, images, plots, Path(path).stem,
+                                            recalibration=recal):
+                    console.print(f"plot: {png}")
+            results[str(path)] = metrics
+        units = {"energy_mae": "eV", "energy_mae_per_atom": "eV", "energy_rmse": "eV",
+                 "force_mae": "eV/Å", "force_rmse": "eV/Å"}
+        keys = list(dict.fromkeys(k for r in results.values() for k in r
+                                  if k not in ("n_structures", "n_atoms")))
+        table = Table(title=f"evaluation of {model} ({posterior.manifest.method})")
         table.add_column("metric")
         for path in results:
             table.add_column(Path(path).name, justify="right")
-        units = {"energy_mae": "eV", "energy_mae_per_atom": "eV", "energy_rmse": "eV",
-                 "force_mae": "eV/Å", "force_rmse": "eV/Å"}
         for key in keys:
             table.add_row(f"{key} {units.get(key, '')}".strip(),
                           *(f"{r.get(key, float('nan')):.4g}" for r in results.values()))

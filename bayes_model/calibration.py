@@ -1,0 +1,251 @@
+"""Calibration, recalibration and out-of-distribution metrics of uncertainties.
+
+All calibration metrics start from probability integral transform (PIT) values
+u = Φ((y − μ)/σ) of each energy and each force component (marginal Gaussian with the total
+predictive variance). For a calibrated model u is uniform:
+
+* miscalibration area: ∫₀¹ |P̂(u ≤ p) − p| dp (0 = calibrated, 0.5 = worst);
+* coverage of the central 68 / 95 % intervals: P̂((1−α)/2 ≤ u ≤ (1+α)/2);
+* ENCE (Levi et al. 2022): structures/components sorted by σ into equal-count bins,
+  mean_b |RMV_b − RMSE_b| / RMV_b;
+* Spearman ρ between |error| and σ, Gaussian NLL (in metrics.accuracy_metrics);
+* OOD AUROC: probability that an out-of-distribution structure gets a larger epistemic
+  uncertainty than an in-distribution one (Mann-Whitney U / (n₁n₂)).
+
+Recalibration (fitted on validation data, stored with the model as ``calibration.json``): one
+variance scale for energies and one for forces, s² = mean(z²) (maximum likelihood of a
+scaled Gaussian); optionally isotonic recalibration of the PIT values (Kuleshov et al. 2018:
+the empirical CDF of validation PIT values, a monotone map applied to new PIT values).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+from ase import Atoms
+from scipy.special import ndtr
+from scipy.stats import rankdata
+
+from bayes_model.metrics import reference_labels
+from bayes_model.predict import Prediction
+
+__all__ = ["Recalibration", "auroc", "calibration_metrics", "coverage", "ence",
+           "fit_recalibration", "miscalibration_area", "ood_auroc", "plot_calibration"]
+
+CALIBRATION_FILE = "calibration.json"
+_GRID = np.linspace(0.0, 1.0, 101)
+
+
+def miscalibration_area(pit: np.ndarray) -> float:
+    """∫ |P̂(u ≤ p) − p| dp over p in [0, 1] (trapezoid on 101 points)."""
+    u = np.sort(np.asarray(pit, dtype=float).ravel())
+    observed = np.searchsorted(u, _GRID, side="right") / len(u)
+    return float(np.trapezoid(np.abs(observed - _GRID), _GRID))
+
+
+def coverage(pit: np.ndarray, level: float) -> float:
+    """Fraction of PIT values inside the central ``level`` interval."""
+    u = np.asarray(pit, dtype=float).ravel()
+    lo, hi = (1 - level) / 2, (1 + level) / 2
+    return float(np.mean((u >= lo) & (u <= hi)))
+
+
+def ence(errors: np.ndarray, std: np.ndarray, bins: int = 10) -> float:
+    """Expected normalised calibration error over equal-count bins of σ."""
+    err, sd = np.asarray(errors, float).ravel(), np.asarray(std, float).ravel()
+    order = np.argsort(sd, kind="stable")
+    values = []
+    for part in np.array_split(order, min(bins, len(order))):
+        rmv = math.sqrt(np.mean(sd[part] ** 2))
+        rmse = math.sqrt(np.mean(err[part] ** 2))
+        values.append(abs(rmv - rmse) / rmv)
+    return float(np.mean(values))
+
+
+def auroc(negatives: np.ndarray, positives: np.ndarray) -> float:
+    """Area under the ROC curve for separating ``positives`` (higher scores) from
+    ``negatives``; ties count one half."""
+    neg, pos = np.asarray(negatives, float).ravel(), np.asarray(positives, float).ravel()
+    if len(neg) == 0 or len(pos) == 0:
+        raise ValueError("AUROC needs at least one in-distribution and one OOD structure")
+    ranks = rankdata(np.concatenate([neg, pos]))
+    u = ranks[len(neg):].sum() - len(pos) * (len(pos) + 1) / 2
+    return float(u / (len(neg) * len(pos)))
+
+
+@dataclass
+class Recalibration:
+    """Variance scales (multiply both epistemic and aleatoric variances) and optional
+    isotonic maps of PIT values (knots x -> y, monotone)."""
+
+    energy_scale: float = 1.0
+    force_scale: float = 1.0
+    energy_isotonic: list[list[float]] | None = None  # [x knots, y knots]
+    force_isotonic: list[list[float]] | None = None
+    fitted_on: dict = field(default_factory=dict)
+
+    def apply(self, pred: Prediction) -> Prediction:
+        """The prediction with scaled variances (means unchanged)."""
+        return replace(pred, energy_var_epi=pred.energy_var_epi * self.energy_scale,
+                       energy_var_ale=pred.energy_var_ale * self.energy_scale,
+                       forces_cov_epi=pred.forces_cov_epi * self.force_scale,
+                       forces_cov_ale=pred.forces_cov_ale * self.force_scale)
+
+    def save(self, directory: str | Path) -> Path:
+        path = Path(directory) / CALIBRATION_FILE
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self.__dict__, indent=2))
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, directory: str | Path) -> Recalibration | None:
+        path = Path(directory) / CALIBRATION_FILE
+        if not path.is_file():
+            return None
+        try:
+            return cls(**json.loads(path.read_text()))
+        except (json.JSONDecodeError, TypeError) as exc:
+            raise ValueError(f"{path} is corrupted ({exc}); delete it or refit with "
+                             "`bayesal evaluate --recalibrate-on FILE`") from None
+
+
+def _pit(pred: Prediction, images: Sequence[Atoms]):
+    """Errors, σ and PIT values of energies (S,) and force components (3N,)."""
+    e_ref, f_ref = reference_labels(images)
+    e_err = e_ref - pred.energy
+    e_std = np.sqrt(pred.energy_var_epi + pred.energy_var_ale)
+    f_err = (f_ref - pred.forces).ravel()
+    f_std = np.sqrt(np.diagonal(pred.forces_cov_epi + pred.forces_cov_ale, axis1=1,
+                                axis2=2)).ravel()
+    return e_err, e_std, ndtr(e_err / e_std), f_err, f_std, ndtr(f_err / f_std)
+
+
+def _isotonic_map(pit: np.ndarray, knots: int = 200) -> list[list[float]]:
+    """Empirical CDF of PIT values as monotone knots (x, y), anchored at (0,0) and (1,1)."""
+    u = np.sort(np.asarray(pit, float).ravel())
+    q = np.linspace(0, 1, min(knots, len(u)) + 2)[1:-1]
+    x = np.quantile(u, q)
+    x, idx = np.unique(x, return_index=True)
+    y = q[idx]
+    return [[0.0, *x.tolist(), 1.0], [0.0, *y.tolist(), 1.0]]
+
+
+def _apply_isotonic(pit: np.ndarray, mapping: list[list[float]] | None) -> np.ndarray:
+    return pit if mapping is None else np.interp(pit, mapping[0], mapping[1])
+
+
+def fit_recalibration(pred: Prediction, images: Sequence[Atoms], *,
+                      isotonic: bool = False) -> Recalibration:
+    """Variance scales s² = mean(z²) for energies and force components (and isotonic maps
+    of the rescaled PIT values if asked) from labelled validation structures."""
+    e_err, e_std, _, f_err, f_std, _ = _pit(pred, images)
+    e_scale = float(np.mean((e_err / e_std) ** 2))
+    f_scale = float(np.mean((f_err / f_std) ** 2))
+    recal = Recalibration(energy_scale=e_scale, force_scale=f_scale,
+                          fitted_on={"structures": len(e_err), "force_components": len(f_err)})
+    if isotonic:
+        _, _, e_pit, _, _, f_pit = _pit(recal.apply(pred), images)
+        recal.energy_isotonic = _isotonic_map(e_pit)
+        recal.force_isotonic = _isotonic_map(f_pit)
+    return recal
+
+
+def calibration_metrics(pred: Prediction, images: Sequence[Atoms], *,
+                        recalibration: Recalibration | None = None) -> dict[str, float]:
+    """Miscalibration area, ENCE and 68/95 % coverage of energies and forces; with
+    ``recalibration`` the same after it (keys suffixed ``_recal``)."""
+    out: dict[str, float] = {}
+    variants = [("", pred, None, None)]
+    if recalibration is not None:
+        variants.append(("_recal", recalibration.apply(pred), recalibration.energy_isotonic,
+                         recalibration.force_isotonic))
+    for suffix, p, e_map, f_map in variants:
+        e_err, e_std, e_pit, f_err, f_std, f_pit = _pit(p, images)
+        for name, err, std, pit, mapping in (("energy", e_err, e_std, e_pit, e_map),
+                                             ("force", f_err, f_std, f_pit, f_map)):
+            pit = _apply_isotonic(pit, mapping)
+            out[f"{name}_miscal_area{suffix}"] = miscalibration_area(pit)
+            out[f"{name}_ence{suffix}"] = ence(err, std)
+            out[f"{name}_coverage68{suffix}"] = coverage(pit, 0.6827)
+            out[f"{name}_coverage95{suffix}"] = coverage(pit, 0.9545)
+    return out
+
+
+def epistemic_per_structure(pred: Prediction) -> tuple[np.ndarray, np.ndarray]:
+    """Per structure: epistemic energy std per atom (eV) and mean per-atom epistemic force
+    std sqrt(tr Σ_epi,i) (eV/Å): the uncertainty scores used for OOD detection."""
+    e = np.sqrt(np.clip(pred.energy_var_epi, 0, None)) / pred.n_atoms
+    f_atom = np.sqrt(np.clip(np.trace(pred.forces_cov_epi, axis1=1, axis2=2), 0, None))
+    idx = np.repeat(np.arange(len(pred.n_atoms)), pred.n_atoms)
+    f = np.bincount(idx, weights=f_atom, minlength=len(pred.n_atoms)) / pred.n_atoms
+    return e, f
+
+
+def ood_auroc(pred_in: Prediction, pred_ood: Prediction) -> dict[str, float]:
+    """AUROC of separating in-distribution from OOD structures by epistemic uncertainty."""
+    e_in, f_in = epistemic_per_structure(pred_in)
+    e_ood, f_ood = epistemic_per_structure(pred_ood)
+    return {"ood_auroc_energy": auroc(e_in, e_ood), "ood_auroc_force": auroc(f_in, f_ood)}
+
+
+def plot_calibration(pred: Prediction, images: Sequence[Atoms], out_dir: str | Path, name: str,
+                     *, recalibration: Recalibration | None = None) -> list[Path]:
+    """Reliability diagram and binned error-vs-σ plot (PNG) for energies and forces."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    raw = _pit(pred, images)
+    cal = _pit(recalibration.apply(pred), images) if recalibration is not None else None
+    paths = []
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4.2))
+    for ax, (label, i_pit, mapping_key) in zip(
+            axes, (("energy", 2, "energy_isotonic"), ("force", 5, "force_isotonic")),
+            strict=True):
+        for tag, data, mapping in (("raw", raw, None), ("recalibrated", cal, None if cal is None
+                                   else getattr(recalibration, mapping_key))):
+            if data is None:
+                continue
+            pit = np.sort(_apply_isotonic(data[i_pit], mapping))
+            observed = np.searchsorted(pit, _GRID, side="right") / len(pit)
+            ax.plot(_GRID, observed, label=f"{tag} (area {miscalibration_area(pit):.3f})")
+        ax.plot([0, 1], [0, 1], "k--", lw=0.8, label="calibrated")
+        ax.set(xlabel="expected quantile", ylabel="observed fraction", title=label)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"reliability: {name}")
+    fig.tight_layout()
+    paths.append(out / f"{name}_reliability.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4.2))
+    for ax, (label, unit, i_err, i_std) in zip(
+            axes, (("energy", "eV", 0, 1), ("force component", "eV/Å", 3, 4)), strict=True):
+        err, std = np.abs(raw[i_err]), raw[i_std]
+        order = np.argsort(std)
+        bins = np.array_split(order, min(15, len(order)))
+        rmv = [math.sqrt(np.mean(std[b] ** 2)) for b in bins]
+        rmse = [math.sqrt(np.mean(err[b] ** 2)) for b in bins]
+        ax.scatter(std[:: max(1, len(std) // 3000)], err[:: max(1, len(std) // 3000)], s=2,
+                   alpha=0.3, color="grey", label="samples")
+        ax.plot(rmv, rmse, "o-", label="binned RMSE vs RMV")
+        lim = max(max(rmv), max(rmse))
+        ax.plot([0, lim], [0, lim], "k--", lw=0.8)
+        ax.set(xlabel=f"predicted σ ({unit})", ylabel=f"|error| ({unit})", title=label,
+               xscale="log", yscale="log")
+        ax.legend(fontsize=8)
+    fig.suptitle(f"error vs σ: {name}")
+    fig.tight_layout()
+    paths.append(out / f"{name}_error_vs_sigma.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+    return paths

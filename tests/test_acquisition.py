@@ -1,0 +1,169 @@
+"""BALD over energies and forces, baselines, batch selection and streaming scoring."""
+
+from __future__ import annotations
+
+import ase.io
+import numpy as np
+import pytest
+import torch
+
+from bayes_model.acquisition import (
+    bald_energy,
+    bald_forces_per_atom,
+    greedy_max_det,
+    score,
+    select,
+)
+from bayes_model.ensemble import prepare_data
+from bayes_model.model import ModelConfig
+from bayes_model.posterior import EnsemblePosterior
+from bayes_model.predict import Prediction, combine_samples
+from bayes_model.scoring import iter_scores, score_pool
+from bayes_model.train import build_model
+
+
+def spd(rng, n=3):
+    a = rng.normal(size=(n, n))
+    return a @ a.T + 0.1 * np.eye(n)
+
+
+def hand_prediction(rng, n_atoms=(2, 3), epi_zero=False):
+    n = sum(n_atoms)
+    s = len(n_atoms)
+    cov_ale = np.stack([spd(rng) for _ in range(n)])
+    cov_epi = np.zeros((n, 3, 3)) if epi_zero else np.stack([spd(rng) for _ in range(n)])
+    return Prediction(energy=rng.normal(size=s),
+                      energy_var_epi=np.zeros(s) if epi_zero else rng.uniform(0.1, 2, s),
+                      energy_var_ale=rng.uniform(0.1, 2, s), forces=rng.normal(size=(n, 3)),
+                      forces_cov_epi=cov_epi, forces_cov_ale=cov_ale,
+                      n_atoms=np.array(n_atoms))
+
+
+def test_bald_formulas_by_hand():
+    assert bald_energy(np.array([3.0]), np.array([1.0]))[0] == pytest.approx(0.5 * np.log(4))
+    ale = np.diag([1.0, 2.0, 4.0])[None]
+    epi = np.array([[[1.0, 0.5, 0.0], [0.5, 2.0, 0.0], [0.0, 0.0, 4.0]]])
+    # ½ log det(I + Σ_ale⁻¹ Σ_epi) from the eigenvalues of Σ_ale⁻¹ Σ_epi
+    lam = np.linalg.eigvals(np.linalg.inv(ale[0]) @ epi[0]).real
+    expected = 0.5 * np.sum(np.log1p(lam))
+    assert bald_forces_per_atom(epi, ale)[0] == pytest.approx(expected, rel=1e-12)
+    # diagonal case: a sum of three energy-like terms
+    d_epi = np.diag([3.0, 1.0, 0.5])[None]
+    assert bald_forces_per_atom(d_epi, ale)[0] == pytest.approx(
+        0.5 * (np.log(4) + np.log(1.5) + np.log(1.125)), rel=1e-12)
+
+
+def test_scores_combine_components_and_reductions():
+    rng = np.random.default_rng(0)
+    pred = hand_prediction(rng)
+    per_atom = bald_forces_per_atom(pred.forces_cov_epi, pred.forces_cov_ale)
+    s = score(pred, "bald-ef")
+    np.testing.assert_allclose(s.bald_f, [per_atom[:2].sum(), per_atom[2:].sum()])
+    np.testing.assert_allclose(s.score, s.bald_e + s.bald_f)
+    np.testing.assert_allclose(score(pred, "bald-f", reduction="mean").score,
+                               [per_atom[:2].mean(), per_atom[2:].mean()])
+    np.testing.assert_allclose(score(pred, "bald-f", reduction="max").score,
+                               [per_atom[:2].max(), per_atom[2:].max()])
+    np.testing.assert_allclose(score(pred, "bald-e").score, s.bald_e)
+    np.testing.assert_allclose(score(pred, "energy-std").score, np.sqrt(pred.energy_var_epi))
+
+
+def test_max_force_std_is_the_committee_deviation_of_dpgen():
+    rng = np.random.default_rng(1)
+    k, n = 4, 5
+    forces = rng.normal(size=(k, n, 3))
+    pred = combine_samples(rng.normal(size=(k, 1)), np.ones((k, 1)), forces,
+                           np.broadcast_to(np.eye(3), (k, n, 3, 3)).copy(), np.array([n]))
+    # DP-GEN model deviation: max_i sqrt(<|f_i - <f_i>|^2>)
+    dev = np.sqrt(((forces - forces.mean(0)) ** 2).sum(-1).mean(0)).max()
+    assert score(pred, "max-force-std").score[0] == pytest.approx(dev, rel=1e-12)
+
+
+def test_bald_is_zero_without_epistemic_variance_and_random_is_seeded():
+    rng = np.random.default_rng(2)
+    pred = hand_prediction(rng, epi_zero=True)
+    s = score(pred, "bald-ef")
+    np.testing.assert_array_equal(s.score, 0.0)
+    a = score(hand_prediction(rng, (3,) * 50), "random", seed=7).score
+    b = score(hand_prediction(rng, (3,) * 50), "random", seed=7).score
+    c = score(hand_prediction(rng, (3,) * 50), "random", seed=8).score
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def near_duplicate_pool(rng, n_dup=12, n_distinct=12, dim=16):
+    """Many near-copies of one structure with the best scores, plus distinct candidates."""
+    base = rng.normal(size=dim)
+    dup = base + 1e-3 * rng.normal(size=(n_dup, dim))
+    distinct = rng.normal(size=(n_distinct, dim)) * 3
+    features = np.concatenate([dup, distinct])
+    scores = np.concatenate([1.0 + 0.01 * rng.random(n_dup), 0.8 + 0.01 * rng.random(n_distinct)])
+    return scores, features, set(range(n_dup))
+
+
+def test_diverse_selection_avoids_near_duplicates():
+    rng = np.random.default_rng(3)
+    scores, features, dups = near_duplicate_pool(rng)
+    top = select(scores, 6, mode="top-k")
+    diverse = select(scores, 6, mode="diverse", features=features)
+    assert len(set(diverse)) == len(diverse) == 6
+    assert len(dups & set(top)) == 6
+    assert len(dups & set(diverse)) <= 2 < len(dups & set(top))
+    assert diverse[0] == int(np.argmax(scores))  # the first pick is the best score
+    # threshold: only eligible structures, possibly fewer than asked
+    assert select(scores, 20, mode="diverse", features=features, threshold=0.9) != []
+    assert all(scores[i] >= 0.9 for i in select(scores, 20, features=features,
+                                                threshold=0.9, mode="diverse"))
+    # asking for the whole pool returns every structure once
+    everything = select(scores, len(scores), mode="diverse", features=features)
+    assert sorted(everything) == list(range(len(scores)))
+
+
+def test_greedy_max_det_equals_brute_force_joint_information_gain():
+    rng = np.random.default_rng(4)
+    info = rng.uniform(0.1, 1.0, 7)
+    feats = rng.normal(size=(7, 3))
+    chosen = greedy_max_det(info, feats, 3, center=False)
+    u = feats / np.linalg.norm(feats, axis=1, keepdims=True)
+    a = np.sqrt(np.expm1(2 * info))
+    kernel = np.outer(a, a) * (u @ u.T)
+
+    def joint(idx):
+        return 0.5 * np.linalg.slogdet(np.eye(len(idx)) + kernel[np.ix_(idx, idx)])[1]
+
+    # each greedy step takes the candidate with the largest joint information
+    for m in range(1, 4):
+        best = max((i for i in range(7) if i not in chosen[:m - 1]),
+                   key=lambda i: joint([*chosen[:m - 1], i]))
+        assert chosen[m - 1] == best
+    assert joint(chosen[:1]) == pytest.approx(info[chosen[0]])
+
+
+@pytest.fixture(scope="module")
+def posterior(shared_data):
+    frames = ase.io.read(shared_data / "ethanol" / "train.xyz", ":30")
+    cfg = ModelConfig(channels=4, n_layers=2, radial_hidden=8, l_max=1)
+    data = prepare_data(frames[:20], frames[20:], cfg)
+    models = [build_model(cfg, data.species, data.shifts, data.train, seed=s).double().eval()
+              for s in range(3)]
+    for m in models:
+        with torch.no_grad():
+            m.energy_head.weight.normal_(0, 0.3)
+    return EnsemblePosterior(models), frames
+
+
+@pytest.mark.parametrize("acq", ["bald-ef", "random", "max-force-std"])
+def test_streaming_scores_equal_in_memory_scores(posterior, acq):
+    post, frames = posterior
+    full = score(post.predict(frames), acq, seed=5)
+    chunks = list(iter_scores(post, iter(frames), acquisition=acq, chunk_size=7, seed=5))
+    assert [len(c[0]) for c in chunks] == [7, 7, 7, 7, 2]
+    streamed = np.concatenate([c[2].score for c in chunks])
+    np.testing.assert_allclose(streamed, full.score, rtol=1e-10, atol=1e-14)
+    # the selection from the stream (keeping only the best 8) equals in-memory top-k
+    result = score_pool(post, iter(frames), 5, acquisition=acq, chunk_size=4, keep=8, seed=5)
+    assert result.n_scored == len(frames)
+    assert [c.index for c in result.selected] == select(full.score, 5)
+    result = score_pool(post, iter(frames), 5, acquisition=acq, selection="diverse",
+                        chunk_size=4, seed=5)
+    assert len({c.index for c in result.selected}) == 5

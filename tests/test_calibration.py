@@ -1,0 +1,116 @@
+"""Calibration, recalibration and OOD metrics against hand-made cases."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from ase import Atoms
+from ase.calculators.singlepoint import SinglePointCalculator
+
+from bayes_model.calibration import (
+    Recalibration,
+    auroc,
+    calibration_metrics,
+    coverage,
+    ence,
+    fit_recalibration,
+    miscalibration_area,
+    ood_auroc,
+    plot_calibration,
+)
+from bayes_model.predict import Prediction
+
+
+def labelled_case(rng, n_struct=400, n_atoms=3, sigma_scale=1.0, heavy_tails=False):
+    """Structures whose labels deviate from the prediction by draws from the predicted
+    Gaussians (σ scaled by ``sigma_scale``: < 1 means an overconfident model)."""
+    e_std = rng.uniform(0.01, 0.2, n_struct)
+    f_std = rng.uniform(0.02, 0.5, (n_struct * n_atoms, 3))
+    draw = (lambda size: rng.laplace(size=size) / np.sqrt(2)) if heavy_tails else rng.normal
+    e_pred = rng.normal(size=n_struct)
+    f_pred = rng.normal(size=(n_struct * n_atoms, 3))
+    e_true = e_pred + e_std * draw(size=n_struct)
+    f_true = f_pred + f_std * draw(size=f_pred.shape)
+    images = []
+    for s in range(n_struct):
+        a = Atoms("H3", positions=rng.normal(size=(3, 3)) * 3)
+        a.calc = SinglePointCalculator(a, energy=e_true[s],
+                                       forces=f_true[s * n_atoms:(s + 1) * n_atoms])
+        images.append(a)
+    var_e = (e_std * sigma_scale) ** 2
+    cov_f = np.zeros((len(f_std), 3, 3))
+    idx = np.arange(3)
+    cov_f[:, idx, idx] = (f_std * sigma_scale) ** 2
+    pred = Prediction(energy=e_pred, energy_var_epi=0.3 * var_e, energy_var_ale=0.7 * var_e,
+                      forces=f_pred, forces_cov_epi=0.3 * cov_f, forces_cov_ale=0.7 * cov_f,
+                      n_atoms=np.full(n_struct, n_atoms))
+    return pred, images
+
+
+def test_calibrated_gaussians_score_as_calibrated():
+    pred, images = labelled_case(np.random.default_rng(0))
+    m = calibration_metrics(pred, images)
+    assert m["force_miscal_area"] < 0.02 and m["energy_miscal_area"] < 0.04
+    assert m["force_coverage68"] == pytest.approx(0.6827, abs=0.02)
+    assert m["force_coverage95"] == pytest.approx(0.9545, abs=0.01)
+    assert m["force_ence"] < 0.1
+
+
+def test_overconfidence_is_detected_and_fixed_by_variance_scaling():
+    rng = np.random.default_rng(1)
+    pred, images = labelled_case(rng, sigma_scale=1 / 3)
+    before = calibration_metrics(pred, images)
+    assert before["force_miscal_area"] > 0.1 and before["force_coverage95"] < 0.6
+    valid_pred, valid_images = labelled_case(rng, sigma_scale=1 / 3)
+    recal = fit_recalibration(valid_pred, valid_images)
+    assert recal.force_scale == pytest.approx(9.0, rel=0.1)
+    assert recal.energy_scale == pytest.approx(9.0, rel=0.25)
+    after = calibration_metrics(pred, images, recalibration=recal)
+    assert after["force_miscal_area_recal"] < 0.02
+    assert after["force_coverage95_recal"] == pytest.approx(0.9545, abs=0.015)
+    # means untouched, both variance parts scaled
+    fixed = recal.apply(pred)
+    np.testing.assert_array_equal(fixed.forces, pred.forces)
+    np.testing.assert_allclose(fixed.forces_cov_epi, pred.forces_cov_epi * recal.force_scale)
+
+
+def test_isotonic_fixes_what_a_variance_scale_cannot(tmp_path):
+    rng = np.random.default_rng(2)
+    pred, images = labelled_case(rng, heavy_tails=True)
+    valid_pred, valid_images = labelled_case(rng, heavy_tails=True)
+    scale_only = fit_recalibration(valid_pred, valid_images)
+    iso = fit_recalibration(valid_pred, valid_images, isotonic=True)
+    a = calibration_metrics(pred, images, recalibration=scale_only)["force_miscal_area_recal"]
+    b = calibration_metrics(pred, images, recalibration=iso)["force_miscal_area_recal"]
+    assert b < 0.5 * a and b < 0.02
+    iso.save(tmp_path)
+    loaded = Recalibration.load(tmp_path)
+    assert loaded == iso
+    (tmp_path / "calibration.json").write_text("{not json")
+    with pytest.raises(ValueError, match="calibration.json is corrupted"):
+        Recalibration.load(tmp_path)
+
+
+def test_elementary_metrics_by_hand():
+    assert miscalibration_area(np.linspace(0, 1, 10001)) == pytest.approx(0, abs=1e-3)
+    assert miscalibration_area(np.full(100, 0.5)) == pytest.approx(0.25, abs=0.01)
+    assert coverage(np.array([0.1, 0.5, 0.9, 0.99]), 0.9545) == 0.75
+    assert ence(np.array([1.0, -1.0, 2.0, -2.0]), np.array([1.0, 1.0, 2.0, 2.0]), bins=2) == 0
+    assert ence(np.array([2.0, 2.0]), np.array([1.0, 1.0]), bins=1) == 1.0
+    assert auroc([0.1, 0.2, 0.3], [0.5, 0.6]) == 1.0
+    assert auroc([0.5, 0.6], [0.1, 0.2, 0.3]) == 0.0
+    assert auroc([1.0, 1.0], [1.0, 1.0]) == 0.5
+    with pytest.raises(ValueError):
+        auroc([], [1.0])
+
+
+def test_ood_auroc_and_plots(tmp_path):
+    rng = np.random.default_rng(3)
+    pred, images = labelled_case(rng, n_struct=50)
+    far = Prediction(**{**pred.__dict__, "energy_var_epi": pred.energy_var_epi + 10,
+                        "forces_cov_epi": pred.forces_cov_epi + 10 * np.eye(3)})
+    out = ood_auroc(pred, far)
+    assert out == {"ood_auroc_energy": 1.0, "ood_auroc_force": 1.0}
+    paths = plot_calibration(pred, images, tmp_path, "case",
+                             recalibration=fit_recalibration(pred, images))
+    assert all(p.stat().st_size > 10_000 for p in paths) and len(paths) == 2

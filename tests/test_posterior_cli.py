@@ -1,0 +1,134 @@
+"""`bayesal train --method laplace`, `evaluate --ood --plots`, `score` as users run them."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import ase.io
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from flows.cli import app
+
+runner = CliRunner()
+
+CONFIG = """
+model: {channels: 4, n_layers: 2, radial_hidden: 8, l_max: 1}
+train: {max_epochs: 2, warmup_epochs: 1, batch_size: 8}
+posterior:
+  swag: {epochs: 2, burn_in_epochs: 0, samples: 3}
+"""
+
+
+def invoke(*args):
+    res = runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+    return res
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, shared_data):
+    root = tmp_path_factory.mktemp("posterior-cli")
+    frames = ase.io.read(shared_data / "ethanol" / "train.xyz", ":90")
+    ase.io.write(root / "train.xyz", frames[:40], format="extxyz")
+    ase.io.write(root / "test.xyz", frames[40:60], format="extxyz")
+    stretched = []
+    for a in frames[60:80]:
+        a = a.copy()
+        a.positions = a.positions.mean(0) + 1.3 * (a.positions - a.positions.mean(0))
+        stretched.append(a)
+    ase.io.write(root / "ood.xyz", stretched, format="extxyz")
+    pool = [a.copy() for a in frames[60:90]]
+    for a in pool:
+        a.calc = None
+    ase.io.write(root / "pool.xyz", pool, format="extxyz")
+    (root / "model.yaml").write_text(CONFIG)
+    res = invoke("train", "--train", root / "train.xyz", "--out", root / "laplace",
+                 "--method", "laplace", "--config", root / "model.yaml")
+    assert res.exit_code == 0, res.output
+    return root
+
+
+def test_train_laplace_writes_posterior_and_calibration(files):
+    manifest = json.loads((files / "laplace" / "manifest.json").read_text())
+    assert manifest["method"] == "laplace" and len(manifest["members"]) == 1
+    assert manifest["posterior"]["file"] == "laplace.pt"
+    assert manifest["posterior"]["prior_precision"] > 0
+    calib = json.loads((files / "laplace" / "calibration.json").read_text())
+    assert calib["energy_scale"] > 0 and calib["force_scale"] > 0
+
+
+def test_evaluate_reports_calibration_ood_and_plots(files, tmp_path):
+    res = invoke("evaluate", "--model", files / "laplace", "--test", files / "test.xyz",
+                 "--ood", files / "ood.xyz", "--plots", tmp_path / "plots",
+                 "--recalibrate-on", files / "test.xyz", "--json", tmp_path / "m.json")
+    assert res.exit_code == 0, res.output
+    m = json.loads((tmp_path / "m.json").read_text())[str(files / "test.xyz")]
+    for key in ("force_miscal_area", "force_miscal_area_recal", "force_ence",
+                "force_coverage95", "energy_coverage68_recal", "force_nll_recal",
+                "ood_auroc_energy", "ood_auroc_force", "force_spearman"):
+        assert np.isfinite(m[key]), key
+    assert m["ood_auroc_energy"] > 0.9  # 30 % stretched molecules are far from the data
+    # recalibrated on the test file itself: the variance scale makes mean z² = 1
+    assert m["force_coverage68_recal"] == pytest.approx(0.68, abs=0.12)
+    pngs = sorted(p.name for p in (tmp_path / "plots").iterdir())
+    assert pngs == ["test_error_vs_sigma.png", "test_reliability.png"]
+
+
+def test_score_selects_a_diverse_batch_and_writes_all_scores(files, tmp_path):
+    res = invoke("score", "--model", files / "laplace", "--pool", files / "pool.xyz",
+                 "--batch-size", "5", "--selection", "diverse", "--output",
+                 tmp_path / "sel.xyz", "--scores", tmp_path / "scores.csv",
+                 "--chunk-size", "8")
+    assert res.exit_code == 0, res.output
+    rows = list(csv.DictReader((tmp_path / "scores.csv").open()))
+    assert [int(r["index"]) for r in rows] == list(range(30))
+    assert {r["source_frame"] for r in rows} == {str(i) for i in range(30)}
+    selected = ase.io.read(tmp_path / "sel.xyz", ":")
+    assert len(selected) == 5
+    assert len({a.info["pool_index"] for a in selected}) == 5
+    by_index = {int(r["index"]): float(r["score"]) for r in rows}
+    for a in selected:
+        assert a.info["score"] == pytest.approx(by_index[a.info["pool_index"]], rel=1e-6)
+        assert a.info["acquisition"] == "bald-ef"
+    assert selected[0].info["score"] == pytest.approx(max(by_index.values()), rel=1e-6)
+
+
+def test_score_from_a_database_campaign(files, tmp_path, monkeypatch):
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    monkeypatch.setenv("BAYESAL_DATABASE_URL", url)
+    assert invoke("import", files / "pool.xyz", "--campaign", "c1").exit_code == 0
+    res = invoke("score", "--model", files / "laplace", "--pool-campaign", "c1",
+                 "--batch-size", "3", "--output", tmp_path / "sel.xyz", "--acquisition",
+                 "max-force-std")
+    assert res.exit_code == 0, res.output
+    selected = ase.io.read(tmp_path / "sel.xyz", ":")
+    assert len(selected) == 3 and all("structure_id" in a.info for a in selected)
+    res = invoke("score", "--model", files / "laplace", "--pool-campaign", "nope",
+                 "--output", tmp_path / "x.xyz")
+    assert res.exit_code == 1 and "no campaign named 'nope'" in res.output
+
+
+def test_method_mismatch_and_bad_options_are_clear_errors(files, tmp_path):
+    res = invoke("predict", "--model", files / "laplace", "--input", files / "pool.xyz",
+                 "--output", tmp_path / "p.xyz", "--method", "ensemble")
+    assert res.exit_code == 1 and "holds a laplace model" in res.output
+    res = invoke("score", "--model", files / "laplace", "--pool", files / "pool.xyz",
+                 "--output", tmp_path / "s.xyz", "--acquisition", "bald")
+    assert res.exit_code == 1 and "'bald' is not one of bald-ef" in res.output
+    res = invoke("train", "--train", files / "train.xyz", "--out", tmp_path / "x",
+                 "--method", "mcdropout")
+    assert res.exit_code == 1 and "--method 'mcdropout' is not known" in res.output
+
+
+def test_train_swag_from_the_cli(files, tmp_path):
+    res = invoke("train", "--train", files / "train.xyz", "--out", tmp_path / "swag",
+                 "--method", "swag", "--config", files / "model.yaml")
+    assert res.exit_code == 0, res.output
+    manifest = json.loads((tmp_path / "swag" / "manifest.json").read_text())
+    assert manifest["method"] == "swag" and manifest["posterior"]["snapshots"] == 2
+    res = invoke("predict", "--model", tmp_path / "swag", "--input", files / "pool.xyz",
+                 "--output", tmp_path / "p.xyz")
+    assert res.exit_code == 0, res.output
+    assert all(a.info["pred_energy_std_epi"] > 0 for a in ase.io.read(tmp_path / "p.xyz", ":"))

@@ -1,0 +1,230 @@
+"""Last-layer Laplace, SWAG and IVON: against brute-force references and their pitfalls."""
+
+from __future__ import annotations
+
+import ase.io
+import numpy as np
+import pytest
+import torch
+
+from bayes_model.checkpoint import CheckpointError
+from bayes_model.config import TrainingFile
+from bayes_model.data import atoms_to_graph, batch_graphs
+from bayes_model.ensemble import prepare_data
+from bayes_model.laplace import LaplaceConfig, LastLayerLaplace
+from bayes_model.model import ModelConfig
+from bayes_model.posterior import load_posterior, train_posterior
+from bayes_model.sampling import (
+    IVONConfig,
+    SampledPosterior,
+    SWAGCollector,
+    SWAGConfig,
+    collect_swag,
+    flat_params,
+    ivon_sampled_params,
+    train_ivon,
+)
+from bayes_model.train import TrainConfig, build_model
+
+TINY = ModelConfig(channels=4, n_layers=2, radial_hidden=8, l_max=1)
+
+
+@pytest.fixture(scope="module")
+def ethanol(shared_data):
+    return ase.io.read(shared_data / "ethanol" / "train.xyz", ":80")
+
+
+@pytest.fixture(scope="module")
+def tiny(ethanol):
+    data = prepare_data(ethanol[:40], ethanol[40:48], TINY)
+    model = build_model(TINY, data.species, data.shifts, data.train, seed=1).double().eval()
+    torch.manual_seed(2)
+    with torch.no_grad():  # a non-trivial last layer and heads
+        model.energy_head.weight.normal_(0, 0.5)
+        model.logvar_head.weight.normal_(0, 0.1)
+    return model, data
+
+
+def brute_force_jacobians(model, graphs):
+    """Energies and forces of each structure differentiated w.r.t. the last-layer weights by
+    explicit autograd through the force computation (no knowledge of the linear structure)."""
+    batch = batch_graphs(graphs, dtype=torch.float64)
+    w0 = model.energy_head.weight.detach().clone().reshape(-1)
+
+    def outputs(w):
+        out = torch.func.functional_call(model, {"energy_head.weight": w.view(1, -1)},
+                                         (batch,), {"training": True})
+        return torch.cat([out["energy"], out["forces"].reshape(-1)])
+
+    jac = torch.autograd.functional.jacobian(outputs, w0)
+    out = model(batch_graphs(graphs, dtype=torch.float64))
+    s = len(graphs)
+    return (jac[:s], jac[s:].reshape(-1, 3, jac.shape[1]), out["energy_var"].detach(),
+            out["forces_cov"].detach())
+
+
+def test_laplace_matches_brute_force_ggn_covariance_and_predictions(tiny):
+    model, data = tiny
+    graphs = data.train[:5]
+    j_e, j_f, var_e, cov_f = brute_force_jacobians(model, graphs)
+    ggn_ref = (torch.einsum("sd,s,se->de", j_e, 1 / var_e, j_e)
+               + torch.einsum("nid,nij,nje->de", j_f, torch.linalg.inv(cov_f), j_f)).numpy()
+    ggn = LastLayerLaplace.accumulate_ggn(model, graphs, batch_size=2)  # across batches
+    np.testing.assert_allclose(ggn, ggn_ref, rtol=1e-6, atol=1e-9 * np.abs(ggn_ref).max())
+
+    delta = 0.3
+    laplace = LastLayerLaplace(model, ggn, delta)
+    sigma_ref = np.linalg.inv(ggn_ref + delta * np.eye(len(ggn_ref)))
+    np.testing.assert_allclose(laplace.covariance, sigma_ref, rtol=1e-6,
+                               atol=1e-9 * np.abs(sigma_ref).max())
+
+    pred = laplace.predict_graphs(graphs, batch_size=3)
+    var_ref = np.einsum("sd,de,se->s", j_e.numpy(), sigma_ref, j_e.numpy())
+    cov_ref = np.einsum("nid,de,nje->nij", j_f.numpy(), sigma_ref, j_f.numpy())
+    np.testing.assert_allclose(pred.energy_var_epi, var_ref, rtol=1e-6)
+    np.testing.assert_allclose(pred.forces_cov_epi, cov_ref, rtol=1e-6,
+                               atol=1e-9 * np.abs(cov_ref).max())
+    np.testing.assert_allclose(pred.energy_var_ale, var_e.numpy(), rtol=1e-12)
+    # the mean is the MAP model's prediction (forces from the same vmapped backward pass)
+    out = model(batch_graphs(graphs, dtype=torch.float64))
+    np.testing.assert_allclose(pred.forces, out["forces"].detach().numpy(), rtol=1e-10,
+                               atol=1e-12)
+    np.testing.assert_allclose(pred.energy, out["energy"].detach().numpy(), rtol=1e-12)
+    # selection features carry the posterior metric: f_s · f_t = J_s Σ J_tᵀ
+    np.testing.assert_allclose(pred.features @ pred.features.T,
+                               j_e.numpy() @ sigma_ref @ j_e.numpy().T, rtol=1e-6)
+
+
+def test_laplace_low_rank_forces_and_prior_by_marginal_likelihood(tiny):
+    model, data = tiny
+    full = LastLayerLaplace.fit(model, data.train[:20])
+    assert 1e-8 < full.prior_precision < 1e8
+    d = model.n_features
+    low = LastLayerLaplace(model, full.ggn, full.prior_precision, force_rank=d)
+    np.testing.assert_allclose(low.predict_graphs(data.valid).forces_cov_epi,
+                               full.predict_graphs(data.valid).forces_cov_epi, rtol=1e-6,
+                               atol=1e-12)
+    one = LastLayerLaplace(model, full.ggn, full.prior_precision, force_rank=1)
+    assert 0 < one.diagnostics["force_rank_trace_fraction"] <= 1
+    # a rank-1 truncation can only lose variance
+    assert (np.trace(one.predict_graphs(data.valid).forces_cov_epi, axis1=1, axis2=2)
+            <= np.trace(full.predict_graphs(data.valid).forces_cov_epi, axis1=1, axis2=2)
+            + 1e-12).all()
+
+
+def test_laplace_variance_shrinks_with_data_and_grows_away_from_it(tiny, ethanol):
+    model, data = tiny
+    species, cutoff = model.species, model.config.cutoff
+    held_out = data.valid
+    few = LastLayerLaplace.fit(model, data.train[:3], config=LaplaceConfig(prior_precision=1.0))
+    many = LastLayerLaplace.fit(model, data.train, config=LaplaceConfig(prior_precision=1.0))
+    var_few = few.predict_graphs(held_out).energy_var_epi
+    var_many = many.predict_graphs(held_out).energy_var_epi
+    assert (var_many < var_few).all()
+
+    far = []
+    for atoms in ethanol[60:68]:  # stretched molecules: every bond 25 % longer
+        a = atoms.copy()
+        a.positions = a.positions.mean(0) + 1.25 * (a.positions - a.positions.mean(0))
+        far.append(atoms_to_graph(a, species, cutoff, with_labels=False))
+    near = many.predict_graphs(held_out)
+    away = many.predict_graphs(far)
+    assert away.energy_var_epi.min() > 3 * near.energy_var_epi.max()
+    f_near = np.trace(near.forces_cov_epi, axis1=1, axis2=2).mean()
+    f_away = np.trace(away.forces_cov_epi, axis1=1, axis2=2).mean()
+    assert f_away > f_near
+
+
+def test_swag_moments_equal_numpy_moments_of_the_snapshots(tiny):
+    model, data = tiny
+    model = build_model(TINY, data.species, data.shifts, data.train, seed=4).double()
+    snapshots = []
+    cfg = SWAGConfig(epochs=5, burn_in_epochs=1, max_rank=3, lr=1e-3)
+    collector = collect_swag(model, data.train[:8], TrainConfig(batch_size=4, float64=True),
+                             cfg, on_snapshot=lambda t: snapshots.append(t.numpy().copy()))
+    theta = np.array(snapshots)
+    assert collector.n == len(theta) == 5
+    np.testing.assert_allclose(collector.mean.numpy(), theta.mean(0), rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(collector.sq_mean.numpy(), (theta**2).mean(0), rtol=1e-10,
+                               atol=1e-14)
+    np.testing.assert_allclose(collector.variance.numpy(),
+                               np.clip(theta.var(0), 1e-30, None), rtol=1e-6, atol=1e-14)
+    running = [theta[: n + 1].mean(0) for n in range(len(theta))]
+    deviations = np.array([theta[n] - running[n] for n in range(len(theta))])[-3:]
+    np.testing.assert_allclose(np.stack(list(collector.deviations)), deviations, rtol=1e-8,
+                               atol=1e-14)
+    assert not np.allclose(theta[0], theta[-1])  # training moved the weights
+
+    # the sampling posterior: mean of many diagonal samples ≈ SWA mean, samples differ
+    state = collector.state(diagonal=True)
+    post = SampledPosterior("swag", model, state, samples=3, seed=0)
+    draws = [flat_params(m).numpy() for m in post.models]
+    assert not np.allclose(draws[0], draws[1])
+
+
+def test_swag_collector_alone():
+    rng = np.random.default_rng(0)
+    xs = rng.normal(size=(7, 11))
+    c = SWAGCollector(11, max_rank=20)
+    for x in xs:
+        c.collect(torch.as_tensor(x))
+    np.testing.assert_allclose(c.mean.numpy(), xs.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(c.variance.numpy(), xs.var(0), rtol=1e-10)
+
+
+def test_ivon_exception_inside_sampling_leaves_the_weights_alone(tiny):
+    import ivon
+
+    model, data = tiny
+    model = build_model(TINY, data.species, data.shifts, data.train, seed=5).double()
+    opt = ivon.IVON(list(model.parameters()), lr=0.01, ess=10, hess_init=1.0)
+    before = flat_params(model).clone()
+    with pytest.raises(RuntimeError, match="boom"), ivon_sampled_params(opt):
+        assert not torch.equal(flat_params(model), before)  # sampled weights inside
+        raise RuntimeError("boom")
+    assert torch.equal(flat_params(model), before)
+    assert opt.state["count"] == 0  # nothing recorded from the failed sample
+
+    # ivon-opt's own context manager leaves the sampled weights behind (the pitfall)
+    with pytest.raises(RuntimeError), opt.sampled_params(train=False):
+        raise RuntimeError("boom")
+    assert not torch.equal(flat_params(model), before)
+
+
+def test_ivon_trains_with_parameters_that_get_no_gradient(tiny, ethanol):
+    model, data = tiny
+    model = build_model(TINY, data.species, data.shifts, data.train, seed=6).double()
+    # MSE uses neither variance head: their parameters get no gradient at all
+    cfg = TrainConfig(loss="mse", batch_size=8, float64=True, warmup_epochs=0)
+    mean_model, state = train_ivon(model, data.train[:16], data.valid, cfg,
+                                   IVONConfig(epochs=2, lr=0.01))
+    std = state["std"]
+    assert std.shape == flat_params(mean_model).shape
+    assert torch.isfinite(std).all() and (std > 0).all()
+    post = SampledPosterior("ivon", mean_model, state, samples=4, seed=1)
+    pred = post.predict(ethanol[70:73])
+    assert (pred.energy_var_epi > 0).all()
+    assert (np.linalg.eigvalsh(pred.forces_cov_epi + pred.forces_cov_ale) > 0).all()
+
+
+@pytest.mark.parametrize("method", ["laplace", "swag", "ivon"])
+def test_posterior_directories_round_trip_and_validate(method, ethanol, tmp_path):
+    settings = TrainingFile(model=TINY, train=TrainConfig(max_epochs=2, warmup_epochs=1,
+                                                          batch_size=8, float64=True),
+                            posterior={"swag": {"epochs": 2, "burn_in_epochs": 0,
+                                                "samples": 3},
+                                       "ivon": {"epochs": 1, "samples": 3}})
+    out = train_posterior(method, ethanol[:24], ethanol[24:30], tmp_path / "m",
+                          settings=settings, processes=1)
+    a = load_posterior(out)
+    b = load_posterior(out)
+    assert a.manifest.method == method and a.recalibration is not None
+    pa, pb = a.predict(ethanol[30:33]), b.predict(ethanol[30:33])
+    np.testing.assert_array_equal(pa.energy, pb.energy)
+    np.testing.assert_array_equal(pa.forces_cov_epi, pb.forces_cov_epi)
+    assert (pa.energy_var_epi > 0).all() and pa.features is not None
+
+    state_file = out / f"{method}.pt"
+    state_file.write_bytes(state_file.read_bytes()[:-10] + b"0123456789")
+    with pytest.raises(CheckpointError, match="sha256"):
+        load_posterior(out)
