@@ -221,11 +221,7 @@ def plot_calibration(pred: Prediction, images: Sequence[Atoms], out_dir: str | P
         ax.plot([0, 1], [0, 1], "k--", lw=0.8, label="calibrated")
         ax.set(xlabel="expected quantile", ylabel="observed fraction", title=label)
         ax.legend(fontsize=8)
-    fig.suptitle(f"reliability: {name}")
-    fig.tight_layout()
-    paths.append(out / f"{name}_reliability.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    paths.append(_save(fig, f"reliability: {name}", out / f"{name}_reliability.png"))
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 4.2))
     for ax, (label, unit, i_err, i_std) in zip(
@@ -243,9 +239,15 @@ def plot_calibration(pred: Prediction, images: Sequence[Atoms], out_dir: str | P
         ax.set(xlabel=f"predicted σ ({unit})", ylabel=f"|error| ({unit})", title=label,
                xscale="log", yscale="log")
         ax.legend(fontsize=8)
-    fig.suptitle(f"error vs σ: {name}")
-    fig.tight_layout()
-    paths.append(out / f"{name}_error_vs_sigma.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    paths.append(_save(fig, f"error vs σ: {name}", out / f"{name}_error_vs_sigma.png"))
     return paths
+
+
+def _save(fig, title: str, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -142,12 +142,17 @@ def load_state_file(directory: str | Path, entry: dict[str, Any] | None) -> dict
     if not entry:
         raise CheckpointError(f"{directory}: the manifest names no posterior state file; "
                               "retrain the model")
-    path = Path(directory) / entry["file"]
+    return _verified_load(Path(directory) / entry["file"], entry["sha256"],
+                          "refit the posterior or restore the file")
+
+
+def _verified_load(path: Path, sha256: str, fix: str) -> Any:
+    """torch.load(weights_only=True) of a file listed in the manifest, sha256 checked."""
     if not path.is_file():
         raise CheckpointError(f"{path} is missing (listed in the manifest)")
-    if _sha256(path) != entry["sha256"]:
+    if _sha256(path) != sha256:
         raise CheckpointError(f"{path} is corrupted: its sha256 does not match the manifest; "
-                              "refit the posterior or restore the file")
+                              f"{fix}")
     try:
         return torch.load(path, weights_only=True, map_location="cpu")
     except Exception as exc:
@@ -161,15 +166,7 @@ def load_members(directory: str | Path) -> tuple[list[MVEPotential], Manifest]:
     models = []
     for member in manifest.members:
         path = Path(directory) / member["file"]
-        if not path.is_file():
-            raise CheckpointError(f"{path} is missing (listed in the manifest)")
-        if _sha256(path) != member["sha256"]:
-            raise CheckpointError(f"{path} is corrupted: its sha256 does not match the "
-                                  "manifest; retrain or restore the file")
-        try:
-            state = torch.load(path, weights_only=True, map_location="cpu")
-        except Exception as exc:
-            raise CheckpointError(f"{path} cannot be read: {exc}") from None
+        state = _verified_load(path, member["sha256"], "retrain or restore the file")
         model = MVEPotential(manifest.config, manifest.species, manifest.shifts,
                              scale=manifest.scale, avg_neighbors=manifest.avg_neighbors).to(dtype)
         try:

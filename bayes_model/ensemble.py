@@ -132,9 +132,13 @@ def train_ensemble(
             finally:
                 stop.set()
                 pump.join()
+    # The neighbour normalisation is a constructor argument, not part of the state dict:
+    # rebuild members exactly as they were trained (build_model derives it from the data).
+    template = build_model(model_config, data.species, data.shifts, data.train)
     models = []
     for k in range(members):
-        model = MVEPotential(model_config, data.species, data.shifts)
+        model = MVEPotential(model_config, data.species, data.shifts,
+                             scale=float(template.scale), avg_neighbors=template.avg_neighbors)
         model = model.to(torch.float64 if train_config.float64 else torch.float32)
         model.load_state_dict(results[k][0])
         models.append(model)

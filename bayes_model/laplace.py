@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from bayes_model import _keys as K
 from bayes_model.data import Graph, atoms_to_graph, batch_graphs, iter_batches
 from bayes_model.model import MVEPotential
-from bayes_model.predict import Prediction, structure_features
+from bayes_model.predict import OneModelProperties, Prediction, structure_features
 
 __all__ = ["LaplaceConfig", "LastLayerLaplace", "PriorMethod", "Structure"]
 
@@ -87,7 +87,7 @@ def _jacobians(model: MVEPotential, batch: dict[str, torch.Tensor],
     return out, (scale * phi_s).detach(), j_f
 
 
-class LastLayerLaplace:
+class LastLayerLaplace(OneModelProperties):
     """Posterior over ``model.energy_head.weight``; see the module docstring."""
 
     method = "laplace"
@@ -204,14 +204,6 @@ class LastLayerLaplace:
         return best
 
     # -- prediction ----------------------------------------------------------------------
-    @property
-    def species(self) -> list[int]:
-        return self.model.species
-
-    @property
-    def cutoff(self) -> float:
-        return self.model.config.cutoff
-
     def predict_graphs(self, graphs: Sequence[Graph], *, batch_size: int = 32,
                        max_atoms: int = 4096) -> Prediction:
         dtype = next(self.model.parameters()).dtype

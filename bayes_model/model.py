@@ -130,6 +130,20 @@ class Interaction(nn.Module):
         return h + out if self.residual else out
 
 
+# Log-variances are kept within ±LOG_BOUND (σ² from 3e-7 to 3e6 in eV² or (eV/Å)²): far
+# outside anything physical, it keeps sampled weights (SWAG, IVON) from overflowing exp.
+LOG_BOUND = 15.0
+
+
+def _bounded(cov6: torch.Tensor) -> torch.Tensor:
+    """Clamp the 0e part and shrink the 2e part to norm <= LOG_BOUND (a rotation-invariant
+    bound, so equivariance is kept)."""
+    s0 = cov6[:, :1].clamp(-LOG_BOUND, LOG_BOUND)
+    s2 = cov6[:, 1:]
+    norm = s2.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    return torch.cat([s0, s2 * torch.clamp(LOG_BOUND / norm, max=1.0)], dim=1)
+
+
 class MVEPotential(nn.Module):
     """The potential. Construct from a :class:`ModelConfig`, the species (atomic numbers),
     per-species energy shifts (eV), a force scale (eV/Å) and the mean neighbour count."""
@@ -211,9 +225,9 @@ class MVEPotential(nn.Module):
         eps_i = eps_i + self.shifts.to(phi.dtype)[species]
         energy = torch.zeros(n_struct, dtype=phi.dtype, device=phi.device).index_add(
             0, batch, eps_i)
-        var_i = torch.exp(self.logvar_head(phi).squeeze(-1))
+        var_i = torch.exp(self.logvar_head(phi).squeeze(-1).clamp(-LOG_BOUND, LOG_BOUND))
         energy_var = torch.zeros_like(energy).index_add(0, batch, var_i)
-        log_cov = torch.einsum("nk,kij->nij", cov6, self.q.to(phi.dtype))
+        log_cov = torch.einsum("nk,kij->nij", _bounded(cov6), self.q.to(phi.dtype))
         eye = torch.eye(3, dtype=phi.dtype, device=phi.device)
         cov = torch.linalg.matrix_exp(log_cov + self.log_force_var0 * eye)
         cov = 0.5 * (cov + cov.transpose(1, 2)) + self.config.cov_eps * eye

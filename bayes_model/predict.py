@@ -17,7 +17,8 @@ from bayes_model import _keys as K
 from bayes_model.data import atoms_to_graph, batch_graphs, iter_batches
 from bayes_model.model import MVEPotential
 
-__all__ = ["Prediction", "combine_samples", "predict_members", "structure_features"]
+__all__ = ["OneModelProperties", "Prediction", "combine_samples", "predict_members",
+           "structure_features"]
 
 
 @dataclass
@@ -106,3 +107,17 @@ def predict_members(models: Sequence[MVEPotential], images: Sequence[Atoms], *,
                                      np.array([graphs[i].n_atoms for i in idx]),
                                      features=stack["features"]))
     return Prediction.concatenate(parts)
+
+
+class OneModelProperties:
+    """``species`` and ``cutoff`` of a posterior built around ``self.model``."""
+
+    model: MVEPotential
+
+    @property
+    def species(self) -> list[int]:
+        return self.model.species
+
+    @property
+    def cutoff(self) -> float:
+        return self.model.config.cutoff

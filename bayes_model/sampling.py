@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from bayes_model.data import Graph
 from bayes_model.model import MVEPotential
-from bayes_model.predict import Prediction, predict_members
+from bayes_model.predict import OneModelProperties, Prediction, predict_members
 from bayes_model.train import TrainConfig, evaluate_graphs, train_epoch, train_model
 
 __all__ = ["IVONConfig", "SWAGCollector", "SWAGConfig", "SampledPosterior", "collect_swag",
@@ -223,7 +223,7 @@ def train_ivon(model: MVEPotential, train: Sequence[Graph], valid: Sequence[Grap
     return result.model, ivon_state(optimizer)
 
 
-class SampledPosterior:
+class SampledPosterior(OneModelProperties):
     """S weight sets drawn once (seeded) around a mean model; predicts like an ensemble."""
 
     def __init__(self, method: str, mean_model: MVEPotential, state: dict, *,
@@ -248,14 +248,6 @@ class SampledPosterior:
             m = copy.deepcopy(mean_model)
             load_flat(m, draw(gen))
             self.models.append(m.eval())
-
-    @property
-    def species(self) -> list[int]:
-        return self.model.species
-
-    @property
-    def cutoff(self) -> float:
-        return self.model.config.cutoff
 
     def predict(self, images: Sequence[Atoms], *, batch_size: int = 32,
                 max_atoms: int = 4096) -> Prediction:

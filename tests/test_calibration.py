@@ -87,7 +87,7 @@ def test_isotonic_fixes_what_a_variance_scale_cannot(tmp_path):
     loaded = Recalibration.load(tmp_path)
     assert loaded == iso
     (tmp_path / "calibration.json").write_text("{not json")
-    with pytest.raises(ValueError, match="calibration.json is corrupted"):
+    with pytest.raises(ValueError, match=r"calibration\.json is corrupted"):
         Recalibration.load(tmp_path)
 
 

@@ -137,3 +137,23 @@ def test_calculator_drives_energy_conserving_md(ethanol):
         energies.append(atoms.get_total_energy())
     assert np.abs(atoms.get_forces()).max() > 0.05  # it moved on a real surface
     assert max(abs(e - e0) for e in energies) < 2e-3
+
+
+def test_saved_ensemble_reproduces_the_validation_metrics_of_training(ethanol, tmp_path):
+    """The model directory must predict exactly what the trained model predicted: the
+    validation force MAE stored in the manifest is recomputed from the loaded members
+    (regression: the neighbour normalisation was lost when members were rebuilt)."""
+    from bayes_model.ensemble import train_ensemble
+    from bayes_model.metrics import accuracy_metrics
+
+    train, valid = ethanol[:40], ethanol[40:50]
+    cfg = TrainConfig(max_epochs=3, warmup_epochs=1, batch_size=8, float64=True)
+    out = train_ensemble(train, valid, tmp_path / "m", members=2, model_config=SMALL,
+                         train_config=cfg, processes=1)
+    post = load_posterior(out)
+    for model, member in zip(post.models, post.manifest.members, strict=True):
+        assert model.avg_neighbors == pytest.approx(
+            json.loads((out / "manifest.json").read_text())["avg_neighbors"])
+        assert model.avg_neighbors != 10.0  # the constructor default
+        mae = accuracy_metrics(EnsemblePosterior([model]).predict(valid), valid)["force_mae"]
+        assert mae == pytest.approx(member["valid_force_mae"], rel=1e-9)
