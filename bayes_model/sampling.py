@@ -54,16 +54,23 @@ class SWAGConfig(BaseModel):
 
 
 class IVONConfig(BaseModel):
+    """Defaults chosen on acac (C8 model warm-started from Adam): lr 1e-4, h₀ 1e3, β₂ 0.95
+    improved the force MAE and gave force Spearman 0.84; ivon-opt's defaults (lr 0.1-ish,
+    β₂ 0.99999) or lr >= 1e-3 diverged (SGD-like steps on force-NLL gradients)."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     epochs: int = Field(30, ge=1, description="IVON epochs (from the trained model).")
-    lr: float = Field(0.02, gt=0, description="IVON learning rate.")
+    lr: float = Field(1e-4, gt=0, description="IVON learning rate.")
     ess: float | None = Field(None, gt=0, description="Effective sample size (default: "
                               "number of training structures).")
-    hess_init: float = Field(10.0, gt=0, description="Initial Hessian estimate h₀.")
+    hess_init: float = Field(1000.0, gt=0, description="Initial Hessian estimate h₀.")
     beta1: float = Field(0.9, ge=0, le=1)
-    beta2: float = Field(0.99999, ge=0, le=1)
+    beta2: float = Field(0.95, ge=0, le=1, description="Hessian averaging: fast, so h "
+                         "reaches the curvature of the trained model within tens of steps.")
     weight_decay: float = Field(1e-4, ge=0, description="Prior precision per datum.")
+    clip_radius: float = Field(0.01, gt=0, description="Clip of the preconditioned step "
+                               "(per weight, before lr·h₀): keeps early steps bounded.")
     samples: int = Field(8, ge=2, description="Weight samples S at prediction.")
     max_minutes: float | None = Field(None, gt=0, description="Wall-time budget.")
 
@@ -213,14 +220,18 @@ def train_ivon(model: MVEPotential, train: Sequence[Graph], valid: Sequence[Grap
     optimizer = ivon.IVON(list(model.parameters()), lr=config.lr,
                           ess=config.ess or float(len(train)), hess_init=config.hess_init,
                           beta1=config.beta1, beta2=config.beta2,
-                          weight_decay=config.weight_decay)
+                          weight_decay=config.weight_decay, clip_radius=config.clip_radius)
     cfg = train_config.model_copy(update={
         "ema_decay": 0.0, "warmup_epochs": 0, "max_epochs": config.epochs, "lr": config.lr,
         "max_minutes": config.max_minutes, "patience": config.epochs + 1})
     result = train_model(model, train, valid, cfg, optimizer=optimizer, on_epoch=on_epoch,
                          sample_context=lambda: ivon_sampled_params(optimizer),
                          keep_best=False)
-    return result.model, ivon_state(optimizer)
+    state = ivon_state(optimizer)
+    if not (torch.isfinite(flat_params(result.model)).all() and torch.isfinite(state["std"]).all()):
+        raise RuntimeError("IVON diverged (non-finite weights); lower posterior.ivon.lr or "
+                           "clip_radius, or start from a better-trained model")
+    return result.model, state
 
 
 class SampledPosterior(OneModelProperties):
