@@ -167,3 +167,25 @@ def test_streaming_scores_equal_in_memory_scores(posterior, acq):
     result = score_pool(post, iter(frames), 5, acquisition=acq, selection="diverse",
                         chunk_size=4, seed=5)
     assert len({c.index for c in result.selected}) == 5
+
+
+def test_streaming_keeps_memory_bounded_by_keep_and_chunk(posterior):
+    """Pool structures are released after their chunk: only the best ``keep`` survive."""
+    import gc
+    import weakref
+
+    post, frames = posterior
+    alive = weakref.WeakSet()
+
+    def pool():
+        rng = np.random.default_rng(0)
+        for k in range(120):
+            a = frames[k % len(frames)].copy()
+            a.positions += rng.normal(scale=0.01, size=a.positions.shape)
+            alive.add(a)
+            yield a
+
+    result = score_pool(post, pool(), 3, chunk_size=10, keep=5)
+    gc.collect()
+    assert result.n_scored == 120 and len(result.selected) == 3
+    assert len(alive) <= 5

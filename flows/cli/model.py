@@ -45,7 +45,8 @@ def train(
     )] = "ensemble",
     members: Annotated[int, typer.Option(help="Ensemble members (method ensemble).")] = 4,
     max_minutes: Annotated[float | None, typer.Option(
-        help="Wall-time budget of the whole command; members running in parallel share it.")
+        help="Wall-time budget of model training (members running in parallel share it); "
+             "SWAG/IVON epochs come on top (posterior.swag/ivon.max_minutes in --config).")
     ] = None,
     config: Annotated[Path | None, typer.Option(
         help="YAML with model: and train: sections (see docs/model.md).")] = None,
