@@ -228,3 +228,34 @@ def test_posterior_directories_round_trip_and_validate(method, ethanol, tmp_path
     state_file.write_bytes(state_file.read_bytes()[:-10] + b"0123456789")
     with pytest.raises(CheckpointError, match="sha256"):
         load_posterior(out)
+
+
+def _valid_nll(laplace, graphs):
+    """Gaussian NLL (up to constants) of labelled graphs under the Laplace predictive."""
+    pred = laplace.predict_graphs(graphs)
+    e = np.array([g.energy for g in graphs])
+    f = np.concatenate([g.forces for g in graphs])
+    v = pred.energy_var_epi + pred.energy_var_ale
+    c = pred.forces_cov_epi + pred.forces_cov_ale
+    df = f - pred.forces
+    z = np.linalg.solve(c, df[..., None])[..., 0]
+    return 0.5 * (np.sum((e - pred.energy) ** 2 / v + np.log(v))
+                  + np.sum((df * z).sum(1) + np.linalg.slogdet(c)[1]))
+
+
+def test_laplace_prior_by_validation_nll_and_diagonal_structure(tiny):
+    model, data = tiny
+    lap = LastLayerLaplace.fit(model, data.train[:20], valid=data.valid,
+                               config=LaplaceConfig(prior="valid_nll"))
+    best = _valid_nll(lap, data.valid)
+    for delta in (1e-6, 1e-2, 1e2, 1e6):  # any other prior fits the validation set worse
+        other = LastLayerLaplace(model, lap.ggn, delta)
+        assert best <= _valid_nll(other, data.valid) + 1e-9
+    with pytest.raises(ValueError, match="valid_nll needs validation"):
+        LastLayerLaplace.fit(model, data.train[:5], config=LaplaceConfig(prior="valid_nll"))
+
+    diag = LastLayerLaplace(model, lap.ggn, 0.5, structure="diag")
+    np.testing.assert_allclose(diag.covariance, np.diag(1 / (np.diag(lap.ggn) + 0.5)))
+    pred = diag.predict_graphs(data.valid)
+    assert (pred.energy_var_epi > 0).all()
+    assert (np.linalg.eigvalsh(pred.forces_cov_epi) > -1e-12).all()
