@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -12,7 +13,9 @@ from bayes_model.model import ModelConfig
 from bayes_model.sampling import IVONConfig, SWAGConfig
 from bayes_model.train import TrainConfig
 
-__all__ = ["PosteriorSettings", "TrainingFile", "load_training_file"]
+__all__ = ["PosteriorSettings", "TrainingFile", "load_training_file", "load_yaml_model"]
+
+M = TypeVar("M", bound=BaseModel)
 
 
 class PosteriorSettings(BaseModel):
@@ -36,8 +39,9 @@ class TrainingFile(BaseModel):
     posterior: PosteriorSettings = Field(default_factory=PosteriorSettings)
 
 
-def load_training_file(path: str | Path) -> TrainingFile:
-    """Parse and validate; errors name the file and the field path (e.g. model.l_max)."""
+def load_yaml_model(path: str | Path, model: type[M], what: str) -> M:
+    """Parse a YAML file into a pydantic model; errors name the file and each field path
+    (e.g. ``model.l_max``)."""
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text()) or {}
@@ -45,11 +49,16 @@ def load_training_file(path: str | Path) -> TrainingFile:
         raise ValueError(f"{path}: file not found") from None
     except yaml.YAMLError as exc:
         raise ValueError(f"{path}: not valid YAML ({exc})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping ({what})")
     try:
-        return TrainingFile(**data)
+        return model.model_validate(data, context={"base_dir": path.resolve().parent})
     except ValidationError as exc:
-        lines = [f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()]
+        lines = [f"{'.'.join(map(str, e['loc'])) or '(top level)'}: {e['msg']}"
+                 for e in exc.errors()]
         raise ValueError(f"{path}: invalid settings:\n  " + "\n  ".join(lines)) from None
-    except TypeError:
-        raise ValueError(f"{path}: expected a mapping with model:, train: and posterior: "
-                         "sections") from None
+
+
+def load_training_file(path: str | Path) -> TrainingFile:
+    """Parse and validate; errors name the file and the field path (e.g. model.l_max)."""
+    return load_yaml_model(path, TrainingFile, "with model:, train: and posterior: sections")

@@ -1,0 +1,184 @@
+"""The campaign YAML: one validated object for everything a campaign needs.
+
+Unknown keys are refused with their field path (``acquisition.batchsize: Extra inputs are
+not permitted``); file paths are resolved against the YAML file's folder and must exist.
+Example (see docs/campaign.md)::
+
+    name: ethanol-demo
+    data: {pool_files: [pool.xyz], initial_random: 10, test_files: [test.xyz]}
+    method: ensemble
+    members: 2
+    acquisition: {function: bald-ef, batch_size: 5, selection: diverse}
+    labeler: {kind: pyscf, method: hf, basis: sto-3g}
+    stop: {max_rounds: 3}
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from bayes_model.acquisition import Acquisition, Reduction, Selection
+from bayes_model.config import PosteriorSettings, load_yaml_model
+from bayes_model.model import ModelConfig
+from bayes_model.posterior import Method
+from bayes_model.train import TrainConfig
+
+__all__ = ["CampaignConfig", "load_campaign_config"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def _resolve(paths: list[Path], info: ValidationInfo) -> list[Path]:
+    base = (info.context or {}).get("base_dir")
+    out = []
+    for p in paths:
+        p = Path(p).expanduser()
+        if not p.is_absolute() and base is not None:
+            p = Path(base) / p
+        if not p.is_file():
+            raise ValueError(f"file {p} does not exist")
+        out.append(p)
+    return out
+
+
+class DataConfig(_Strict):
+    """Where structures come from."""
+
+    initial_files: list[Path] = Field(default_factory=list, description="Labelled (or to be "
+                                      "labelled) starting structures.")
+    initial_random: int | None = Field(None, ge=1, description="Instead: draw this many "
+                                       "structures from the pool to label first.")
+    pool_files: list[Path] = Field(default_factory=list, description="Candidate structures.")
+    test_files: list[Path] = Field(default_factory=list, description="Labelled test sets "
+                                   "evaluated every round.")
+
+    @field_validator("initial_files", "pool_files", "test_files")
+    @classmethod
+    def _files_exist(cls, value: list[Path], info: ValidationInfo) -> list[Path]:
+        return _resolve(value, info)
+
+    @model_validator(mode="after")
+    def _has_a_start(self) -> DataConfig:
+        if not self.initial_files and self.initial_random is None:
+            raise ValueError("give initial_files or initial_random (structures to start from)")
+        if self.initial_random is not None and not self.pool_files:
+            raise ValueError("initial_random draws from pool_files, which is empty")
+        return self
+
+
+class ExplorerConfig(_Strict):
+    """Candidate generation by Langevin MD with the current model."""
+
+    temperatures_K: list[float] = Field(default_factory=lambda: [300.0], min_length=1)
+    steps: int = Field(500, ge=1, description="MD steps per trajectory.")
+    timestep_fs: float = Field(0.5, gt=0)
+    friction_per_fs: float = Field(0.01, gt=0, description="Langevin friction.")
+    max_force_std: float = Field(0.5, gt=0, description="Stop a trajectory when the largest "
+                                 "per-atom epistemic force std exceeds this (eV/Å).")
+    record_every: int = Field(10, ge=1, description="Keep every n-th frame as a candidate.")
+    seeds_per_round: int = Field(4, ge=1, description="Labelled structures to start from.")
+
+
+class AcquisitionConfig(_Strict):
+    function: Acquisition = Acquisition.BALD_EF
+    batch_size: int = Field(10, ge=1, description="Structures labelled per round.")
+    selection: Selection = Selection.DIVERSE
+    reduction: Reduction = Reduction.SUM
+    threshold: float | None = Field(None, description="Only candidates scoring at least this "
+                                    "are labelled.")
+    chunk_size: int = Field(256, ge=1, description="Candidates scored at once.")
+
+
+class LabelerConfig(_Strict):
+    kind: Literal["pyscf", "replay"] = "pyscf"
+    method: str = Field("hf", description="PySCF method (hf or a LibXC functional).")
+    basis: str = "sto-3g"
+    dispersion: str = "none"
+    charge: int = 0
+    multiplicity: int = Field(1, ge=1)
+    density_fit: bool = True
+    grid_level: int = Field(3, ge=0, le=9)
+    threads: int = Field(1, ge=1, description="Threads per calculation.")
+    timeout_s: float = Field(600.0, gt=0, description="Wall-time limit per calculation.")
+    workers: int = Field(2, ge=1, description="Calculations at once.")
+    retries: int = Field(1, ge=0, description="Task retries after a crashed worker.")
+    replay_files: list[Path] = Field(default_factory=list, description="kind replay: labelled "
+                                     "files whose labels are looked up instead of computed.")
+
+    @field_validator("replay_files")
+    @classmethod
+    def _files_exist(cls, value: list[Path], info: ValidationInfo) -> list[Path]:
+        return _resolve(value, info)
+
+    @model_validator(mode="after")
+    def _replay_needs_files(self) -> LabelerConfig:
+        if self.kind == "replay" and not self.replay_files:
+            raise ValueError("kind replay needs replay_files")
+        return self
+
+
+class StopConfig(_Strict):
+    max_rounds: int = Field(3, ge=1)
+    label_budget: int | None = Field(None, ge=1, description="Stop after this many labels.")
+    target_force_mae: float | None = Field(None, gt=0, description="Stop when the test force "
+                                           "MAE (eV/Å) is at most this.")
+    min_score: float | None = Field(None, description="Stop when every candidate scores below "
+                                    "this.")
+
+
+class DaskConfig(_Strict):
+    cluster: Literal["local", "slurm", "pbs"] = "local"
+    jobs: int = Field(1, ge=1, description="Batch jobs (workers) to start.")
+    cores: int = Field(1, ge=1, description="Cores per job.")
+    memory: str = "4GB"
+    walltime: str = "01:00:00"
+    queue: str | None = None
+    account: str | None = None
+
+
+class RunnerConfig(_Strict):
+    kind: Literal["local", "dask"] = "local"
+    dask: DaskConfig = Field(default_factory=DaskConfig)
+
+
+class CampaignConfig(_Strict):
+    """A whole campaign (see the module docstring)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$",
+                      description="Campaign name (letters, digits, _ . -).")
+    seed: int = 0
+    data: DataConfig
+    explorer: ExplorerConfig | None = None
+    method: Method = Method.ENSEMBLE
+    members: int = Field(4, ge=1)
+    max_train_minutes: float | None = Field(None, gt=0)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    posterior: PosteriorSettings = Field(default_factory=PosteriorSettings)
+    acquisition: AcquisitionConfig = Field(default_factory=AcquisitionConfig)
+    labeler: LabelerConfig = Field(default_factory=LabelerConfig)
+    stop: StopConfig = Field(default_factory=StopConfig)
+    runner: RunnerConfig = Field(default_factory=RunnerConfig)
+
+    @model_validator(mode="after")
+    def _candidates(self) -> CampaignConfig:
+        if not self.data.pool_files and self.explorer is None:
+            raise ValueError("a campaign needs candidates: data.pool_files or an explorer")
+        return self
+
+
+def load_campaign_config(path: str | Path) -> CampaignConfig:
+    """Read and validate a campaign YAML (errors name the file and every bad field)."""
+    return load_yaml_model(path, CampaignConfig, "a campaign: name:, data:, ...")
