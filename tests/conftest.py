@@ -12,6 +12,20 @@ from db.testing import PostgresUnavailable, TemporaryPostgres, create_database
 REPO = Path(__file__).resolve().parents[1]
 
 
+def rattled_waters(n: int, seed: int = 0):
+    """``n`` distinct water molecules (positions rattled by 0.05 Å)."""
+    import numpy as np
+    from ase.build import molecule
+
+    rng = np.random.default_rng(seed)
+    images = []
+    for _ in range(n):
+        a = molecule("H2O")
+        a.positions += rng.normal(scale=0.05, size=a.positions.shape)
+        images.append(a)
+    return images
+
+
 def shared_data_dir() -> Path | None:
     """``$BAYESAL_SHARED_DATA`` or ``../shared/data`` beside the checkout, if present."""
     env = os.environ.get("BAYESAL_SHARED_DATA")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from ase.build import molecule
+from conftest import rattled_waters
 from sqlalchemy import select
 
 from db import DatabaseError, Structure, session_scope
@@ -14,12 +15,7 @@ from db.pool import iter_unlabelled
 
 
 def test_unlabelled_structures_in_chunks(engine):
-    rng = np.random.default_rng(0)
-    images = []
-    for _ in range(11):
-        a = molecule("H2O")
-        a.positions += rng.normal(scale=0.05, size=a.positions.shape)
-        images.append(a)
+    images = rattled_waters(11)
     import_atoms(engine, images, "c")
     import_atoms(engine, [molecule("CH4")], "other")
     with session_scope(engine) as s:

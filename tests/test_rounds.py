@@ -3,8 +3,7 @@ twice, and reuses a stored selection."""
 
 from __future__ import annotations
 
-import numpy as np
-from ase.build import molecule
+from conftest import rattled_waters
 from sqlalchemy import func, select
 
 from db import Round, Score, Structure, session_scope
@@ -38,12 +37,7 @@ def test_rounds_resume_and_stay_contiguous(engine):
 
 
 def test_scores_and_selection_are_stored_once(engine):
-    rng = np.random.default_rng(0)
-    images = []
-    for _ in range(5):
-        a = molecule("H2O")
-        a.positions += rng.normal(scale=0.05, size=a.positions.shape)
-        images.append(a)
+    images = rattled_waters(5)
     import_atoms(engine, images, "c")
     r = open_round(engine, "c")
     assert selected_structure_ids(engine, r.id) == []
