@@ -65,8 +65,8 @@ class LaplaceConfig(BaseModel):
 
 
 def _jacobians(model: MVEPotential, batch: dict[str, torch.Tensor],
-               directions: torch.Tensor | None) -> tuple[dict[str, torch.Tensor],
-                                                          torch.Tensor, torch.Tensor | None]:
+               directions: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor,
+                                                  torch.Tensor]:
     """Model outputs (forces included), J_E (S, D) and J_F·V (N, 3, r) for direction columns
     V (D, r): one forward pass and one backward pass per direction plus one for the weight
     vector itself (which gives the forces). A loop of backward passes over the retained
@@ -78,14 +78,13 @@ def _jacobians(model: MVEPotential, batch: dict[str, torch.Tensor],
     scale = model.scale.to(phi.dtype)
     phi_s = structure_features(phi, batch)
     w = model.energy_head.weight.reshape(-1, 1).to(phi.dtype)
-    cols = w if directions is None else torch.cat([directions.to(phi.dtype), w], dim=1)
+    cols = torch.cat([directions.to(phi.dtype), w], dim=1)
     targets = (phi_s @ cols).sum(0)  # (r + 1,): Σ_s Φ_s·v over structures
     r = targets.shape[0]
     grads = [torch.autograd.grad(targets[k], pos, retain_graph=k < r - 1)[0]
              for k in range(r)]
     out["forces"] = (-scale * grads[-1]).detach()
-    j_f = (None if directions is None
-           else (-scale * torch.stack(grads[:-1], dim=-1)).detach())  # (N, 3, r)
+    j_f = (-scale * torch.stack(grads[:-1], dim=-1)).detach()  # (N, 3, r)
     return out, (scale * phi_s).detach(), j_f
 
 

@@ -95,9 +95,9 @@ def predict_members(models: Sequence[MVEPotential], images: Sequence[Atoms], *,
     dtype = next(first.parameters()).dtype
     parts = []
     for idx in iter_batches(graphs, batch_size=batch_size, max_atoms=max_atoms):
+        batch = batch_graphs([graphs[i] for i in idx], dtype=dtype)  # shared by members
         outs = []
         for model in models:
-            batch = batch_graphs([graphs[i] for i in idx], dtype=dtype)
             out = model(batch)
             out["features"] = structure_features(out["features"], batch)
             outs.append({k: v.detach().to(torch.float64).numpy() for k, v in out.items()})
