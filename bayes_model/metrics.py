@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
 from ase import Atoms
-from scipy.stats import spearmanr
+from scipy.stats import ConstantInputWarning, spearmanr
 
 from bayes_model.data import labels_of
 from bayes_model.predict import Prediction
@@ -49,8 +50,10 @@ def accuracy_metrics(pred: Prediction, images: Sequence[Atoms]) -> dict[str, flo
         "energy_nll": float(nll_e.mean()), "force_nll": float(nll_f.mean()),
         "n_structures": len(e_ref), "n_atoms": int(n.sum()),
     }
-    if len(de) > 2:
-        out["energy_spearman"] = float(spearmanr(np.abs(de), np.sqrt(var_e)).statistic)
-    out["force_spearman"] = float(spearmanr(np.linalg.norm(df, axis=1),
-                                            np.sqrt(np.trace(cov_f, axis1=1, axis2=2))).statistic)
+    with warnings.catch_warnings():  # constant σ (e.g. a bounded head): ρ undefined, NaN
+        warnings.simplefilter("ignore", ConstantInputWarning)
+        if len(de) > 2:
+            out["energy_spearman"] = float(spearmanr(np.abs(de), np.sqrt(var_e)).statistic)
+        out["force_spearman"] = float(spearmanr(
+            np.linalg.norm(df, axis=1), np.sqrt(np.trace(cov_f, axis1=1, axis2=2))).statistic)
     return out

@@ -51,6 +51,18 @@ class Prediction:
         ends = np.cumsum(self.n_atoms)
         return [slice(int(e - n), int(e)) for e, n in zip(ends, self.n_atoms, strict=True)]
 
+    def subset(self, indices: Sequence[int]) -> Prediction:
+        """The prediction of the structures ``indices`` (in that order)."""
+        slices = self.atom_slices()
+        atoms = (np.concatenate([np.arange(slices[i].start, slices[i].stop) for i in indices])
+                 if len(indices) else np.zeros(0, dtype=int))
+        idx = np.asarray(indices, dtype=int)
+        return Prediction(self.energy[idx], self.energy_var_epi[idx], self.energy_var_ale[idx],
+                          self.forces[atoms], self.forces_cov_epi[atoms],
+                          self.forces_cov_ale[atoms], self.n_atoms[idx],
+                          None if self.features is None else self.features[idx],
+                          self.features_metric)
+
     @staticmethod
     def concatenate(parts: Sequence[Prediction]) -> Prediction:
         arrays = {f: np.concatenate([getattr(p, f) for p in parts])

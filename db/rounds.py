@@ -24,10 +24,11 @@ from db.ingest import (
     json_scalars,
     run_transaction,
 )
-from db.models import Campaign, Round, RoundStatus, Score
+from db.models import Campaign, Model, Round, RoundStatus, Score
 
-__all__ = ["RoundInfo", "ScoreRow", "campaign_rounds", "finish_round", "open_round",
-           "record_scores", "selected_structure_ids"]
+__all__ = ["ModelRow", "RoundInfo", "ScoreRow", "campaign_rounds", "finish_round",
+           "mark_selected", "open_round", "record_models", "record_scores", "round_history",
+           "round_models", "score_summary", "selected_structure_ids"]
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,30 @@ def record_scores(engine: Engine, round_id: int, acquisition: str,
     return run_transaction(engine, work)
 
 
+def mark_selected(engine: Engine, round_id: int, acquisition: str,
+                  selected: Sequence[ScoreRow]) -> None:
+    """Mark a round's selection (ranks in order) in one transaction: scores already stored
+    (e.g. chunk by chunk while scoring) are updated, missing ones inserted. A round whose
+    selection is marked is never selected again."""
+
+    def work(session) -> None:
+        stmt = _insert(session, Score.__table__).on_conflict_do_nothing(
+            index_elements=["round_id", "structure_id", "acquisition"])
+        session.execute(stmt, [{"round_id": round_id, "structure_id": r.structure_id,
+                                "acquisition": acquisition, "score": float(r.score),
+                                "components": json_scalars(r.components), "selected": False,
+                                "rank": None} for r in selected])
+        for rank, r in enumerate(selected):
+            session.execute(update(Score)
+                            .where(Score.round_id == round_id,
+                                   Score.structure_id == r.structure_id,
+                                   Score.acquisition == acquisition)
+                            .values(selected=True, rank=rank))
+
+    if selected:
+        run_transaction(engine, work)
+
+
 def selected_structure_ids(engine: Engine, round_id: int) -> list[int]:
     """Structures selected in a round, in selection order (empty: not selected yet)."""
 
@@ -123,5 +148,78 @@ def campaign_rounds(engine: Engine, campaign: str) -> list[tuple[int, str]]:
         return [tuple(r) for r in session.execute(
             select(Round.round_index, Round.status).join(Campaign)
             .where(Campaign.name == campaign).order_by(Round.round_index))]
+
+    return run_transaction(engine, work)
+
+
+@dataclass(frozen=True)
+class ModelRow:
+    member_index: int
+    checkpoint_path: str
+    sha256: str
+    hyperparameters: dict[str, Any]
+
+
+def record_models(engine: Engine, round_id: int, method: str, rows: Sequence[ModelRow]) -> None:
+    """Register a round's trained model (one row per member/state file), once."""
+
+    def work(session) -> None:
+        stmt = _insert(session, Model.__table__).on_conflict_do_nothing(
+            index_elements=["round_id", "method", "member_index"])
+        session.execute(stmt, [{"round_id": round_id, "method": method,
+                                "member_index": r.member_index,
+                                "checkpoint_path": r.checkpoint_path, "sha256": r.sha256,
+                                "hyperparameters": json_scalars(r.hyperparameters)}
+                               for r in rows])
+
+    run_transaction(engine, work)
+
+
+def round_models(engine: Engine, round_id: int) -> list[ModelRow]:
+    """The models registered for a round, by member index (empty: not trained yet)."""
+
+    def work(session) -> list[ModelRow]:
+        return [ModelRow(m.member_index, m.checkpoint_path, m.sha256, m.hyperparameters)
+                for m in session.scalars(select(Model).where(Model.round_id == round_id)
+                                         .order_by(Model.member_index))]
+
+    return run_transaction(engine, work)
+
+
+def round_history(engine: Engine, campaign: str) -> list[dict[str, Any]]:
+    """Every round of a campaign in order: index, status, labels, metrics, times."""
+
+    def work(session) -> list[dict[str, Any]]:
+        rows = session.scalars(select(Round).join(Campaign).where(Campaign.name == campaign)
+                               .order_by(Round.round_index))
+        return [{"round": r.round_index, "id": r.id, "status": r.status,
+                 "n_labelled": r.n_labelled, "metrics": dict(r.metrics or {}),
+                 "started_at": r.started_at, "finished_at": r.finished_at} for r in rows]
+
+    return run_transaction(engine, work)
+
+
+def score_summary(engine: Engine, round_id: int) -> dict[str, float]:
+    """Scores of a round: how many candidates were scored, max/mean score of the pool and of
+    the selected batch, and the mean BALD components of the batch."""
+
+    def work(session) -> dict[str, float]:
+        rows = session.execute(select(Score.score, Score.selected, Score.components)
+                               .where(Score.round_id == round_id)).all()
+        out: dict[str, float] = {"n_scored": len(rows)}
+        if not rows:
+            return out
+        pool = [r[0] for r in rows]
+        chosen = [r for r in rows if r[1]]
+        out.update(pool_score_max=max(pool), pool_score_mean=sum(pool) / len(pool),
+                   n_selected=len(chosen))
+        if chosen:
+            out.update(selected_score_max=max(r[0] for r in chosen),
+                       selected_score_mean=sum(r[0] for r in chosen) / len(chosen))
+            for key in ("bald_e", "bald_f", "energy_std", "max_force_std"):
+                values = [r[2][key] for r in chosen if key in r[2]]
+                if values:
+                    out[f"selected_{key}_mean"] = sum(values) / len(values)
+        return out
 
     return run_transaction(engine, work)

@@ -61,8 +61,11 @@ class DataConfig(_Strict):
     initial_random: int | None = Field(None, ge=1, description="Instead: draw this many "
                                        "structures from the pool to label first.")
     pool_files: list[Path] = Field(default_factory=list, description="Candidate structures.")
-    test_files: list[Path] = Field(default_factory=list, description="Labelled test sets "
-                                   "evaluated every round.")
+    test_files: list[Path] = Field(default_factory=list, description="Test structures, "
+                                   "labelled once by the campaign's labeler and evaluated "
+                                   "every round (never trained on).")
+    valid_fraction: float = Field(0.1, gt=0, lt=1, description="Share of the labelled "
+                                  "training structures held out for validation each round.")
 
     @field_validator("initial_files", "pool_files", "test_files")
     @classmethod
@@ -112,6 +115,7 @@ class LabelerConfig(_Strict):
     grid_level: int = Field(3, ge=0, le=9)
     threads: int = Field(1, ge=1, description="Threads per calculation.")
     timeout_s: float = Field(600.0, gt=0, description="Wall-time limit per calculation.")
+    max_memory_mb: int = Field(4000, ge=100, description="Memory per calculation, MB.")
     workers: int = Field(2, ge=1, description="Calculations at once.")
     retries: int = Field(1, ge=0, description="Task retries after a crashed worker.")
     replay_files: list[Path] = Field(default_factory=list, description="kind replay: labelled "

@@ -1,0 +1,325 @@
+"""The campaign flow: rounds of train -> evaluate -> (explore) -> score/select -> label ->
+store, until a stopping rule holds.
+
+``campaign(config)`` is the deployment entrypoint (``flows/campaign.py:campaign``) and what
+``bayesal run`` calls. The database is the source of truth: running the flow again on the
+same config continues where it stopped (see tasks.steps). Each round is a sub-flow run
+named ``<campaign>-round-<k>``; labeling fans out over the round's task runner (threads
+locally, Dask for clusters). Per round a table and a markdown artifact are published, and a
+progress artifact follows the label budget.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, unmapped
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
+
+from db import ensure_schema
+from db.pool import campaign_activity, label_counts
+from db.rounds import finish_round, round_history
+from flows.campaign_config import CampaignConfig, load_campaign_config
+from flows.settings import load_settings
+from tasks import steps
+from tasks.campaign import (
+    evaluate_task,
+    explore_task,
+    import_task,
+    label_task,
+    open_round_task,
+    select_task,
+    train_task,
+    unlabelled_task,
+)
+from tasks.labeling import build_labeler
+
+__all__ = ["campaign", "campaign_round", "campaign_setup", "make_task_runner"]
+
+
+class _Context:
+    """What every step of a campaign needs, derived once from the config and settings."""
+
+    def __init__(self, config_path: str | Path) -> None:
+        self.cfg: CampaignConfig = load_campaign_config(config_path)
+        settings = load_settings()
+        self.url = settings.database_url
+        self.engine = steps.engine_for(self.url)
+        self.root = Path(settings.data_dir).resolve() / "campaigns" / self.cfg.name
+        self.guess_dir = (str(Path(settings.data_dir).resolve() / "scf-guesses")
+                          if self.cfg.labeler.kind == "pyscf" else None)
+        self.labeler_spec = self.cfg.labeler.model_dump(mode="json")
+        self.settings_hash = build_labeler(self.labeler_spec, self.guess_dir).settings_hash
+
+    def model_dir(self, round_index: int) -> Path:
+        return self.root / f"round-{round_index:03d}" / "model"
+
+    def label_budget_left(self) -> int | None:
+        budget = self.cfg.stop.label_budget
+        if budget is None:
+            return None
+        return budget - sum(label_counts(self.engine, self.cfg.name,
+                                         self.settings_hash).values())
+
+
+def make_task_runner(cfg: CampaignConfig):
+    """The task runner labels fan out over: threads (local) or Dask (local cluster, or
+    SLURM/PBS batch jobs through dask-jobqueue)."""
+    if cfg.runner.kind == "local":
+        from prefect.task_runners import ThreadPoolTaskRunner
+
+        return ThreadPoolTaskRunner(max_workers=cfg.labeler.workers)
+    from prefect_dask import DaskTaskRunner
+
+    d = cfg.runner.dask
+    if d.cluster == "local":
+        return DaskTaskRunner(cluster_kwargs={"n_workers": d.jobs,
+                                              "threads_per_worker": d.cores,
+                                              "processes": True})
+    kwargs: dict[str, Any] = {"cores": d.cores, "memory": d.memory, "walltime": d.walltime,
+                              "processes": 1}
+    if d.queue:
+        kwargs["queue"] = d.queue
+    if d.account:
+        kwargs["account"] = d.account
+    cluster = {"slurm": "dask_jobqueue.SLURMCluster", "pbs": "dask_jobqueue.PBSCluster"}
+    return DaskTaskRunner(cluster_class=cluster[d.cluster], cluster_kwargs=kwargs,
+                          adapt_kwargs={"minimum": 0, "maximum": d.jobs})
+
+
+def _label(ctx: _Context, ids: list[int], round_id: int | None) -> dict[str, Any]:
+    """Label ``ids`` (those still unlabelled) through the task runner; returns counts."""
+    t0 = time.perf_counter()
+    todo = unlabelled_task(ctx.url, ids, ctx.settings_hash)
+    states = []
+    if todo:
+        label = label_task.with_options(retries=ctx.cfg.labeler.retries,
+                                        retry_delay_seconds=1)
+        futures = label.map(unmapped(ctx.url), unmapped(ctx.cfg.name),
+                            unmapped(ctx.labeler_spec), unmapped(ctx.guess_dir), todo,
+                            unmapped(round_id), unmapped(ctx.cfg.labeler.retries))
+        futures.wait()
+        states = [f.state for f in futures]
+    crashed = [s for s in states if not s.is_completed()]
+    if crashed:  # not label failures (those are stored): the store itself failed
+        raise steps.CampaignError(f"{len(crashed)} labeling task(s) crashed, first: "
+                                  f"{crashed[0].message}; run the campaign again to retry them")
+    results = [s.result() for s in states]
+    walls = [r["wall_s"] for r in results if r["status"] != "exists" and r["wall_s"]]
+    return {"n_computed": len(results), "label_s": time.perf_counter() - t0,
+            "label_mean_s": sum(walls) / len(walls) if walls else 0.0}
+
+
+@flow(name="campaign-setup", log_prints=True)
+def campaign_setup(config: str) -> steps.Sources:
+    """Import the campaign's files and label its initial and test structures."""
+    ctx = _Context(config)
+    cfg = ctx.cfg
+    sources = import_task(ctx.url, cfg.name, cfg.model_dump(mode="json"),
+                          pool_files=cfg.data.pool_files, initial_files=cfg.data.initial_files,
+                          test_files=cfg.data.test_files,
+                          initial_random=cfg.data.initial_random, seed=cfg.seed)
+    test_ids = [i for ids in sources.test.values() for i in ids]
+    stats = _label(ctx, sources.initial + test_ids, None)
+    get_run_logger().info("initial and test labels: %d computed", stats["n_computed"])
+    return sources
+
+
+@flow(name="campaign-round", log_prints=True)
+def campaign_round(config: str, round_id: int, round_index: int,
+                   test_sets: dict[str, list[int]]) -> dict[str, Any]:
+    """One round: train -> evaluate -> (explore) -> score/select -> label -> store."""
+    t_round = time.perf_counter()
+    ctx = _Context(config)
+    cfg, name, url, shash = ctx.cfg, ctx.cfg.name, ctx.url, ctx.settings_hash
+    model_dir = ctx.model_dir(round_index)
+    logger = get_run_logger()
+    metrics: dict[str, Any] = {"acquisition": cfg.acquisition.function.value,
+                               "selection": cfg.acquisition.selection.value,
+                               "method": cfg.method.value}
+    metrics.update(train_task(url, name, round_id, round_index, shash, model_dir,
+                              method=cfg.method.value, members=cfg.members,
+                              settings=cfg_training(cfg),
+                              valid_fraction=cfg.data.valid_fraction, seed=cfg.seed,
+                              max_minutes=cfg.max_train_minutes))
+    metrics.update(evaluate_task(url, name, round_index, shash, model_dir, test_sets))
+    mae = metrics.get("test_force_mae", metrics["valid_force_mae"])
+    target = cfg.stop.target_force_mae
+    budget_left = ctx.label_budget_left()
+    batch = cfg.acquisition.batch_size if budget_left is None else max(
+        0, min(cfg.acquisition.batch_size, budget_left))
+    if (target is None or mae > target) and batch > 0:
+        if cfg.explorer is not None:
+            e = cfg.explorer
+            metrics.update(explore_task(url, name, round_index, shash, model_dir,
+                                        temperatures_K=e.temperatures_K, steps=e.steps,
+                                        timestep_fs=e.timestep_fs,
+                                        friction_per_fs=e.friction_per_fs,
+                                        max_force_std=e.max_force_std,
+                                        record_every=e.record_every,
+                                        seeds_per_round=e.seeds_per_round, seed=cfg.seed))
+        a = cfg.acquisition
+        selected, stats = select_task(url, name, round_id, round_index, shash, model_dir, batch,
+                                      acquisition=a.function.value,
+                                      selection=a.selection.value,
+                                      reduction=a.reduction.value, threshold=a.threshold,
+                                      chunk_size=a.chunk_size, seed=cfg.seed + round_index)
+        metrics.update(stats)
+        metrics["n_selected"] = len(selected)
+        if a.threshold is not None:
+            metrics["threshold"] = a.threshold
+        low = (cfg.stop.min_score is not None
+               and stats.get("pool_score_max", 0.0) < cfg.stop.min_score)
+        if selected and not low:
+            metrics.update(_label(ctx, selected, round_id))
+    else:
+        logger.info("round %d: no labels requested (target reached or label budget spent)",
+                    round_index)
+    counts = label_counts(ctx.engine, name, shash, round_id=round_id)
+    metrics.update(n_ok=counts.get("ok", 0),
+                   n_failed=sum(v for k, v in counts.items() if k != "ok"),
+                   n_labels_total=label_counts(ctx.engine, name, shash, test=False)
+                   .get("ok", 0))
+    metrics["round_s"] = time.perf_counter() - t_round
+    inner = sum(metrics.get(k, 0.0) for k in ("train_s", "evaluate_s", "explore_s", "score_s",
+                                              "label_s"))
+    metrics["overhead_s"] = max(0.0, metrics["round_s"] - inner)
+    finish_round(ctx.engine, round_id, metrics=metrics, n_labelled=counts.get("ok", 0))
+    _round_artifacts(ctx, round_index, metrics)
+    return metrics
+
+
+def cfg_training(cfg: CampaignConfig):
+    """The model/train/posterior sections as the TrainingFile that bayes_model expects."""
+    from bayes_model.config import TrainingFile
+
+    return TrainingFile(model=cfg.model, train=cfg.train, posterior=cfg.posterior)
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-") or "campaign"
+
+
+ROUND_COLUMNS = (
+    ("round", "round"), ("labels", "n_labels_total"), ("new ok", "n_ok"),
+    ("failed", "n_failed"), ("test F MAE eV/Å", "test_force_mae"),
+    ("test E MAE eV", "test_energy_mae"), ("test F NLL", "test_force_nll"),
+    ("F miscal. area", "test_force_miscal_area_recal"),
+    ("val F MAE eV/Å", "valid_force_mae"), ("selected mean score", "selected_score_mean"),
+    ("selected max score", "selected_score_max"), ("train s", "train_s"),
+    ("score s", "score_s"), ("label s", "label_s"), ("round s", "round_s"),
+    ("overhead s", "overhead_s"),
+)
+
+
+def round_rows(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One display row per completed round (the round table artifact and `bayesal status`)."""
+    rows = []
+    for r in history:
+        m = {**r["metrics"], "round": r["round"]}
+        rows.append({label: (round(m[k], 5) if isinstance(m.get(k), float) else m.get(k, ""))
+                     for label, k in ROUND_COLUMNS})
+    return rows
+
+
+def _round_artifacts(ctx: _Context, round_index: int, metrics: dict[str, Any]) -> None:
+    slug = _slug(ctx.cfg.name)
+    history = [r for r in round_history(ctx.engine, ctx.cfg.name)
+               if r["status"] == "completed"]
+    create_table_artifact(round_rows(history), key=f"{slug}-rounds",
+                          description=f"Rounds of campaign {ctx.cfg.name}")
+    lines = [f"# {ctx.cfg.name}, round {round_index}", "",
+             f"* labels: {metrics['n_ok']} new ok, {metrics['n_failed']} failed "
+             f"({metrics['n_labels_total']} training labels in all)",
+             f"* validation force MAE: {metrics['valid_force_mae']:.4f} eV/Å"]
+    if "test_force_mae" in metrics:
+        lines.append(f"* test force MAE {metrics['test_force_mae']:.4f} eV/Å, energy MAE "
+                     f"{metrics['test_energy_mae']:.4f} eV, force NLL "
+                     f"{metrics['test_force_nll']:.3f}")
+    if "selected_score_mean" in metrics:
+        lines.append(f"* selected {metrics['n_selected']} of {metrics['n_scored']} "
+                     f"candidates by {metrics['acquisition']} ({metrics['selection']}): "
+                     f"mean score {metrics['selected_score_mean']:.4g}, max "
+                     f"{metrics['selected_score_max']:.4g}")
+    lines.append("* time: " + ", ".join(f"{k[:-2]} {metrics[k]:.1f} s" for k in
+                                         ("train_s", "evaluate_s", "explore_s", "score_s",
+                                          "label_s", "overhead_s", "round_s")
+                                         if k in metrics))
+    create_markdown_artifact("\n".join(lines), key=f"{slug}-round-{round_index}",
+                             description=f"Round {round_index} of {ctx.cfg.name}")
+
+
+def _run_name() -> str:
+    from prefect.runtime import flow_run
+
+    try:
+        import yaml
+
+        return str(yaml.safe_load(Path(flow_run.parameters["config"]).read_text())["name"])
+    except Exception:
+        return "campaign"
+
+
+@flow(name="campaign", flow_run_name=_run_name, log_prints=True)
+def campaign(config: str, resume: bool = True) -> dict[str, Any]:
+    """Run (or continue) the active-learning campaign described by the YAML ``config``."""
+    ctx = _Context(config)
+    cfg, logger = ctx.cfg, get_run_logger()
+    ensure_schema(ctx.engine, create=True)
+    if not resume and any(campaign_activity(ctx.engine, cfg.name)):
+        raise steps.CampaignError(
+            f"campaign {cfg.name!r} already has labels or rounds in the database; continue "
+            "it with resume (bayesal run --resume) or choose another name")
+    sources = campaign_setup.with_options(flow_run_name=f"{cfg.name}-setup")(str(config))
+    slug = _slug(cfg.name)
+    progress_id = None
+    while True:
+        history = round_history(ctx.engine, cfg.name)
+        reason = steps.stop_reason(ctx.engine, cfg.name, ctx.settings_hash, history,
+                                   max_rounds=cfg.stop.max_rounds,
+                                   label_budget=cfg.stop.label_budget,
+                                   target_force_mae=cfg.stop.target_force_mae,
+                                   min_score=cfg.stop.min_score)
+        progress = _progress(ctx, history)
+        if progress_id is None:
+            progress_id = create_progress_artifact(progress, key=f"{slug}-progress",
+                                                   description=_progress_text(ctx))
+        else:
+            update_progress_artifact(progress_id, progress)
+        if reason:
+            break
+        info = open_round_task(ctx.url, cfg.name)
+        round_flow = campaign_round.with_options(
+            flow_run_name=f"{cfg.name}-round-{info.index}", task_runner=make_task_runner(cfg))
+        round_flow(str(config), info.id, info.index, sources.test)
+    history = [r for r in round_history(ctx.engine, cfg.name) if r["status"] == "completed"]
+    counts = label_counts(ctx.engine, cfg.name, ctx.settings_hash, test=None)
+    logger.info("campaign %s stopped: %s (%d rounds, labels %s)", cfg.name, reason,
+                len(history), counts)
+    last = history[-1]["metrics"] if history else {}
+    return {"campaign": cfg.name, "rounds": len(history), "stop_reason": reason,
+            "labels": counts, "test_force_mae": last.get("test_force_mae"),
+            "valid_force_mae": last.get("valid_force_mae")}
+
+
+def _progress(ctx: _Context, history: list[dict[str, Any]]) -> float:
+    """Percent of the label budget used (or of the rounds, without a budget)."""
+    budget = ctx.cfg.stop.label_budget
+    if budget is not None:
+        return min(100.0, 100.0 * (budget - ctx.label_budget_left()) / budget)
+    done = sum(r["status"] == "completed" for r in history)
+    return min(100.0, 100.0 * done / ctx.cfg.stop.max_rounds)
+
+
+def _progress_text(ctx: _Context) -> str:
+    if ctx.cfg.stop.label_budget is not None:
+        return f"Labels used of the budget of {ctx.cfg.stop.label_budget} ({ctx.cfg.name})"
+    return f"Rounds done of {ctx.cfg.stop.max_rounds} ({ctx.cfg.name})"

@@ -1,0 +1,138 @@
+"""Prefect tasks of a campaign: thin wrappers over tasks.steps, tasks.labeling and db.
+
+Arguments are plain values (database URL, ids, paths, dicts) so that tasks can run in
+threads, processes or on Dask workers; each opens its own engine. Results are not cached
+by Prefect: the database decides what is already done.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NONE
+from prefect.runtime import task_run
+
+from db.pool import load_atoms, unlabelled_ids
+from db.rounds import RoundInfo, open_round
+from tasks import steps
+from tasks.labeling import build_labeler, compute_label, store_results
+
+__all__ = ["evaluate_task", "explore_task", "import_task", "label_task", "open_round_task",
+           "select_task", "train_task", "unlabelled_task"]
+
+
+class RetryableLabelError(RuntimeError):
+    """A labeling worker died (not an SCF failure): worth another try."""
+
+
+@task(name="import-sources", cache_policy=NONE)
+def import_task(url: str, campaign: str, config: dict[str, Any], *, pool_files: list[Path],
+                initial_files: list[Path], test_files: list[Path],
+                initial_random: int | None, seed: int) -> steps.Sources:
+    sources = steps.import_sources(steps.engine_for(url), campaign, config,
+                                   pool_files=pool_files, initial_files=initial_files,
+                                   test_files=test_files, initial_random=initial_random,
+                                   seed=seed)
+    get_run_logger().info("campaign %s: %d pool structures, %d initial, %d test", campaign,
+                          sources.n_pool, len(sources.initial),
+                          sum(len(v) for v in sources.test.values()))
+    return sources
+
+
+@task(name="open-round", cache_policy=NONE)
+def open_round_task(url: str, campaign: str) -> RoundInfo:
+    info = open_round(steps.engine_for(url), campaign)
+    get_run_logger().info("%s round %d of %s", "resuming" if info.resumed else "starting",
+                          info.index, campaign)
+    return info
+
+
+@task(name="unlabelled", cache_policy=NONE)
+def unlabelled_task(url: str, ids: list[int], settings_hash: str) -> list[int]:
+    return unlabelled_ids(steps.engine_for(url), ids, settings_hash)
+
+
+@task(name="train", cache_policy=NONE, task_run_name="train-round-{round_index}")
+def train_task(url: str, campaign: str, round_id: int, round_index: int, settings_hash: str,
+               model_dir: Path, **kwargs) -> dict[str, Any]:
+    logger = get_run_logger()
+    last = [0.0]
+
+    def on_epoch(k: int, record: dict) -> None:
+        if time.monotonic() - last[0] > 10:  # a line every 10 s is enough
+            last[0] = time.monotonic()
+            logger.info("member %d epoch %d: loss %.4g, validation force MAE %.4f eV/Å", k,
+                        record["epoch"], record["loss"], record["valid_force_mae"])
+
+    out = steps.train_round(steps.engine_for(url), campaign, round_id, round_index,
+                            settings_hash, model_dir, on_epoch=on_epoch, **kwargs)
+    logger.info("model %s (%s): validation force MAE %.4f eV/Å on %d labels", model_dir,
+                "reused" if out["reused"] else f"trained in {out['train_s']:.0f} s",
+                out["valid_force_mae"], out["n_train_labels"])
+    return out
+
+
+@task(name="evaluate", cache_policy=NONE, task_run_name="evaluate-round-{round_index}")
+def evaluate_task(url: str, campaign: str, round_index: int, settings_hash: str,
+                  model_dir: Path, test_sets: dict[str, list[int]]) -> dict[str, float]:
+    t0 = time.perf_counter()
+    metrics = steps.evaluate_model(steps.engine_for(url), campaign, settings_hash, model_dir,
+                                   test_sets)
+    if metrics:
+        get_run_logger().info("test: force MAE %.4f eV/Å, energy MAE %.4f eV, force NLL %.3f",
+                              metrics["test_force_mae"], metrics["test_energy_mae"],
+                              metrics["test_force_nll"])
+    return {**metrics, "evaluate_s": time.perf_counter() - t0}
+
+
+@task(name="explore", cache_policy=NONE, task_run_name="explore-round-{round_index}")
+def explore_task(url: str, campaign: str, round_index: int, settings_hash: str,
+                 model_dir: Path, **kwargs) -> dict[str, float]:
+    out = steps.explore_round(steps.engine_for(url), campaign, round_index, settings_hash,
+                              model_dir, **kwargs)
+    get_run_logger().info("exploration: %d new candidate frames", out["n_explored"])
+    return out
+
+
+@task(name="score-select", cache_policy=NONE, task_run_name="score-select-round-{round_index}")
+def select_task(url: str, campaign: str, round_id: int, round_index: int,
+                settings_hash: str, model_dir: Path, batch_size: int,
+                **kwargs) -> tuple[list[int], dict[str, float]]:
+    logger = get_run_logger()
+    last = [time.monotonic()]
+
+    def on_chunk(n: int) -> None:
+        if time.monotonic() - last[0] > 10:
+            last[0] = time.monotonic()
+            logger.info("scored %d candidates", n)
+
+    ids, stats = steps.select_batch(steps.engine_for(url), campaign, round_id, settings_hash,
+                                    model_dir, batch_size, on_chunk=on_chunk, **kwargs)
+    logger.info("selected %d of %d candidates%s", len(ids), stats.get("n_scored", 0),
+                " (stored selection reused)" if stats.get("selection_reused") else "")
+    return ids, stats
+
+
+@task(name="label", cache_policy=NONE, task_run_name="label-structure-{structure_id}")
+def label_task(url: str, campaign: str, labeler_spec: dict[str, Any], guess_dir: str | None,
+               structure_id: int, round_id: int | None, retries: int = 0) -> dict[str, Any]:
+    """Label one structure and store the outcome at once. A crashed worker (status
+    ``error``) is retried by Prefect up to ``retries`` times, then recorded."""
+    engine = steps.engine_for(url)
+    labeler = build_labeler(labeler_spec, guess_dir)
+    if not unlabelled_ids(engine, [structure_id], labeler.settings_hash):
+        return {"structure_id": structure_id, "status": "exists", "wall_s": 0.0}
+    atoms = load_atoms(engine, [structure_id])[0]
+    result = compute_label(labeler, atoms)
+    if result.status == "error" and (task_run.run_count or 1) <= retries:
+        raise RetryableLabelError(f"structure {structure_id}: {result.error}")
+    store_results(engine, campaign, labeler, [(atoms, result)], round_id=round_id)
+    if not result.ok:
+        get_run_logger().warning("structure %d: %s (%s)", structure_id, result.status,
+                                 (result.error or "").splitlines()[0][:200] if result.error
+                                 else "no reason given")
+    return {"structure_id": structure_id, "status": result.status, "wall_s": result.wall_s,
+            "n_scf_cycles": result.n_scf_cycles}

@@ -1,0 +1,305 @@
+"""The steps of a campaign as plain functions; the Prefect tasks in tasks/prefect.py wrap
+them one to one, the flow in flows/campaign.py composes them.
+
+Every step reads the database first and does only what is missing, so a campaign killed
+at any point and started again continues from the last complete step:
+
+* sources are imported by structure hash (a re-import adds nothing);
+* a round's model is reused once it is registered in ``models`` (interrupted training
+  continues from the members' saved states);
+* a round's selection is reused once it is marked in ``scores``;
+* a structure is labelled only if it has no label (ok or failed) under the labeler's
+  settings hash, and each label is stored the moment it is computed.
+
+Nothing here imports Prefect or the flows package; configuration arrives as plain values.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sqlalchemy import Engine
+
+from db import StructureSource, ensure_schema, make_engine
+from db.importer import import_files
+from db.pool import (
+    add_explored,
+    draw_structures,
+    explored_count,
+    iter_unlabelled,
+    label_counts,
+    labelled_atoms,
+    set_campaign_config,
+)
+from db.rounds import (
+    ModelRow,
+    ScoreRow,
+    mark_selected,
+    record_models,
+    record_scores,
+    round_models,
+    score_summary,
+    selected_structure_ids,
+)
+
+__all__ = ["CampaignError", "Sources", "engine_for", "evaluate_model", "explore_round",
+           "import_sources", "select_batch", "stop_reason", "test_set_name", "train_round"]
+
+log = logging.getLogger("bayesal.campaign")
+
+
+class CampaignError(RuntimeError):
+    """A campaign cannot go on; the message says why and what to change."""
+
+
+@functools.lru_cache(maxsize=4)
+def engine_for(url: str) -> Engine:
+    """One engine per database URL and process (tasks may run in threads or on Dask)."""
+    return make_engine(url)
+
+
+def test_set_name(path: str | Path) -> str:
+    """Metric-friendly name of a test file: its stem with other characters as ``_``."""
+    return re.sub(r"[^A-Za-z0-9]+", "_", Path(path).stem).strip("_").lower() or "test"
+
+
+@dataclass
+class Sources:
+    """What a campaign starts from, by structure id."""
+
+    initial: list[int] = field(default_factory=list)  # to label before the first round
+    test: dict[str, list[int]] = field(default_factory=dict)  # test set name -> ids
+    n_pool: int = 0
+
+
+def import_sources(engine: Engine, campaign: str, config: dict[str, Any], *,
+                   pool_files: Sequence[Path], initial_files: Sequence[Path],
+                   test_files: Sequence[Path], initial_random: int | None,
+                   seed: int) -> Sources:
+    """Create the campaign (storing ``config``), import its files (structures only: labels
+    come from the campaign's labeler), and name the structures to label first.
+
+    Re-running it changes nothing: structures are identified by hash, and the random initial
+    draw is seeded and made on hash order.
+    """
+    ensure_schema(engine, create=True)
+    set_campaign_config(engine, campaign, config)
+    out = Sources()
+    if pool_files:
+        out.n_pool = import_files(engine, list(pool_files), campaign,
+                                  source=StructureSource.POOL).n_frames
+    if initial_files:
+        report = import_files(engine, list(initial_files), campaign,
+                              source=StructureSource.INITIAL)
+        out.initial = list(dict.fromkeys(report.structure_ids))
+    if initial_random:
+        out.initial += [i for i in draw_structures(engine, campaign, initial_random, seed)
+                        if i not in out.initial]
+    for path in test_files:
+        report = import_files(engine, [path], campaign, source=StructureSource.TEST)
+        out.test.setdefault(test_set_name(path), []).extend(report.structure_ids)
+    test_ids = {i for ids in out.test.values() for i in ids}
+    if clash := test_ids & set(out.initial):
+        raise CampaignError(f"{len(clash)} test structures are also initial training "
+                            "structures; test files must be disjoint from initial data")
+    return out
+
+
+def member_minutes(total: float | None, members: int, processes: int) -> float | None:
+    """Per-member time budget when ``members`` train ``processes`` at a time in ``total``."""
+    if total is None:
+        return None
+    return total / -(-members // max(1, min(processes, members)))
+
+
+def train_round(engine: Engine, campaign: str, round_id: int, round_index: int,
+                settings_hash: str, model_dir: Path, *, method: str, members: int,
+                settings, valid_fraction: float, seed: int, max_minutes: float | None,
+                processes: int | None = None,
+                on_epoch: Callable[[int, dict], None] | None = None) -> dict[str, Any]:
+    """Train the round's posterior on every ok label (test set excluded) and register it.
+
+    A round whose model is registered reuses it; interrupted training resumes from the
+    members' saved states. ``settings`` is a :class:`bayes_model.config.TrainingFile`.
+    """
+    import os
+
+    from bayes_model.checkpoint import read_manifest
+    from bayes_model.ensemble import split_validation
+    from bayes_model.posterior import Method, train_posterior
+
+    t0 = time.perf_counter()
+    model_dir = Path(model_dir)
+    images = labelled_atoms(engine, campaign, settings_hash)
+    if round_models(engine, round_id) and (model_dir / "manifest.json").is_file():
+        manifest = read_manifest(model_dir)
+        return _train_summary(manifest, len(images), reused=True, seconds=0.0)
+    if len(images) < 2:
+        raise CampaignError(f"campaign {campaign!r} has {len(images)} labelled training "
+                            "structure(s); at least 2 are needed to train (more initial "
+                            "structures, or check the failed labels with `bayesal status`)")
+    method = Method(method)
+    n_models = members if method is Method.ENSEMBLE else 1
+    procs = min(n_models, processes or os.cpu_count() or 1)
+    train_cfg = settings.train.model_copy(update={
+        "seed": settings.train.seed + 1000 * round_index,
+        "max_minutes": member_minutes(max_minutes, n_models, procs)
+        if max_minutes is not None else settings.train.max_minutes})
+    settings = settings.model_copy(update={"train": train_cfg})
+    train, valid = split_validation(images, valid_fraction, seed=seed + round_index)
+    train_posterior(method, train, valid, model_dir, settings=settings, members=n_models,
+                    processes=procs, resume=True, on_epoch=on_epoch)
+    manifest = read_manifest(model_dir)
+    hyper = {"n_train": len(train), "n_valid": len(valid), "seed": train_cfg.seed,
+             **({"posterior_file": manifest.posterior.get("file"),
+                 "posterior_sha256": manifest.posterior.get("sha256")}
+                if manifest.posterior else {})}
+    record_models(engine, round_id, manifest.method, [
+        ModelRow(k, str(model_dir / m["file"]), m["sha256"], {**hyper, "seed": m.get("seed")})
+        for k, m in enumerate(manifest.members)])
+    return _train_summary(manifest, len(images), reused=False,
+                          seconds=time.perf_counter() - t0)
+
+
+def _train_summary(manifest, n_labelled: int, *, reused: bool, seconds: float) -> dict:
+    members = manifest.members
+    return {"n_train_labels": n_labelled, "reused": reused, "train_s": seconds,
+            "valid_force_mae": float(np.mean([m["valid_force_mae"] for m in members])),
+            "valid_energy_mae": float(np.mean([m["valid_energy_mae"] for m in members]))}
+
+
+def evaluate_model(engine: Engine, campaign: str, settings_hash: str, model_dir: Path,
+                   test_sets: dict[str, list[int]]) -> dict[str, float]:
+    """Accuracy, NLL and calibration of the round's model on the labelled test structures:
+    ``test_*`` over all of them, ``test_<name>_*`` per test file (eV, eV/Å, nats)."""
+    from bayes_model.calibration import calibration_metrics
+    from bayes_model.metrics import accuracy_metrics
+    from bayes_model.posterior import load_posterior
+
+    images = labelled_atoms(engine, campaign, settings_hash, test=True)
+    if not images:
+        return {}
+    posterior = load_posterior(model_dir)
+    pred = posterior.predict(images)
+    recal = posterior.recalibration
+    out: dict[str, float] = {}
+
+    def add(prefix: str, idx: list[int]) -> None:
+        sub = [images[i] for i in idx]
+        p = pred.subset(idx) if len(idx) < len(images) else pred
+        metrics = accuracy_metrics(p, sub)
+        metrics.update(calibration_metrics(p, sub, recalibration=recal))
+        out.update({f"{prefix}{k}": v for k, v in metrics.items()})
+
+    add("test_", list(range(len(images))))
+    if len(test_sets) > 1:
+        position = {a.info["structure_id"]: i for i, a in enumerate(images)}
+        for name, ids in test_sets.items():
+            idx = [position[i] for i in ids if i in position]
+            if idx:
+                add(f"test_{name}_", idx)
+    return out
+
+
+def explore_round(engine: Engine, campaign: str, round_index: int, settings_hash: str,
+                  model_dir: Path, *, temperatures_K: Sequence[float], steps: int,
+                  timestep_fs: float, friction_per_fs: float, max_force_std: float,
+                  record_every: int, seeds_per_round: int, seed: int) -> dict[str, float]:
+    """Langevin MD with the round's model from labelled structures; the frames become
+    candidates (source ``explored``). Done once per round (all frames in one transaction)."""
+    from bayes_model.explore import explore
+    from bayes_model.posterior import load_posterior
+
+    if (n := explored_count(engine, campaign, round_index)) > 0:
+        return {"n_explored": n, "explore_reused": True}
+    t0 = time.perf_counter()
+    labelled = labelled_atoms(engine, campaign, settings_hash)
+    rng = np.random.default_rng(seed + round_index)
+    picks = rng.choice(len(labelled), size=min(seeds_per_round, len(labelled)), replace=False)
+    seeds = [labelled[i] for i in sorted(picks)]
+    trajectories = explore(load_posterior(model_dir), seeds, temperatures_K=temperatures_K,
+                           steps=steps, timestep_fs=timestep_fs,
+                           friction_per_fs=friction_per_fs,
+                           max_force_std_threshold=max_force_std, record_every=record_every,
+                           seed=seed + round_index)
+    items = [(frame, seeds[t.seed_index].info["structure_id"])
+             for t in trajectories for frame in t.frames]
+    n_new = add_explored(engine, campaign, round_index, items)
+    stopped = sum(t.stopped == "uncertain" for t in trajectories)
+    return {"n_explored": n_new, "explore_trajectories": len(trajectories),
+            "explore_stopped_uncertain": stopped,
+            "explore_mean_steps": float(np.mean([t.steps_run for t in trajectories])),
+            "explore_s": time.perf_counter() - t0}
+
+
+def select_batch(engine: Engine, campaign: str, round_id: int, settings_hash: str,
+                 model_dir: Path, batch_size: int, *, acquisition: str, selection: str,
+                 reduction: str, threshold: float | None, chunk_size: int, seed: int,
+                 on_chunk: Callable[[int], None] | None = None,
+                 ) -> tuple[list[int], dict[str, float]]:
+    """Score every unlabelled candidate with the round's model, store the scores chunk by
+    chunk and mark the selected batch. A round whose selection is stored returns it."""
+    from bayes_model.posterior import load_posterior
+    from bayes_model.scoring import score_pool
+
+    stored = selected_structure_ids(engine, round_id)
+    if stored:
+        return stored, {**score_summary(engine, round_id), "selection_reused": True}
+    t0 = time.perf_counter()
+    posterior = load_posterior(model_dir)
+    frames = (a for _, a in iter_unlabelled(engine, campaign, settings_hash=settings_hash,
+                                            chunk_size=chunk_size))
+
+    def on_scores(first: int, chunk, scores) -> None:
+        values = scores.as_dict()
+        record_scores(engine, round_id, acquisition, [
+            ScoreRow(a.info["structure_id"], float(values["score"][j]),
+                     {c: float(v[j]) for c, v in values.items() if c != "score"})
+            for j, a in enumerate(chunk)])
+        if on_chunk is not None:
+            on_chunk(first + len(chunk))
+
+    result = score_pool(posterior, frames, batch_size, acquisition=acquisition,
+                        reduction=reduction, selection=selection, threshold=threshold,
+                        chunk_size=chunk_size, seed=seed, on_scores=on_scores)
+    chosen = [ScoreRow(c.atoms.info["structure_id"], c.score, c.components, rank)
+              for rank, c in enumerate(result.selected)]
+    mark_selected(engine, round_id, acquisition, chosen)
+    return ([r.structure_id for r in chosen],
+            {**score_summary(engine, round_id), "score_s": time.perf_counter() - t0})
+
+
+def stop_reason(engine: Engine, campaign: str, settings_hash: str, history: list[dict], *,
+                max_rounds: int, label_budget: int | None, target_force_mae: float | None,
+                min_score: float | None) -> str | None:
+    """Why the campaign should not start another round (None: go on). ``history`` is
+    :func:`db.rounds.round_history`; a running round is always finished first."""
+    if any(r["status"] == "running" for r in history):
+        return None
+    done = [r for r in history if r["status"] == "completed"]
+    if len(done) >= max_rounds:
+        return f"max_rounds: {len(done)} rounds done"
+    if label_budget is not None:
+        used = sum(label_counts(engine, campaign, settings_hash).values())
+        if used >= label_budget:
+            return f"label_budget: {used} labels of {label_budget}"
+    if done:
+        last = done[-1]["metrics"]
+        mae = last.get("test_force_mae", last.get("valid_force_mae"))
+        if target_force_mae is not None and mae is not None and mae <= target_force_mae:
+            return f"target_force_mae: {mae:.4g} eV/Å <= {target_force_mae}"
+        if last.get("n_selected") == 0:
+            return "no candidates left to label" + (
+                f" (threshold {last['threshold']})" if "threshold" in last else "")
+        top = last.get("pool_score_max")
+        if min_score is not None and top is not None and top < min_score:
+            return f"min_score: best candidate scored {top:.4g} < {min_score}"
+    return None
