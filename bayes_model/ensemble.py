@@ -6,6 +6,8 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import queue
+import signal
+import sys
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -122,7 +124,8 @@ def train_ensemble(
             pump = threading.Thread(target=_pump, args=(events, on_epoch, stop), daemon=True)
             pump.start()
             try:
-                with ProcessPoolExecutor(max_workers=procs, mp_context=ctx) as pool:
+                with ProcessPoolExecutor(max_workers=procs, mp_context=ctx,
+                                         initializer=_die_with_parent) as pool:
                     futures = [pool.submit(_member_job, k, data, model_config, train_config,
                                            str(work), resume, threads, events)
                                for k in range(members)]
@@ -148,6 +151,15 @@ def train_ensemble(
     return save_members(out_dir, models, method="ensemble",
                         seeds=[train_config.seed + k for k in range(members)],
                         member_info=[results[k][1] for k in range(members)], extra=extra)
+
+
+def _die_with_parent() -> None:
+    """Member processes are SIGKILLed when the trainer dies (Linux), so a killed campaign
+    leaves no orphan writing into the training folder that a restart resumes from."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 class _Direct:

@@ -28,6 +28,7 @@ from db import ensure_schema
 from db.pool import campaign_activity, label_counts
 from db.rounds import finish_round, round_history
 from flows.campaign_config import CampaignConfig, load_campaign_config
+from flows.campaign_report import round_rows
 from flows.settings import load_settings
 from tasks import steps
 from tasks.campaign import (
@@ -206,28 +207,6 @@ def cfg_training(cfg: CampaignConfig):
 
 def _slug(name: str) -> str:
     return re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-") or "campaign"
-
-
-ROUND_COLUMNS = (
-    ("round", "round"), ("labels", "n_labels_total"), ("new ok", "n_ok"),
-    ("failed", "n_failed"), ("test F MAE eV/Å", "test_force_mae"),
-    ("test E MAE eV", "test_energy_mae"), ("test F NLL", "test_force_nll"),
-    ("F miscal. area", "test_force_miscal_area_recal"),
-    ("val F MAE eV/Å", "valid_force_mae"), ("selected mean score", "selected_score_mean"),
-    ("selected max score", "selected_score_max"), ("train s", "train_s"),
-    ("score s", "score_s"), ("label s", "label_s"), ("round s", "round_s"),
-    ("overhead s", "overhead_s"),
-)
-
-
-def round_rows(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One display row per completed round (the round table artifact and `bayesal status`)."""
-    rows = []
-    for r in history:
-        m = {**r["metrics"], "round": r["round"]}
-        rows.append({label: (round(m[k], 5) if isinstance(m.get(k), float) else m.get(k, ""))
-                     for label, k in ROUND_COLUMNS})
-    return rows
 
 
 def _round_artifacts(ctx: _Context, round_index: int, metrics: dict[str, Any]) -> None:

@@ -48,11 +48,12 @@ def user_errors() -> Iterator[None]:
     from db import DatabaseError
     from db.readers import InputError
     from labelers import LabelerInputError
+    from tasks.steps import CampaignError
 
     try:
         yield
     except (InputError, LabelerInputError, DatabaseError, SettingsError, ValueError,
-            FileNotFoundError) as exc:
+            FileNotFoundError, CampaignError) as exc:
         if state.debug:  # BAYESAL_LOG_LEVEL=DEBUG: the traceback too, for bug reports
             err_console.print_exception()
         err_console.print("[bold red]error:[/] ", end="")

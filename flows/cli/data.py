@@ -185,6 +185,9 @@ def status(
                            str(r["n_models"]), str(r["started_at"])[:19],
                            str(r["finished_at"] or "")[:19])
             console.print(rt)
+            from flows.cli.campaign import print_round_metrics
+
+            print_round_metrics(campaign)
         else:
             console.print(f"{campaign}: no active-learning rounds yet")
         failures = label_failures(session, campaign)

@@ -1,0 +1,136 @@
+"""Campaign commands: run (or resume) a campaign, deploy it to a Prefect work pool."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from flows.cli._app import app, console, settings, user_errors, writer_engine
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _quiet_prefect() -> None:
+    # Prefect's local server sends telemetry heartbeats that fail noisily on a busy SQLite
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+def _check_new(cfg, resume: bool) -> None:
+    from db import ensure_schema
+    from db.pool import campaign_activity
+
+    engine = writer_engine(settings())
+    ensure_schema(engine, create=True)
+    rounds, labels = campaign_activity(engine, cfg.name)
+    engine.dispose()
+    if (rounds or labels) and not resume:
+        raise ValueError(f"campaign {cfg.name!r} already has {rounds} round(s) and {labels} "
+                         "label(s) in the database: continue it with `bayesal run CONFIG "
+                         "--resume`, or give the campaign another name")
+
+
+@app.command("run")
+def run(
+    config: Annotated[Path, typer.Argument(help="Campaign YAML (see docs/campaign.md).")],
+    resume: Annotated[bool, typer.Option(
+        "--resume", help="Continue a campaign that is already in the database (after a "
+                         "crash, or with a raised max_rounds/label_budget).")] = False,
+) -> None:
+    """Run an active-learning campaign until one of its stopping rules holds.
+
+    Rounds of train -> evaluate -> score -> select -> label -> store, as Prefect flows
+    (Prefect's local API unless PREFECT_API_URL points at a server).
+    Everything is stored as it happens: after an interruption, the same command with
+    --resume continues from the last complete step without labelling anything twice.
+    """
+    from flows.campaign_config import load_campaign_config
+
+    with user_errors():
+        cfg = load_campaign_config(config)  # nothing is written before the config is valid
+        _check_new(cfg, resume)
+        _quiet_prefect()
+        from flows.campaign import campaign
+
+        result = campaign(str(config.resolve()), resume=True)
+        console.print(f"campaign [bold]{cfg.name}[/] stopped after {result['rounds']} "
+                      f"round(s): {result['stop_reason']}")
+        print_round_metrics(cfg.name)
+        url = settings().database_url
+        console.print(
+            "\nwhere to look:\n"
+            f"  bayesal status --campaign {cfg.name}\n"
+            f"  bayesal sql \"SELECT round_index, status, n_ok, n_failed FROM round_summary "
+            f"WHERE campaign = '{cfg.name}'\"\n"
+            f"  bayesal sql \"SELECT formula, energy, max_force, labeler, method, basis FROM "
+            f"labelled_data WHERE campaign = '{cfg.name}' LIMIT 10\"\n"
+            f"  bayesal export --campaign {cfg.name} --output {cfg.name}.xyz\n"
+            f"  bayesal dashboard --campaign {cfg.name}\n"
+            f"  database: {url}; models: {settings().data_dir}/campaigns/{cfg.name}/",
+            markup=False, highlight=False, soft_wrap=True)
+
+
+CLI_COLUMNS = {"round": "round", "labels": "labels", "new ok": "ok", "failed": "failed",
+               "test F MAE eV/Å": "test F MAE", "test E MAE eV": "test E MAE",
+               "test F NLL": "test F NLL", "val F MAE eV/Å": "val F MAE",
+               "selected mean score": "mean score", "round s": "time s"}
+
+
+def print_round_metrics(campaign: str) -> None:
+    """The learning-curve table of a campaign's completed rounds."""
+    from db import make_engine
+    from db.rounds import round_history
+    from flows.campaign_report import round_rows
+
+    engine = make_engine(settings().database_url, readonly=True)
+    rows = round_rows([r for r in round_history(engine, campaign)
+                       if r["status"] == "completed"])
+    engine.dispose()
+    if not rows:
+        return
+    table = Table(title=f"learning curve of {campaign} (MAE in eV and eV/Å, NLL in nats; "
+                        "mean score of the selected batch)")
+    keys = [k for k in CLI_COLUMNS if any(r[k] not in ("", None) for r in rows)]
+    for k in keys:
+        table.add_column(CLI_COLUMNS[k], justify="right")
+    for r in rows:
+        table.add_row(*(f"{r[k]:.3g}" if isinstance(r[k], float) else str(r[k])
+                        for k in keys))
+    console.print(table)
+
+
+@app.command("deploy")
+def deploy(
+    config: Annotated[Path, typer.Argument(help="Campaign YAML the deployment runs.")],
+    name: Annotated[str | None, typer.Option(help="Deployment name (default: the campaign "
+                                             "name).")] = None,
+    pool: Annotated[str, typer.Option(help="Prefect work pool (a process pool is created "
+                                      "if missing).")] = "bayesal",
+    run_now: Annotated[bool, typer.Option("--run", help="Also start a run of it.")] = False,
+) -> None:
+    """Register a campaign as a Prefect deployment on a work pool.
+
+    The deployment runs flow `campaign` with parameter `config`. Needs a Prefect server
+    (PREFECT_API_URL); start a worker with `prefect worker start --pool POOL`.
+    The worker's runs get this shell's BAYESAL_* settings."""
+    from flows.campaign_config import load_campaign_config
+
+    with user_errors():
+        cfg = load_campaign_config(config)
+        if not os.environ.get("PREFECT_API_URL"):
+            raise ValueError("bayesal deploy needs a Prefect server: start one with `prefect "
+                             "server start` and set PREFECT_API_URL=http://127.0.0.1:4200/api")
+        from flows.deploy import deploy_campaign
+
+        deployment_id, flow_run_id = deploy_campaign(
+            config.resolve(), name or cfg.name, pool, settings(), run_now=run_now)
+        console.print(f"deployment campaign/{name or cfg.name} ({deployment_id}) on work pool "
+                      f"{pool}")
+        if flow_run_id:
+            console.print(f"started flow run {flow_run_id}")
+        console.print(f"start a worker: prefect worker start --pool {pool}\n"
+                      f"run it:         prefect deployment run campaign/{name or cfg.name}",
+                      markup=False, highlight=False)

@@ -1,0 +1,228 @@
+"""The campaign flow end to end under a real (temporary) Prefect API.
+
+* replay labeler on the shared ethanol data, SQLite and PostgreSQL: rounds, labels per
+  round, models, scores, artifacts, and a rerun that adds nothing;
+* real PySCF (HF/STO-3G water) with the explorer as the only candidate source and one
+  forced SCF failure in a round's batch;
+* config errors refused before anything is written.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import ase.io
+import pytest
+import yaml
+from conftest import rattled_waters
+from sqlalchemy import func, select
+
+TINY = {"channels": 4, "n_layers": 1, "radial_hidden": 8, "l_max": 1}
+
+
+def ethanol_campaign(folder, shared_data, *, name="eth", n_pool=40, n_test=6, **overrides):
+    """Pool/test files from the shared ethanol data and a campaign YAML (replay labels)."""
+    pool = ase.io.read(shared_data / "ethanol" / "train.xyz", f":{n_pool}")
+    test = ase.io.read(shared_data / "ethanol" / "test_MD.xyz", f":{n_test}")
+    ase.io.write(folder / "pool.xyz", pool)
+    ase.io.write(folder / "test.xyz", test)
+    cfg = {"name": name, "seed": 0,
+           "data": {"pool_files": ["pool.xyz"], "initial_random": 6,
+                    "test_files": ["test.xyz"]},
+           "members": 2, "model": TINY, "train": {"max_epochs": 3, "batch_size": 4},
+           "acquisition": {"batch_size": 4, "selection": "diverse"},
+           "labeler": {"kind": "replay", "method": "pbe", "basis": "def2-svp",
+                       "replay_files": ["pool.xyz", "test.xyz"], "workers": 2},
+           "stop": {"max_rounds": 3}}
+    for key, value in overrides.items():
+        cfg[key] = {**cfg[key], **value} if isinstance(value, dict) else value
+    path = folder / "campaign.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _use_db(monkeypatch, url, data_dir):
+    monkeypatch.setenv("BAYESAL_DATABASE_URL", url)
+    monkeypatch.setenv("BAYESAL_DATA_DIR", str(data_dir))
+
+
+def _artifact_keys(campaign: str) -> set[str]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(like_=campaign)))
+    return {(a.key, a.type) for a in arts}
+
+
+def test_replay_campaign_end_to_end_and_rerun_adds_nothing(prefect_api, shared_data, db_url,
+                                                           tmp_path, monkeypatch):
+    from db import Label, Model, Round, Score, Structure, make_engine
+    from flows.campaign import campaign
+
+    _use_db(monkeypatch, db_url, tmp_path / "data")
+    config = ethanol_campaign(tmp_path, shared_data)
+    result = campaign(str(config), resume=False)
+    assert result["rounds"] == 3 and result["stop_reason"].startswith("max_rounds")
+
+    engine = make_engine(db_url)
+    with engine.connect() as conn:
+        rounds = conn.execute(select(Round.id, Round.round_index, Round.status,
+                                     Round.n_labelled, Round.metrics)
+                              .order_by(Round.round_index)).all()
+        assert [r.round_index for r in rounds] == [0, 1, 2]
+        assert all(r.status == "completed" for r in rounds)
+        # labels grow by the batch size per round, each recorded with its round
+        assert [r.n_labelled for r in rounds] == [4, 4, 4]
+        for r in rounds:
+            n = conn.scalar(select(func.count()).select_from(Label)
+                            .where(Label.round_id == r.id, Label.status == "ok"))
+            assert n == 4
+            # training set grows: 6 initial (5 train + 1 valid) + 4 per earlier round
+            assert r.metrics["n_train_labels"] == 6 + 4 * r.round_index
+            assert r.metrics["test_force_mae"] > 0 and "test_force_nll" in r.metrics
+            assert r.metrics["n_selected"] == 4 and r.metrics["n_scored"] > 0
+        # the selected structures are exactly the ones labelled in that round
+        for r in rounds:
+            chosen = set(conn.scalars(select(Score.structure_id)
+                                      .where(Score.round_id == r.id, Score.selected)))
+            labelled = set(conn.scalars(select(Label.structure_id)
+                                        .where(Label.round_id == r.id)))
+            assert chosen == labelled and len(chosen) == 4
+        # models: two members per round, files present with their sha256
+        models = conn.execute(select(Model.round_id, Model.member_index, Model.checkpoint_path)
+                              ).all()
+        assert len(models) == 6
+        from pathlib import Path
+        assert all(Path(m.checkpoint_path).is_file() for m in models)
+        # test structures are labelled but never trained on or scored
+        test_ids = set(conn.scalars(select(Structure.id).where(Structure.source == "test")))
+        assert len(test_ids) == 6
+        assert not test_ids & set(conn.scalars(select(Score.structure_id)))
+        n_labels = conn.scalar(select(func.count()).select_from(Label))
+        assert n_labels == 6 + 6 + 12
+    keys = _artifact_keys("eth")
+    assert ("eth-rounds", "table") in keys and ("eth-progress", "progress") in keys
+    assert {("eth-round-0", "markdown"), ("eth-round-2", "markdown")} <= keys
+
+    # a rerun of the finished campaign adds nothing and counts no round twice
+    again = campaign(str(config), resume=True)
+    assert again["rounds"] == 3
+    with engine.connect() as conn:
+        assert conn.scalar(select(func.count()).select_from(Label)) == n_labels
+        assert conn.scalar(select(func.count()).select_from(Round)) == 3
+    engine.dispose()
+
+
+def test_new_run_of_an_existing_campaign_needs_resume(prefect_api, shared_data, sqlite_url,
+                                                      tmp_path, monkeypatch):
+    from flows.campaign import campaign
+    from tasks.steps import CampaignError
+
+    _use_db(monkeypatch, sqlite_url, tmp_path / "data")
+    config = ethanol_campaign(tmp_path, shared_data, name="twice", stop={"max_rounds": 1})
+    campaign(str(config), resume=False)
+    with pytest.raises(CampaignError, match="already has labels or rounds"):
+        campaign(str(config), resume=False)
+
+
+class _FailOnce:
+    """PySCF labeler whose n-th calculation runs with max_cycle=1: a real SCF failure."""
+
+    def __init__(self, good, bad, fail_call: int) -> None:
+        self.good, self.bad, self.fail_call = good, bad, fail_call
+        self.calls, self.lock, self.failed = 0, threading.Lock(), []
+
+    def __getattr__(self, name):
+        return getattr(self.good, name)
+
+    def label(self, atoms):
+        with self.lock:
+            self.calls += 1
+            fail = self.calls == self.fail_call
+        if fail:
+            self.failed.append(atoms.info["structure_id"])
+        return (self.bad if fail else self.good).label(atoms)
+
+
+@pytest.mark.slow
+def test_pyscf_campaign_with_explorer_survives_a_forced_scf_failure(
+        prefect_api, sqlite_url, tmp_path, monkeypatch):
+    import tasks.campaign
+    from db import Label, Model, Round, Structure, make_engine
+    from labelers import PySCFLabeler
+
+    _use_db(monkeypatch, sqlite_url, tmp_path / "data")
+    ase.io.write(tmp_path / "start.xyz", rattled_waters(6, seed=1))
+    ase.io.write(tmp_path / "test.xyz", rattled_waters(3, seed=2))
+    cfg = {"name": "water", "data": {"initial_files": ["start.xyz"],
+                                     "test_files": ["test.xyz"], "valid_fraction": 0.2},
+           "explorer": {"temperatures_K": [300.0], "steps": 12, "timestep_fs": 0.25,
+                        "record_every": 3, "seeds_per_round": 2, "max_force_std": 1e3},
+           "members": 2, "model": TINY, "train": {"max_epochs": 3, "batch_size": 2},
+           "acquisition": {"batch_size": 3, "selection": "top-k"},
+           "labeler": {"kind": "pyscf", "method": "hf", "basis": "sto-3g", "workers": 2},
+           "stop": {"max_rounds": 2}}
+    (tmp_path / "water.yaml").write_text(yaml.safe_dump(cfg))
+    good = PySCFLabeler("hf", "sto-3g", timeout_s=120)
+    bad = PySCFLabeler("hf", "sto-3g", timeout_s=120, max_cycle=1)
+    # calls 1-9 label the 6 initial + 3 test structures; call 10 is in round 0's batch
+    wrapper = _FailOnce(good, bad, fail_call=10)
+    monkeypatch.setattr(tasks.campaign, "build_labeler", lambda spec, guess_dir: wrapper)
+    from flows.campaign import campaign
+
+    result = campaign(str(tmp_path / "water.yaml"), resume=False)
+    assert result["rounds"] == 2
+
+    engine = make_engine(sqlite_url)
+    with engine.connect() as conn:
+        failed = conn.execute(select(Label.structure_id, Label.status, Label.round_id,
+                                     Label.error).where(Label.status != "ok")).all()
+        assert [f.structure_id for f in failed] == wrapper.failed
+        assert failed[0].status == "scf_failed" and "converge" in failed[0].error.lower()
+        rounds = conn.execute(select(Round.id, Round.round_index, Round.status,
+                                     Round.metrics).order_by(Round.round_index)).all()
+        assert failed[0].round_id == rounds[0].id
+        assert [r.status for r in rounds] == ["completed", "completed"]
+        assert rounds[0].metrics["n_ok"] == 2 and rounds[0].metrics["n_failed"] == 1
+        # round 1 trained on the ok labels only: 6 initial + 2 from round 0
+        assert rounds[1].metrics["n_train_labels"] == 8
+        hyper = conn.scalars(select(Model.hyperparameters)
+                             .where(Model.round_id == rounds[1].id)).first()
+        assert hyper["n_train"] + hyper["n_valid"] == 8
+        # candidates came from exploration with the round's model, from labelled seeds
+        explored = conn.execute(select(Structure.id, Structure.parent_id, Structure.info)
+                                .where(Structure.source == "explored")).all()
+        assert explored and all(e.parent_id is not None for e in explored)
+        assert {e.info["explored_round"] for e in explored} == {0, 1}
+        assert rounds[0].metrics["n_explored"] > 0
+        # labelled explored structures have real HF energies (water ~ -2038 eV)
+        energies = conn.scalars(select(Label.energy).join(Structure)
+                                .where(Structure.source == "explored",
+                                       Label.status == "ok")).all()
+        assert len(energies) == 2 + 3 and all(-2050 < e < -2030 for e in energies)
+    engine.dispose()
+
+
+@pytest.mark.parametrize("edit, message", [
+    ({"acquisition": {"batchsize": 3}}, "acquisition.batchsize"),
+    ({"acquisition": {"batch_size": -3}}, "acquisition.batch_size"),
+    ({"data": {"pool_files": ["missing.xyz"], "initial_random": 2}}, "missing.xyz"),
+])
+def test_config_errors_are_clear_and_write_nothing(edit, message, shared_data, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    config = ethanol_campaign(tmp_path, shared_data, **edit)
+    db = tmp_path / "nothing.db"
+    env = {**os.environ, "BAYESAL_DATABASE_URL": f"sqlite:///{db}",
+           "BAYESAL_DATA_DIR": str(tmp_path / "data")}
+    bayesal = Path(sys.executable).with_name("bayesal")
+    out = subprocess.run([str(bayesal), "run", str(config)], capture_output=True, text=True,
+                         env=env, timeout=120)
+    assert out.returncode == 1
+    assert message in out.stderr and "Traceback" not in out.stderr
+    assert not db.exists() and not (tmp_path / "data").exists()
