@@ -14,31 +14,8 @@ import threading
 import ase.io
 import pytest
 import yaml
-from conftest import rattled_waters
+from conftest import TINY, ethanol_campaign, rattled_waters
 from sqlalchemy import func, select
-
-TINY = {"channels": 4, "n_layers": 1, "radial_hidden": 8, "l_max": 1}
-
-
-def ethanol_campaign(folder, shared_data, *, name="eth", n_pool=40, n_test=6, **overrides):
-    """Pool/test files from the shared ethanol data and a campaign YAML (replay labels)."""
-    pool = ase.io.read(shared_data / "ethanol" / "train.xyz", f":{n_pool}")
-    test = ase.io.read(shared_data / "ethanol" / "test_MD.xyz", f":{n_test}")
-    ase.io.write(folder / "pool.xyz", pool)
-    ase.io.write(folder / "test.xyz", test)
-    cfg = {"name": name, "seed": 0,
-           "data": {"pool_files": ["pool.xyz"], "initial_random": 6,
-                    "test_files": ["test.xyz"]},
-           "members": 2, "model": TINY, "train": {"max_epochs": 3, "batch_size": 4},
-           "acquisition": {"batch_size": 4, "selection": "diverse"},
-           "labeler": {"kind": "replay", "method": "pbe", "basis": "def2-svp",
-                       "replay_files": ["pool.xyz", "test.xyz"], "workers": 2},
-           "stop": {"max_rounds": 3}}
-    for key, value in overrides.items():
-        cfg[key] = {**cfg[key], **value} if isinstance(value, dict) else value
-    path = folder / "campaign.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
 
 
 def _use_db(monkeypatch, url, data_dir):
@@ -226,3 +203,43 @@ def test_config_errors_are_clear_and_write_nothing(edit, message, shared_data, t
     assert out.returncode == 1
     assert message in out.stderr and "Traceback" not in out.stderr
     assert not db.exists() and not (tmp_path / "data").exists()
+
+
+def test_dask_runner_settings_from_the_yaml(shared_data, tmp_path):
+    """SLURM/PBS cannot run here: check the runner the YAML turns into."""
+    from flows.campaign import make_task_runner
+    from flows.campaign_config import load_campaign_config
+
+    config = ethanol_campaign(tmp_path, shared_data, runner={
+        "kind": "dask", "dask": {"cluster": "slurm", "jobs": 20, "cores": 8,
+                                 "memory": "16GB", "walltime": "02:00:00",
+                                 "queue": "compute", "account": "proj"}})
+    runner = make_task_runner(load_campaign_config(config))
+    assert runner.cluster_class == "dask_jobqueue.SLURMCluster"
+    assert runner.cluster_kwargs == {"cores": 8, "memory": "16GB", "walltime": "02:00:00",
+                                     "processes": 1, "queue": "compute", "account": "proj"}
+    assert runner.adapt_kwargs == {"minimum": 0, "maximum": 20}
+    import dask_jobqueue  # the class named above exists
+
+    assert dask_jobqueue.SLURMCluster and dask_jobqueue.PBSCluster
+    local = make_task_runner(load_campaign_config(ethanol_campaign(tmp_path, shared_data)))
+    assert type(local).__name__ == "ThreadPoolTaskRunner"
+
+
+@pytest.mark.slow
+def test_labels_fan_out_over_a_local_dask_cluster(prefect_api, shared_data, sqlite_url,
+                                                  tmp_path, monkeypatch):
+    from db import Label, Round, make_engine
+    from flows.campaign import campaign
+
+    _use_db(monkeypatch, sqlite_url, tmp_path / "data")
+    config = ethanol_campaign(tmp_path, shared_data, name="dask", stop={"max_rounds": 1},
+                              runner={"kind": "dask", "dask": {"cluster": "local",
+                                                               "jobs": 2, "cores": 1}})
+    assert campaign(str(config), resume=False)["rounds"] == 1
+    engine = make_engine(sqlite_url)
+    with engine.connect() as conn:
+        (rid,) = conn.scalars(select(Round.id).where(Round.status == "completed")).all()
+        provenance = conn.scalars(select(Label.provenance).where(Label.round_id == rid)).all()
+    engine.dispose()
+    assert len(provenance) == 4

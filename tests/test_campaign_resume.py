@@ -15,9 +15,8 @@ from pathlib import Path
 import ase.io
 import pytest
 import yaml
-from conftest import rattled_waters
+from conftest import TINY, rattled_waters
 from sqlalchemy import func, select
-from test_campaign_flow import TINY
 
 BATCH, INITIAL, TEST, ROUNDS = 4, 4, 2, 2
 
