@@ -15,8 +15,14 @@ from dataclasses import dataclass
 
 import numpy as np
 from ase import Atoms, units
+from ase.constraints import FixCom
 from ase.md.langevin import Langevin
-from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
+from ase.md.velocitydistribution import Stationary
+
+try:  # ASE >= 3.28
+    from ase.md.velocitydistribution import thermalize_momenta
+except ImportError:  # pragma: no cover
+    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution as thermalize_momenta
 
 from bayes_model.calculator import BayesalCalculator
 
@@ -51,10 +57,11 @@ def explore(posterior, seeds: Sequence[Atoms], *, temperatures_K: Sequence[float
             atoms = Atoms(numbers=start.numbers, positions=start.positions, cell=start.cell,
                           pbc=start.pbc)
             atoms.calc = BayesalCalculator(posterior=posterior)
-            MaxwellBoltzmannDistribution(atoms, temperature_K=temperature, rng=rng)
+            thermalize_momenta(atoms, temperature_K=temperature, rng=rng)
             Stationary(atoms)
+            atoms.set_constraint(FixCom())  # (Langevin's own fixcm is deprecated)
             dyn = Langevin(atoms, timestep_fs * units.fs, temperature_K=temperature,
-                           friction=friction_per_fs / units.fs, rng=rng)
+                           friction=friction_per_fs / units.fs, fixcm=False, rng=rng)
             frames, stopped, n = [], "steps", 0
             for n in range(1, steps + 1):
                 dyn.run(1)

@@ -1,0 +1,195 @@
+"""Active learning on acetylacetone: BALD-EF against random and the committee baseline.
+
+Pool = acac train_300K + train_600K (1000 frames) minus 200 600 K frames held out as a test
+set; test = test_MD_300K (first --n-test frames) + the 200 held-out 600 K frames. Every
+campaign starts from 20 random 300 K frames and runs --rounds rounds of --batch labels
+through the real campaign flow (Prefect local API, SQLite, replay labeler serving the
+reference PBE-D3(BJ)/def2-SVP labels), with a fixed training budget per round.
+
+    python benchmarks/active_learning.py --out bench-al [--minutes 1.5] [--seeds 0 1 2]
+
+Prints, per strategy, force/energy MAE on both test parts against the number of labels
+(mean over seeds), the labels random needs to reach bald-ef's final 600 K force MAE, bald-ef
+vs max-force-std at equal labels, and the orchestration overhead (share of each round's wall
+time outside train/evaluate/score/label); writes results.json and learning_curves.png.
+Rerunning with the same --out resumes unfinished campaigns.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+from _common import REPO, shared_data
+
+STRATEGIES = {  # name -> (acquisition function, selection)
+    "bald-ef": ("bald-ef", "top-k"),
+    "bald-ef-diverse": ("bald-ef", "diverse"),
+    "bald-e": ("bald-e", "top-k"),
+    "bald-f": ("bald-f", "top-k"),
+    "max-force-std": ("max-force-std", "top-k"),
+    "random": ("random", "top-k"),
+}
+
+
+def prepare(out: Path, n_test: int) -> dict[str, Path]:
+    import ase.io
+
+    data = shared_data() / "acac"
+    files = {k: out / f"{k}.xyz" for k in ("pool", "start", "test_300K", "test_600K")}
+    if all(p.is_file() for p in files.values()):
+        return files
+    t300 = ase.io.read(data / "train_300K.xyz", ":")
+    t600 = ase.io.read(data / "train_600K.xyz", ":")
+    rng = np.random.default_rng(12345)
+    held = set(rng.choice(len(t600), size=200, replace=False).tolist())
+    ase.io.write(files["test_600K"], [a for i, a in enumerate(t600) if i in held])
+    ase.io.write(files["pool"], t300 + [a for i, a in enumerate(t600) if i not in held])
+    ase.io.write(files["test_300K"], ase.io.read(data / "test_MD_300K.xyz", f":{n_test}"))
+    ase.io.write(files["start"], t300)  # initial draws come from the 300 K frames
+    return files
+
+
+def campaign_yaml(out: Path, files: dict[str, Path], strategy: str, seed: int,
+                  args) -> Path:
+    import ase.io
+    import yaml
+
+    function, selection = STRATEGIES[strategy]
+    start = ase.io.read(files["start"], ":")
+    picks = np.random.default_rng(seed).choice(len(start), size=args.initial, replace=False)
+    init = out / f"initial-seed{seed}.xyz"
+    if not init.is_file():
+        ase.io.write(init, [start[i] for i in sorted(picks)])
+    model = yaml.safe_load((REPO / "benchmarks" / "configs" / "acac.yaml").read_text())
+    cfg = {"name": f"{strategy}-s{seed}", "seed": seed,
+           "data": {"pool_files": [str(files["pool"])], "initial_files": [str(init)],
+                    "test_files": [str(files["test_300K"]), str(files["test_600K"])]},
+           "method": "ensemble", "members": args.members,
+           "max_train_minutes": args.minutes, "model": model["model"],
+           "train": model["train"],
+           "acquisition": {"function": function, "selection": selection,
+                           "batch_size": args.batch, "chunk_size": 250},
+           "labeler": {"kind": "replay", "method": "pbe-d3bj", "basis": "def2-svp",
+                       "replay_files": [str(files["pool"]), str(files["test_300K"]),
+                                        str(files["test_600K"])], "workers": 2},
+           "stop": {"max_rounds": args.rounds}}
+    path = out / f"{cfg['name']}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def curves(engine, name: str) -> list[dict]:
+    from db.rounds import round_history
+
+    return [{"labels": r["metrics"]["n_train_labels"], **r["metrics"]}
+            for r in round_history(engine, name) if r["status"] == "completed"]
+
+
+def labels_to_reach(curve: list[dict], key: str, target: float) -> float:
+    """Labels at which ``curve`` first reaches ``target`` (linear interpolation; inf: never)."""
+    xs, ys = [c["labels"] for c in curve], [c[key] for c in curve]
+    for i, y in enumerate(ys):
+        if y <= target:
+            if i == 0:
+                return float(xs[0])
+            x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
+            return float(x0 + (x1 - x0) * (y0 - target) / (y0 - y1))
+    return float("inf")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--strategies", nargs="+", default=list(STRATEGIES))
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--rounds", type=int, default=8)
+    p.add_argument("--batch", type=int, default=20)
+    p.add_argument("--initial", type=int, default=20)
+    p.add_argument("--members", type=int, default=2)
+    p.add_argument("--minutes", type=float, default=1.5, help="training budget per round")
+    p.add_argument("--n-test", type=int, default=500)
+    args = p.parse_args()
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("BAYESAL_DATABASE_URL", f"sqlite:///{out / 'al.db'}")
+    os.environ.setdefault("BAYESAL_DATA_DIR", str(out / "data"))
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    from db import make_engine
+    from flows.campaign import campaign
+
+    files = prepare(out, args.n_test)
+    engine = make_engine(os.environ["BAYESAL_DATABASE_URL"])
+    results: dict[str, dict[int, list[dict]]] = {}
+    for strategy in args.strategies:
+        for seed in args.seeds:
+            config = campaign_yaml(out, files, strategy, seed, args)
+            print(f"== {strategy} seed {seed}", flush=True)
+            campaign(str(config), resume=True)
+            results.setdefault(strategy, {})[seed] = curves(engine, f"{strategy}-s{seed}")
+    (out / "results.json").write_text(json.dumps(results, indent=1, default=float))
+    report(results, out)
+
+
+def report(results: dict, out: Path) -> None:
+    keys = {"F 300K": "test_test_300k_force_mae", "F 600K": "test_test_600k_force_mae",
+            "E 300K": "test_test_300k_energy_mae", "E 600K": "test_test_600k_energy_mae"}
+    print("\nmean over seeds (meV/Å, meV) by training labels")
+    mean = {}
+    for strategy, by_seed in results.items():
+        runs = list(by_seed.values())
+        n = min(len(r) for r in runs)
+        labels = [runs[0][i]["labels"] for i in range(n)]
+        mean[strategy] = {"labels": labels, **{k: [1000 * float(np.mean(
+            [r[i][v] for r in runs])) for i in range(n)] for k, v in keys.items()}}
+        print(f"{strategy:16s} labels " + " ".join(f"{x:6d}" for x in labels))
+        for k in keys:
+            print(f"{'':16s} {k:6s} " + " ".join(f"{y:6.1f}" for y in mean[strategy][k]))
+    if "bald-ef" in mean and "random" in mean:
+        final = mean["bald-ef"]["F 600K"][-1]
+        curve = [{"labels": x, "y": y} for x, y in zip(mean["random"]["labels"],
+                                                        mean["random"]["F 600K"], strict=True)]
+        need = labels_to_reach(curve, "y", final)
+        target_random = mean["random"]["F 600K"][-1]
+        bcurve = [{"labels": x, "y": y} for x, y in zip(mean["bald-ef"]["labels"],
+                                                         mean["bald-ef"]["F 600K"], strict=True)]
+        bald_need = labels_to_reach(bcurve, "y", target_random)
+        print(f"\nbald-ef final 600 K force MAE {final:.1f} meV/Å; random reaches it with "
+              f"{need} labels (random's final: {target_random:.1f} at "
+              f"{mean['random']['labels'][-1]})")
+        print(f"bald-ef reaches random's final 600 K force MAE with {bald_need:.0f} labels = "
+              f"{bald_need / mean['random']['labels'][-1]:.0%} of random's "
+              f"{mean['random']['labels'][-1]} (target <= 60 %)")
+    if "bald-ef" in mean and "max-force-std" in mean:
+        a, b = mean["bald-ef"]["F 600K"], mean["max-force-std"]["F 600K"]
+        wins = sum(x < y for x, y in zip(a, b, strict=False))
+        print(f"bald-ef vs max-force-std at equal labels (600 K force MAE): lower in {wins} of "
+              f"{min(len(a), len(b))} rounds; final {a[-1]:.1f} vs {b[-1]:.1f} meV/Å")
+    shares = [r["overhead_s"] / r["round_s"] for by_seed in results.values()
+              for runs in by_seed.values() for r in runs if r.get("round_s")]
+    if shares:
+        print(f"orchestration overhead: mean {np.mean(shares):.1%}, max {np.max(shares):.1%} "
+              "of round wall time (target < 5 %)")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key in zip(axes, ("F 300K", "F 600K"), strict=True):
+        for strategy, m in mean.items():
+            ax.plot(m["labels"], m[key], marker="o", label=strategy)
+        ax.set(xlabel="training labels", ylabel="force MAE (meV/Å)", title=f"test {key[2:]}")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(out / "learning_curves.png", dpi=120)
+    print(f"plot: {out / 'learning_curves.png'}")
+
+
+if __name__ == "__main__":
+    main()

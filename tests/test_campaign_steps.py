@@ -1,0 +1,173 @@
+"""The pieces the campaign flow is built from: the explorer, prediction subsets, and the
+database helpers that make rounds resumable (draws, selection, models, stopping rules)."""
+
+from __future__ import annotations
+
+import ase.io
+import numpy as np
+import pytest
+import torch
+from conftest import TINY, rattled_waters
+
+from bayes_model.ensemble import prepare_data
+from bayes_model.explore import explore, max_force_std
+from bayes_model.model import ModelConfig
+from bayes_model.posterior import EnsemblePosterior
+from bayes_model.train import build_model
+
+
+@pytest.fixture(scope="module")
+def committee(shared_data):
+    """Two different untrained members: a committee with real disagreement."""
+    ethanol = ase.io.read(shared_data / "ethanol" / "train.xyz", ":20")
+    cfg = ModelConfig(**TINY)
+    data = prepare_data(ethanol[:16], ethanol[16:], cfg)
+    models = [build_model(cfg, data.species, data.shifts, data.train, seed=s).double().eval()
+              for s in (1, 2)]
+    torch.manual_seed(2)
+    with torch.no_grad():  # untrained heads start at zero: make the members disagree
+        for m in models:
+            m.energy_head.weight.normal_(0, 0.05)
+    return EnsemblePosterior(models), ethanol
+
+
+def test_max_force_std_is_the_largest_per_atom_trace_norm():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(5, 3, 3))
+    cov = a @ a.transpose(0, 2, 1)
+    expected = max(np.sqrt(np.trace(c)) for c in cov)
+    assert max_force_std(cov) == pytest.approx(expected)
+
+
+def test_explorer_runs_full_trajectories_below_the_threshold(committee):
+    posterior, ethanol = committee
+    trajs = explore(posterior, ethanol[:2], temperatures_K=[300.0, 600.0], steps=12,
+                    record_every=4, max_force_std_threshold=1e6, seed=3)
+    assert [(t.seed_index, t.temperature_K) for t in trajs] == [
+        (0, 300.0), (0, 600.0), (1, 300.0), (1, 600.0)]
+    for t in trajs:
+        assert t.stopped == "steps" and t.steps_run == 12
+        assert [f.info["md_step"] for f in t.frames] == [4, 8, 12]
+        start = ethanol[t.seed_index].positions
+        assert all(np.abs(f.positions - start).max() > 1e-4 for f in t.frames)
+        assert all(f.info["max_force_std"] > 0 for f in t.frames)
+        # the centre of mass stays where it was
+        com = np.average(start, axis=0, weights=ethanol[0].get_masses())
+        for f in t.frames:
+            assert np.allclose(np.average(f.positions, axis=0,
+                                          weights=ethanol[0].get_masses()), com, atol=1e-8)
+    again = explore(posterior, ethanol[:2], temperatures_K=[300.0, 600.0], steps=12,
+                    record_every=4, max_force_std_threshold=1e6, seed=3)
+    assert all(np.array_equal(f.positions, g.positions)
+               for t, u in zip(trajs, again, strict=True)
+               for f, g in zip(t.frames, u.frames, strict=True))
+
+
+def test_explorer_stops_where_the_committee_disagrees(committee):
+    posterior, ethanol = committee
+    (t,) = explore(posterior, ethanol[:1], temperatures_K=[300.0], steps=50, record_every=10,
+                   max_force_std_threshold=1e-9, seed=0)
+    assert t.stopped == "uncertain" and t.steps_run == 1
+    assert len(t.frames) == 1 and t.frames[0].info["max_force_std"] > 1e-9
+
+
+def test_prediction_subset_equals_predicting_the_subset(committee):
+    posterior, ethanol = committee
+    images = [*ethanol[:3], *rattled_waters(2)]
+    torch.manual_seed(0)
+    full = posterior.predict(images)
+    part = posterior.predict([images[4], images[1]])
+    sub = full.subset([4, 1])
+    for field in ("energy", "energy_var_epi", "energy_var_ale", "forces", "forces_cov_epi",
+                  "forces_cov_ale", "n_atoms"):
+        assert np.allclose(getattr(sub, field), getattr(part, field), atol=1e-10), field
+
+
+# ------------------------------------------------------------------ database helpers
+def _campaign(engine, name, images):
+    from db.importer import import_atoms
+
+    return import_atoms(engine, images, name).structure_ids
+
+
+def test_initial_draw_is_reproducible_whatever_the_insertion_order(engine):
+    from sqlalchemy import select
+
+    from db.models import Structure
+    from db.pool import draw_structures
+
+    images = rattled_waters(30, seed=5)
+    _campaign(engine, "a", images)
+    _campaign(engine, "b", images[::-1])
+
+    def drawn(name):
+        ids = draw_structures(engine, name, 6, seed=11)
+        with engine.connect() as conn:
+            return set(conn.scalars(select(Structure.hash).where(Structure.id.in_(ids))))
+
+    assert drawn("a") == drawn("b") and len(drawn("a")) == 6
+    assert drawn("a") != set()
+    from db import DatabaseError
+
+    with pytest.raises(DatabaseError, match="cannot draw 31 structures from the 30"):
+        draw_structures(engine, "a", 31, seed=0)
+
+
+def test_selection_models_and_summary_are_recorded_once(engine):
+    from db.rounds import (
+        ModelRow,
+        ScoreRow,
+        mark_selected,
+        open_round,
+        record_models,
+        record_scores,
+        round_models,
+        score_summary,
+        selected_structure_ids,
+    )
+
+    ids = _campaign(engine, "sel", rattled_waters(6, seed=1))
+    r = open_round(engine, "sel")
+    record_scores(engine, r.id, "bald-ef", [ScoreRow(i, float(k), {"bald_e": 0.5 * k})
+                                            for k, i in enumerate(ids)])
+    chosen = [ScoreRow(ids[5], 5.0, {"bald_e": 2.5}), ScoreRow(ids[3], 3.0, {"bald_e": 1.5})]
+    mark_selected(engine, r.id, "bald-ef", chosen)
+    mark_selected(engine, r.id, "bald-ef", chosen)  # a restart marks the same again
+    assert selected_structure_ids(engine, r.id) == [ids[5], ids[3]]
+    summary = score_summary(engine, r.id)
+    assert summary == {"n_scored": 6, "pool_score_max": 5.0, "pool_score_mean": 2.5,
+                       "n_selected": 2, "selected_score_max": 5.0,
+                       "selected_score_mean": 4.0, "selected_bald_e_mean": 2.0}
+    rows = [ModelRow(k, f"/m/member_{k}.pt", "ab" * 32, {"n_train": 5}) for k in range(2)]
+    record_models(engine, r.id, "ensemble", rows)
+    record_models(engine, r.id, "ensemble", rows)
+    assert round_models(engine, r.id) == rows
+
+
+def test_stopping_rules(engine):
+    from db.ingest import LabelRecord, run_transaction, upsert_labels
+    from tasks.steps import stop_reason
+
+    ids = _campaign(engine, "stop", rattled_waters(5, seed=2))
+    run_transaction(engine, lambda s: upsert_labels(s, [
+        (i, LabelRecord("pyscf", "h", "ok" if k else "scf_failed", energy=-1.0 if k else None,
+                        forces=np.zeros((3, 3)) if k else None))
+        for k, i in enumerate(ids[:4])]))
+
+    def reason(history, **rules):
+        base = {"max_rounds": 5, "label_budget": None, "target_force_mae": None,
+                "min_score": None}
+        return stop_reason(engine, "stop", "h", history, **{**base, **rules})
+
+    done = {"status": "completed", "metrics": {"test_force_mae": 0.05, "n_selected": 3,
+                                               "pool_score_max": 0.2}}
+    assert reason([]) is None
+    assert reason([done] * 5).startswith("max_rounds")
+    assert reason([done, {"status": "running", "metrics": {}}], max_rounds=1) is None
+    assert reason([done], label_budget=4).startswith("label_budget: 4 labels")  # failed count
+    assert reason([done], label_budget=5) is None
+    assert reason([done], target_force_mae=0.05).startswith("target_force_mae")
+    assert reason([done], target_force_mae=0.04) is None
+    assert reason([done], min_score=0.3).startswith("min_score")
+    empty = {"status": "completed", "metrics": {"test_force_mae": 0.05, "n_selected": 0}}
+    assert reason([empty]).startswith("no candidates left")
