@@ -47,7 +47,7 @@ def ethanol_campaign(folder, shared_data, *, name="eth", n_pool=40, n_test=6, **
                        "replay_files": ["pool.xyz", "test.xyz"], "workers": 2},
            "stop": {"max_rounds": 3}}
     for key, value in overrides.items():
-        cfg[key] = {**cfg[key], **value} if isinstance(value, dict) else value
+        cfg[key] = {**cfg.get(key, {}), **value} if isinstance(value, dict) else value
     path = folder / "campaign.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
