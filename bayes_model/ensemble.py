@@ -183,6 +183,11 @@ def _pump(events, callback, stop: threading.Event) -> None:
             callback(k, record)
 
 
+def member_minutes(total: float, members: int, processes: int) -> float:
+    """Per-member time budget when ``members`` train ``processes`` at a time in ``total``."""
+    return total / -(-members // max(1, min(processes, members)))
+
+
 def split_validation(images: Sequence[Atoms], fraction: float, seed: int = 0,
                      ) -> tuple[list[Atoms], list[Atoms]]:
     """Random train/validation split (at least one validation structure)."""

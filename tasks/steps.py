@@ -113,13 +113,6 @@ def import_sources(engine: Engine, campaign: str, config: dict[str, Any], *,
     return out
 
 
-def member_minutes(total: float | None, members: int, processes: int) -> float | None:
-    """Per-member time budget when ``members`` train ``processes`` at a time in ``total``."""
-    if total is None:
-        return None
-    return total / -(-members // max(1, min(processes, members)))
-
-
 def train_round(engine: Engine, campaign: str, round_id: int, round_index: int,
                 settings_hash: str, model_dir: Path, *, method: str, members: int,
                 settings, valid_fraction: float, seed: int, max_minutes: float | None,
@@ -133,15 +126,16 @@ def train_round(engine: Engine, campaign: str, round_id: int, round_index: int,
     import os
 
     from bayes_model.checkpoint import read_manifest
-    from bayes_model.ensemble import split_validation
+    from bayes_model.ensemble import member_minutes, split_validation
     from bayes_model.posterior import Method, train_posterior
 
     t0 = time.perf_counter()
     model_dir = Path(model_dir)
-    images = labelled_atoms(engine, campaign, settings_hash)
     if round_models(engine, round_id) and (model_dir / "manifest.json").is_file():
-        manifest = read_manifest(model_dir)
-        return _train_summary(manifest, len(images), reused=True, seconds=0.0)
+        manifest = read_manifest(model_dir)  # trained before a restart: nothing to load
+        n = manifest.extra.get("n_train", 0) + manifest.extra.get("n_valid", 0)
+        return _train_summary(manifest, n, reused=True, seconds=0.0)
+    images = labelled_atoms(engine, campaign, settings_hash)
     if len(images) < 2:
         raise CampaignError(f"campaign {campaign!r} has {len(images)} labelled training "
                             "structure(s); at least 2 are needed to train (more initial "

@@ -68,7 +68,7 @@ def train(
     import os
 
     from bayes_model.config import TrainingFile, load_training_file
-    from bayes_model.ensemble import split_validation
+    from bayes_model.ensemble import member_minutes, split_validation
     from bayes_model.posterior import Method, train_posterior
 
     with user_errors():
@@ -82,8 +82,7 @@ def train(
             updates["seed"] = seed
         procs = min(members, processes or os.cpu_count() or 1)
         if max_minutes is not None:
-            waves = -(-members // procs)
-            updates["max_minutes"] = max_minutes / waves
+            updates["max_minutes"] = member_minutes(max_minutes, members, procs)
         train_cfg = train_cfg.model_copy(update=updates)
         settings = settings.model_copy(update={"train": train_cfg})
         images = _read_labelled(train_files)
