@@ -4,9 +4,11 @@ Pool = acac train_300K + train_600K (1000 frames) minus 200 600 K frames held ou
 set; test = test_MD_300K (first --n-test frames) + the 200 held-out 600 K frames. Every
 campaign starts from 20 random 300 K frames and runs --rounds rounds of --batch labels
 through the real campaign flow (Prefect local API, SQLite, replay labeler serving the
-reference PBE-D3(BJ)/def2-SVP labels), with a fixed training budget per round.
+reference PBE-D3(BJ)/def2-SVP labels), with a fixed training budget per round: at most
+--epochs epochs per member (a compute budget that does not depend on how busy the machine
+is; --minutes adds a wall-time cap).
 
-    python benchmarks/active_learning.py --out bench-al [--minutes 1.5] [--seeds 0 1 2]
+    python benchmarks/active_learning.py --out bench-al [--epochs 40] [--seeds 0 1 2]
 
 Prints, per strategy, force/energy MAE on both test parts against the number of labels
 (mean over seeds), the labels random needs to reach bald-ef's final 600 K force MAE, bald-ef
@@ -70,7 +72,7 @@ def campaign_yaml(out: Path, files: dict[str, Path], strategy: str, seed: int,
                     "test_files": [str(files["test_300K"]), str(files["test_600K"])]},
            "method": "ensemble", "members": args.members,
            "max_train_minutes": args.minutes, "model": model["model"],
-           "train": model["train"],
+           "train": {**model["train"], "max_epochs": args.epochs},
            "acquisition": {"function": function, "selection": selection,
                            "batch_size": args.batch, "chunk_size": 250},
            "labeler": {"kind": "replay", "method": "pbe-d3bj", "basis": "def2-svp",
@@ -110,8 +112,10 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=20)
     p.add_argument("--initial", type=int, default=20)
     p.add_argument("--members", type=int, default=2)
-    p.add_argument("--minutes", type=float, default=1.5, help="training budget per round")
-    p.add_argument("--n-test", type=int, default=500)
+    p.add_argument("--epochs", type=int, default=40, help="training epochs per round (max)")
+    p.add_argument("--minutes", type=float, default=None,
+                   help="optional wall-time cap on training per round")
+    p.add_argument("--n-test", type=int, default=200)
     args = p.parse_args()
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -125,8 +129,8 @@ def main() -> None:
     files = prepare(out, args.n_test)
     engine = make_engine(os.environ["BAYESAL_DATABASE_URL"])
     results: dict[str, dict[int, list[dict]]] = {}
-    for strategy in args.strategies:
-        for seed in args.seeds:
+    for seed in args.seeds:  # seed-major: a partial run still compares every strategy
+        for strategy in args.strategies:
             config = campaign_yaml(out, files, strategy, seed, args)
             print(f"== {strategy} seed {seed}", flush=True)
             campaign(str(config), resume=True)
