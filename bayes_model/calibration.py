@@ -4,7 +4,8 @@ All calibration metrics start from probability integral transform (PIT) values
 u = Φ((y − μ)/σ) of each energy and each force component (marginal Gaussian with the total
 predictive variance). For a calibrated model u is uniform:
 
-* miscalibration area: ∫₀¹ |P̂(u ≤ p) − p| dp (0 = calibrated, 0.5 = worst);
+* miscalibration area: ∫₀¹ |P̂(u ≤ p) − p| dp (0 = calibrated, 0.5 = worst); the
+  reliability curve is P̂(u ≤ p) at p = 0.1, 0.2, ..., 0.9 (keys ``*_reliability_pNN``);
 * coverage of the central 68 / 95 % intervals: P̂((1−α)/2 ≤ u ≤ (1+α)/2);
 * ENCE (Levi et al. 2022): structures/components sorted by σ into equal-count bins,
   mean_b |RMV_b − RMSE_b| / RMV_b;
@@ -34,11 +35,13 @@ from scipy.stats import rankdata
 from bayes_model.metrics import reference_labels
 from bayes_model.predict import Prediction
 
-__all__ = ["Recalibration", "auroc", "calibration_metrics", "coverage", "ence",
-           "fit_recalibration", "miscalibration_area", "ood_auroc", "plot_calibration"]
+__all__ = ["RELIABILITY_LEVELS", "Recalibration", "auroc", "calibration_metrics", "coverage",
+           "ence", "fit_recalibration", "miscalibration_area", "ood_auroc", "plot_calibration",
+           "reliability_curve"]
 
 CALIBRATION_FILE = "calibration.json"
 _GRID = np.linspace(0.0, 1.0, 101)
+RELIABILITY_LEVELS = tuple(range(10, 100, 10))  # percent
 
 
 def miscalibration_area(pit: np.ndarray) -> float:
@@ -46,6 +49,12 @@ def miscalibration_area(pit: np.ndarray) -> float:
     u = np.sort(np.asarray(pit, dtype=float).ravel())
     observed = np.searchsorted(u, _GRID, side="right") / len(u)
     return float(np.trapezoid(np.abs(observed - _GRID), _GRID))
+
+
+def reliability_curve(pit: np.ndarray, levels=RELIABILITY_LEVELS) -> dict[int, float]:
+    """Observed P̂(u ≤ p) at expected p = level / 100 (the diagonal when calibrated)."""
+    u = np.sort(np.asarray(pit, dtype=float).ravel())
+    return {q: float(np.searchsorted(u, q / 100, side="right") / len(u)) for q in levels}
 
 
 def coverage(pit: np.ndarray, level: float) -> float:
@@ -157,9 +166,11 @@ def fit_recalibration(pred: Prediction, images: Sequence[Atoms], *,
 
 
 def calibration_metrics(pred: Prediction, images: Sequence[Atoms], *,
-                        recalibration: Recalibration | None = None) -> dict[str, float]:
+                        recalibration: Recalibration | None = None,
+                        reliability: bool = False) -> dict[str, float]:
     """Miscalibration area, ENCE and 68/95 % coverage of energies and forces; with
-    ``recalibration`` the same after it (keys suffixed ``_recal``)."""
+    ``recalibration`` the same after it (keys suffixed ``_recal``); with ``reliability`` the
+    reliability curves too (``energy_reliability_p10``, ... = P̂(u ≤ 0.10), ...)."""
     out: dict[str, float] = {}
     variants = [("", pred, None, None)]
     if recalibration is not None:
@@ -174,6 +185,9 @@ def calibration_metrics(pred: Prediction, images: Sequence[Atoms], *,
             out[f"{name}_ence{suffix}"] = ence(err, std)
             out[f"{name}_coverage68{suffix}"] = coverage(pit, 0.6827)
             out[f"{name}_coverage95{suffix}"] = coverage(pit, 0.9545)
+            if reliability:
+                for q, observed in reliability_curve(pit).items():
+                    out[f"{name}_reliability_p{q:02d}{suffix}"] = observed
     return out
 
 

@@ -23,6 +23,7 @@ from prefect.artifacts import (
     create_table_artifact,
     update_progress_artifact,
 )
+from prefect.runtime import flow_run as prefect_flow_run
 
 from db import ensure_schema
 from db.pool import campaign_activity, label_counts
@@ -145,7 +146,8 @@ def campaign_round(config: str, round_id: int, round_index: int,
     logger = get_run_logger()
     metrics: dict[str, Any] = {"acquisition": cfg.acquisition.function.value,
                                "selection": cfg.acquisition.selection.value,
-                               "method": cfg.method.value}
+                               "method": cfg.method.value,
+                               "flow_run_id": str(prefect_flow_run.id)}  # dashboard link
     metrics.update(train_task(url, name, round_id, round_index, shash, model_dir,
                               method=cfg.method.value, members=cfg.members,
                               settings=cfg_training(cfg),

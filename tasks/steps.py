@@ -186,14 +186,15 @@ def evaluate_model(engine: Engine, campaign: str, settings_hash: str, model_dir:
     recal = posterior.recalibration
     out: dict[str, float] = {}
 
-    def add(prefix: str, idx: list[int]) -> None:
+    def add(prefix: str, idx: list[int], reliability: bool = False) -> None:
         sub = [images[i] for i in idx]
         p = pred.subset(idx) if len(idx) < len(images) else pred
         metrics = accuracy_metrics(p, sub)
-        metrics.update(calibration_metrics(p, sub, recalibration=recal))
+        metrics.update(calibration_metrics(p, sub, recalibration=recal,
+                                           reliability=reliability))
         out.update({f"{prefix}{k}": v for k, v in metrics.items()})
 
-    add("test_", list(range(len(images))))
+    add("test_", list(range(len(images))), reliability=True)  # curves for the dashboard
     if len(test_sets) > 1:
         position = {a.info["structure_id"]: i for i, a in enumerate(images)}
         for name, ids in test_sets.items():

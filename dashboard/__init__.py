@@ -1,0 +1,1 @@
+"""bayesal dashboard: a Streamlit app over the campaign database (read-only)."""

@@ -1,0 +1,284 @@
+"""The bayesal dashboard (a Streamlit script): ``bayesal dashboard`` starts it.
+
+It reads the campaign database named by ``BAYESAL_DATABASE_URL`` through a read-only engine
+(every write is refused by the database itself) in short transactions, and reruns every
+``--refresh`` seconds so that a running campaign can be watched. Script arguments (after
+Streamlit's ``--``): ``--campaign NAME --refresh SECONDS``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import pandas as pd
+import streamlit as st
+from sqlalchemy.exc import OperationalError
+
+from dashboard import data, plots
+from db import DatabaseError, ensure_schema, readonly_engine
+
+
+def _args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="bayesal dashboard")
+    p.add_argument("--campaign", default=None)
+    p.add_argument("--refresh", type=float, default=30.0)
+    return p.parse_known_args(sys.argv[1:])[0]
+
+
+@st.cache_resource
+def _engine(url: str):
+    engine = readonly_engine(url)
+    ensure_schema(engine)  # a missing/old schema raises SchemaOutOfDate naming the fix
+    return engine
+
+
+def _fmt(df: pd.DataFrame, digits: int = 3) -> pd.DataFrame:
+    """Numbers rounded for display; missing values blank."""
+    out = df.copy()
+    for col in out.columns:
+        if pd.api.types.is_float_dtype(out[col]):
+            out[col] = out[col].map(lambda v: "" if pd.isna(v) else f"{v:.{digits}g}"
+                                    if abs(v) < 1e-2 or abs(v) >= 1e4 else f"{v:.{digits}f}"
+                                    .rstrip("0").rstrip("."))
+        elif pd.api.types.is_datetime64_any_dtype(out[col]) or out[col].dtype == object:
+            out[col] = out[col].map(lambda v: "" if v is None or (not isinstance(v, str)
+                                                                   and pd.isna(v))
+                                    else f"{v:%Y-%m-%d %H:%M:%S}" if hasattr(v, "strftime")
+                                    else v)
+    return out
+
+
+def overview_tab(engine, name: str) -> None:
+    ov = data.overview(engine, name)
+    state = {"new": "no round yet", "running": f"round {ov.running_round} running",
+             "idle": "no round running"}[ov.state]
+    st.subheader(f"Campaign {ov.name}")
+    st.caption(f"created {ov.created_at:%Y-%m-%d %H:%M} · {state}")
+    cols = st.columns(5)
+    cols[0].metric("completed rounds", ov.n_completed)
+    cols[1].metric("ok labels", ov.n_ok)
+    cols[2].metric("failed labels", ov.n_failed)
+    cols[3].metric("structures", sum(ov.structures.values()))
+    last = ov.last_round.get("metrics", {})
+    mae = last.get("test_force_mae")
+    cols[4].metric("latest test F MAE (meV/Å)", f"{1000 * mae:.1f}" if mae else "–")
+    if ov.label_budget:
+        used = min(1.0, ov.labels_requested / ov.label_budget)
+        st.progress(used, text=f"label budget: {ov.labels_requested} of {ov.label_budget} "
+                               "used by rounds (failed labels count)")
+    st.caption("structures by source: " + (", ".join(
+        f"{k} {v}" for k, v in sorted(ov.structures.items())) or "none"))
+    url = data.prefect_run_url(last.get("flow_run_id"), os.environ.get("PREFECT_API_URL"),
+                               os.environ.get("PREFECT_UI_URL"))
+    if url:
+        st.markdown(f"Prefect flow run of round {ov.last_round['round']}: [{url}]({url})")
+    elif ov.n_rounds:
+        st.caption("Set PREFECT_API_URL (or PREFECT_UI_URL) to link rounds to Prefect runs.")
+    if ov.n_rounds == 0:
+        st.info(f"No rounds yet. The campaign has {sum(ov.structures.values())} structures "
+                f"and {ov.n_ok} ok labels; rounds appear here once `bayesal run CONFIG` "
+                "has trained its first model.")
+        return
+    st.markdown("#### Rounds")
+    st.table(_fmt(data.rounds_frame(engine, name).drop(columns=["started"])),
+             hide_index=True)
+
+
+def curves_tab(engine, name: str) -> None:
+    curves = data.learning_curves(engine, name)
+    if curves.empty:
+        st.info("No evaluated round yet: learning curves need a completed round with test "
+                "files (data.test_files in the campaign YAML).")
+        return
+    metrics = [m for m, _ in data.CURVE_METRICS.values() if m in set(curves["metric"])]
+    metric = st.radio("metric", metrics, horizontal=True, key="curve_metric")
+    st.plotly_chart(plots.learning_curve_figure(curves, metric), key="learning_curve")
+    wide = curves.pivot_table(index=["round", "labels"], columns=["metric", "test_set"],
+                              values="value")
+    wide.columns = [f"{m} [{t}]" for m, t in wide.columns]
+    st.dataframe(wide.reset_index(), hide_index=True)
+
+
+def calibration_tab(engine, name: str) -> None:
+    cal = data.calibration_frame(engine, name)
+    if cal.empty:
+        st.info("No evaluated round yet: calibration needs a completed round with test files.")
+        return
+    left, right = st.columns(2)
+    with left:
+        rel = data.reliability_frame(engine, name)
+        if rel.empty:
+            st.info("These rounds stored no reliability curves (evaluated before they were "
+                    "recorded); the table shows their calibration metrics.")
+        else:
+            quantity = st.radio("quantity", sorted(rel["quantity"].unique(), reverse=True),
+                                horizontal=True, key="rel_quantity")
+            variant = st.radio("variances", sorted(rel["variant"].unique(), reverse=True),
+                               horizontal=True, key="rel_variant")
+            st.plotly_chart(plots.reliability_figure(rel, quantity, variant),
+                            key="reliability")
+    with right:
+        long = cal.melt(id_vars=["round", "labels"],
+                        value_vars=["force_miscal_area", "force_miscal_area_recal",
+                                    "energy_miscal_area", "energy_miscal_area_recal",
+                                    "force_spearman", "energy_spearman"],
+                        var_name="metric", value_name="value").dropna()
+        long["test_set"] = long["metric"].map(
+            lambda m: m.split("_")[0] + (" (recalibrated)" if m.endswith("_recal") else ""))
+        long["metric"] = long["metric"].map(
+            lambda m: "Spearman ρ(|error|, σ)" if "spearman" in m else "miscalibration area")
+        for metric in ("miscalibration area", "Spearman ρ(|error|, σ)"):
+            st.plotly_chart(plots.learning_curve_figure(long, metric), key=f"cal_{metric}")
+    st.dataframe(cal, hide_index=True)
+
+
+def acquisition_tab(engine, name: str) -> None:
+    rounds = data.scored_rounds(engine, name)
+    if not rounds:
+        st.info("No scores yet: a round stores every candidate's score when it selects.")
+        return
+    r = st.selectbox("round", rounds, index=len(rounds) - 1, key="acq_round")
+    scores = data.scores_frame(engine, name, r)
+    numeric = [c for c in scores.columns
+               if c not in ("structure_id", "acquisition", "selected", "rank", "source")
+               and pd.api.types.is_numeric_dtype(scores[c])]
+    column = st.radio("quantity", numeric, horizontal=True, key="acq_column")
+    cols = st.columns(4)
+    cols[0].metric("scored", len(scores))
+    cols[1].metric("selected", int(scores["selected"].sum()))
+    cols[2].metric("mean score (pool)", f"{scores['score'].mean():.3g}")
+    chosen = scores[scores["selected"]]
+    cols[3].metric("mean score (selected)",
+                   f"{chosen['score'].mean():.3g}" if len(chosen) else "–")
+    st.plotly_chart(plots.score_figure(scores, column), key="scores")
+    st.markdown("#### Selected batch")
+    st.dataframe(chosen.sort_values("rank"), hide_index=True)
+
+
+def labeling_tab(engine, name: str) -> None:
+    labels = data.labels_frame(engine, name)
+    if labels.empty:
+        st.info("No labels yet.")
+        return
+    st.table(_fmt(data.labeling_by_round(labels)), hide_index=True)
+    st.plotly_chart(plots.labeling_figure(labels), key="labeling")
+    failed = labels[labels["status"] != "ok"]
+    if len(failed):
+        st.markdown("#### Failed labels")
+        st.dataframe(failed[["structure_id", "round", "status", "error", "wall s", "created"]],
+                     hide_index=True)
+
+
+def data_tab(engine, name: str) -> None:
+    everything = data.labels_frame(engine, name)
+    if everything.empty:
+        st.info("No labelled data yet.")
+        return
+    c = st.columns(4)
+    status = c[0].multiselect("status", sorted(everything["status"].unique()), key="f_status")
+    source = c[1].multiselect("source", sorted(everything["source"].unique()), key="f_source")
+    rounds = c[2].multiselect("round", sorted(everything["round"].dropna().astype(int).unique()),
+                              key="f_round")
+    formula = c[3].selectbox("formula", ["(any)", *sorted(everything["formula"].unique())],
+                             key="f_formula")
+    df = data.labels_frame(engine, name, status=status or None, source=source or None,
+                           rounds=[int(r) for r in rounds] or None,
+                           formula=None if formula == "(any)" else formula)
+    st.caption(f"{len(df)} of {len(everything)} labels")
+    st.dataframe(df, hide_index=True)
+    st.download_button("Download CSV", df.to_csv(index=False).encode(),
+                       file_name=f"{name}-labels.csv", mime="text/csv")
+
+
+def structure_tab(engine, name: str) -> None:
+    labels = data.labels_frame(engine, name, limit=1)
+    default = int(labels["structure_id"].iloc[0]) if len(labels) else 1
+    sid = st.number_input("structure id", min_value=1, value=default, step=1, key="sid")
+    try:
+        detail = data.structure_detail(engine, name, int(sid))
+    except KeyError as exc:
+        st.warning(str(exc.args[0]))
+        return
+    ok = [lab for lab in detail["labels"] if lab["status"] == "ok"]
+    left, right = st.columns([2, 1])
+    with left:
+        forces = ok[0]["forces"] if ok else None
+        st.plotly_chart(plots.structure_figure(detail, forces), key="structure")
+    with right:
+        st.markdown(f"**{detail['formula']}**, {detail['n_atoms']} atoms, source "
+                    f"`{detail['source']}`" + (f", explored from structure {detail['parent_id']}"
+                                               if detail["parent_id"] else ""))
+        for lab in detail["labels"]:
+            text = (f"{lab['labeler']} {lab['method'] or ''}/{lab['basis'] or ''}: "
+                    f"**{lab['status']}**")
+            if lab["status"] == "ok":
+                text += f", E = {lab['energy']:.4f} eV, max |F| = {lab['max_force']:.3f} eV/Å"
+            elif lab["error"]:
+                text += f" ({lab['error']})"
+            st.markdown("- " + text)
+        if not detail["labels"]:
+            st.markdown("- not labelled")
+        score = detail["score"]
+        if score is None:
+            st.caption("never scored (initial/test structures are not candidates)")
+        else:
+            chosen = "selected" if score["selected"] else "not selected"
+            st.markdown(f"**Predicted uncertainty** (round {score['round']}, "
+                        f"{score['acquisition']}, {chosen})")
+            st.table(pd.DataFrame({"value": {k: v for k, v in score.items()
+                                             if isinstance(v, float)}}))
+        st.download_button("Download XYZ", data.structure_xyz(detail),
+                           file_name=f"structure-{detail['id']}.xyz")
+
+
+TABS = {"Overview": overview_tab, "Learning curves": curves_tab,
+        "Calibration": calibration_tab, "Acquisition": acquisition_tab,
+        "Labeling": labeling_tab, "Data": data_tab, "Structure": structure_tab}
+
+
+def main() -> None:
+    args = _args()
+    st.set_page_config(page_title="bayesal", page_icon="⚛", layout="wide")
+    url = os.environ.get("BAYESAL_DATABASE_URL", "sqlite:///bayesal.db")
+    try:
+        engine = _engine(url)
+        names = data.campaign_names(engine)
+    except (DatabaseError, OperationalError) as exc:
+        st.error(f"Cannot read the campaign database: {exc}")
+        st.stop()
+    st.sidebar.title("bayesal")
+    if not names:
+        st.info("No campaigns in this database yet. Start one with `bayesal run CONFIG.yaml` "
+                "(or `./examples/quickstart.sh`); it appears here when it starts.")
+        st.stop()
+    wanted = args.campaign
+    if wanted is not None and wanted not in names:
+        st.error(f"No campaign named {wanted!r}. Existing campaigns: {', '.join(names)}.")
+    default = names.index(wanted) if wanted in names else len(names) - 1
+    name = st.sidebar.selectbox("campaign", names, index=default, key="campaign")
+    refresh = st.sidebar.number_input("refresh every (s, 0 = off)", min_value=0.0,
+                                      value=float(args.refresh), step=5.0, key="refresh")
+    st.sidebar.caption(f"database: {_masked(url)}")
+
+    def body() -> None:
+        for tab, render in zip(st.tabs(list(TABS)), TABS.values(), strict=True):
+            with tab:
+                try:
+                    render(engine, name)
+                except data.UnknownCampaign as exc:
+                    st.error(str(exc))
+                except OperationalError as exc:
+                    st.error(f"database error (retrying at the next refresh): {exc.orig}")
+
+    st.fragment(body, run_every=refresh or None)()
+
+
+def _masked(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+main()
