@@ -19,6 +19,7 @@ COPY tasks tasks
 COPY bayes_model bayes_model
 COPY labelers labelers
 COPY db db
+COPY dashboard dashboard
 COPY examples examples
 COPY prefect.yaml ./
 RUN pip install -e . && useradd --create-home bayesal && mkdir -p /data \

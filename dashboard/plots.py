@@ -123,7 +123,7 @@ def structure_figure(detail: dict[str, Any], forces: np.ndarray | None = None) -
     hidden = {"visible": False}
     fig.update_layout(scene={"aspectmode": "data", "xaxis": hidden, "yaxis": hidden,
                              "zaxis": hidden,
-                             "camera": {"eye": {"x": 0.0, "y": 0.0, "z": 2.2}}},
+                             "camera": {"eye": {"x": 1.5, "y": 1.5, "z": 1.0}}},
                       title=f"structure {detail['id']} ({detail['formula']})", height=520,
                       showlegend=False, margin={"l": 0, "r": 0, "t": 40, "b": 0})
     return fig

@@ -1,4 +1,5 @@
-"""Dependencies point one way: flows -> tasks -> (bayes_model | labelers | db)."""
+"""Dependencies point one way: flows -> tasks -> (bayes_model | labelers | db); the dashboard
+reads through db/ only."""
 
 from __future__ import annotations
 
@@ -36,3 +37,14 @@ def test_libraries_never_import_prefect_or_each_other(package):
 def test_tasks_do_not_import_flows():
     offenders = {f: r for f, r in imported_roots("tasks").items() if "flows" in r}
     assert offenders == {}
+
+
+def test_dashboard_reads_through_db_only():
+    """The dashboard is a read-only view: db/ and plotting, no Prefect, flows, tasks, models
+    or labelers."""
+    forbidden = {"prefect", "flows", "tasks", "bayes_model", "labelers"}
+    roots = imported_roots("dashboard")
+    assert set(roots) >= {"dashboard/app.py", "dashboard/data.py"}
+    offenders = {f: sorted(r & forbidden) for f, r in roots.items() if r & forbidden}
+    assert offenders == {}
+    assert all("db" in r for f, r in roots.items() if f.endswith(("app.py", "data.py")))

@@ -17,6 +17,7 @@ from bayes_model.calibration import (
     miscalibration_area,
     ood_auroc,
     plot_calibration,
+    reliability_curve,
 )
 from bayes_model.predict import Prediction
 
@@ -95,6 +96,12 @@ def test_elementary_metrics_by_hand():
     assert miscalibration_area(np.linspace(0, 1, 10001)) == pytest.approx(0, abs=1e-3)
     assert miscalibration_area(np.full(100, 0.5)) == pytest.approx(0.25, abs=0.01)
     assert coverage(np.array([0.1, 0.5, 0.9, 0.99]), 0.9545) == 0.75
+    uniform = reliability_curve(np.linspace(0, 1, 10001))
+    assert list(uniform) == list(range(10, 100, 10))
+    assert all(uniform[q] == pytest.approx(q / 100, abs=1e-3) for q in uniform)
+    # over-confident: all PIT values in the tails -> the curve leaves the diagonal
+    tails = reliability_curve(np.array([0.01, 0.02, 0.98, 0.99]))
+    assert tails[10] == 0.5 and tails[50] == 0.5 and tails[90] == 0.5
     assert ence(np.array([1.0, -1.0, 2.0, -2.0]), np.array([1.0, 1.0, 2.0, 2.0]), bins=2) == 0
     assert ence(np.array([2.0, 2.0]), np.array([1.0, 1.0]), bins=1) == 1.0
     assert auroc([0.1, 0.2, 0.3], [0.5, 0.6]) == 1.0

@@ -59,6 +59,10 @@ def test_replay_campaign_end_to_end_and_rerun_adds_nothing(prefect_api, shared_d
             # training set grows: 6 initial (5 train + 1 valid) + 4 per earlier round
             assert r.metrics["n_train_labels"] == 6 + 4 * r.round_index
             assert r.metrics["test_force_mae"] > 0 and "test_force_nll" in r.metrics
+            # the dashboard's reliability curve (monotone in p) and its Prefect flow run
+            curve = [r.metrics[f"test_force_reliability_p{q}"] for q in range(10, 100, 10)]
+            assert curve == sorted(curve) and 0 <= curve[0] <= curve[-1] <= 1
+            assert len(r.metrics["flow_run_id"]) == 36
             assert r.metrics["n_selected"] == 4 and r.metrics["n_scored"] > 0
         # the selected structures are exactly the ones labelled in that round
         for r in rounds:

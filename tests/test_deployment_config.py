@@ -54,6 +54,28 @@ def test_compose_worker_reaches_the_campaign_database_and_the_prefect_server():
     assert "bayesal db upgrade" in " ".join(services["worker"]["command"])
 
 
+def test_compose_dashboard_reads_the_campaign_database_of_the_worker():
+    services = _compose()["services"]
+    dash, worker = services["dashboard"], services["worker"]
+    assert dash["image"] == worker["image"]
+    env = {k: _default(str(v)) for k, v in dash["environment"].items()}
+    worker_env = {k: _default(str(v)) for k, v in worker["environment"].items()}
+    assert env["BAYESAL_DATABASE_URL"] == worker_env["BAYESAL_DATABASE_URL"]
+    command = dash["command"]
+    assert command[:2] == ["bayesal", "dashboard"]
+    port = command[command.index("--port") + 1]
+    assert command[command.index("--host") + 1] == "0.0.0.0"  # inside the container
+    assert _default(dash["ports"][0]) == f"127.0.0.1:8501:{port}"  # loopback on the host
+    assert env["PREFECT_UI_URL"].startswith("http://127.0.0.1:")
+    # the command line parses: the options exist on `bayesal dashboard`
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    help_text = CliRunner().invoke(app, ["dashboard", "--help"]).output
+    assert "--host" in help_text and "--port" in help_text
+
+
 def test_compose_prefect_server_has_its_own_database():
     services = _compose()["services"]
     prefect_url = make_url(_default(services["prefect-server"]["environment"][
@@ -74,7 +96,7 @@ def test_compose_publishes_ports_on_loopback_only():
 def test_dockerfile_installs_cpu_torch_first_and_every_package():
     text = (REPO / "Dockerfile").read_text()
     assert text.index("torch==2.13.0") < text.index("pip install -e .")
-    for package in ("flows", "tasks", "bayes_model", "labelers", "db"):
+    for package in ("flows", "tasks", "bayes_model", "labelers", "db", "dashboard"):
         assert f"COPY {package} {package}" in text
 
 

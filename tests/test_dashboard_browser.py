@@ -1,0 +1,174 @@
+"""`bayesal dashboard` served on a free loopback port over the 3-round demo campaign
+(tests/dashboard_fixture.py), opened in Debian's headless Chromium through Playwright: the
+round table and the learning curve show the fixture's numbers, every view renders without an
+exception, an unknown campaign gets a message listing the existing ones and a campaign
+without rounds an empty state. Screenshots go to artifacts/dashboard-*.png (or
+$BAYESAL_TEST_ARTIFACTS)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import dashboard_fixture as fx
+import pytest
+
+pytestmark = pytest.mark.browser
+
+REPO = Path(__file__).resolve().parents[1]
+ARTIFACTS = Path(os.environ.get("BAYESAL_TEST_ARTIFACTS", REPO / "artifacts"))
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+PREFECT_API = "http://127.0.0.1:4200/api"
+TABS = ("Overview", "Learning curves", "Calibration", "Acquisition", "Labeling", "Data",
+        "Structure")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def database(tmp_path_factory) -> str:
+    from db import make_engine
+
+    url = f"sqlite:///{tmp_path_factory.mktemp('dash') / 'demo.db'}"
+    engine = make_engine(url)
+    fx.build_demo(engine)
+    engine.dispose()
+    return url
+
+
+@pytest.fixture(scope="module")
+def serve(database, tmp_path_factory):
+    """Start `bayesal dashboard ARGS` and return its URL; stopped at the end."""
+    procs = []
+
+    def start(*args: str) -> str:
+        port = _free_port()
+        log = tmp_path_factory.mktemp("log") / "dashboard.log"
+        env = {**os.environ, "BAYESAL_DATABASE_URL": database, "PREFECT_API_URL": PREFECT_API}
+        proc = subprocess.Popen(
+            [str(Path(sys.executable).with_name("bayesal")), "dashboard", "--port", str(port),
+             "--refresh", "0", *args],
+            env=env, cwd=REPO, stdout=log.open("w"), stderr=subprocess.STDOUT)
+        procs.append(proc)
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, f"dashboard exited: {log.read_text()}"
+            try:
+                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
+                    if r.status == 200:
+                        return url
+            except OSError:
+                time.sleep(0.5)
+        raise AssertionError(f"dashboard did not come up: {log.read_text()}")
+
+    yield start
+    for proc in procs:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not Path(CHROMIUM).exists():
+        pytest.fail("Chromium not found: install Debian's `chromium` package (.ci/run does)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        yield b
+        b.close()
+
+
+def _open(browser, url: str):
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(url)
+    page.get_by_role("tab", name="Overview").wait_for(timeout=60_000)
+    return page
+
+
+def _shot(page, name: str) -> Path:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    path = ARTIFACTS / f"dashboard-{name}.png"
+    page.screenshot(path=str(path), full_page=True)
+    assert path.stat().st_size > 10_000
+    return path
+
+
+def _no_exception(page) -> None:
+    errors = page.locator('[data-testid="stException"]')
+    assert errors.count() == 0, errors.first.inner_text()
+    assert "Traceback" not in page.inner_text("body")
+
+
+def test_round_table_learning_curve_and_every_view(serve, browser):
+    page = _open(browser, serve("--campaign", "demo"))
+    table = page.locator("table").first
+    table.wait_for(timeout=60_000)
+    header = [c.strip() for c in table.locator("thead th").all_inner_texts()]
+    rows = [[c.strip() for c in row.locator("td, th").all_inner_texts()]
+            for row in table.locator("tbody tr").all()]
+    assert len(rows) == 3
+    col = {name: i for i, name in enumerate(header)}
+    assert [r[col["round"]] for r in rows] == ["0", "1", "2"]
+    assert [r[col["training labels"]] for r in rows] == [str(n) for n in fx.TRAIN_LABELS]
+    assert [float(r[col["test F MAE (meV/Å)"]]) for r in rows] == [
+        pytest.approx(1000 * v) for v in fx.FORCE_MAE]
+    assert [r[col["failed labels"]] for r in rows] == ["0", "1", "0"]
+    body = page.inner_text("body")
+    assert "Campaign demo" in body and "6 of 10" in body  # label budget used
+    link = page.locator('a[href$="/runs/flow-run/00000000-0000-0000-0000-000000000002"]')
+    assert link.count() == 1
+    assert link.get_attribute("href").startswith("http://127.0.0.1:4200/runs/")
+    _no_exception(page)
+    shots = [_shot(page, "overview")]
+
+    page.get_by_role("tab", name="Learning curves").click()
+    page.wait_for_function("""() => Array.from(document.querySelectorAll('.js-plotly-plot'))
+        .some(d => d.offsetParent !== null && (d.data || []).some(t => t.name === 'water_a'))""",
+                           timeout=30_000)
+    traces = page.evaluate("""() => Array.from(document.querySelectorAll('.js-plotly-plot'))
+        .filter(d => d.offsetParent !== null)
+        .flatMap(d => (d.data || []).map(t => ({name: t.name, x: Array.from(t.x),
+                                                y: Array.from(t.y)})))""")
+    curve = {t["name"]: t for t in traces}
+    assert curve["all"]["x"] == fx.TRAIN_LABELS
+    assert curve["all"]["y"] == [pytest.approx(1000 * v) for v in fx.FORCE_MAE]
+    assert curve["water_a"]["y"] == [pytest.approx(1000 * v) for v in fx.FORCE_MAE_A]
+    visible = page.locator(".js-plotly-plot .scatterlayer .trace").filter(visible=True)
+    assert visible.count() >= 2  # the SVG lines were drawn, not only the data attached
+    _no_exception(page)
+    shots.append(_shot(page, "learning-curves"))
+
+    for tab in TABS[2:]:
+        page.get_by_role("tab", name=tab).click()
+        page.wait_for_timeout(1500)
+        _no_exception(page)
+        shots.append(_shot(page, tab.lower().replace(" ", "-")))
+    body = page.inner_text("body")
+    assert "H2O" in body and "Predicted uncertainty" in body  # structure view
+    print("screenshots:", *shots, sep="\n  ")
+
+
+def test_unknown_campaign_and_empty_state(serve, browser):
+    page = _open(browser, serve("--campaign", "nope"))
+    message = page.get_by_text("No campaign named 'nope'")
+    message.wait_for(timeout=60_000)
+    assert "Existing campaigns: demo, fresh" in message.inner_text()
+    # the newest campaign is shown instead: it has no round yet
+    page.get_by_text("No rounds yet").wait_for(timeout=30_000)
+    page.get_by_role("tab", name="Learning curves").click()
+    page.get_by_text("No evaluated round yet").first.wait_for(timeout=30_000)
+    _no_exception(page)
+    _shot(page, "unknown-campaign")
