@@ -94,8 +94,8 @@ _COLORS = {1: "#e8e8e8", 6: "#404040", 7: "#3050f8", 8: "#ff0d0d", 9: "#90e050",
 
 
 def structure_figure(detail: dict[str, Any], forces: np.ndarray | None = None) -> go.Figure:
-    """3D ball-and-stick view (bonds: distance < 1.2 x sum of covalent radii); atoms coloured
-    by element, hover shows the element, index and |F| when forces are given."""
+    """3D ball-and-stick view (bonds: distance < sum of covalent radii + 0.45 Å, as in Jmol);
+    atoms coloured by element; hover shows the element, index and |F| when forces are given."""
     from ase.data import chemical_symbols, covalent_radii
 
     pos = np.asarray(detail["positions"], float)
@@ -104,8 +104,8 @@ def structure_figure(detail: dict[str, Any], forces: np.ndarray | None = None) -
     bx, by, bz = [], [], []
     for i in range(len(pos)):
         for j in range(i + 1, len(pos)):
-            if np.linalg.norm(pos[i] - pos[j]) < 1.2 * (covalent_radii[numbers[i]]
-                                                        + covalent_radii[numbers[j]]):
+            if np.linalg.norm(pos[i] - pos[j]) < (covalent_radii[numbers[i]]
+                                                  + covalent_radii[numbers[j]] + 0.45):
                 for k, axis in enumerate((bx, by, bz)):
                     axis.extend([pos[i, k], pos[j, k], None])
     fig.add_trace(go.Scatter3d(x=bx, y=by, z=bz, mode="lines", name="bonds",
@@ -120,10 +120,13 @@ def structure_figure(detail: dict[str, Any], forces: np.ndarray | None = None) -
         marker={"size": [14 * covalent_radii[z] + 4 for z in numbers],
                 "color": [_COLORS.get(int(z), "#b0b0b0") for z in numbers],
                 "line": {"color": "#333333", "width": 1}}))
-    hidden = {"visible": False}
-    fig.update_layout(scene={"aspectmode": "data", "xaxis": hidden, "yaxis": hidden,
-                             "zaxis": hidden,
-                             "camera": {"eye": {"x": 1.5, "y": 1.5, "z": 1.0}}},
+    # equal scales in a cube around the molecule (aspectmode "data" blows up flat molecules)
+    centre = (pos.max(0) + pos.min(0)) / 2
+    half = float(np.ptp(pos, axis=0).max()) / 2 + 1.0
+    axes = {f"{a}axis": {"visible": False, "range": [centre[k] - half, centre[k] + half]}
+            for k, a in enumerate("xyz")}
+    fig.update_layout(scene={"aspectmode": "cube", **axes,
+                             "camera": {"eye": {"x": 1.2, "y": 1.2, "z": 0.8}}},
                       title=f"structure {detail['id']} ({detail['formula']})", height=520,
                       showlegend=False, margin={"l": 0, "r": 0, "t": 40, "b": 0})
     return fig
