@@ -74,8 +74,11 @@ def serve(database, tmp_path_factory):
 
     yield start
     for proc in procs:
-        proc.terminate()
+        port = int(proc.args[proc.args.index("--port") + 1])
+        proc.terminate()  # `bayesal dashboard` is the server (exec): nothing is left behind
         proc.wait(timeout=30)
+        with socket.socket() as s, pytest.raises(ConnectionRefusedError):
+            s.connect(("127.0.0.1", port))
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -71,8 +70,8 @@ def dashboard(
                           "address can read the campaign data (there is no login)")
     env = {**os.environ, "BAYESAL_DATABASE_URL": url}  # not on the command line (passwords)
     console.print(f"bayesal dashboard on http://{host}:{port}  (Ctrl-C to stop)")
-    try:
-        code = subprocess.call(streamlit_command(host, port, campaign, refresh), env=env)
-    except KeyboardInterrupt:
-        code = 0
-    raise typer.Exit(code)
+    sys.stdout.flush()
+    # Become the Streamlit server (same PID): signals (Ctrl-C, SIGTERM from a job scheduler
+    # or a test) reach the server itself and no orphaned server is left behind.
+    cmd = streamlit_command(host, port, campaign, refresh)
+    os.execve(cmd[0], cmd, env)
