@@ -234,3 +234,25 @@ def test_streamlit_command_is_headless_and_local():
     assert cmd[cmd.index("--") + 1:] == ["--refresh", "10.0", "--campaign", "demo"]
     assert _is_loopback("127.0.0.1") and _is_loopback("localhost") and _is_loopback("::1")
     assert not _is_loopback("0.0.0.0") and not _is_loopback("10.1.2.3")
+
+
+def test_reads_do_not_wait_for_a_running_writer(demo, engine):
+    """A campaign writing (open transaction) neither blocks the dashboard nor is blocked by it;
+    the dashboard sees the new round once it is committed."""
+    import time
+
+    from sqlalchemy import insert, select
+
+    from db import Campaign, Round, session_scope
+
+    ro, _ = demo
+    with session_scope(engine) as writer:  # BEGIN IMMEDIATE on SQLite: holds the write lock
+        cid = writer.scalar(select(Campaign.id).where(Campaign.name == "demo"))
+        writer.execute(insert(Round).values(campaign_id=cid, round_index=3, status="running",
+                                            metrics={}, n_labelled=0))
+        t0 = time.perf_counter()
+        ov = data.overview(ro, "demo")
+        assert time.perf_counter() - t0 < 5  # busy_timeout is 30 s: it did not wait
+        assert (ov.n_rounds, ov.state) == (3, "idle")  # uncommitted round not visible
+    ov = data.overview(ro, "demo")
+    assert (ov.n_rounds, ov.state, ov.running_round) == (4, "running", 3)
