@@ -12,6 +12,7 @@ import argparse
 import os
 import sys
 
+import numpy as np
 import pandas as pd
 import streamlit as st
 from sqlalchemy.exc import OperationalError
@@ -34,20 +35,23 @@ def _engine(url: str):
     return engine
 
 
+def _cell(value, digits: int) -> object:
+    """One table cell for display: floats with ``digits`` decimals (trailing zeros dropped,
+    scientific when tiny or huge), times to the second, missing values blank."""
+    if value is None or (isinstance(value, float) and np.isnan(value)) or value is pd.NaT:
+        return ""
+    if isinstance(value, float):
+        if value != 0 and (abs(value) < 1e-2 or abs(value) >= 1e4):
+            return f"{value:.{digits}g}"
+        return f"{value:.{digits}f}".rstrip("0").rstrip(".")
+    if hasattr(value, "strftime"):
+        return f"{value:%Y-%m-%d %H:%M:%S}"
+    return value
+
+
 def _fmt(df: pd.DataFrame, digits: int = 3) -> pd.DataFrame:
-    """Numbers rounded for display; missing values blank."""
-    out = df.copy()
-    for col in out.columns:
-        if pd.api.types.is_float_dtype(out[col]):
-            out[col] = out[col].map(lambda v: "" if pd.isna(v) else f"{v:.{digits}g}"
-                                    if abs(v) < 1e-2 or abs(v) >= 1e4 else f"{v:.{digits}f}"
-                                    .rstrip("0").rstrip("."))
-        elif pd.api.types.is_datetime64_any_dtype(out[col]) or out[col].dtype == object:
-            out[col] = out[col].map(lambda v: "" if v is None or (not isinstance(v, str)
-                                                                   and pd.isna(v))
-                                    else f"{v:%Y-%m-%d %H:%M:%S}" if hasattr(v, "strftime")
-                                    else v)
-    return out
+    """A frame rendered as display strings (st.table shows them as they are)."""
+    return df.astype(object).map(lambda v: _cell(v, digits))
 
 
 def overview_tab(engine, name: str) -> None:
