@@ -176,7 +176,7 @@ def report(results: dict, out: Path) -> None:
     shares = [r["overhead_s"] / r["round_s"] for by_seed in results.values()
               for runs in by_seed.values() for r in runs if r.get("round_s")]
     if shares:
-        print(f"orchestration overhead: mean {np.mean(shares):.1%}, max {np.max(shares):.1%} "
+        print(f"orchestration overhead: mean {np.mean(shares):.2%}, max {np.max(shares):.2%} "
               "of round wall time (target < 5 %)")
     import matplotlib
 
