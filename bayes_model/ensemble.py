@@ -62,6 +62,7 @@ def prepare_data(train: Sequence[Atoms], valid: Sequence[Atoms], config: ModelCo
 
 def _member_job(k: int, data: PreparedData, model_config: ModelConfig, train_config: TrainConfig,
                 work_dir: str, resume: bool, threads: int | None, events=None):
+    events = _EVENTS if events is None else events  # member processes: set by _init_member
     if threads:
         torch.set_num_threads(threads)
     config = train_config.model_copy(update={"seed": train_config.seed + k})
@@ -118,23 +119,26 @@ def train_ensemble(
             results[k] = (state, info)
     else:
         ctx = mp.get_context("spawn")
-        with ctx.Manager() as manager:
-            events = manager.Queue()
-            stop = threading.Event()
-            pump = threading.Thread(target=_pump, args=(events, on_epoch, stop), daemon=True)
-            pump.start()
-            try:
-                with ProcessPoolExecutor(max_workers=procs, mp_context=ctx,
-                                         initializer=_die_with_parent) as pool:
-                    futures = [pool.submit(_member_job, k, data, model_config, train_config,
-                                           str(work), resume, threads, events)
-                               for k in range(members)]
-                    for fut in futures:
-                        k, state, info = fut.result()
-                        results[k] = (state, info)
-            finally:
-                stop.set()
-                pump.join()
+        # A plain queue handed to the members when they start (no Manager: its server process
+        # would outlive a SIGKILLed trainer).
+        events = ctx.Queue()
+        stop = threading.Event()
+        pump = threading.Thread(target=_pump, args=(events, on_epoch, stop), daemon=True)
+        pump.start()
+        try:
+            with ProcessPoolExecutor(max_workers=procs, mp_context=ctx,
+                                     initializer=_init_member,
+                                     initargs=(os.getpid(), events)) as pool:
+                futures = [pool.submit(_member_job, k, data, model_config, train_config,
+                                       str(work), resume, threads)
+                           for k in range(members)]
+                for fut in futures:
+                    k, state, info = fut.result()
+                    results[k] = (state, info)
+        finally:
+            stop.set()
+            pump.join()
+            events.close()
     # The neighbour normalisation is a constructor argument, not part of the state dict:
     # rebuild members exactly as they were trained (build_model derives it from the data).
     template = build_model(model_config, data.species, data.shifts, data.train)
@@ -153,13 +157,26 @@ def train_ensemble(
                         member_info=[results[k][1] for k in range(members)], extra=extra)
 
 
-def _die_with_parent() -> None:
+_EVENTS = None  # progress queue of a member process
+
+
+def _init_member(parent_pid: int, events) -> None:
+    global _EVENTS
+    _die_with_parent(parent_pid)
+    _EVENTS = events
+
+
+def _die_with_parent(parent_pid: int) -> None:
     """Member processes are SIGKILLed when the trainer dies (Linux), so a killed campaign
-    leaves no orphan writing into the training folder that a restart resumes from."""
+    leaves no orphan writing into the training folder that a restart resumes from. A trainer
+    that died while this process was starting (before the request) is caught by the parent
+    check: the process exits instead of training an already queued member."""
     if sys.platform.startswith("linux"):
         import ctypes
 
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent_pid:
+        os._exit(1)
 
 
 class _Direct:
