@@ -19,6 +19,7 @@ from sqlalchemy import Engine, func, select
 
 from db.ingest import run_transaction
 from db.models import Campaign, Label, LabelStatus, Round, RoundStatus, Score, Structure
+from db.rounds import round_history
 
 __all__ = [
     "CURVE_METRICS",
@@ -139,13 +140,11 @@ def overview(engine: Engine, campaign: str) -> Overview:
 
 
 def _history(engine: Engine, campaign: str) -> list[dict[str, Any]]:
-    def work(session) -> list[dict[str, Any]]:
-        camp = _campaign(session, campaign)
-        return [{"round": r.round_index, "status": r.status, "n_labelled": r.n_labelled,
-                 "started_at": r.started_at, "finished_at": r.finished_at,
-                 "metrics": dict(r.metrics or {})} for r in _rounds(session, camp.id)]
-
-    return run_transaction(engine, work)
+    """:func:`db.rounds.round_history`, with an unknown campaign named as such."""
+    rows = round_history(engine, campaign)
+    if not rows:
+        run_transaction(engine, lambda s: _campaign(s, campaign))  # raises if unknown
+    return rows
 
 
 def _milli(value: Any) -> float:
