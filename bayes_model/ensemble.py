@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from ase import Atoms
 
-from bayes_model.checkpoint import save_members
+from bayes_model.checkpoint import load_members, save_members
 from bayes_model.data import (
     Graph,
     atoms_to_graph,
@@ -30,7 +30,8 @@ from bayes_model.data import (
 from bayes_model.model import ModelConfig, MVEPotential
 from bayes_model.train import TrainConfig, build_model, train_model
 
-__all__ = ["PreparedData", "member_summary", "prepare_data", "split_validation", "train_ensemble"]
+__all__ = ["PreparedData", "WarmStart", "load_warm_start", "member_summary", "prepare_data",
+           "split_validation", "train_ensemble"]
 
 
 @dataclass
@@ -60,13 +61,49 @@ def prepare_data(train: Sequence[Atoms], valid: Sequence[Atoms], config: ModelCo
                         graphs[len(train):])
 
 
+@dataclass
+class WarmStart:
+    """Weights to start members from (fine-tuning): the previous model's members, with the
+    energy shifts, force scale and neighbour normalisation they were trained with."""
+
+    states: list[dict[str, torch.Tensor]]
+    shifts: list[float]
+    scale: float
+    avg_neighbors: float
+
+
+def load_warm_start(directory: str | Path, model_config: ModelConfig,
+                    species: list[int]) -> WarmStart:
+    """The members of model directory ``directory`` as a :class:`WarmStart`; the model
+    config and species must be the ones about to be trained (ValueError names the
+    difference otherwise: train from scratch instead)."""
+    models, manifest = load_members(directory)
+    if manifest.config != model_config:
+        raise ValueError(f"cannot warm-start from {directory}: its model config differs "
+                         f"({manifest.config.model_dump()} vs {model_config.model_dump()}); "
+                         "train from scratch")
+    if list(manifest.species) != list(species):
+        raise ValueError(f"cannot warm-start from {directory}: it was trained on species "
+                         f"{manifest.species}, the data has {species}; train from scratch")
+    return WarmStart([{n: t.detach().cpu() for n, t in m.state_dict().items()} for m in models],
+                     list(manifest.shifts), float(manifest.scale), manifest.avg_neighbors)
+
+
 def _member_job(k: int, data: PreparedData, model_config: ModelConfig, train_config: TrainConfig,
-                work_dir: str, resume: bool, threads: int | None, events=None):
+                work_dir: str, resume: bool, threads: int | None, events=None,
+                warm: WarmStart | None = None):
     events = _EVENTS if events is None else events  # member processes: set by _init_member
     if threads:
         torch.set_num_threads(threads)
     config = train_config.model_copy(update={"seed": train_config.seed + k})
-    model = build_model(model_config, data.species, data.shifts, data.train, seed=config.seed)
+    if warm is None:
+        model = build_model(model_config, data.species, data.shifts, data.train,
+                            seed=config.seed)
+    else:  # member k continues from previous member k (cycled if there were fewer)
+        torch.manual_seed(config.seed)
+        model = MVEPotential(model_config, data.species, warm.shifts, scale=warm.scale,
+                             avg_neighbors=warm.avg_neighbors)
+        model.load_state_dict(warm.states[k % len(warm.states)])
     member_dir = Path(work_dir) / f"member_{k}"
     member_dir.mkdir(parents=True, exist_ok=True)
 
@@ -94,13 +131,16 @@ def train_ensemble(
     processes: int | None = None,
     resume: bool = False,
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+    init_from: str | Path | None = None,
 ) -> Path:
     """Train ``members`` models and write a model directory (see bayes_model.checkpoint).
 
     Member k uses seed ``train_config.seed + k`` for its weights and data order. With
     ``processes`` > 1 members train in parallel processes (spawned; each gets an equal share
     of the cores); ``None`` picks min(members, cores). ``resume`` continues interrupted
-    members from their saved training state.
+    members from their saved training state. ``init_from`` (a model directory with the same
+    model config and species) warm-starts: member k starts from its member k and keeps its
+    energy shifts, force scale and neighbour normalisation (fine-tuning on the new data).
     """
     model_config = model_config or ModelConfig()
     train_config = train_config or TrainConfig()
@@ -110,12 +150,16 @@ def train_ensemble(
     procs = min(members, cores) if processes is None else max(1, min(processes, members))
     threads = train_config.threads or max(1, cores // procs)
     data = prepare_data(train, valid, model_config, isolated_atoms=isolated_atoms)
+    warm = None
+    if init_from is not None:
+        warm = load_warm_start(init_from, model_config, data.species)
+        data.shifts = warm.shifts
     work = Path(out_dir) / "work"
     results: dict[int, tuple[dict, dict]] = {}
     if procs == 1:
         for k in range(members):
             _, state, info = _member_job(k, data, model_config, train_config, str(work), resume,
-                                         threads, _Direct(on_epoch))
+                                         threads, _Direct(on_epoch), warm)
             results[k] = (state, info)
     else:
         ctx = mp.get_context("spawn")
@@ -130,7 +174,7 @@ def train_ensemble(
                                      initializer=_init_member,
                                      initargs=(os.getpid(), events)) as pool:
                 futures = [pool.submit(_member_job, k, data, model_config, train_config,
-                                       str(work), resume, threads)
+                                       str(work), resume, threads, None, warm)
                            for k in range(members)]
                 for fut in futures:
                     k, state, info = fut.result()
@@ -141,16 +185,21 @@ def train_ensemble(
             events.close()
     # The neighbour normalisation is a constructor argument, not part of the state dict:
     # rebuild members exactly as they were trained (build_model derives it from the data).
-    template = build_model(model_config, data.species, data.shifts, data.train)
+    if warm is None:
+        template = build_model(model_config, data.species, data.shifts, data.train)
+        scale, avg_neighbors = float(template.scale), template.avg_neighbors
+    else:
+        scale, avg_neighbors = warm.scale, warm.avg_neighbors
     models = []
     for k in range(members):
         model = MVEPotential(model_config, data.species, data.shifts,
-                             scale=float(template.scale), avg_neighbors=template.avg_neighbors)
+                             scale=scale, avg_neighbors=avg_neighbors)
         model = model.to(torch.float64 if train_config.float64 else torch.float32)
         model.load_state_dict(results[k][0])
         models.append(model)
     extra = {"train_config": train_config.model_dump(mode="json"),
              "n_train": len(train), "n_valid": len(valid),
+             "init_from": None if init_from is None else str(init_from),
              "isolated_atoms": None if isolated_atoms is None else str(isolated_atoms)}
     return save_members(out_dir, models, method="ensemble",
                         seeds=[train_config.seed + k for k in range(members)],

@@ -123,6 +123,7 @@ def train_posterior(
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
     on_posterior: Callable[[dict[str, float]], None] | None = None,
     recalibrate: bool = True,
+    init_from: str | Path | None = None,
 ) -> Path:
     """Train a model directory for ``method``.
 
@@ -130,6 +131,8 @@ def train_posterior(
     ensemble member), then the posterior: Laplace fit on the training set, SWAG collection
     or IVON training continued from it (``on_posterior`` gets their per-epoch records).
     With ``recalibrate`` variance scales are fitted on ``valid`` (calibration.json).
+    ``init_from`` warm-starts the members (the MAP model) from a previous model directory
+    (see :func:`bayes_model.ensemble.train_ensemble`); the posterior is fitted anew.
     """
     method = Method(method)
     settings = settings or TrainingFile()
@@ -137,7 +140,7 @@ def train_posterior(
     train_ensemble(train, valid, out, members=members if method is Method.ENSEMBLE else 1,
                    model_config=settings.model, train_config=settings.train,
                    isolated_atoms=isolated_atoms, processes=processes, resume=resume,
-                   on_epoch=on_epoch)
+                   on_epoch=on_epoch, init_from=init_from)
     if method is not Method.ENSEMBLE:
         fit_posterior(method, out, train, valid, out, settings=settings,
                       on_posterior=on_posterior, recalibrate=False)

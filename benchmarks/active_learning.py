@@ -4,11 +4,13 @@ Pool = acac train_300K + train_600K (1000 frames) minus 200 600 K frames held ou
 set; test = test_MD_300K (first --n-test frames) + the 200 held-out 600 K frames. Every
 campaign starts from 20 random 300 K frames and runs --rounds rounds of --batch labels
 through the real campaign flow (Prefect local API, SQLite, replay labeler serving the
-reference PBE-D3(BJ)/def2-SVP labels), with a fixed training budget per round: at most
---epochs epochs per member (a compute budget that does not depend on how busy the machine
-is; --minutes adds a wall-time cap).
+reference PBE-D3(BJ)/def2-SVP labels), with a fixed training budget per round (a compute
+budget that does not depend on how busy the machine is; --minutes adds a wall-time cap):
+round 0 trains --epochs epochs from scratch, every later round fine-tunes the previous
+round's members for --finetune-epochs epochs on all labels so far (the campaign's
+``finetune`` warm start; --finetune-epochs 0 trains every round from scratch instead).
 
-    python benchmarks/active_learning.py --out bench-al [--epochs 40] [--seeds 0 1 2]
+    python benchmarks/active_learning.py --out bench-al [--epochs 100] [--finetune-epochs 20]
 
 Prints, per strategy, force/energy MAE on both test parts against the number of labels
 (mean over seeds), the labels random needs to reach bald-ef's final 600 K force MAE, bald-ef
@@ -73,6 +75,8 @@ def campaign_yaml(out: Path, files: dict[str, Path], strategy: str, seed: int,
            "method": "ensemble", "members": args.members,
            "max_train_minutes": args.minutes, "model": model["model"],
            "train": {**model["train"], "max_epochs": args.epochs},
+           **({"finetune": {"max_epochs": args.finetune_epochs}}
+              if args.finetune_epochs else {}),
            "acquisition": {"function": function, "selection": selection,
                            "batch_size": args.batch, "chunk_size": 250},
            "labeler": {"kind": "replay", "method": "pbe-d3bj", "basis": "def2-svp",
@@ -112,10 +116,16 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=20)
     p.add_argument("--initial", type=int, default=20)
     p.add_argument("--members", type=int, default=2)
-    p.add_argument("--epochs", type=int, default=40, help="training epochs per round (max)")
+    p.add_argument("--epochs", type=int, default=100,
+                   help="epochs of round 0 (from scratch)")
+    p.add_argument("--finetune-epochs", type=int, default=20,
+                   help="epochs of later rounds, warm-started from the previous round's "
+                   "members (0: every round from scratch with --epochs)")
     p.add_argument("--minutes", type=float, default=None,
                    help="optional wall-time cap on training per round")
     p.add_argument("--n-test", type=int, default=200)
+    p.add_argument("--report-only", action="store_true",
+                   help="report the campaigns of --out that finished --rounds rounds, run nothing")
     args = p.parse_args()
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -131,6 +141,11 @@ def main() -> None:
     results: dict[str, dict[int, list[dict]]] = {}
     for seed in args.seeds:  # seed-major: a partial run still compares every strategy
         for strategy in args.strategies:
+            if args.report_only:
+                curve = curves(engine, f"{strategy}-s{seed}")
+                if len(curve) >= args.rounds:
+                    results.setdefault(strategy, {})[seed] = curve[:args.rounds]
+                continue
             config = campaign_yaml(out, files, strategy, seed, args)
             print(f"== {strategy} seed {seed}", flush=True)
             campaign(str(config), resume=True)
@@ -140,6 +155,8 @@ def main() -> None:
 
 
 def report(results: dict, out: Path) -> None:
+    print("finished campaigns: " + ", ".join(f"{s} (seeds {' '.join(map(str, r))})"
+                                             for s, r in results.items()))
     keys = {"F 300K": "test_test_300k_force_mae", "F 600K": "test_test_600k_force_mae",
             "E 300K": "test_test_300k_energy_mae", "E 600K": "test_test_600k_energy_mae"}
     print("\nmean over seeds (meV/Å, meV) by training labels")

@@ -152,7 +152,8 @@ def campaign_round(config: str, round_id: int, round_index: int,
                               method=cfg.method.value, members=cfg.members,
                               settings=cfg_training(cfg),
                               valid_fraction=cfg.data.valid_fraction, seed=cfg.seed,
-                              max_minutes=cfg.max_train_minutes))
+                              max_minutes=cfg.max_train_minutes,
+                              **_finetune(ctx, round_index)))
     metrics.update(evaluate_task(url, name, round_index, shash, model_dir, test_sets))
     mae = metrics.get("test_force_mae", metrics["valid_force_mae"])
     target = cfg.stop.target_force_mae
@@ -198,6 +199,14 @@ def campaign_round(config: str, round_id: int, round_index: int,
     finish_round(ctx.engine, round_id, metrics=metrics, n_labelled=counts.get("ok", 0))
     _round_artifacts(ctx, round_index, metrics)
     return metrics
+
+
+def _finetune(ctx: _Context, round_index: int) -> dict[str, Any]:
+    """Warm start from the previous round's model when the config asks for it."""
+    ft = ctx.cfg.finetune
+    if ft is None or round_index == 0:
+        return {}
+    return {"init_from": ctx.model_dir(round_index - 1), "finetune": ft.apply(ctx.cfg.train)}
 
 
 def cfg_training(cfg: CampaignConfig):

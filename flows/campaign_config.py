@@ -94,6 +94,26 @@ class ExplorerConfig(_Strict):
     seeds_per_round: int = Field(4, ge=1, description="Labelled structures to start from.")
 
 
+class FinetuneConfig(_Strict):
+    """Rounds after the first start from the previous round's model (warm start) and train
+    with these overrides of ``train``; the first round, and a round whose labelled data
+    brings a new element, trains from scratch."""
+
+    lr: float | None = Field(None, gt=0, description="Learning rate (None: train.lr).")
+    max_epochs: int | None = Field(None, ge=1, description="Epochs per round "
+                                   "(None: train.max_epochs).")
+    warmup_epochs: int = Field(0, ge=0, description="MSE epochs before the NLL loss (the "
+                               "variance heads are already trained: 0).")
+
+    def apply(self, train: TrainConfig) -> TrainConfig:
+        update: dict = {"warmup_epochs": self.warmup_epochs}
+        if self.lr is not None:
+            update["lr"] = self.lr
+        if self.max_epochs is not None:
+            update["max_epochs"] = self.max_epochs
+        return train.model_copy(update=update)
+
+
 class AcquisitionConfig(_Strict):
     function: Acquisition = Acquisition.BALD_EF
     batch_size: int = Field(10, ge=1, description="Structures labelled per round.")
@@ -170,6 +190,8 @@ class CampaignConfig(_Strict):
     max_train_minutes: float | None = Field(None, gt=0)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    finetune: FinetuneConfig | None = Field(None, description="Warm-start rounds from the "
+                                            "previous round's model (None: from scratch).")
     posterior: PosteriorSettings = Field(default_factory=PosteriorSettings)
     acquisition: AcquisitionConfig = Field(default_factory=AcquisitionConfig)
     labeler: LabelerConfig = Field(default_factory=LabelerConfig)

@@ -117,11 +117,16 @@ def train_round(engine: Engine, campaign: str, round_id: int, round_index: int,
                 settings_hash: str, model_dir: Path, *, method: str, members: int,
                 settings, valid_fraction: float, seed: int, max_minutes: float | None,
                 processes: int | None = None,
-                on_epoch: Callable[[int, dict], None] | None = None) -> dict[str, Any]:
+                on_epoch: Callable[[int, dict], None] | None = None,
+                init_from: Path | None = None, finetune=None) -> dict[str, Any]:
     """Train the round's posterior on every ok label (test set excluded) and register it.
 
     A round whose model is registered reuses it; interrupted training resumes from the
     members' saved states. ``settings`` is a :class:`bayes_model.config.TrainingFile`.
+    ``init_from`` (the previous round's model directory) warm-starts the members, trained
+    with ``finetune`` (a TrainConfig) instead of ``settings.train``; when that model is
+    missing or has another model config or species, the round trains from scratch
+    (``warm_start`` 0 in the summary, the reason in ``warm_start_skipped``).
     """
     import os
 
@@ -143,14 +148,16 @@ def train_round(engine: Engine, campaign: str, round_id: int, round_index: int,
     method = Method(method)
     n_models = members if method is Method.ENSEMBLE else 1
     procs = min(n_models, processes or os.cpu_count() or 1)
-    train_cfg = settings.train.model_copy(update={
+    warm, why_not = _warm_start_source(init_from, settings.model, images)
+    base = finetune if warm is not None and finetune is not None else settings.train
+    train_cfg = base.model_copy(update={
         "seed": settings.train.seed + 1000 * round_index,
         "max_minutes": member_minutes(max_minutes, n_models, procs)
         if max_minutes is not None else settings.train.max_minutes})
     settings = settings.model_copy(update={"train": train_cfg})
     train, valid = split_validation(images, valid_fraction, seed=seed + round_index)
     train_posterior(method, train, valid, model_dir, settings=settings, members=n_models,
-                    processes=procs, resume=True, on_epoch=on_epoch)
+                    processes=procs, resume=True, on_epoch=on_epoch, init_from=warm)
     manifest = read_manifest(model_dir)
     hyper = {"n_train": len(train), "n_valid": len(valid), "seed": train_cfg.seed,
              **({"posterior_file": manifest.posterior.get("file"),
@@ -159,15 +166,36 @@ def train_round(engine: Engine, campaign: str, round_id: int, round_index: int,
     record_models(engine, round_id, manifest.method, [
         ModelRow(k, str(model_dir / m["file"]), m["sha256"], {**hyper, "seed": m.get("seed")})
         for k, m in enumerate(manifest.members)])
-    return _train_summary(manifest, len(images), reused=False,
-                          seconds=time.perf_counter() - t0)
+    out = _train_summary(manifest, len(images), reused=False, seconds=time.perf_counter() - t0)
+    if why_not:
+        out["warm_start_skipped"] = why_not
+    return out
+
+
+def _warm_start_source(init_from: Path | None, model_config, images) -> tuple[Path | None, str]:
+    """``init_from`` when a round can start from it, else None and the reason."""
+    if init_from is None:
+        return None, ""
+    from bayes_model.checkpoint import CheckpointError, read_manifest
+
+    try:
+        manifest = read_manifest(init_from)
+    except CheckpointError as exc:
+        return None, str(exc)
+    species = sorted({int(z) for a in images for z in a.numbers})
+    if manifest.config != model_config:
+        return None, f"{init_from} has another model config"
+    if list(manifest.species) != species:
+        return None, f"{init_from} was trained on species {manifest.species}, the data has {species}"
+    return Path(init_from), ""
 
 
 def _train_summary(manifest, n_labelled: int, *, reused: bool, seconds: float) -> dict:
     members = manifest.members
     return {"n_train_labels": n_labelled, "reused": reused, "train_s": seconds,
             "valid_force_mae": float(np.mean([m["valid_force_mae"] for m in members])),
-            "valid_energy_mae": float(np.mean([m["valid_energy_mae"] for m in members]))}
+            "valid_energy_mae": float(np.mean([m["valid_energy_mae"] for m in members])),
+            "warm_start": float(bool(manifest.extra.get("init_from")))}
 
 
 def evaluate_model(engine: Engine, campaign: str, settings_hash: str, model_dir: Path,

@@ -36,6 +36,16 @@ def test_a_good_config_loads_with_paths_resolved(folder, tmp_path, monkeypatch):
     assert cfg.model.channels == 8 and cfg.members == 2
     assert cfg.acquisition.selection == "diverse" and cfg.stop.label_budget == 20
     assert cfg.runner.kind == "local" and cfg.explorer is None
+    assert cfg.finetune is None  # rounds train from scratch unless asked
+
+
+def test_finetune_overrides_only_what_it_names(folder):
+    (folder / "c.yaml").write_text(GOOD + "train: {lr: 0.02, max_epochs: 50, batch_size: 4}\n"
+                                   "finetune: {max_epochs: 10}\n")
+    cfg = load_campaign_config(folder / "c.yaml")
+    tuned = cfg.finetune.apply(cfg.train)
+    assert (tuned.lr, tuned.max_epochs, tuned.warmup_epochs, tuned.batch_size) == (0.02, 10, 0, 4)
+    assert cfg.train.max_epochs == 50  # the first round's settings are untouched
 
 
 @pytest.mark.parametrize(("edit", "message"), [
@@ -47,6 +57,8 @@ def test_a_good_config_loads_with_paths_resolved(folder, tmp_path, monkeypatch):
     (("name: demo-1", "name: 'bad name!'"), "name: String should match pattern"),
     (("  initial_random: 4\n", ""), "data: Value error, give initial_files or initial_random"),
     (("channels: 8", "chanels: 8"), "model.chanels: Extra inputs are not permitted"),
+    (("members: 2", "members: 2\nfinetune: {lr: -0.1}"),
+     "finetune.lr: Input should be greater than 0"),
 ])
 def test_bad_configs_name_the_field(folder, edit, message):
     text = GOOD.replace(*edit)

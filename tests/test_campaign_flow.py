@@ -39,7 +39,7 @@ def test_replay_campaign_end_to_end_and_rerun_adds_nothing(prefect_api, shared_d
     from flows.campaign import campaign
 
     _use_db(monkeypatch, db_url, tmp_path / "data")
-    config = ethanol_campaign(tmp_path, shared_data)
+    config = ethanol_campaign(tmp_path, shared_data, finetune={"max_epochs": 2})
     result = campaign(str(config), resume=False)
     assert result["rounds"] == 3 and result["stop_reason"].startswith("max_rounds")
 
@@ -52,6 +52,14 @@ def test_replay_campaign_end_to_end_and_rerun_adds_nothing(prefect_api, shared_d
         assert all(r.status == "completed" for r in rounds)
         # labels grow by the batch size per round, each recorded with its round
         assert [r.n_labelled for r in rounds] == [4, 4, 4]
+        # finetune: round 0 from scratch, later rounds start from the previous round's model
+        assert [r.metrics["warm_start"] for r in rounds] == [0.0, 1.0, 1.0]
+        from bayes_model.checkpoint import read_manifest
+        model_dirs = sorted((tmp_path / "data" / "campaigns" / "eth").glob("round-*/model"))
+        assert len(model_dirs) == 3
+        assert [read_manifest(d).extra.get("init_from") for d in model_dirs] == [
+            None, str(model_dirs[0]), str(model_dirs[1])]
+        assert [read_manifest(d).members[0]["epochs"] for d in model_dirs] == [3, 2, 2]
         for r in rounds:
             n = conn.scalar(select(func.count()).select_from(Label)
                             .where(Label.round_id == r.id, Label.status == "ok"))

@@ -3,6 +3,7 @@ database helpers that make rounds resumable (draws, selection, models, stopping 
 
 from __future__ import annotations
 
+import ase
 import ase.io
 import numpy as np
 import pytest
@@ -171,3 +172,23 @@ def test_stopping_rules(engine):
     assert reason([done], min_score=0.3).startswith("min_score")
     empty = {"status": "completed", "metrics": {"test_force_mae": 0.05, "n_selected": 0}}
     assert reason([empty]).startswith("no candidates left")
+
+
+def test_warm_start_source_falls_back_to_scratch_with_the_reason(committee, tmp_path):
+    """A round warm-starts only from a previous model with the same config and species; a
+    missing model or a new element in the labelled data means training from scratch."""
+    from bayes_model.checkpoint import save_members
+    from tasks.steps import _warm_start_source
+
+    posterior, ethanol = committee
+    prev = save_members(tmp_path / "prev", posterior.models)
+    config = posterior.models[0].config
+    assert _warm_start_source(None, config, ethanol) == (None, "")
+    assert _warm_start_source(prev, config, ethanol) == (prev, "")
+    none, why = _warm_start_source(tmp_path / "gone", config, ethanol)
+    assert none is None and "no manifest.json" in why
+    with_n = [*ethanol, ase.Atoms("NH3", positions=[[0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]])]
+    none, why = _warm_start_source(prev, config, with_n)
+    assert none is None and "species [1, 6, 8], the data has [1, 6, 7, 8]" in why
+    other = config.model_copy(update={"channels": config.channels + 1})
+    assert _warm_start_source(prev, other, ethanol)[1].endswith("has another model config")

@@ -188,3 +188,46 @@ def test_parallel_members_report_every_epoch_and_leave_no_process(ethanol, tmp_p
     assert sorted(seen) == [(0, 0), (0, 1), (1, 0), (1, 1)]
     assert len(load_posterior(out).models) == 2
     assert multiprocessing.active_children() == []
+
+
+def test_warm_start_continues_from_the_previous_members(ethanol, tmp_path):
+    """init_from: every member starts from the previous model's member (weights, energy
+    shifts, force scale, neighbour normalisation kept although the new data would give others);
+    a step of 1e-9 leaves its predictions unchanged, while a fresh start differs. Another
+    model config or other species are refused with the reason."""
+    from bayes_model.ensemble import train_ensemble
+
+    cfg = TrainConfig(max_epochs=3, warmup_epochs=1, batch_size=2, ema_decay=0.0, float64=True)
+    old = train_ensemble(ethanol[:16], ethanol[16:20], tmp_path / "old", members=2,
+                         model_config=SMALL, train_config=cfg, processes=1)
+    tiny = TrainConfig(max_epochs=1, warmup_epochs=0, lr=1e-9, ema_decay=0.0, batch_size=8,
+                       float64=True)
+    new_data = (ethanol[100:140], ethanol[140:150])
+    warm = train_ensemble(*new_data, tmp_path / "warm", members=2, model_config=SMALL,
+                          train_config=tiny, processes=1, init_from=old)
+    fresh = train_ensemble(*new_data, tmp_path / "fresh", members=2, model_config=SMALL,
+                           train_config=tiny, processes=1)
+    m_old, m_warm, m_fresh = (load_posterior(d).manifest for d in (old, warm, fresh))
+    assert m_warm.shifts == m_old.shifts and m_fresh.shifts != m_old.shifts
+    assert (m_warm.scale, m_warm.avg_neighbors) == (m_old.scale, m_old.avg_neighbors)
+    assert m_warm.extra["init_from"] == str(old)
+    probe = ethanol[200:204]
+    p_old, p_warm, p_fresh = (load_posterior(d).predict(probe) for d in (old, warm, fresh))
+    np.testing.assert_allclose(p_warm.forces, p_old.forces, atol=1e-5)
+    np.testing.assert_allclose(p_warm.energy, p_old.energy, atol=1e-6)
+    np.testing.assert_allclose(p_warm.forces_cov_epi, p_old.forces_cov_epi, atol=1e-6)
+    assert np.abs(p_old.forces).max() > 0.1  # the old model learnt something to keep
+    assert np.abs(p_fresh.forces - p_old.forces).max() > 0.1
+
+    with pytest.raises(ValueError, match="model config differs"):
+        train_ensemble(*new_data, tmp_path / "x", members=2, train_config=tiny, processes=1,
+                       model_config=ModelConfig(channels=4, n_layers=1), init_from=old)
+    water = [molecule("H2O") for _ in range(3)]
+    for k, a in enumerate(water):
+        a.rattle(0.05, seed=k)
+        a.calc = None
+        a.info["energy"] = -2000.0 - k
+        a.arrays["forces"] = np.zeros((3, 3))
+    with pytest.raises(ValueError, match=r"species \[1, 6, 8\], the data has \[1, 8\]"):
+        train_ensemble(water[:2], water[2:], tmp_path / "y", members=1, model_config=SMALL,
+                       train_config=tiny, processes=1, init_from=old)
