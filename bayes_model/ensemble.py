@@ -31,7 +31,7 @@ from bayes_model.model import ModelConfig, MVEPotential
 from bayes_model.train import TrainConfig, build_model, train_model
 
 __all__ = ["PreparedData", "WarmStart", "load_warm_start", "member_summary", "prepare_data",
-           "split_validation", "train_ensemble"]
+           "split_validation", "split_validation_stable", "train_ensemble"]
 
 
 @dataclass
@@ -264,6 +264,31 @@ def split_validation(images: Sequence[Atoms], fraction: float, seed: int = 0,
     valid = [images[i] for i in sorted(order[:n_valid])]
     train = [images[i] for i in sorted(order[n_valid:])]
     return train, valid
+
+
+def split_validation_stable(images: Sequence[Atoms], keys: Sequence[int], fraction: float,
+                            seed: int = 0) -> tuple[list[Atoms], list[Atoms]]:
+    """Train/validation split where each structure's side depends only on its key (a
+    database id) and ``seed``: a structure is validation iff a hash of (seed, key) falls
+    below ``fraction``. As data grows, no training structure ever moves into validation, so a
+    model fine-tuned round after round is validated on structures it has not trained on.
+    At least one structure lands on each side (the extremes of the hash) when there are two."""
+    import hashlib
+
+    if not 0 < fraction < 1:
+        raise ValueError(f"validation fraction must be in (0, 1), got {fraction}")
+    if len(keys) != len(images):
+        raise ValueError(f"{len(images)} structures but {len(keys)} keys")
+    u = np.array([int.from_bytes(hashlib.blake2b(f"{seed}:{int(k)}".encode(),
+                                                 digest_size=8).digest(), "big") / 2.0**64
+                  for k in keys])
+    is_valid = u < fraction
+    if len(images) >= 2 and not is_valid.any():
+        is_valid[np.argmin(u)] = True
+    if len(images) >= 2 and is_valid.all():
+        is_valid[np.argmax(u)] = False
+    return ([a for a, v in zip(images, is_valid, strict=True) if not v],
+            [a for a, v in zip(images, is_valid, strict=True) if v])
 
 
 def member_summary(directory: str | Path) -> list[dict[str, Any]]:

@@ -131,7 +131,7 @@ def train_round(engine: Engine, campaign: str, round_id: int, round_index: int,
     import os
 
     from bayes_model.checkpoint import read_manifest
-    from bayes_model.ensemble import member_minutes, split_validation
+    from bayes_model.ensemble import member_minutes, split_validation_stable
     from bayes_model.posterior import Method, train_posterior
 
     t0 = time.perf_counter()
@@ -155,7 +155,10 @@ def train_round(engine: Engine, campaign: str, round_id: int, round_index: int,
         "max_minutes": member_minutes(max_minutes, n_models, procs)
         if max_minutes is not None else settings.train.max_minutes})
     settings = settings.model_copy(update={"train": train_cfg})
-    train, valid = split_validation(images, valid_fraction, seed=seed + round_index)
+    # A structure stays on its side of the split in every round (warm-started models must
+    # not be validated on what they trained on in an earlier round).
+    train, valid = split_validation_stable(
+        images, [a.info["structure_id"] for a in images], valid_fraction, seed=seed)
     train_posterior(method, train, valid, model_dir, settings=settings, members=n_models,
                     processes=procs, resume=True, on_epoch=on_epoch, init_from=warm)
     manifest = read_manifest(model_dir)

@@ -192,3 +192,25 @@ def test_warm_start_source_falls_back_to_scratch_with_the_reason(committee, tmp_
     assert none is None and "species [1, 6, 8], the data has [1, 6, 7, 8]" in why
     other = config.model_copy(update={"channels": config.channels + 1})
     assert _warm_start_source(prev, other, ethanol)[1].endswith("has another model config")
+
+
+def test_stable_validation_split_never_moves_training_structures_into_validation():
+    """As a campaign's labelled set grows, every structure keeps its side of the split (so a
+    fine-tuned model is validated on unseen structures); the share is about the fraction and
+    both sides are non-empty even for two structures."""
+    from bayes_model.ensemble import split_validation_stable
+
+    images = [ase.Atoms("H", info={"id": k}) for k in range(2000)]
+    side: dict[int, bool] = {}
+    for n in (2, 20, 200, 2000):  # a growing labelled set, ids in order
+        train, valid = split_validation_stable(images[:n], list(range(n)), 0.1, seed=3)
+        assert len(train) + len(valid) == n and train and valid
+        now = {a.info["id"]: True for a in valid} | {a.info["id"]: False for a in train}
+        if n > 2:  # no training structure ever becomes validation (2: sides may be forced)
+            assert not any(now[k] for k, v in side.items() if not v)
+        side = now
+    assert 150 < sum(side.values()) < 250  # ~10 % of 2000
+    other = split_validation_stable(images, list(range(2000)), 0.1, seed=4)[1]
+    assert {a.info["id"] for a in other} != {k for k, v in side.items() if v}
+    with pytest.raises(ValueError, match="2000 structures but 3 keys"):
+        split_validation_stable(images, [1, 2, 3], 0.1)
