@@ -189,7 +189,8 @@ def _warm_start_source(init_from: Path | None, model_config, images) -> tuple[Pa
     if manifest.config != model_config:
         return None, f"{init_from} has another model config"
     if list(manifest.species) != species:
-        return None, f"{init_from} was trained on species {manifest.species}, the data has {species}"
+        return None, (f"{init_from} was trained on species {manifest.species}, the data has "
+                      f"{species}")
     return Path(init_from), ""
 
 
