@@ -20,8 +20,8 @@ import traceback
 from labelers._protocol import die_with_parent, recv, send
 
 
-def _run_child(w: int, target: str, kwargs: dict) -> None:
-    die_with_parent()
+def _run_child(w: int, target: str, kwargs: dict, parent_pid: int) -> None:
+    die_with_parent(parent_pid)
     try:
         module, name = target.split(":")
         value = getattr(importlib.import_module(module), name)(**kwargs)
@@ -65,10 +65,11 @@ def _wait_readable(fd: int, proto_in: int, deadline: float | None, pid: int) -> 
 def serve_one(target: str, kwargs: dict, timeout: float | None, proto_in: int) -> tuple:
     r, w = os.pipe()
     t0 = time.monotonic()
+    worker = os.getpid()
     pid = os.fork()
     if pid == 0:
         os.close(r)
-        _run_child(w, target, kwargs)
+        _run_child(w, target, kwargs, worker)
     os.close(w)
     try:
         _wait_readable(r, proto_in, None if timeout is None else t0 + timeout, pid)

@@ -263,3 +263,21 @@ def test_gpu_backend_agrees_with_cpu():
     assert gpu.ok and gpu.provenance["backend"] == "gpu"
     assert abs(gpu.energy - cpu.energy) < 1e-4
     assert np.abs(gpu.forces - cpu.forces).max() < 1e-3
+
+
+@pytest.mark.parametrize("helper", ["labelers._protocol:die_with_parent",
+                                    "bayes_model.ensemble:_die_with_parent"])
+def test_child_processes_exit_when_their_parent_is_already_gone(helper):
+    """Calculation children (labeler worker) and ensemble members ask to die with their
+    parent; one whose parent died before the request (it is orphaned) exits instead of
+    working for nobody, and under its live parent it carries on."""
+    import subprocess
+    import sys
+
+    module, name = helper.split(":")
+    code = (f"import os, sys; from {module} import {name}; "
+            f"{name}(os.getppid() + int(sys.argv[1])); print('alive')")
+    ok = subprocess.run([sys.executable, "-c", code, "0"], capture_output=True, text=True)
+    assert (ok.returncode, ok.stdout.strip()) == (0, "alive")
+    orphan = subprocess.run([sys.executable, "-c", code, "1"], capture_output=True, text=True)
+    assert (orphan.returncode, orphan.stdout) == (1, "")

@@ -159,20 +159,6 @@ def test_saved_ensemble_reproduces_the_validation_metrics_of_training(ethanol, t
         assert mae == pytest.approx(member["valid_force_mae"], rel=1e-9)
 
 
-def test_member_process_exits_when_its_trainer_is_already_gone():
-    """The member initializer: a process whose expected parent is not its parent (the trainer
-    died while it started) exits instead of training; under its live parent it carries on."""
-    import subprocess
-    import sys
-
-    code = ("import os, sys; from bayes_model.ensemble import _die_with_parent; "
-            "_die_with_parent(os.getppid() + int(sys.argv[1])); print('alive')")
-    ok = subprocess.run([sys.executable, "-c", code, "0"], capture_output=True, text=True)
-    assert (ok.returncode, ok.stdout.strip()) == (0, "alive")
-    orphan = subprocess.run([sys.executable, "-c", code, "1"], capture_output=True, text=True)
-    assert (orphan.returncode, orphan.stdout) == (1, "")
-
-
 def test_parallel_members_report_every_epoch_and_leave_no_process(ethanol, tmp_path):
     """Members in 2 processes: the progress callback gets every member's every epoch (through
     the queue handed to the members) and no helper process outlives the call."""
