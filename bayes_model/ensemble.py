@@ -266,10 +266,10 @@ def split_validation(images: Sequence[Atoms], fraction: float, seed: int = 0,
     return train, valid
 
 
-def split_validation_stable(images: Sequence[Atoms], keys: Sequence[int], fraction: float,
-                            seed: int = 0) -> tuple[list[Atoms], list[Atoms]]:
-    """Train/validation split where each structure's side depends only on its key (a
-    database id) and ``seed``: a structure is validation iff a hash of (seed, key) falls
+def split_validation_stable(images: Sequence[Atoms], keys: Sequence[int | str],
+                            fraction: float, seed: int = 0) -> tuple[list[Atoms], list[Atoms]]:
+    """Train/validation split where each structure's side depends only on its key (e.g. its
+    content hash) and ``seed``: a structure is validation iff a hash of (seed, key) falls
     below ``fraction``. As data grows, no training structure ever moves into validation, so a
     model fine-tuned round after round is validated on structures it has not trained on.
     At least one structure lands on each side (the extremes of the hash) when there are two."""
@@ -279,7 +279,7 @@ def split_validation_stable(images: Sequence[Atoms], keys: Sequence[int], fracti
         raise ValueError(f"validation fraction must be in (0, 1), got {fraction}")
     if len(keys) != len(images):
         raise ValueError(f"{len(images)} structures but {len(keys)} keys")
-    u = np.array([int.from_bytes(hashlib.blake2b(f"{seed}:{int(k)}".encode(),
+    u = np.array([int.from_bytes(hashlib.blake2b(f"{seed}:{k}".encode(),
                                                  digest_size=8).digest(), "big") / 2.0**64
                   for k in keys])
     is_valid = u < fraction

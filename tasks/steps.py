@@ -29,6 +29,7 @@ import numpy as np
 from sqlalchemy import Engine
 
 from db import StructureSource, ensure_schema, make_engine
+from db.identity import atoms_hash
 from db.importer import import_files
 from db.pool import (
     add_explored,
@@ -156,9 +157,10 @@ def train_round(engine: Engine, campaign: str, round_id: int, round_index: int,
         if max_minutes is not None else settings.train.max_minutes})
     settings = settings.model_copy(update={"train": train_cfg})
     # A structure stays on its side of the split in every round (warm-started models must
-    # not be validated on what they trained on in an earlier round).
-    train, valid = split_validation_stable(
-        images, [a.info["structure_id"] for a in images], valid_fraction, seed=seed)
+    # not be validated on what they trained on in an earlier round), keyed by its content so
+    # the same structures split alike in every campaign and database.
+    train, valid = split_validation_stable(images, [atoms_hash(a) for a in images],
+                                           valid_fraction, seed=seed)
     train_posterior(method, train, valid, model_dir, settings=settings, members=n_models,
                     processes=procs, resume=True, on_epoch=on_epoch, init_from=warm)
     manifest = read_manifest(model_dir)

@@ -210,6 +210,11 @@ def test_stable_validation_split_never_moves_training_structures_into_validation
             assert not any(now[k] for k, v in side.items() if not v)
         side = now
     assert 150 < sum(side.values()) < 250  # ~10 % of 2000
+    # content-hash keys: the same structures split alike in any order (any campaign/database)
+    keys = [f"{k:064x}" for k in range(200)]
+    valid = split_validation_stable(images[:200], keys, 0.1, seed=3)[1]
+    valid_reversed = split_validation_stable(images[:200][::-1], keys[::-1], 0.1, seed=3)[1]
+    assert {a.info["id"] for a in valid} == {a.info["id"] for a in valid_reversed}
     other = split_validation_stable(images, list(range(2000)), 0.1, seed=4)[1]
     assert {a.info["id"] for a in other} != {k for k, v in side.items() if v}
     with pytest.raises(ValueError, match="2000 structures but 3 keys"):
