@@ -169,16 +169,25 @@ def train_ensemble(
         stop = threading.Event()
         pump = threading.Thread(target=_pump, args=(events, on_epoch, stop), daemon=True)
         pump.start()
+        pool = ProcessPoolExecutor(max_workers=procs, mp_context=ctx,
+                                   initializer=_init_member, initargs=(os.getpid(), events))
         try:
-            with ProcessPoolExecutor(max_workers=procs, mp_context=ctx,
-                                     initializer=_init_member,
-                                     initargs=(os.getpid(), events)) as pool:
-                futures = [pool.submit(_member_job, k, data, model_config, train_config,
-                                       str(work), resume, threads, None, warm)
-                           for k in range(members)]
-                for fut in futures:
-                    k, state, info = fut.result()
-                    results[k] = (state, info)
+            futures = [pool.submit(_member_job, k, data, model_config, train_config,
+                                   str(work), resume, threads, None, warm)
+                       for k in range(members)]
+            for fut in futures:
+                k, state, info = fut.result()
+                results[k] = (state, info)
+        except BaseException:
+            # Interrupted (SIGTERM, Ctrl-C) or a member failed: stop the other members now
+            # instead of waiting for them to finish training (their states are saved every
+            # epoch; a resumed run continues from them).
+            for proc in list(getattr(pool, "_processes", {}).values()):
+                proc.kill()
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        else:
+            pool.shutdown()
         finally:
             stop.set()
             pump.join()

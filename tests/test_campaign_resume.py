@@ -5,6 +5,7 @@ Real PySCF (HF/STO-3G water) and a real Prefect API (the test harness's server).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -21,12 +22,12 @@ from sqlalchemy import func, select
 BATCH, INITIAL, TEST, ROUNDS = 4, 4, 2, 2
 
 
-def _config(folder: Path) -> Path:
+def _config(folder: Path, max_epochs: int = 60) -> Path:
     ase.io.write(folder / "pool.xyz", rattled_waters(30, seed=3))
     ase.io.write(folder / "test.xyz", rattled_waters(TEST, seed=4))
     cfg = {"name": "crash", "data": {"pool_files": ["pool.xyz"], "initial_random": INITIAL,
                                      "test_files": ["test.xyz"], "valid_fraction": 0.25},
-           "members": 2, "model": TINY, "train": {"max_epochs": 60, "batch_size": 2},
+           "members": 2, "model": TINY, "train": {"max_epochs": max_epochs, "batch_size": 2},
            "acquisition": {"batch_size": BATCH, "selection": "top-k"},
            "labeler": {"kind": "pyscf", "method": "hf", "basis": "sto-3g", "workers": 1},
            "stop": {"max_rounds": ROUNDS}}
@@ -111,4 +112,60 @@ def test_sigkill_and_resume_loses_and_duplicates_nothing(phase, prefect_api, sql
                                       .where(Score.round_id == r.id, Score.selected)))
             got = {lab.structure_id for lab in labels if lab.round_id == r.id}
             assert chosen == got and len(got) == BATCH
+    engine.dispose()
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_run_and_every_process_it_started(sqlite_url, tmp_path):
+    """`bayesal run` terminated by SIGTERM (a scheduler's scancel, `kill`) during training,
+    with its own temporary Prefect API: it exits with 143 and a message saying how to
+    continue, and no process it started is left (the temporary Prefect server, which a plain
+    SIGTERM used to orphan, and the ensemble members)."""
+    import psutil
+
+    from db import make_engine
+
+    config = _config(tmp_path, max_epochs=10**6)  # members would train for hours
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    env.update(BAYESAL_DATABASE_URL=sqlite_url, BAYESAL_DATA_DIR=str(tmp_path / "data"),
+               PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_HOME=str(tmp_path / "ph"))
+    bayesal = str(Path(sys.executable).with_name("bayesal"))
+    engine = make_engine(sqlite_url)
+    started: dict[int, tuple[psutil.Process, str]] = {}
+
+    def seen(word: str) -> bool:
+        return any(word in cmd for _, cmd in started.values())
+
+    with open(tmp_path / "run.log", "w") as log:
+        proc = subprocess.Popen([bayesal, "run", str(config)], env=env, stdout=log,
+                                stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 600
+        try:
+            while True:
+                assert proc.poll() is None, (tmp_path / "run.log").read_text()[-3000:]
+                assert time.monotonic() < deadline, "the campaign never reached training"
+                for p in psutil.Process(proc.pid).children(recursive=True):
+                    with contextlib.suppress(psutil.Error):
+                        started.setdefault(p.pid, (p, " ".join(p.cmdline())))
+                try:
+                    if (_training(tmp_path / "data")(engine) and seen("uvicorn")
+                            and seen("multiprocessing")):
+                        break
+                except Exception:  # schema not there yet
+                    pass
+                time.sleep(0.2)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                returncode = proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                for p in [proc, *(q for q, _ in started.values())]:
+                    with contextlib.suppress(psutil.Error, OSError):
+                        p.kill()
+                raise AssertionError("bayesal run still running 60 s after SIGTERM") from None
+    text = (tmp_path / "run.log").read_text()
+    assert returncode == 143, text[-3000:]
+    _, alive = psutil.wait_procs([p for p, _ in started.values()], timeout=10)
+    assert not alive, [started[p.pid][1] for p in alive]
+    assert "stopped by SIGTERM" in text and "--resume" in text
     engine.dispose()

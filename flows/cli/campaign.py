@@ -52,6 +52,7 @@ def run(
     with user_errors():
         cfg = load_campaign_config(config)  # nothing is written before the config is valid
         _check_new(cfg, resume)
+        _exit_on_sigterm(config)
         _quiet_prefect()
         from flows.campaign import campaign
 
@@ -71,6 +72,23 @@ def run(
             f"  bayesal dashboard --campaign {cfg.name}\n"
             f"  database: {url}; models: {settings().data_dir}/campaigns/{cfg.name}/",
             markup=False, highlight=False, soft_wrap=True)
+
+
+def _exit_on_sigterm(config: Path) -> None:
+    """SIGTERM (scancel, kill) ends the run like Ctrl-C: Prefect marks the runs crashed and
+    re-sends the signal to this handler, whose SystemExit unwinds normally, so the temporary
+    Prefect API, the labeler workers and the ensemble members are stopped (the default
+    action would kill this process alone and orphan them)."""
+    import signal
+    import sys
+
+    def stop(signum: int, frame) -> None:
+        print(f"\nstopped by {signal.Signals(signum).name}; everything finished so far is "
+              f"stored: continue with `bayesal run {config} --resume`", file=sys.stderr,
+              flush=True)
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
 
 
 CLI_COLUMNS = {"round": "round", "labels": "labels", "new ok": "ok", "failed": "failed",
