@@ -24,6 +24,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -127,6 +129,8 @@ def main() -> None:
     p.add_argument("--report-only", action="store_true",
                    help="report the campaigns of --out that finished --rounds rounds, run nothing")
     args = p.parse_args()
+    # SIGTERM unwinds like Ctrl-C, so Prefect's temporary API server is stopped with us.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("BAYESAL_DATABASE_URL", f"sqlite:///{out / 'al.db'}")
