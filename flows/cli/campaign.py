@@ -14,9 +14,12 @@ from flows.cli._app import app, console, settings, user_errors, writer_engine
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _quiet_prefect() -> None:
+def _prefect_defaults() -> None:
     # Prefect's local server sends telemetry heartbeats that fail noisily on a busy SQLite
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # Its temporary API gets 20 s to start by default; a first start (database migrations) on
+    # a busy 2-core machine can take longer (seen in CI): allow 2 minutes.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 
 def _check_new(cfg, resume: bool) -> None:
@@ -53,7 +56,7 @@ def run(
         cfg = load_campaign_config(config)  # nothing is written before the config is valid
         _check_new(cfg, resume)
         _exit_on_sigterm(config)
-        _quiet_prefect()
+        _prefect_defaults()
         from flows.campaign import campaign
 
         result = campaign(str(config.resolve()), resume=True)
