@@ -56,6 +56,21 @@ def _training(data_dir: Path):
     return check
 
 
+def _wait_for(proc: subprocess.Popen, log: Path, ready, what: str) -> None:
+    """Poll ``ready()`` (an exception counts as not yet: the schema may not exist) while the
+    campaign process runs; fail with its log if it exits first or takes over 10 minutes."""
+    deadline = time.monotonic() + 600
+    while True:
+        assert proc.poll() is None, log.read_text()[-3000:]
+        assert time.monotonic() < deadline, "the campaign never reached " + what
+        try:
+            if ready():
+                return
+        except Exception:
+            pass
+        time.sleep(0.2)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("phase", ["labeling", "training"])
 def test_sigkill_and_resume_loses_and_duplicates_nothing(phase, prefect_api, sqlite_url,
@@ -73,17 +88,8 @@ def test_sigkill_and_resume_loses_and_duplicates_nothing(phase, prefect_api, sql
     with open(tmp_path / "first.log", "w") as log:
         proc = subprocess.Popen([bayesal, "run", str(config)], env=env, stdout=log,
                                 stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 600
         try:
-            while True:
-                assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-                assert time.monotonic() < deadline, "the campaign never reached " + phase
-                try:
-                    if ready(engine):
-                        break
-                except Exception:  # schema not there yet
-                    pass
-                time.sleep(0.2)
+            _wait_for(proc, tmp_path / "first.log", lambda: ready(engine), phase)
         finally:
             proc.send_signal(signal.SIGKILL)  # the main process only, like an OOM kill
             proc.wait()
@@ -139,21 +145,15 @@ def test_sigterm_stops_the_run_and_every_process_it_started(sqlite_url, tmp_path
     with open(tmp_path / "run.log", "w") as log:
         proc = subprocess.Popen([bayesal, "run", str(config)], env=env, stdout=log,
                                 stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 600
+        def training_with_server_and_members() -> bool:
+            for p in psutil.Process(proc.pid).children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    started.setdefault(p.pid, (p, " ".join(p.cmdline())))
+            return (_training(tmp_path / "data")(engine) and seen("uvicorn")
+                    and seen("multiprocessing"))
+
         try:
-            while True:
-                assert proc.poll() is None, (tmp_path / "run.log").read_text()[-3000:]
-                assert time.monotonic() < deadline, "the campaign never reached training"
-                for p in psutil.Process(proc.pid).children(recursive=True):
-                    with contextlib.suppress(psutil.Error):
-                        started.setdefault(p.pid, (p, " ".join(p.cmdline())))
-                try:
-                    if (_training(tmp_path / "data")(engine) and seen("uvicorn")
-                            and seen("multiprocessing")):
-                        break
-                except Exception:  # schema not there yet
-                    pass
-                time.sleep(0.2)
+            _wait_for(proc, tmp_path / "run.log", training_with_server_and_members, "training")
         finally:
             proc.send_signal(signal.SIGTERM)
             try:
