@@ -30,8 +30,17 @@ from bayes_model.data import (
 from bayes_model.model import ModelConfig, MVEPotential
 from bayes_model.train import TrainConfig, build_model, train_model
 
-__all__ = ["PreparedData", "WarmStart", "load_warm_start", "member_summary", "prepare_data",
-           "split_validation", "split_validation_stable", "train_ensemble"]
+__all__ = [
+    "PreparedData",
+    "WarmStart",
+    "load_warm_start",
+    "member_summary",
+    "prepare_data",
+    "split_validation",
+    "split_validation_stable",
+    "train_ensemble",
+    "warm_start_mismatch",
+]
 
 
 @dataclass
@@ -72,19 +81,24 @@ class WarmStart:
     avg_neighbors: float
 
 
+def warm_start_mismatch(manifest, model_config: ModelConfig, species: Sequence[int]) -> str:
+    """Why a model with ``manifest`` cannot start training of ``model_config`` on
+    ``species`` ("" when it can)."""
+    if manifest.config != model_config:
+        return "its model config differs"
+    if list(manifest.species) != list(species):
+        return f"it was trained on species {manifest.species}, the data has {list(species)}"
+    return ""
+
+
 def load_warm_start(directory: str | Path, model_config: ModelConfig,
                     species: list[int]) -> WarmStart:
     """The members of model directory ``directory`` as a :class:`WarmStart`; the model
     config and species must be the ones about to be trained (ValueError names the
     difference otherwise: train from scratch instead)."""
     models, manifest = load_members(directory)
-    if manifest.config != model_config:
-        raise ValueError(f"cannot warm-start from {directory}: its model config differs "
-                         f"({manifest.config.model_dump()} vs {model_config.model_dump()}); "
-                         "train from scratch")
-    if list(manifest.species) != list(species):
-        raise ValueError(f"cannot warm-start from {directory}: it was trained on species "
-                         f"{manifest.species}, the data has {species}; train from scratch")
+    if why := warm_start_mismatch(manifest, model_config, species):
+        raise ValueError(f"cannot warm-start from {directory}: {why}; train from scratch")
     return WarmStart([{n: t.detach().cpu() for n, t in m.state_dict().items()} for m in models],
                      list(manifest.shifts), float(manifest.scale), manifest.avg_neighbors)
 

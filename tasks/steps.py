@@ -182,17 +182,15 @@ def _warm_start_source(init_from: Path | None, model_config, images) -> tuple[Pa
     if init_from is None:
         return None, ""
     from bayes_model.checkpoint import CheckpointError, read_manifest
+    from bayes_model.ensemble import warm_start_mismatch
 
     try:
         manifest = read_manifest(init_from)
     except CheckpointError as exc:
         return None, str(exc)
     species = sorted({int(z) for a in images for z in a.numbers})
-    if manifest.config != model_config:
-        return None, f"{init_from} has another model config"
-    if list(manifest.species) != species:
-        return None, (f"{init_from} was trained on species {manifest.species}, the data has "
-                      f"{species}")
+    if why := warm_start_mismatch(manifest, model_config, species):
+        return None, f"{init_from}: {why}"
     return Path(init_from), ""
 
 

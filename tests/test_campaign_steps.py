@@ -191,7 +191,7 @@ def test_warm_start_source_falls_back_to_scratch_with_the_reason(committee, tmp_
     none, why = _warm_start_source(prev, config, with_n)
     assert none is None and "species [1, 6, 8], the data has [1, 6, 7, 8]" in why
     other = config.model_copy(update={"channels": config.channels + 1})
-    assert _warm_start_source(prev, other, ethanol)[1].endswith("has another model config")
+    assert _warm_start_source(prev, other, ethanol)[1].endswith("its model config differs")
 
 
 def test_stable_validation_split_never_moves_training_structures_into_validation():
