@@ -57,6 +57,7 @@ def run(
         _check_new(cfg, resume)
         _exit_on_sigterm(config)
         _prefect_defaults()
+        _temporary_api_dies_with_us()
         from flows.campaign import campaign
 
         result = campaign(str(config.resolve()), resume=True)
@@ -92,6 +93,53 @@ def _exit_on_sigterm(config: Path) -> None:
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, stop)
+
+
+# Runs beside `bayesal run` (argv: its pid, the server's pid): once that process is gone
+# without having stopped the server (SIGKILL, the OOM killer), stop the server too.
+_REAPER = """
+import os, signal, sys, time
+parent, server = int(sys.argv[1]), int(sys.argv[2])
+def alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+while os.getppid() == parent and alive(server):
+    time.sleep(0.5)
+if alive(server):
+    os.kill(server, signal.SIGTERM)
+    for _ in range(50):
+        time.sleep(0.1)
+        if not alive(server):
+            break
+    else:
+        os.kill(server, signal.SIGKILL)
+"""
+
+
+def _temporary_api_dies_with_us() -> None:
+    """Without PREFECT_API_URL, Prefect serves the flows from a temporary API in a
+    subprocess that it stops at exit, which a SIGKILL (OOM killer, scancel after its grace
+    period) skips, leaving the server running. Start that server now, as Prefect would on the
+    first flow call (it is a singleton, so Prefect reuses it), and put a small reaper process
+    beside it that stops it once this process is gone."""
+    import subprocess
+    import sys
+
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
+
+    if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()
+    server.start()
+    subprocess.Popen([sys.executable, "-c", _REAPER, str(os.getpid()),
+                      str(server.server_process.pid)], stdin=subprocess.DEVNULL)
 
 
 CLI_COLUMNS = {"round": "round", "labels": "labels", "new ok": "ok", "failed": "failed",
