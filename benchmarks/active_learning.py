@@ -13,9 +13,11 @@ round's members for --finetune-epochs epochs on all labels so far (the campaign'
     python benchmarks/active_learning.py --out bench-al [--epochs 100] [--finetune-epochs 20]
 
 Prints, per strategy, force/energy MAE on both test parts against the number of labels
-(mean over seeds), the labels random needs to reach bald-ef's final 600 K force MAE, bald-ef
-vs max-force-std at equal labels, and the orchestration overhead (share of each round's wall
-time outside train/evaluate/score/label); writes results.json and learning_curves.png.
+(mean ± sd over seeds) and the share of 600 K frames among its picks; on the seeds both
+finished, bald-ef against random (labels each needs to reach the other's final 600 K force MAE,
+per seed and for the mean curves) and against max-force-std at equal labels; and the
+orchestration overhead (share of each round's wall time outside train/evaluate/score/label).
+Writes results.json and learning_curves.png (mean, band = min-max over seeds).
 Rerunning with the same --out resumes unfinished campaigns.
 """
 
@@ -155,50 +157,89 @@ def main() -> None:
             campaign(str(config), resume=True)
             results.setdefault(strategy, {})[seed] = curves(engine, f"{strategy}-s{seed}")
     (out / "results.json").write_text(json.dumps(results, indent=1, default=float))
-    report(results, out)
+    report(results, out, engine)
 
 
-def report(results: dict, out: Path) -> None:
+def hot_share(engine, name: str) -> float:
+    """Share of a campaign's round picks that are 600 K frames (``config_type`` of the pool)."""
+    from sqlalchemy import select
+
+    from db import Campaign, Label, Structure
+
+    with engine.connect() as conn:
+        infos = conn.scalars(
+            select(Structure.info).join(Label, Label.structure_id == Structure.id)
+            .join(Campaign, Campaign.id == Structure.campaign_id)
+            .where(Campaign.name == name, Label.round_id.is_not(None))).all()
+    return float(np.mean([i.get("config_type") == "600K_MD" for i in infos])) if infos else 0.0
+
+
+KEYS = {"F 300K": "test_test_300k_force_mae", "F 600K": "test_test_600k_force_mae",
+        "E 300K": "test_test_300k_energy_mae", "E 600K": "test_test_600k_energy_mae"}
+
+
+def _curve(runs: list[list[dict]], key: str) -> tuple[list[int], np.ndarray]:
+    """Training labels and the (seeds, rounds) array of ``key`` in meV(/Å)."""
+    n = min(len(r) for r in runs)
+    return ([runs[0][i]["labels"] for i in range(n)],
+            1000 * np.array([[r[i][KEYS[key]] for i in range(n)] for r in runs]))
+
+
+def compare(results: dict, a: str, b: str) -> None:
+    """bald-ef-style comparisons of strategy ``a`` against ``b`` on the seeds both finished."""
+    seeds = sorted(set(results.get(a, {})) & set(results.get(b, {})))
+    if not seeds:
+        return
+    labels, ya = _curve([results[a][s] for s in seeds], "F 600K")
+    _, yb = _curve([results[b][s] for s in seeds], "F 600K")
+    print(f"\n{a} vs {b}, 600 K force MAE, seeds {' '.join(map(str, seeds))}:")
+    # round 0 is the same model for every strategy of a seed (same initial data and split)
+    print(f"  lower at equal labels in {int((ya[:, 1:] < yb[:, 1:]).sum())} of "
+          f"{ya[:, 1:].size} (seed, round > 0) pairs; mean difference "
+          f"{np.mean(ya[:, 1:] - yb[:, 1:]):+.1f} meV/Å; final "
+          f"{ya[:, -1].mean():.1f} vs {yb[:, -1].mean():.1f} meV/Å")
+    if b != "random":
+        return
+    def fmt(n: float) -> str:
+        return f"{n:.0f} labels = {n / labels[-1]:.0%}" if np.isfinite(n) else f"> {labels[-1]}"
+
+    rows_of = [(f"seed {s}", [i]) for i, s in enumerate(seeds)]
+    for tag, rows in rows_of + ([("mean", None)] if len(seeds) > 1 else []):
+        ca = ya[rows].mean(0) if rows else ya.mean(0)
+        cb = yb[rows].mean(0) if rows else yb.mean(0)
+        need_a = labels_to_reach([{"labels": x, "y": y} for x, y in zip(labels, ca, strict=True)],
+                                 "y", cb[-1])
+        need_b = labels_to_reach([{"labels": x, "y": y} for x, y in zip(labels, cb, strict=True)],
+                                 "y", ca[-1])
+        print(f"  {tag:7s} {a} reaches {b}'s final {cb[-1]:.1f} meV/Å with {fmt(need_a)} "
+              f"(target <= 60 % of {labels[-1]}); {b} reaches {a}'s final {ca[-1]:.1f} with "
+              f"{fmt(need_b)}")
+
+
+def report(results: dict, out: Path, engine=None) -> None:
     print("finished campaigns: " + ", ".join(f"{s} (seeds {' '.join(map(str, r))})"
                                              for s, r in results.items()))
-    keys = {"F 300K": "test_test_300k_force_mae", "F 600K": "test_test_600k_force_mae",
-            "E 300K": "test_test_300k_energy_mae", "E 600K": "test_test_600k_energy_mae"}
-    print("\nmean over seeds (meV/Å, meV) by training labels")
-    mean = {}
+    print("\nmean ± sd over seeds (meV/Å, meV) by training labels")
+    stats = {}
     for strategy, by_seed in results.items():
         runs = list(by_seed.values())
-        n = min(len(r) for r in runs)
-        labels = [runs[0][i]["labels"] for i in range(n)]
-        mean[strategy] = {"labels": labels, **{k: [1000 * float(np.mean(
-            [r[i][v] for r in runs])) for i in range(n)] for k, v in keys.items()}}
-        print(f"{strategy:16s} labels " + " ".join(f"{x:6d}" for x in labels))
-        for k in keys:
-            print(f"{'':16s} {k:6s} " + " ".join(f"{y:6.1f}" for y in mean[strategy][k]))
-    if "bald-ef" in mean and "random" in mean:
-        final = mean["bald-ef"]["F 600K"][-1]
-        curve = [{"labels": x, "y": y} for x, y in zip(mean["random"]["labels"],
-                                                        mean["random"]["F 600K"], strict=True)]
-        need = labels_to_reach(curve, "y", final)
-        target_random = mean["random"]["F 600K"][-1]
-        bcurve = [{"labels": x, "y": y} for x, y in zip(mean["bald-ef"]["labels"],
-                                                         mean["bald-ef"]["F 600K"], strict=True)]
-        bald_need = labels_to_reach(bcurve, "y", target_random)
-        print(f"\nbald-ef final 600 K force MAE {final:.1f} meV/Å; random reaches it with "
-              f"{need} labels (random's final: {target_random:.1f} at "
-              f"{mean['random']['labels'][-1]})")
-        print(f"bald-ef reaches random's final 600 K force MAE with {bald_need:.0f} labels = "
-              f"{bald_need / mean['random']['labels'][-1]:.0%} of random's "
-              f"{mean['random']['labels'][-1]} (target <= 60 %)")
-    if "bald-ef" in mean and "max-force-std" in mean:
-        a, b = mean["bald-ef"]["F 600K"], mean["max-force-std"]["F 600K"]
-        wins = sum(x < y for x, y in zip(a, b, strict=False))
-        print(f"bald-ef vs max-force-std at equal labels (600 K force MAE): lower in {wins} of "
-              f"{min(len(a), len(b))} rounds; final {a[-1]:.1f} vs {b[-1]:.1f} meV/Å")
+        labels, _ = _curve(runs, "F 600K")
+        stats[strategy] = {"labels": labels, **{k: _curve(runs, k)[1] for k in KEYS}}
+        hot = "" if engine is None else "; 600 K share of picks {:.1%}".format(
+            np.mean([hot_share(engine, f"{strategy}-s{s}") for s in by_seed]))
+        print(f"{strategy} ({len(runs)} seed(s){hot})")
+        print("  labels " + " ".join(f"{x:11d}" for x in labels))
+        for k in KEYS:
+            y = stats[strategy][k]
+            print(f"  {k:6s} " + " ".join(f"{m:6.1f}±{d:4.1f}" for m, d in
+                                          zip(y.mean(0), y.std(0), strict=True)))
+    compare(results, "bald-ef", "random")
+    compare(results, "bald-ef", "max-force-std")
     shares = [r["overhead_s"] / r["round_s"] for by_seed in results.values()
               for runs in by_seed.values() for r in runs if r.get("round_s")]
     if shares:
-        print(f"orchestration overhead: mean {np.mean(shares):.2%}, max {np.max(shares):.2%} "
-              "of round wall time (target < 5 %)")
+        print(f"\norchestration overhead: mean {np.mean(shares):.2%}, max {np.max(shares):.2%} "
+              f"of round wall time over {len(shares)} rounds (target < 5 %)")
     import matplotlib
 
     matplotlib.use("Agg")
@@ -206,10 +247,16 @@ def report(results: dict, out: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, key in zip(axes, ("F 300K", "F 600K"), strict=True):
-        for strategy, m in mean.items():
-            ax.plot(m["labels"], m[key], marker="o", label=strategy)
-        ax.set(xlabel="training labels", ylabel="force MAE (meV/Å)", title=f"test {key[2:]}")
-        ax.grid(alpha=0.3)
+        for strategy, st in stats.items():
+            y = st[key]
+            line, = ax.plot(st["labels"], y.mean(0), marker="o",
+                            label=f"{strategy} ({len(y)} seed{'s' * (len(y) > 1)})")
+            if len(y) > 1:
+                ax.fill_between(st["labels"], y.min(0), y.max(0), color=line.get_color(),
+                                alpha=0.15)
+        ax.set(xlabel="training labels", ylabel="force MAE (meV/Å)", yscale="log",
+               title=f"test {key[2:]} (mean, band: min-max over seeds)")
+        ax.grid(alpha=0.3, which="both")
     axes[0].legend()
     fig.tight_layout()
     fig.savefig(out / "learning_curves.png", dpi=120)
