@@ -176,21 +176,19 @@ def labeling_tab(engine, name: str) -> None:
 
 
 def data_tab(engine, name: str) -> None:
-    everything = data.labels_frame(engine, name)
-    if everything.empty:
+    offer = data.label_filters(engine, name)
+    if not offer.total:
         st.info("No labelled data yet.")
         return
     c = st.columns(4)
-    status = c[0].multiselect("status", sorted(everything["status"].unique()), key="f_status")
-    source = c[1].multiselect("source", sorted(everything["source"].unique()), key="f_source")
-    rounds = c[2].multiselect("round", sorted(everything["round"].dropna().astype(int).unique()),
-                              key="f_round")
-    formula = c[3].selectbox("formula", ["(any)", *sorted(everything["formula"].unique())],
-                             key="f_formula")
+    status = c[0].multiselect("status", offer.status, key="f_status")
+    source = c[1].multiselect("source", offer.source, key="f_source")
+    rounds = c[2].multiselect("round", offer.rounds, key="f_round")
+    formula = c[3].selectbox("formula", ["(any)", *offer.formula], key="f_formula")
     df = data.labels_frame(engine, name, status=status or None, source=source or None,
                            rounds=[int(r) for r in rounds] or None,
                            formula=None if formula == "(any)" else formula)
-    st.caption(f"{len(df)} of {len(everything)} labels")
+    st.caption(f"{len(df)} of {offer.total} labels")
     st.dataframe(df, hide_index=True)
     st.download_button("Download CSV", df.to_csv(index=False).encode(),
                        file_name=f"{name}-labels.csv", mime="text/csv")

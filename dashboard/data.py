@@ -19,14 +19,17 @@ from sqlalchemy import Engine, func, select
 
 from db.ingest import run_transaction
 from db.models import Campaign, Label, LabelStatus, Round, RoundStatus, Score, Structure
+from db.queries import labels_by_status, structures_by_source
 from db.rounds import round_history
 
 __all__ = [
     "CURVE_METRICS",
+    "LabelFilters",
     "Overview",
     "UnknownCampaign",
     "calibration_frame",
     "campaign_names",
+    "label_filters",
     "labeling_by_round",
     "labels_frame",
     "learning_curves",
@@ -111,12 +114,8 @@ def overview(engine: Engine, campaign: str) -> Overview:
 
     def work(session) -> Overview:
         camp = _campaign(session, campaign)
-        by_source = dict(session.execute(
-            select(Structure.source, func.count()).where(Structure.campaign_id == camp.id)
-            .group_by(Structure.source)).all())
-        by_status = dict(session.execute(
-            select(Label.status, func.count()).join(Structure, Structure.id == Label.structure_id)
-            .where(Structure.campaign_id == camp.id).group_by(Label.status)).all())
+        by_source = structures_by_source(session, camp.id).get(camp.id, {})
+        by_status = labels_by_status(session, camp.id).get(camp.id, {})
         requested = session.scalar(
             select(func.count()).select_from(Label).join(Round, Round.id == Label.round_id)
             .where(Round.campaign_id == camp.id)) or 0
@@ -310,6 +309,43 @@ def labels_frame(engine: Engine, campaign: str, *, status: list[str] | None = No
         return [tuple(r) for r in session.execute(q)]
 
     return pd.DataFrame(run_transaction(engine, work), columns=_LABEL_COLUMNS)
+
+
+@dataclass(frozen=True)
+class LabelFilters:
+    """What the Data tab's filters offer: the distinct values among a campaign's labels."""
+
+    total: int
+    status: list[str]
+    source: list[str]
+    rounds: list[int]
+    formula: list[str]
+
+
+def label_filters(engine: Engine, campaign: str) -> LabelFilters:
+    """Distinct status/source/round/formula values of a campaign's labels and their count,
+    by DISTINCT queries (the labels themselves are not read)."""
+
+    def work(session) -> LabelFilters:
+        camp = _campaign(session, campaign)
+        base = (select(Label.id).join(Structure, Structure.id == Label.structure_id)
+                .where(Structure.campaign_id == camp.id))
+
+        def distinct(column, join_round: bool = False) -> list:
+            q = (select(column).distinct().select_from(Label)
+                 .join(Structure, Structure.id == Label.structure_id)
+                 .where(Structure.campaign_id == camp.id))
+            if join_round:  # labels requested by a round (not initial/test/imported)
+                q = q.join(Round, Round.id == Label.round_id)
+            return sorted(session.scalars(q))
+
+        return LabelFilters(
+            total=session.scalar(select(func.count()).select_from(base.subquery())),
+            status=distinct(Label.status), source=distinct(Structure.source),
+            rounds=distinct(Round.round_index, join_round=True),
+            formula=distinct(Structure.formula))
+
+    return run_transaction(engine, work)
 
 
 def labeling_by_round(labels: pd.DataFrame) -> pd.DataFrame:

@@ -19,8 +19,10 @@ __all__ = [
     "campaign_overview",
     "check_readonly_sql",
     "label_failures",
+    "labels_by_status",
     "round_table",
     "run_readonly_sql",
+    "structures_by_source",
 ]
 
 # Statements the console accepts; the database's own read-only mode is the real guard.
@@ -89,23 +91,37 @@ def run_readonly_sql(url: str, sql: str, *, max_rows: int | None = None) -> Quer
     return QueryResult(columns, [tuple(r) for r in rows])
 
 
+def structures_by_source(session: Session,
+                         campaign_id: int | None = None) -> dict[int, dict[str, int]]:
+    """Structure counts by source, per campaign id (one campaign's with ``campaign_id``)."""
+    q = (select(Structure.campaign_id, Structure.source, func.count())
+         .group_by(Structure.campaign_id, Structure.source))
+    if campaign_id is not None:
+        q = q.where(Structure.campaign_id == campaign_id)
+    out: dict[int, dict[str, int]] = {}
+    for cid, source, n in session.execute(q):
+        out.setdefault(cid, {})[source] = n
+    return out
+
+
+def labels_by_status(session: Session,
+                     campaign_id: int | None = None) -> dict[int, dict[str, int]]:
+    """Label counts by status (any labeler), per campaign id of the labelled structure."""
+    q = (select(Structure.campaign_id, Label.status, func.count())
+         .join(Structure, Structure.id == Label.structure_id)
+         .group_by(Structure.campaign_id, Label.status))
+    if campaign_id is not None:
+        q = q.where(Structure.campaign_id == campaign_id)
+    out: dict[int, dict[str, int]] = {}
+    for cid, status, n in session.execute(q):
+        out.setdefault(cid, {})[status] = n
+    return out
+
+
 def campaign_overview(session: Session) -> list[dict[str, Any]]:
     """One dict per campaign: structures by source, labels by status, rounds."""
-    n_struct = (
-        select(Structure.campaign_id, Structure.source, func.count().label("n"))
-        .group_by(Structure.campaign_id, Structure.source)
-    )
-    by_source: dict[int, dict[str, int]] = {}
-    for cid, source, n in session.execute(n_struct):
-        by_source.setdefault(cid, {})[source] = n
-    n_label = (
-        select(Structure.campaign_id, Label.status, func.count())
-        .join(Structure, Structure.id == Label.structure_id)
-        .group_by(Structure.campaign_id, Label.status)
-    )
-    by_status: dict[int, dict[str, int]] = {}
-    for cid, status, n in session.execute(n_label):
-        by_status.setdefault(cid, {})[status] = n
+    by_source = structures_by_source(session)
+    by_status = labels_by_status(session)
     rounds = (
         select(Round.campaign_id, func.count(), func.max(Round.round_index))
         .group_by(Round.campaign_id)

@@ -145,6 +145,14 @@ def test_labels_table_filters_and_labeling_stats(demo):
     assert len(data.labels_frame(ro, "demo", formula="H2O")) == 13
     assert data.labels_frame(ro, "demo", formula="CH4").empty
     assert len(data.labels_frame(ro, "demo", limit=2)) == 2
+    # the Data tab's filters offer exactly the values present, without reading the labels
+    offer = data.label_filters(ro, "demo")
+    assert offer.total == len(everything)
+    assert offer.status == sorted(everything["status"].unique())
+    assert offer.source == sorted(everything["source"].unique())
+    assert offer.rounds == sorted(everything["round"].dropna().astype(int).unique()) == [0, 1, 2]
+    assert offer.formula == ["H2O"]
+    assert data.label_filters(ro, "fresh").total == 0
     setup = everything[everything["round"].isna()]
     assert sorted(setup["structure_id"]) == sorted(ids["initial"] + ids["test"])
     csv = everything.to_csv(index=False)
