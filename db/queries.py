@@ -91,31 +91,29 @@ def run_readonly_sql(url: str, sql: str, *, max_rows: int | None = None) -> Quer
     return QueryResult(columns, [tuple(r) for r in rows])
 
 
+def _per_campaign(session: Session, query, campaign_id: int | None) -> dict[int, dict[str, int]]:
+    """{campaign id: {key: count}} from a (campaign id, key, count) query on structures."""
+    if campaign_id is not None:
+        query = query.where(Structure.campaign_id == campaign_id)
+    out: dict[int, dict[str, int]] = {}
+    for cid, key, n in session.execute(query):
+        out.setdefault(cid, {})[key] = n
+    return out
+
+
 def structures_by_source(session: Session,
                          campaign_id: int | None = None) -> dict[int, dict[str, int]]:
     """Structure counts by source, per campaign id (one campaign's with ``campaign_id``)."""
-    q = (select(Structure.campaign_id, Structure.source, func.count())
-         .group_by(Structure.campaign_id, Structure.source))
-    if campaign_id is not None:
-        q = q.where(Structure.campaign_id == campaign_id)
-    out: dict[int, dict[str, int]] = {}
-    for cid, source, n in session.execute(q):
-        out.setdefault(cid, {})[source] = n
-    return out
+    return _per_campaign(session, select(Structure.campaign_id, Structure.source, func.count())
+                         .group_by(Structure.campaign_id, Structure.source), campaign_id)
 
 
 def labels_by_status(session: Session,
                      campaign_id: int | None = None) -> dict[int, dict[str, int]]:
     """Label counts by status (any labeler), per campaign id of the labelled structure."""
-    q = (select(Structure.campaign_id, Label.status, func.count())
-         .join(Structure, Structure.id == Label.structure_id)
-         .group_by(Structure.campaign_id, Label.status))
-    if campaign_id is not None:
-        q = q.where(Structure.campaign_id == campaign_id)
-    out: dict[int, dict[str, int]] = {}
-    for cid, status, n in session.execute(q):
-        out.setdefault(cid, {})[status] = n
-    return out
+    return _per_campaign(session, select(Structure.campaign_id, Label.status, func.count())
+                         .join(Structure, Structure.id == Label.structure_id)
+                         .group_by(Structure.campaign_id, Label.status), campaign_id)
 
 
 def campaign_overview(session: Session) -> list[dict[str, Any]]:
