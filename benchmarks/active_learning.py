@@ -15,7 +15,9 @@ round's members for --finetune-epochs epochs on all labels so far (the campaign'
 Prints, per strategy, force/energy MAE on both test parts against the number of labels
 (mean ± sd over seeds) and the share of 600 K frames among its picks; on the seeds both
 finished, bald-ef against random (labels each needs to reach the other's final 600 K force MAE,
-per seed and for the mean curves) and against max-force-std at equal labels; and the
+per seed and for the mean curves; random runs --random-extra more rounds so that the labels
+it needs can be measured beyond bald-ef's last round) and against max-force-std at equal
+labels; and the
 orchestration overhead (share of each round's wall time outside train/evaluate/score/label).
 Writes results.json and learning_curves.png (mean, band = min-max over seeds).
 Rerunning with the same --out resumes unfinished campaigns.
@@ -86,7 +88,8 @@ def campaign_yaml(out: Path, files: dict[str, Path], strategy: str, seed: int,
            "labeler": {"kind": "replay", "method": "pbe-d3bj", "basis": "def2-svp",
                        "replay_files": [str(files["pool"]), str(files["test_300K"]),
                                         str(files["test_600K"])], "workers": 2},
-           "stop": {"max_rounds": args.rounds}}
+           "stop": {"max_rounds": args.rounds + (args.random_extra if strategy == "random"
+                                                  else 0)}}
     path = out / f"{cfg['name']}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -117,6 +120,10 @@ def main() -> None:
     p.add_argument("--strategies", nargs="+", default=list(STRATEGIES))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--rounds", type=int, default=8)
+    p.add_argument("--random-extra", type=int, default=4,
+                   help="extra rounds of random, to measure how many labels it needs to reach "
+                   "bald-ef's final error (the label saving); comparisons at equal labels use "
+                   "the first --rounds")
     p.add_argument("--batch", type=int, default=20)
     p.add_argument("--initial", type=int, default=20)
     p.add_argument("--members", type=int, default=2)
@@ -150,14 +157,14 @@ def main() -> None:
             if args.report_only:
                 curve = curves(engine, f"{strategy}-s{seed}")
                 if len(curve) >= args.rounds:
-                    results.setdefault(strategy, {})[seed] = curve[:args.rounds]
+                    results.setdefault(strategy, {})[seed] = curve
                 continue
             config = campaign_yaml(out, files, strategy, seed, args)
             print(f"== {strategy} seed {seed}", flush=True)
             campaign(str(config), resume=True)
             results.setdefault(strategy, {})[seed] = curves(engine, f"{strategy}-s{seed}")
     (out / "results.json").write_text(json.dumps(results, indent=1, default=float))
-    report(results, out, engine)
+    report(results, out, args.rounds, engine)
 
 
 def hot_share(engine, name: str) -> float:
@@ -178,20 +185,25 @@ KEYS = {"F 300K": "test_test_300k_force_mae", "F 600K": "test_test_600k_force_ma
         "E 300K": "test_test_300k_energy_mae", "E 600K": "test_test_600k_energy_mae"}
 
 
-def _curve(runs: list[list[dict]], key: str) -> tuple[list[int], np.ndarray]:
-    """Training labels and the (seeds, rounds) array of ``key`` in meV(/Å)."""
-    n = min(len(r) for r in runs)
+def _curve(runs: list[list[dict]], key: str,
+           rounds: int | None = None) -> tuple[list[int], np.ndarray]:
+    """Training labels and the (seeds, rounds) array of ``key`` in meV(/Å), over the first
+    ``rounds`` rounds (all that every run has when None)."""
+    n = min([len(r) for r in runs] + ([rounds] if rounds else []))
     return ([runs[0][i]["labels"] for i in range(n)],
             1000 * np.array([[r[i][KEYS[key]] for i in range(n)] for r in runs]))
 
 
-def compare(results: dict, a: str, b: str) -> None:
-    """bald-ef-style comparisons of strategy ``a`` against ``b`` on the seeds both finished."""
+def compare(results: dict, a: str, b: str, rounds: int) -> None:
+    """Strategy ``a`` against ``b`` on the seeds both finished: at equal labels over the first
+    ``rounds`` rounds; against random also the labels each needs to reach the other's final
+    error (random's extra rounds, where run, extend its curve for that)."""
     seeds = sorted(set(results.get(a, {})) & set(results.get(b, {})))
     if not seeds:
         return
-    labels, ya = _curve([results[a][s] for s in seeds], "F 600K")
-    _, yb = _curve([results[b][s] for s in seeds], "F 600K")
+    labels, ya = _curve([results[a][s] for s in seeds], "F 600K", rounds)
+    _, yb = _curve([results[b][s] for s in seeds], "F 600K", rounds)
+    labels_b, yb_all = _curve([results[b][s] for s in seeds], "F 600K")
     print(f"\n{a} vs {b}, 600 K force MAE, seeds {' '.join(map(str, seeds))}:")
     # round 0 is the same model for every strategy of a seed (same initial data and split)
     print(f"  lower at equal labels in {int((ya[:, 1:] < yb[:, 1:]).sum())} of "
@@ -200,23 +212,26 @@ def compare(results: dict, a: str, b: str) -> None:
           f"{ya[:, -1].mean():.1f} vs {yb[:, -1].mean():.1f} meV/Å")
     if b != "random":
         return
-    def fmt(n: float) -> str:
-        return f"{n:.0f} labels = {n / labels[-1]:.0%}" if np.isfinite(n) else f"> {labels[-1]}"
+
+    def fmt(n: float, most: int) -> str:
+        return f"{n:.0f} labels = {n / labels[-1]:.0%}" if np.isfinite(n) else f"> {most}"
 
     rows_of = [(f"seed {s}", [i]) for i, s in enumerate(seeds)]
     for tag, rows in rows_of + ([("mean", None)] if len(seeds) > 1 else []):
         ca = ya[rows].mean(0) if rows else ya.mean(0)
         cb = yb[rows].mean(0) if rows else yb.mean(0)
+        cb_all = yb_all[rows].mean(0) if rows else yb_all.mean(0)
         need_a = labels_to_reach([{"labels": x, "y": y} for x, y in zip(labels, ca, strict=True)],
                                  "y", cb[-1])
-        need_b = labels_to_reach([{"labels": x, "y": y} for x, y in zip(labels, cb, strict=True)],
-                                 "y", ca[-1])
-        print(f"  {tag:7s} {a} reaches {b}'s final {cb[-1]:.1f} meV/Å with {fmt(need_a)} "
-              f"(target <= 60 % of {labels[-1]}); {b} reaches {a}'s final {ca[-1]:.1f} with "
-              f"{fmt(need_b)}")
+        need_b = labels_to_reach([{"labels": x, "y": y}
+                                  for x, y in zip(labels_b, cb_all, strict=True)], "y", ca[-1])
+        print(f"  {tag:7s} {a} reaches {b}'s final {cb[-1]:.1f} meV/Å with "
+              f"{fmt(need_a, labels[-1])} (target <= 60 %); {b} reaches {a}'s final "
+              f"{ca[-1]:.1f} with {fmt(need_b, labels_b[-1])} (label saving "
+              + (f"{1 - labels[-1] / need_b:.0%})" if np.isfinite(need_b) else "not measured)"))
 
 
-def report(results: dict, out: Path, engine=None) -> None:
+def report(results: dict, out: Path, rounds: int, engine=None) -> None:
     print("finished campaigns: " + ", ".join(f"{s} (seeds {' '.join(map(str, r))})"
                                              for s, r in results.items()))
     print("\nmean ± sd over seeds (meV/Å, meV) by training labels")
@@ -233,8 +248,8 @@ def report(results: dict, out: Path, engine=None) -> None:
             y = stats[strategy][k]
             print(f"  {k:6s} " + " ".join(f"{m:6.1f}±{d:4.1f}" for m, d in
                                           zip(y.mean(0), y.std(0), strict=True)))
-    compare(results, "bald-ef", "random")
-    compare(results, "bald-ef", "max-force-std")
+    compare(results, "bald-ef", "random", rounds)
+    compare(results, "bald-ef", "max-force-std", rounds)
     shares = [r["overhead_s"] / r["round_s"] for by_seed in results.values()
               for runs in by_seed.values() for r in runs if r.get("round_s")]
     if shares:
