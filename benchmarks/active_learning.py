@@ -17,8 +17,8 @@ Prints, per strategy, force/energy MAE on both test parts against the number of 
 finished, bald-ef against random (labels each needs to reach the other's final 600 K force MAE,
 per seed and for the mean curves; random runs --random-extra more rounds so that the labels
 it needs can be measured beyond bald-ef's last round) and against max-force-std at equal
-labels; and the
-orchestration overhead (share of each round's wall time outside train/evaluate/score/label).
+labels; and the orchestration overhead (share of each round's wall time outside
+train/evaluate/score/label).
 Writes results.json and learning_curves.png (mean, band = min-max over seeds).
 Rerunning with the same --out resumes unfinished campaigns.
 """
@@ -102,9 +102,9 @@ def curves(engine, name: str) -> list[dict]:
             for r in round_history(engine, name) if r["status"] == "completed"]
 
 
-def labels_to_reach(curve: list[dict], key: str, target: float) -> float:
-    """Labels at which ``curve`` first reaches ``target`` (linear interpolation; inf: never)."""
-    xs, ys = [c["labels"] for c in curve], [c[key] for c in curve]
+def labels_to_reach(xs, ys, target: float) -> float:
+    """Labels at which the curve (xs, ys) first reaches ``target`` (linear interpolation;
+    inf: never)."""
     for i, y in enumerate(ys):
         if y <= target:
             if i == 0:
@@ -202,8 +202,8 @@ def compare(results: dict, a: str, b: str, rounds: int) -> None:
     if not seeds:
         return
     labels, ya = _curve([results[a][s] for s in seeds], "F 600K", rounds)
-    _, yb = _curve([results[b][s] for s in seeds], "F 600K", rounds)
-    labels_b, yb_all = _curve([results[b][s] for s in seeds], "F 600K")
+    labels_b, yb_all = _curve([results[b][s] for s in seeds], "F 600K")  # random: extra rounds
+    yb = yb_all[:, :len(labels)]
     print(f"\n{a} vs {b}, 600 K force MAE, seeds {' '.join(map(str, seeds))}:")
     # round 0 is the same model for every strategy of a seed (same initial data and split)
     print(f"  lower at equal labels in {int((ya[:, 1:] < yb[:, 1:]).sum())} of "
@@ -217,14 +217,10 @@ def compare(results: dict, a: str, b: str, rounds: int) -> None:
         return f"{n:.0f} labels = {n / labels[-1]:.0%}" if np.isfinite(n) else f"> {most}"
 
     rows_of = [(f"seed {s}", [i]) for i, s in enumerate(seeds)]
-    for tag, rows in rows_of + ([("mean", None)] if len(seeds) > 1 else []):
-        ca = ya[rows].mean(0) if rows else ya.mean(0)
-        cb = yb[rows].mean(0) if rows else yb.mean(0)
-        cb_all = yb_all[rows].mean(0) if rows else yb_all.mean(0)
-        need_a = labels_to_reach([{"labels": x, "y": y} for x, y in zip(labels, ca, strict=True)],
-                                 "y", cb[-1])
-        need_b = labels_to_reach([{"labels": x, "y": y}
-                                  for x, y in zip(labels_b, cb_all, strict=True)], "y", ca[-1])
+    for tag, rows in rows_of + ([("mean", slice(None))] if len(seeds) > 1 else []):
+        ca, cb, cb_all = ya[rows].mean(0), yb[rows].mean(0), yb_all[rows].mean(0)
+        need_a = labels_to_reach(labels, ca, cb[-1])
+        need_b = labels_to_reach(labels_b, cb_all, ca[-1])
         print(f"  {tag:7s} {a} reaches {b}'s final {cb[-1]:.1f} meV/Å with "
               f"{fmt(need_a, labels[-1])} (target <= 60 %); {b} reaches {a}'s final "
               f"{ca[-1]:.1f} with {fmt(need_b, labels_b[-1])} (label saving "

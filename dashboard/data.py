@@ -328,8 +328,7 @@ def label_filters(engine: Engine, campaign: str) -> LabelFilters:
 
     def work(session) -> LabelFilters:
         camp = _campaign(session, campaign)
-        base = (select(Label.id).join(Structure, Structure.id == Label.structure_id)
-                .where(Structure.campaign_id == camp.id))
+        by_status = labels_by_status(session, camp.id).get(camp.id, {})
 
         def distinct(column, join_round: bool = False) -> list:
             q = (select(column).distinct().select_from(Label)
@@ -340,8 +339,8 @@ def label_filters(engine: Engine, campaign: str) -> LabelFilters:
             return sorted(session.scalars(q))
 
         return LabelFilters(
-            total=session.scalar(select(func.count()).select_from(base.subquery())),
-            status=distinct(Label.status), source=distinct(Structure.source),
+            total=sum(by_status.values()), status=sorted(by_status),
+            source=distinct(Structure.source),
             rounds=distinct(Round.round_index, join_round=True),
             formula=distinct(Structure.formula))
 

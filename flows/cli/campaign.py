@@ -105,8 +105,6 @@ def alive(pid):
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
     return True
 while os.getppid() == parent and alive(server):
     time.sleep(0.5)
