@@ -14,9 +14,18 @@ predictive variance). For a calibrated model u is uniform:
   uncertainty than an in-distribution one (Mann-Whitney U / (n₁n₂)).
 
 Recalibration (fitted on validation data, stored with the model as ``calibration.json``): one
-variance scale for energies and one for forces, s² = mean(z²) (maximum likelihood of a
-scaled Gaussian); optionally isotonic recalibration of the PIT values (Kuleshov et al. 2018:
-the empirical CDF of validation PIT values, a monotone map applied to new PIT values).
+variance scale for energies and one for forces, the posterior scale of a scaled-inverse-χ²
+prior with ν₀ pseudo-structures at the uncorrected scale 1,
+
+    s² = (ν₀ m + Σ z²) / (ν₀ m + n),
+
+where z = (y − μ)/σ over the n validation energies (m = 1) or force components (m = mean
+3N per structure). ν₀ = 0 is the maximum-likelihood s² = mean(z²). The prior matters when
+validation is small, as early in an active-learning campaign: a maximum-likelihood fit on one
+or two structures can shrink σ a hundredfold (benchmarks/recalibration_prior.py measures
+this on the active-learning benchmark's rounds). Optionally isotonic recalibration of the PIT
+values (Kuleshov et al. 2018: the empirical CDF of validation PIT values, a monotone map
+applied to new PIT values).
 """
 
 from __future__ import annotations
@@ -150,14 +159,24 @@ def _apply_isotonic(pit: np.ndarray, mapping: list[list[float]] | None) -> np.nd
 
 
 def fit_recalibration(pred: Prediction, images: Sequence[Atoms], *,
-                      isotonic: bool = False) -> Recalibration:
-    """Variance scales s² = mean(z²) for energies and force components (and isotonic maps
-    of the rescaled PIT values if asked) from labelled validation structures."""
+                      isotonic: bool = False, prior_weight: float = 1.0) -> Recalibration:
+    """Variance scales for energies and force components (and isotonic maps of the rescaled
+    PIT values if asked) from labelled validation structures; ``prior_weight`` is ν₀, the
+    number of pseudo-structures at scale 1 (0: maximum likelihood, mean(z²))."""
+    if prior_weight < 0:
+        raise ValueError(f"prior_weight must be >= 0, got {prior_weight}")
     e_err, e_std, _, f_err, f_std, _ = _pit(pred, images)
-    e_scale = float(np.mean((e_err / e_std) ** 2))
-    f_scale = float(np.mean((f_err / f_std) ** 2))
+    if len(e_err) == 0:
+        raise ValueError("recalibration needs at least one labelled validation structure")
+
+    def scale(z2: np.ndarray, pseudo: float) -> float:
+        return float((pseudo + z2.sum()) / (pseudo + len(z2)))
+
+    e_scale = scale((e_err / e_std) ** 2, prior_weight)
+    f_scale = scale((f_err / f_std) ** 2, prior_weight * len(f_err) / len(e_err))
     recal = Recalibration(energy_scale=e_scale, force_scale=f_scale,
-                          fitted_on={"structures": len(e_err), "force_components": len(f_err)})
+                          fitted_on={"structures": len(e_err), "force_components": len(f_err),
+                                     "prior_weight": prior_weight})
     if isotonic:
         _, _, e_pit, _, _, f_pit = _pit(recal.apply(pred), images)
         recal.energy_isotonic = _isotonic_map(e_pit)

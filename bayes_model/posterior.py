@@ -207,5 +207,6 @@ def fit_posterior(
 def _recalibrate(out: Path, valid: Sequence[Atoms], settings: TrainingFile) -> None:
     posterior = load_posterior(out)
     recal = fit_recalibration(posterior.predict(valid), valid,
-                              isotonic=settings.posterior.isotonic)
+                              isotonic=settings.posterior.isotonic,
+                              prior_weight=settings.posterior.recal_prior_weight)
     recal.save(out)

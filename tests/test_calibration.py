@@ -75,6 +75,32 @@ def test_overconfidence_is_detected_and_fixed_by_variance_scaling():
     np.testing.assert_allclose(fixed.forces_cov_epi, pred.forces_cov_epi * recal.force_scale)
 
 
+def test_recalibration_prior_tempers_a_fit_on_few_structures():
+    rng = np.random.default_rng(4)
+    # one validation structure the model happens to get almost exactly right
+    pred, images = labelled_case(rng, n_struct=1)
+    e_err = images[0].get_potential_energy() - pred.energy[0]
+    e_var = pred.energy_var_epi[0] + pred.energy_var_ale[0]
+    z2 = e_err**2 / e_var
+    mle = fit_recalibration(pred, images, prior_weight=0)
+    assert mle.energy_scale == pytest.approx(z2)
+    prior = fit_recalibration(pred, images)  # one pseudo-structure at scale 1
+    assert prior.energy_scale == pytest.approx((1 + z2) / 2)
+    assert prior.fitted_on == {"structures": 1, "force_components": 9, "prior_weight": 1.0}
+    # forces: the pseudo-structure weighs as many components as a real structure has
+    f_z2 = (((np.array([a.get_forces() for a in images]).reshape(-1, 3) - pred.forces) ** 2)
+            / np.diagonal(pred.forces_cov_epi + pred.forces_cov_ale, axis1=1, axis2=2))
+    assert prior.force_scale == pytest.approx((9 + f_z2.sum()) / 18)
+    # with many structures the prior hardly matters
+    pred, images = labelled_case(rng, sigma_scale=1 / 3)
+    a = fit_recalibration(pred, images)
+    b = fit_recalibration(pred, images, prior_weight=0)
+    assert a.energy_scale == pytest.approx(b.energy_scale, rel=0.03)
+    assert a.force_scale == pytest.approx(b.force_scale, rel=0.003)
+    with pytest.raises(ValueError, match="prior_weight must be >= 0"):
+        fit_recalibration(pred, images, prior_weight=-1)
+
+
 def test_isotonic_fixes_what_a_variance_scale_cannot(tmp_path):
     rng = np.random.default_rng(2)
     pred, images = labelled_case(rng, heavy_tails=True)

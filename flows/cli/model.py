@@ -233,6 +233,9 @@ def evaluate(
              "the model.")] = None,
     isotonic: Annotated[bool, typer.Option(
         help="With --recalibrate-on: also fit isotonic recalibration.")] = False,
+    prior_weight: Annotated[float, typer.Option(
+        min=0, help="With --recalibrate-on: pseudo-structures at the uncorrected scale "
+                    "(0 = maximum likelihood s² = mean(z²)).")] = 1.0,
     method: Annotated[str | None, typer.Option(
         help="Expected posterior method (checked against the model).")] = None,
 ) -> None:
@@ -257,7 +260,8 @@ def evaluate(
         posterior = load_posterior(model)
         if recalibrate_on is not None:
             images = _read_labelled([recalibrate_on])
-            recal = fit_recalibration(posterior.predict(images), images, isotonic=isotonic)
+            recal = fit_recalibration(posterior.predict(images), images, isotonic=isotonic,
+                                      prior_weight=prior_weight)
             recal.save(model)
             posterior.recalibration = recal
             console.print(f"recalibrated on {recalibrate_on}: energy variance x"
