@@ -159,7 +159,7 @@ def _apply_isotonic(pit: np.ndarray, mapping: list[list[float]] | None) -> np.nd
 
 
 def fit_recalibration(pred: Prediction, images: Sequence[Atoms], *,
-                      isotonic: bool = False, prior_weight: float = 1.0) -> Recalibration:
+                      isotonic: bool = False, prior_weight: float = 0.25) -> Recalibration:
     """Variance scales for energies and force components (and isotonic maps of the rescaled
     PIT values if asked) from labelled validation structures; ``prior_weight`` is ν₀, the
     number of pseudo-structures at scale 1 (0: maximum likelihood, mean(z²))."""

@@ -28,7 +28,7 @@ class PosteriorSettings(BaseModel):
     ivon: IVONConfig = Field(default_factory=IVONConfig)
     isotonic: bool = Field(False, description="Also fit isotonic recalibration on validation.")
     recal_prior_weight: float = Field(
-        1.0, ge=0, description="Pseudo-structures at the uncorrected scale in the variance "
+        0.25, ge=0, description="Pseudo-structures at the uncorrected scale in the variance "
         "recalibration, s² = (ν₀ + Σz²)/(ν₀ + n); 0 = maximum likelihood mean(z²).")
 
 

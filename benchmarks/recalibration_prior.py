@@ -12,7 +12,7 @@ itself (ν₀ = 0), the best a single scale can do.
     python benchmarks/recalibration_prior.py --out bench-al [--campaigns bald-ef-s0 ...]
 
 ``--out`` is the directory of ``benchmarks/active_learning.py`` (al.db, data/campaigns).
-Writes recalibration_prior.json there.
+Writes recalibration_prior.json there; a rerun judges only rounds not in it yet.
 """
 
 from __future__ import annotations
@@ -103,9 +103,17 @@ def main() -> None:
     if not campaigns:
         with session_scope(engine) as s:
             campaigns = sorted(s.execute(select(Campaign.name)).scalars())
+    results = args.out / "recalibration_prior.json"
+    weights = [f"{w:g}" for w in args.weights]
+    done = {(r["campaign"], r["round"]): r for r in
+            (json.loads(results.read_text()) if results.is_file() else [])
+            if all(w in r for w in weights)}  # rounds judged before: not again
     rows = []
     for campaign in campaigns:
         for k, model, valid, test in round_sets(engine, campaign):
+            if (campaign, k) in done:
+                rows.append(done[(campaign, k)])
+                continue
             posterior = load_posterior(model)
             pv, pt = posterior.predict(valid), posterior.predict(test)
             row = {"campaign": campaign, "round": k, "n_valid": len(valid),
@@ -113,12 +121,13 @@ def main() -> None:
             for w in args.weights:
                 row[f"{w:g}"] = judge(pt, test, fit_recalibration(pv, valid, prior_weight=w))
             rows.append(row)
+            done[(campaign, k)] = row
             print(f"{campaign} round {k}: {len(valid)} validation structures, energy scale "
                   + " ".join(f"ν₀={w:g}: {row[f'{w:g}']['energy_scale']:.3g}"
                              for w in args.weights)
                   + f", test-optimal {row['oracle']['energy_scale']:.3g}", flush=True)
-    (args.out / "recalibration_prior.json").write_text(json.dumps(rows, indent=1))
-    report(rows, [f"{w:g}" for w in args.weights])
+            results.write_text(json.dumps(list(done.values()), indent=1))
+    report(rows, weights)
 
 
 def report(rows: list[dict], weights: list[str]) -> None:

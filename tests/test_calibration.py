@@ -84,7 +84,7 @@ def test_recalibration_prior_tempers_a_fit_on_few_structures():
     z2 = e_err**2 / e_var
     mle = fit_recalibration(pred, images, prior_weight=0)
     assert mle.energy_scale == pytest.approx(z2)
-    prior = fit_recalibration(pred, images)  # one pseudo-structure at scale 1
+    prior = fit_recalibration(pred, images, prior_weight=1)  # a pseudo-structure at scale 1
     assert prior.energy_scale == pytest.approx((1 + z2) / 2)
     assert prior.fitted_on == {"structures": 1, "force_components": 9, "prior_weight": 1.0}
     # forces: the pseudo-structure weighs as many components as a real structure has

@@ -235,7 +235,7 @@ def evaluate(
         help="With --recalibrate-on: also fit isotonic recalibration.")] = False,
     prior_weight: Annotated[float, typer.Option(
         min=0, help="With --recalibrate-on: pseudo-structures at the uncorrected scale "
-                    "(0 = maximum likelihood s² = mean(z²)).")] = 1.0,
+                    "(0 = maximum likelihood s² = mean(z²)).")] = 0.25,
     method: Annotated[str | None, typer.Option(
         help="Expected posterior method (checked against the model).")] = None,
 ) -> None:
