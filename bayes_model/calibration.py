@@ -49,6 +49,7 @@ __all__ = ["RELIABILITY_LEVELS", "Recalibration", "auroc", "calibration_metrics"
            "reliability_curve"]
 
 CALIBRATION_FILE = "calibration.json"
+PRIOR_WEIGHT = 0.25  # ν₀: best mean test energy NLL on the active-learning benchmark's rounds
 _GRID = np.linspace(0.0, 1.0, 101)
 RELIABILITY_LEVELS = tuple(range(10, 100, 10))  # percent
 
@@ -159,7 +160,8 @@ def _apply_isotonic(pit: np.ndarray, mapping: list[list[float]] | None) -> np.nd
 
 
 def fit_recalibration(pred: Prediction, images: Sequence[Atoms], *,
-                      isotonic: bool = False, prior_weight: float = 0.25) -> Recalibration:
+                      isotonic: bool = False,
+                      prior_weight: float = PRIOR_WEIGHT) -> Recalibration:
     """Variance scales for energies and force components (and isotonic maps of the rescaled
     PIT values if asked) from labelled validation structures; ``prior_weight`` is ν₀, the
     number of pseudo-structures at scale 1 (0: maximum likelihood, mean(z²))."""

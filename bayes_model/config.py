@@ -8,6 +8,7 @@ from typing import TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from bayes_model.calibration import PRIOR_WEIGHT
 from bayes_model.laplace import LaplaceConfig
 from bayes_model.model import ModelConfig
 from bayes_model.sampling import IVONConfig, SWAGConfig
@@ -28,8 +29,8 @@ class PosteriorSettings(BaseModel):
     ivon: IVONConfig = Field(default_factory=IVONConfig)
     isotonic: bool = Field(False, description="Also fit isotonic recalibration on validation.")
     recal_prior_weight: float = Field(
-        0.25, ge=0, description="Pseudo-structures at the uncorrected scale in the variance "
-        "recalibration, s² = (ν₀ + Σz²)/(ν₀ + n); 0 = maximum likelihood mean(z²).")
+        PRIOR_WEIGHT, ge=0, description="Pseudo-structures at the uncorrected scale in the "
+        "variance recalibration, s² = (ν₀ + Σz²)/(ν₀ + n); 0 = maximum likelihood mean(z²).")
 
 
 class TrainingFile(BaseModel):

@@ -233,9 +233,10 @@ def evaluate(
              "the model.")] = None,
     isotonic: Annotated[bool, typer.Option(
         help="With --recalibrate-on: also fit isotonic recalibration.")] = False,
-    prior_weight: Annotated[float, typer.Option(
-        min=0, help="With --recalibrate-on: pseudo-structures at the uncorrected scale "
-                    "(0 = maximum likelihood s² = mean(z²)).")] = 0.25,
+    prior_weight: Annotated[float | None, typer.Option(
+        min=0, show_default=False,
+        help="With --recalibrate-on: pseudo-structures at the uncorrected scale "
+             "(default 0.25 as in training; 0 = maximum likelihood s² = mean(z²)).")] = None,
     method: Annotated[str | None, typer.Option(
         help="Expected posterior method (checked against the model).")] = None,
 ) -> None:
@@ -260,8 +261,9 @@ def evaluate(
         posterior = load_posterior(model)
         if recalibrate_on is not None:
             images = _read_labelled([recalibrate_on])
+            prior = {} if prior_weight is None else {"prior_weight": prior_weight}
             recal = fit_recalibration(posterior.predict(images), images, isotonic=isotonic,
-                                      prior_weight=prior_weight)
+                                      **prior)
             recal.save(model)
             posterior.recalibration = recal
             console.print(f"recalibrated on {recalibrate_on}: energy variance x"
