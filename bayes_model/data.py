@@ -25,6 +25,7 @@ __all__ = [
     "batch_graphs",
     "energy_shifts_from_isolated",
     "energy_shifts_least_squares",
+    "energy_shifts_with_isolated",
     "iter_batches",
     "labels_of",
 ]
@@ -113,7 +114,8 @@ def batch_graphs(graphs: Sequence[Graph], *, dtype: torch.dtype = torch.float32,
         K.N_ATOMS: torch.as_tensor(n, device=device),
     }
     if all(g.energy is not None for g in graphs):
-        batch[K.ENERGY] = torch.tensor([g.energy for g in graphs], dtype=dtype, device=device)
+        batch[K.ENERGY] = torch.tensor([g.energy for g in graphs], dtype=torch.float64,
+                                       device=device)  # totals of ~1e4 eV: float64
     if all(g.forces is not None for g in graphs):
         batch[K.FORCES] = torch.as_tensor(np.concatenate([g.forces for g in graphs]),
                                           dtype=dtype, device=device)
@@ -139,8 +141,8 @@ def iter_batches(graphs: Sequence[Graph], *, batch_size: int, max_atoms: int | N
         yield current
 
 
-def energy_shifts_least_squares(images: Sequence[Atoms], species: Sequence[int]) -> np.ndarray:
-    """Per-species energies (eV) fitted to the images' total energies (composition counts)."""
+def _counts_and_energies(images: Sequence[Atoms], species: Sequence[int],
+                         ) -> tuple[np.ndarray, np.ndarray]:
     counts = np.zeros((len(images), len(species)))
     energies = np.zeros(len(images))
     for k, atoms in enumerate(images):
@@ -149,8 +151,30 @@ def energy_shifts_least_squares(images: Sequence[Atoms], species: Sequence[int])
         if e is None:
             raise ValueError(f"structure {k} has no energy; energy shifts need labelled data")
         energies[k] = e
-    shifts, *_ = np.linalg.lstsq(counts, energies, rcond=None)
-    return shifts
+    return counts, energies
+
+
+def energy_shifts_least_squares(images: Sequence[Atoms], species: Sequence[int]) -> np.ndarray:
+    """Per-species energies (eV) fitted to the images' total energies (composition counts).
+
+    Where the compositions do not determine every species' energy (one composition, or
+    compositions that are multiples of each other) the fit is the one closest to a uniform
+    shift, the mean energy per atom, for all species: the minimum-norm least-squares
+    correction to it. With varying compositions of full rank this is plain least squares."""
+    counts, energies = _counts_and_energies(images, species)
+    uniform = float(np.mean(energies / counts.sum(1)))
+    correction, *_ = np.linalg.lstsq(counts, energies - uniform * counts.sum(1), rcond=1e-8)
+    return uniform + correction
+
+
+def energy_shifts_with_isolated(images: Sequence[Atoms], species: Sequence[int],
+                                isolated: np.ndarray) -> np.ndarray:
+    """Isolated-atom energies E0 plus the mean interaction energy per atom of the images,
+    mean_s[(E_s − Σ_i E0(Z_i)) / N_s], the same for every species (as MACE does): the
+    network learns only the residual, and E0 keeps the species apart."""
+    counts, energies = _counts_and_energies(images, species)
+    isolated = np.asarray(isolated, dtype=float)
+    return isolated + float(np.mean((energies - counts @ isolated) / counts.sum(1)))
 
 
 def energy_shifts_from_isolated(path: str | Path, species: Sequence[int]) -> np.ndarray:

@@ -9,6 +9,7 @@ import queue
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -25,9 +26,11 @@ from bayes_model.data import (
     atoms_to_graph,
     energy_shifts_from_isolated,
     energy_shifts_least_squares,
+    energy_shifts_with_isolated,
     labels_of,
 )
 from bayes_model.model import ModelConfig, MVEPotential
+from bayes_model.resources import Deadline, plan_processes
 from bayes_model.train import TrainConfig, build_model, train_model
 
 __all__ = [
@@ -62,7 +65,8 @@ def prepare_data(train: Sequence[Atoms], valid: Sequence[Atoms], config: ModelCo
                                  "labelled data")
     species = sorted({int(z) for a in [*train, *valid] for z in a.numbers})
     if isolated_atoms is not None:
-        shifts = energy_shifts_from_isolated(isolated_atoms, species)
+        shifts = energy_shifts_with_isolated(
+            train, species, energy_shifts_from_isolated(isolated_atoms, species))
     else:
         shifts = energy_shifts_least_squares(train, species)
     graphs = [atoms_to_graph(a, species, config.cutoff) for a in [*train, *valid]]
@@ -104,11 +108,10 @@ def load_warm_start(directory: str | Path, model_config: ModelConfig,
 
 
 def _member_job(k: int, data: PreparedData, model_config: ModelConfig, train_config: TrainConfig,
-                work_dir: str, resume: bool, threads: int | None, events=None,
-                warm: WarmStart | None = None):
+                work_dir: str, resume: bool, threads: int, events=None,
+                warm: WarmStart | None = None, deadline: Deadline | None = None):
     events = _EVENTS if events is None else events  # member processes: set by _init_member
-    if threads:
-        torch.set_num_threads(threads)
+    torch.set_num_threads(threads)
     config = train_config.model_copy(update={"seed": train_config.seed + k})
     if warm is None:
         model = build_model(model_config, data.species, data.shifts, data.train,
@@ -126,9 +129,9 @@ def _member_job(k: int, data: PreparedData, model_config: ModelConfig, train_con
             events.put((k, record))
 
     result = train_model(model, data.train, data.valid, config, work_dir=member_dir,
-                         resume=resume, on_epoch=report)
+                         resume=resume, on_epoch=report, deadline=deadline)
     info = {"best_epoch": result.best_epoch, "stopped": result.stopped,
-            "epochs": len(result.history),
+            "epochs": len(result.history), "threads": torch.get_num_threads(),
             **{f"valid_{m}": v for m, v in result.best_metrics.items()}}
     return k, {n: t.detach().cpu() for n, t in result.model.state_dict().items()}, info
 
@@ -146,12 +149,16 @@ def train_ensemble(
     resume: bool = False,
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
     init_from: str | Path | None = None,
+    deadline: Deadline | None = None,
 ) -> Path:
     """Train ``members`` models and write a model directory (see bayes_model.checkpoint).
 
-    Member k uses seed ``train_config.seed + k`` for its weights and data order. With
-    ``processes`` > 1 members train in parallel processes (spawned; each gets an equal share
-    of the cores); ``None`` picks min(members, cores). ``resume`` continues interrupted
+    Member k uses seed ``train_config.seed + k`` for its weights and data order. Members
+    train in parallel processes (spawned) within the CPU share of this process
+    (:func:`bayes_model.resources.plan_processes`: at most ``processes`` of them, and
+    processes x threads never above the share; ``train_config.threads`` caps the threads of
+    each). ``deadline`` (wall clock) ends training: members that run in waves get equal
+    slots of the time left. ``resume`` continues interrupted
     members from their saved training state. ``init_from`` (a model directory with the same
     model config and species) warm-starts: member k starts from its member k and keeps its
     energy shifts, force scale and neighbour normalisation (fine-tuning on the new data).
@@ -160,10 +167,13 @@ def train_ensemble(
     train_config = train_config or TrainConfig()
     if members < 1:
         raise ValueError(f"members must be >= 1, got {members}")
-    cores = os.cpu_count() or 1
-    procs = min(members, cores) if processes is None else max(1, min(processes, members))
-    threads = train_config.threads or max(1, cores // procs)
+    procs, threads = plan_processes(members, processes, train_config.threads)
     data = prepare_data(train, valid, model_config, isolated_atoms=isolated_atoms)
+    waves, start = -(-members // procs), time.time()
+
+    def member_deadline(k: int) -> Deadline | None:
+        return None if deadline is None else deadline.slot(k // procs, waves, start)
+
     warm = None
     if init_from is not None:
         warm = load_warm_start(init_from, model_config, data.species)
@@ -173,7 +183,7 @@ def train_ensemble(
     if procs == 1:
         for k in range(members):
             _, state, info = _member_job(k, data, model_config, train_config, str(work), resume,
-                                         threads, _Direct(on_epoch), warm)
+                                         threads, _Direct(on_epoch), warm, member_deadline(k))
             results[k] = (state, info)
     else:
         ctx = mp.get_context("spawn")
@@ -187,7 +197,7 @@ def train_ensemble(
                                    initializer=_init_member, initargs=(os.getpid(), events))
         try:
             futures = [pool.submit(_member_job, k, data, model_config, train_config,
-                                   str(work), resume, threads, None, warm)
+                                   str(work), resume, threads, None, warm, member_deadline(k))
                        for k in range(members)]
             for fut in futures:
                 k, state, info = fut.result()
@@ -270,11 +280,6 @@ def _pump(events, callback, stop: threading.Event) -> None:
             continue
         if callback is not None:
             callback(k, record)
-
-
-def member_minutes(total: float, members: int, processes: int) -> float:
-    """Per-member time budget when ``members`` train ``processes`` at a time in ``total``."""
-    return total / -(-members // max(1, min(processes, members)))
 
 
 def split_validation(images: Sequence[Atoms], fraction: float, seed: int = 0,

@@ -24,6 +24,13 @@ class LossKind(enum.StrEnum):
     MSE = "mse"
 
 
+class NLLMode(enum.StrEnum):
+    """How the NLL losses fit means and variances (see :func:`compute_loss`)."""
+
+    SEPARATE = "separate"
+    JOINT = "joint"
+
+
 def gaussian_nll_energy(pred: torch.Tensor, var: torch.Tensor, target: torch.Tensor):
     """Per-structure (E − μ)²/σ² + log σ²."""
     return (target - pred) ** 2 / var + torch.log(var)
@@ -43,20 +50,38 @@ def gaussian_nll_forces(pred: torch.Tensor, cov: torch.Tensor, target: torch.Ten
 
 def compute_loss(out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor],
                  kind: LossKind | str, *, lambda_e: float = 1.0, lambda_f: float = 10.0,
+                 beta: float = 0.0, separate: bool = False,
                  ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Loss of a batch and its parts (for logging)."""
+    """Loss of a batch and its parts (for logging).
+
+    ``separate``: the NLL sees detached means, and the MSE loss of the means is added, so
+    the means are fitted exactly as by the MSE loss and the variances by the NLL (with the
+    model's ``detach_variance`` the variance heads also see detached features).
+    ``beta`` > 0: β-NLL (Seitzer et al. 2022), each structure's / atom's NLL weighted by its
+    stop-gradient variance to the power β (forces: det Σ^(β/3)).
+    """
     kind = LossKind(kind)
     energy, forces = batch[K.ENERGY], batch[K.FORCES]
     n_atoms = batch[K.N_ATOMS].to(energy.dtype)
     df = out["forces"] - forces
+    mse_e = (((out["energy"] - energy) / n_atoms) ** 2).mean()
+    mse_f = (df**2).sum(-1).mean() / 3
     if kind is LossKind.MSE:
-        e_term = (((out["energy"] - energy) / n_atoms) ** 2).mean()
+        e_term, f_term = mse_e, mse_f
     else:
-        e_term = gaussian_nll_energy(out["energy"], out["energy_var"], energy).mean()
-    if kind is LossKind.NLL_JEF:
-        f_term = gaussian_nll_forces(out["forces"], out["forces_cov"], forces).mean()
-    else:
-        f_term = (df**2).sum(-1).mean() / 3
+        e_mean = out["energy"].detach() if separate else out["energy"]
+        f_mean = out["forces"].detach() if separate else out["forces"]
+        e_nll = gaussian_nll_energy(e_mean, out["energy_var"], energy)
+        if beta:
+            e_nll = e_nll * out["energy_var"].detach() ** beta
+        e_term = e_nll.mean() + (mse_e if separate else 0.0)
+        if kind is LossKind.NLL_JEF:
+            f_nll = gaussian_nll_forces(f_mean, out["forces_cov"], forces)
+            if beta:
+                f_nll = f_nll * torch.linalg.det(out["forces_cov"].detach()) ** (beta / 3)
+            f_term = f_nll.mean() + (mse_f if separate else 0.0)
+        else:
+            f_term = mse_f
     loss = lambda_e * e_term + lambda_f * f_term
     parts = {"loss": float(loss.detach()), "energy_term": float(e_term.detach()),
              "force_term": float(f_term.detach())}

@@ -130,6 +130,9 @@ class Interaction(nn.Module):
         return h + out if self.residual else out
 
 
+# Buffers that stay float64 whatever dtype the network runs in.
+FLOAT64_BUFFERS = ("shifts", "scale")
+
 # Log-variances are kept within ±LOG_BOUND (σ² from 3e-7 to 3e6 in eV² or (eV/Å)²): far
 # outside anything physical, it keeps sampled weights (SWAG, IVON) from overflowing exp.
 LOG_BOUND = 15.0
@@ -189,9 +192,11 @@ class MVEPotential(nn.Module):
     def n_features(self) -> int:
         return self.energy_head.in_features
 
-    def features(self, data: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def features(self, data: dict[str, torch.Tensor], *, detach_variance: bool = False,
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """Invariant per-atom features φ (N, n_features) and the covariance log-matrix
-        components (N, 6) in the 0e ⊕ 2e basis."""
+        components (N, 6) in the 0e ⊕ 2e basis (``detach_variance``: computed from detached
+        features, so that only the covariance heads learn from it)."""
         pos, species = data[K.POSITIONS], data[K.SPECIES]
         i, j = data[K.EDGE_INDEX]
         vec = pos[j] - pos[i] + data[K.EDGE_SHIFT]
@@ -207,34 +212,51 @@ class MVEPotential(nn.Module):
             if t == 0:
                 a = self.lin_a(h)
             scalars.append(h[:, : self.config.channels])  # the 0e block comes first
-            cov = cov + self.cov_heads[t](h)
+            cov = cov + self.cov_heads[t](h.detach() if detach_variance else h)
         return torch.cat(scalars, dim=1), cov
 
     def forward(self, data: dict[str, torch.Tensor], *, forces: bool = True,
-                training: bool = False, retain_graph: bool = False) -> dict[str, torch.Tensor]:
-        """Energies (S,) eV, energy variances (S,) eV², forces (N, 3) eV/Å, force
-        covariances (N, 3, 3) (eV/Å)² and per-atom features φ. ``training`` keeps the graph
-        for double backward; ``retain_graph`` keeps it for more gradients of φ (Laplace)."""
+                training: bool = False, retain_graph: bool = False,
+                detach_variance: bool = False) -> dict[str, torch.Tensor]:
+        """Energies (S,) eV in float64, energy variances (S,) eV², forces (N, 3) eV/Å, force
+        covariances (N, 3, 3) (eV/Å)², per-atom features φ and per-atom energies (N,) eV in
+        float64. ``training`` keeps the graph for double backward; ``retain_graph`` keeps it
+        for more gradients of φ (Laplace); ``detach_variance`` lets the variance heads see
+        detached features (the network's features are then fitted by the means alone).
+
+        The network runs in its dtype; the scale, the per-species shifts and the sum over
+        atoms are float64 (a −9000 eV total summed in float32 is rounded to ~1 meV)."""
         pos = data[K.POSITIONS]
         if forces and not pos.requires_grad:
             pos.requires_grad_(True)
-        phi, cov6 = self.features(data)
+        phi, cov6 = self.features(data, detach_variance=detach_variance)
         species, batch = data[K.SPECIES], data[K.BATCH]
         n_struct = int(data[K.N_ATOMS].shape[0])
-        eps_i = self.energy_head(phi).squeeze(-1) * self.scale.to(phi.dtype)
-        eps_i = eps_i + self.shifts.to(phi.dtype)[species]
-        energy = torch.zeros(n_struct, dtype=phi.dtype, device=phi.device).index_add(
+        eps_i = (self.energy_head(phi).squeeze(-1).to(torch.float64) * self.scale
+                 + self.shifts[species])
+        energy = torch.zeros(n_struct, dtype=torch.float64, device=phi.device).index_add(
             0, batch, eps_i)
-        var_i = torch.exp(self.logvar_head(phi).squeeze(-1).clamp(-LOG_BOUND, LOG_BOUND))
-        energy_var = torch.zeros_like(energy).index_add(0, batch, var_i)
+        phi_var = phi.detach() if detach_variance else phi
+        var_i = torch.exp(self.logvar_head(phi_var).squeeze(-1).clamp(-LOG_BOUND, LOG_BOUND))
+        energy_var = torch.zeros(n_struct, dtype=phi.dtype, device=phi.device).index_add(
+            0, batch, var_i)
         log_cov = torch.einsum("nk,kij->nij", _bounded(cov6), self.q.to(phi.dtype))
         eye = torch.eye(3, dtype=phi.dtype, device=phi.device)
         cov = torch.linalg.matrix_exp(log_cov + self.log_force_var0 * eye)
         cov = 0.5 * (cov + cov.transpose(1, 2)) + self.config.cov_eps * eye
         out = {"energy": energy, "energy_var": energy_var, "forces_cov": cov,
-               "features": phi}
+               "features": phi, "atomic_energies": eps_i}
         if forces:
             (grad,) = torch.autograd.grad(energy.sum(), pos, create_graph=training,
                                           retain_graph=training or retain_graph)
             out["forces"] = -grad
         return out
+
+    def _apply(self, fn, recurse=True):
+        """``.to(dtype)``/``.float()`` move the float64 buffers (shifts, scale) between
+        devices but keep them float64."""
+        kept = {name: getattr(self, name) for name in FLOAT64_BUFFERS}
+        super()._apply(fn, recurse)
+        for name, old in kept.items():
+            setattr(self, name, old.to(device=getattr(self, name).device, dtype=torch.float64))
+        return self

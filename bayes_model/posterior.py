@@ -31,6 +31,7 @@ from bayes_model.ensemble import train_ensemble
 from bayes_model.laplace import LastLayerLaplace
 from bayes_model.model import MVEPotential
 from bayes_model.predict import Prediction, predict_members
+from bayes_model.resources import Deadline
 from bayes_model.sampling import SampledPosterior, collect_swag, load_flat, train_ivon
 
 __all__ = ["EnsemblePosterior", "Method", "Posterior", "fit_posterior", "load_posterior",
@@ -124,6 +125,7 @@ def train_posterior(
     on_posterior: Callable[[dict[str, float]], None] | None = None,
     recalibrate: bool = True,
     init_from: str | Path | None = None,
+    deadline: Deadline | None = None,
 ) -> Path:
     """Train a model directory for ``method``.
 
@@ -133,17 +135,19 @@ def train_posterior(
     With ``recalibrate`` variance scales are fitted on ``valid`` (calibration.json).
     ``init_from`` warm-starts the members (the MAP model) from a previous model directory
     (see :func:`bayes_model.ensemble.train_ensemble`); the posterior is fitted anew.
+    ``deadline`` covers all of it: see :func:`budget_split`.
     """
     method = Method(method)
     settings = settings or TrainingFile()
     out = Path(out_dir)
+    train_end, posterior_end = budget_split(method, deadline)
     train_ensemble(train, valid, out, members=members if method is Method.ENSEMBLE else 1,
                    model_config=settings.model, train_config=settings.train,
                    isolated_atoms=isolated_atoms, processes=processes, resume=resume,
-                   on_epoch=on_epoch, init_from=init_from)
+                   on_epoch=on_epoch, init_from=init_from, deadline=train_end)
     if method is not Method.ENSEMBLE:
         fit_posterior(method, out, train, valid, out, settings=settings,
-                      on_posterior=on_posterior, recalibrate=False)
+                      on_posterior=on_posterior, recalibrate=False, deadline=posterior_end)
     if recalibrate:
         _recalibrate(out, valid, settings)
     return out
@@ -159,6 +163,7 @@ def fit_posterior(
     settings: TrainingFile | None = None,
     on_posterior: Callable[[dict[str, float]], None] | None = None,
     recalibrate: bool = True,
+    deadline: Deadline | None = None,
 ) -> Path:
     """A laplace/swag/ivon model directory from a trained single-model directory
     (``map_dir``, e.g. ``bayesal train --members 1``); ``out_dir`` may equal ``map_dir``."""
@@ -183,13 +188,13 @@ def fit_posterior(
         entry_extra["prior_precision"] = laplace.prior_precision
     elif method is Method.SWAG:
         collector = collect_swag(model, train_g, settings.train, cfg.swag,
-                                 on_epoch=on_posterior, valid=valid_g)
+                                 on_epoch=on_posterior, valid=valid_g, deadline=deadline)
         state = collector.state(cfg.swag.diagonal)
         load_flat(model, collector.mean)  # the member file holds the SWA mean
         entry_extra.update(samples=cfg.swag.samples, snapshots=collector.n)
     else:
         model, state = train_ivon(model, train_g, valid_g, settings.train, cfg.ivon,
-                                  on_epoch=on_posterior)
+                                  on_epoch=on_posterior, deadline=deadline)
         entry_extra["samples"] = cfg.ivon.samples
     entry = {**save_state_file(out, f"{method.value}.pt", state), **entry_extra}
     extra = {**manifest.extra,
@@ -202,6 +207,41 @@ def fit_posterior(
     if recalibrate:
         _recalibrate(out, valid, settings)
     return out
+
+
+# Share of a budget kept for the work after training: saving, the validation predictions of
+# the recalibration (1..30 s); and the Laplace fit (one pass over the training set) or the
+# SWAG/IVON epochs after the model is trained.
+FINISH_SHARE, FINISH_MIN_S, FINISH_MAX_S = 0.04, 1.0, 30.0
+POSTERIOR_SHARE = {Method.LAPLACE: 0.1, Method.SWAG: 0.3, Method.IVON: 0.3}
+
+
+def budget_split(method: Method, deadline: Deadline | None,
+                 ) -> tuple[Deadline | None, Deadline | None]:
+    """(end of model training, end of posterior fitting) within ``deadline``: a reserve of
+    FINISH_SHARE of the time left (1-30 s) for saving and recalibration, and
+    POSTERIOR_SHARE of the rest for the posterior fit after the model is trained."""
+    if deadline is None:
+        return None, None
+    left = max(deadline.remaining(), 0.0)
+    posterior_end = deadline.minus(min(FINISH_MAX_S, max(FINISH_MIN_S, FINISH_SHARE * left)))
+    share = POSTERIOR_SHARE.get(method, 0.0)
+    return posterior_end.minus(share * max(posterior_end.remaining(), 0.0)), posterior_end
+
+
+def describe_budget(method: Method | str, minutes: float, members: int, processes: int) -> str:
+    """How :func:`budget_split` and the ensemble's waves divide a budget (progress output)."""
+    method = Method(method)
+    train_end, posterior_end = budget_split(method, Deadline.after(minutes))
+    train_s = train_end.remaining()
+    finish_s = 60 * minutes - posterior_end.remaining()
+    waves = -(-members // max(1, min(processes, members)))
+    text = (f"budget {minutes:g} min: training {train_s / 60:.2f} min"
+            + (f" ({waves} waves of {processes} members, {train_s / 60 / waves:.2f} min each)"
+               if waves > 1 else ""))
+    if method is not Method.ENSEMBLE:
+        text += f", {method.value} {(posterior_end.remaining() - train_s) / 60:.2f} min"
+    return text + f", {finish_s:.0f} s kept for saving and calibration"
 
 
 def _recalibrate(out: Path, valid: Sequence[Atoms], settings: TrainingFile) -> None:

@@ -33,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from bayes_model.data import Graph
 from bayes_model.model import MVEPotential
 from bayes_model.predict import OneModelProperties, Prediction, predict_members
+from bayes_model.resources import Deadline
 from bayes_model.train import TrainConfig, evaluate_graphs, train_epoch, train_model
 
 __all__ = ["IVONConfig", "SWAGCollector", "SWAGConfig", "SampledPosterior", "collect_swag",
@@ -136,8 +137,10 @@ def collect_swag(model: MVEPotential, train: Sequence[Graph], train_config: Trai
                  config: SWAGConfig, *,
                  on_epoch: Callable[[dict[str, float]], None] | None = None,
                  on_snapshot: Callable[[torch.Tensor], None] | None = None,
-                 valid: Sequence[Graph] | None = None) -> SWAGCollector:
-    """Continue training ``model`` with Adam at the SWAG learning rate and collect moments."""
+                 valid: Sequence[Graph] | None = None,
+                 deadline: Deadline | None = None) -> SWAGCollector:
+    """Continue training ``model`` with Adam at the SWAG learning rate and collect moments
+    (until ``deadline``, once 2 snapshots are in)."""
     generator = torch.Generator().manual_seed(train_config.seed + 7919)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     lr_at = None
@@ -146,11 +149,14 @@ def collect_swag(model: MVEPotential, train: Sequence[Graph], train_config: Trai
             return config.lr / 10 + 0.5 * (config.lr - config.lr / 10) * (
                 1 + math.cos(math.pi * frac))
     collector = SWAGCollector(sum(p.numel() for p in model.parameters()), config.max_rank)
-    start = time.perf_counter()
+    start, epoch_s = time.perf_counter(), 0.0
     for epoch in range(config.burn_in_epochs + config.epochs):
-        if (config.max_minutes is not None and collector.n >= 2
-                and time.perf_counter() - start > 60 * config.max_minutes):
+        if collector.n >= 2 and (
+                (config.max_minutes is not None
+                 and time.perf_counter() - start > 60 * config.max_minutes)
+                or (deadline is not None and deadline.remaining() < epoch_s)):
             break
+        t_epoch = time.perf_counter()
         losses, _ = train_epoch(model, train, optimizer, train_config,
                                 kind=train_config.loss, generator=generator, lr_at=lr_at)
         record = {"epoch": epoch, "loss": float(np.mean(losses)) if losses else math.nan,
@@ -165,6 +171,7 @@ def collect_swag(model: MVEPotential, train: Sequence[Graph], train_config: Trai
             record.update({f"valid_{k}": v for k, v in evaluate_graphs(model, valid).items()})
         if on_epoch is not None:
             on_epoch(record)
+        epoch_s = time.perf_counter() - t_epoch
     if collector.n < 2:
         raise RuntimeError("SWAG collected fewer than 2 snapshots; raise epochs or the budget")
     return collector
@@ -210,7 +217,7 @@ def ivon_sampler(mean: torch.Tensor, state: dict) -> Callable[[torch.Generator],
 def train_ivon(model: MVEPotential, train: Sequence[Graph], valid: Sequence[Graph],
                train_config: TrainConfig, config: IVONConfig, *,
                on_epoch: Callable[[dict[str, float]], None] | None = None,
-               ) -> tuple[MVEPotential, dict]:
+               deadline: Deadline | None = None) -> tuple[MVEPotential, dict]:
     """IVON training continued from ``model``; returns the mean model and the posterior
     state (per-weight std)."""
     import ivon
@@ -226,7 +233,7 @@ def train_ivon(model: MVEPotential, train: Sequence[Graph], valid: Sequence[Grap
         "max_minutes": config.max_minutes, "patience": config.epochs + 1})
     result = train_model(model, train, valid, cfg, optimizer=optimizer, on_epoch=on_epoch,
                          sample_context=lambda: ivon_sampled_params(optimizer),
-                         keep_best=False)
+                         keep_best=False, deadline=deadline)
     state = ivon_state(optimizer)
     if not (torch.isfinite(flat_params(result.model)).all() and torch.isfinite(state["std"]).all()):
         raise RuntimeError("IVON diverged (non-finite weights); lower posterior.ivon.lr or "

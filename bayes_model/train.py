@@ -19,8 +19,15 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from bayes_model import _keys as K
 from bayes_model.data import Graph, batch_graphs, iter_batches
-from bayes_model.losses import LossKind, compute_loss, gaussian_nll_energy, gaussian_nll_forces
+from bayes_model.losses import (
+    LossKind,
+    NLLMode,
+    compute_loss,
+    gaussian_nll_energy,
+    gaussian_nll_forces,
+)
 from bayes_model.model import ModelConfig, MVEPotential
+from bayes_model.resources import Deadline, earliest
 
 __all__ = ["TrainConfig", "TrainResult", "build_model", "evaluate_graphs", "train_epoch",
            "train_model"]
@@ -36,7 +43,13 @@ class TrainConfig(BaseModel):
     loss: LossKind = Field(LossKind.NLL_JEF, description="nll_jef, nll_e or mse.")
     lambda_e: float = Field(1.0, ge=0, description="Weight of the energy term.")
     lambda_f: float = Field(10.0, ge=0, description="Weight of the force term.")
-    warmup_epochs: int = Field(5, ge=0, description="Epochs of MSE before the NLL loss.")
+    nll_mode: NLLMode = Field(NLLMode.SEPARATE, description=(
+        "separate: the means are fitted by the MSE loss and the variance heads by the NLL on "
+        "detached features and means (the NLL never pulls the network away from the data); "
+        "joint: one NLL for means and variances (the seed's; loses force accuracy)."))
+    nll_beta: float = Field(0.0, ge=0, le=1, description="β-NLL exponent in joint mode "
+                            "(Seitzer et al. 2022; 0: plain NLL).")
+    warmup_epochs: int = Field(0, ge=0, description="Epochs of MSE before the NLL loss.")
     lr: float = Field(1e-2, gt=0, description="Initial learning rate.")
     lr_factor: float = Field(0.5, gt=0, lt=1, description="LR reduction on plateau.")
     lr_patience: int = Field(8, ge=0, description="Epochs without improvement before a cut.")
@@ -132,6 +145,7 @@ def train_model(
     optimizer: torch.optim.Optimizer | None = None,
     sample_context: Callable[[], contextlib.AbstractContextManager] | None = None,
     keep_best: bool = True,
+    deadline: Deadline | None = None,
 ) -> TrainResult:
     """Train ``model`` (already initialised) on labelled graphs.
 
@@ -141,6 +155,10 @@ def train_model(
     Adam (built on the model's parameters, model already in the training dtype) and
     ``sample_context`` wraps every forward/backward pass (IVON's weight sampling);
     ``keep_best=False`` returns the final weights instead of the best ones.
+
+    Time: training ends by ``deadline`` (wall clock) and by ``config.max_minutes`` of
+    training time, whichever comes first, checked before every batch: an epoch that would
+    overrun is cut short, validated, and training stops ("time budget").
     """
     if not train or not valid:
         raise ValueError("training needs at least one training and one validation structure")
@@ -168,11 +186,12 @@ def train_model(
         generator.set_state(saved["generator"])
         state.update({k: saved[k] for k in state})
     start = time.perf_counter() - state["elapsed"]
+    end = earliest(deadline, None if config.max_minutes is None else
+                   Deadline(time.time() - state["elapsed"] + 60 * config.max_minutes))
+    clock = _StepClock(end)
     stopped = "max_epochs"
-    epoch_seconds = 0.0
     while state["epoch"] < config.max_epochs:
-        elapsed = time.perf_counter() - start
-        if config.max_minutes is not None and elapsed + epoch_seconds > 60 * config.max_minutes:
+        if clock.no_time_for_a_step():
             stopped = "time budget"
             break
         t_epoch = time.perf_counter()
@@ -180,10 +199,12 @@ def train_model(
         kind = LossKind.MSE if epoch < config.warmup_epochs else config.loss
         losses, skipped = train_epoch(model, train, optimizer, config, kind=kind,
                                       generator=generator, ema=ema,
-                                      sample_context=sample_context)
+                                      sample_context=sample_context, clock=clock)
+        t_eval = time.perf_counter()
         with ema.applied(model) if ema is not None else contextlib.nullcontext(model):
             metrics = evaluate_graphs(model, valid)
             best_candidate = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        clock.eval_seconds = time.perf_counter() - t_eval
         scheduler.step(metrics["force_mae"])
         lr = optimizer.param_groups[0]["lr"]
         record = {"epoch": epoch, "lr": lr, "loss": float(np.mean(losses)) if losses else math.nan,
@@ -194,7 +215,7 @@ def train_model(
             state.update(best=metrics["force_mae"], best_epoch=epoch, best_metrics=metrics,
                          best_state=best_candidate)
         state["epoch"] = epoch + 1
-        epoch_seconds = time.perf_counter() - t_epoch
+        record["seconds"] = time.perf_counter() - t_epoch
         state["elapsed"] = time.perf_counter() - start
         if path is not None:
             _atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -222,24 +243,30 @@ def train_epoch(model: MVEPotential, train: Sequence[Graph], optimizer: torch.op
                 config: TrainConfig, *, kind: LossKind, generator: torch.Generator,
                 ema: EMA | None = None,
                 sample_context: Callable[[], contextlib.AbstractContextManager] | None = None,
-                lr_at: Callable[[float], float] | None = None) -> tuple[list[float], int]:
+                lr_at: Callable[[float], float] | None = None,
+                clock: _StepClock | None = None) -> tuple[list[float], int]:
     """One pass over ``train`` in a random order; returns batch losses and the number of
     skipped (non-finite) batches. ``lr_at(fraction of the epoch)`` sets the learning rate
-    per step (cyclic schedules)."""
+    per step (cyclic schedules); ``clock`` ends the pass early when its time is up."""
     dtype = next(model.parameters()).dtype
     model.train()
     order = torch.randperm(len(train), generator=generator).tolist()
     batches = list(iter_batches(train, batch_size=config.batch_size, order=order))
     losses, skipped = [], 0
     for step, idx in enumerate(batches):
+        if clock is not None and clock.no_time_for_a_step():
+            break
+        t_step = time.perf_counter()
         if lr_at is not None:
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step / len(batches))
         batch = batch_graphs([train[i] for i in idx], dtype=dtype)
         with sample_context() if sample_context is not None else contextlib.nullcontext():
-            out = model(batch, training=True)
+            separate = config.nll_mode is NLLMode.SEPARATE
+            out = model(batch, training=True, detach_variance=separate)
             loss, _ = compute_loss(out, batch, kind, lambda_e=config.lambda_e,
-                                   lambda_f=config.lambda_f)
+                                   lambda_f=config.lambda_f, beta=config.nll_beta,
+                                   separate=separate)
             optimizer.zero_grad(set_to_none=True)
             if not torch.isfinite(loss):
                 skipped += 1  # a bad batch must not poison the weights
@@ -249,7 +276,21 @@ def train_epoch(model: MVEPotential, train: Sequence[Graph], optimizer: torch.op
         if ema is not None:
             ema.update(model)
         losses.append(loss.item())
+        if clock is not None:
+            clock.step_seconds = time.perf_counter() - t_step
     return losses, skipped
+
+
+class _StepClock:
+    """Is there time for one more training step and the validation after it? Keeps the
+    last step's and the last validation's duration (1.5x margin for a noisy machine)."""
+
+    def __init__(self, end: Deadline | None) -> None:
+        self.end, self.step_seconds, self.eval_seconds = end, 0.0, 0.0
+
+    def no_time_for_a_step(self) -> bool:
+        return self.end is not None and self.end.remaining() < 1.5 * (
+            self.step_seconds + self.eval_seconds)
 
 
 def build_model(config: ModelConfig, species: list[int], shifts: Sequence[float],

@@ -55,7 +55,10 @@ trainer:
   check_val_every_n_epoch: 1
   log_every_n_steps: 50
   enable_progress_bar: false
-  logger: false
+  logger:
+    _target_: lightning.pytorch.loggers.CSVLogger
+    save_dir: {work}/csv
+    name: run
   callbacks:
     - _target_: lightning.pytorch.callbacks.ModelCheckpoint
       monitor: ${{monitored_metric}}
@@ -166,7 +169,24 @@ def evaluate(work: Path, train_s: float) -> dict:
     de, df = np.array(de), np.concatenate(df)
     return {"energy_mae": float(np.abs(de).mean()), "force_mae": float(np.abs(df).mean()),
             "force_rmse": float(np.sqrt((df**2).mean())), "train_s": train_s,
-            "structures_per_s": len(test) / infer_s}
+            "structures_per_s": len(test) / infer_s, "curve": validation_curve(work)}
+
+
+def validation_curve(work: Path) -> list[dict]:
+    """Per-epoch validation force/energy MAE from the CSV log (eV/Å, eV)."""
+    import csv
+
+    logs = sorted((work / "csv").rglob("metrics.csv"))
+    if not logs:
+        return []
+    curve = []
+    with logs[-1].open() as fh:
+        for row in csv.DictReader(fh):
+            f, e = row.get("val0_epoch/forces_mae"), row.get("val0_epoch/total_energy_mae")
+            if f:
+                curve.append({"epoch": int(row["epoch"]), "valid_force_mae": float(f),
+                              "valid_energy_mae": float(e) if e else None})
+    return curve
 
 
 if __name__ == "__main__":

@@ -129,13 +129,13 @@ def train_round(engine: Engine, campaign: str, round_id: int, round_index: int,
     missing or has another model config or species, the round trains from scratch
     (``warm_start`` 0 in the summary, the reason in ``warm_start_skipped``).
     """
-    import os
-
     from bayes_model.checkpoint import read_manifest
-    from bayes_model.ensemble import member_minutes, split_validation_stable
+    from bayes_model.ensemble import split_validation_stable
     from bayes_model.posterior import Method, train_posterior
+    from bayes_model.resources import Deadline, plan_processes
 
     t0 = time.perf_counter()
+    deadline = Deadline.after(max_minutes)
     model_dir = Path(model_dir)
     if round_models(engine, round_id) and (model_dir / "manifest.json").is_file():
         manifest = read_manifest(model_dir)  # trained before a restart: nothing to load
@@ -148,13 +148,11 @@ def train_round(engine: Engine, campaign: str, round_id: int, round_index: int,
                             "structures, or check the failed labels with `bayesal status`)")
     method = Method(method)
     n_models = members if method is Method.ENSEMBLE else 1
-    procs = min(n_models, processes or os.cpu_count() or 1)
+    procs, _ = plan_processes(n_models, processes, settings.train.threads)
     warm, why_not = _warm_start_source(init_from, settings.model, images)
     base = finetune if warm is not None and finetune is not None else settings.train
     train_cfg = base.model_copy(update={
-        "seed": settings.train.seed + 1000 * round_index,
-        "max_minutes": member_minutes(max_minutes, n_models, procs)
-        if max_minutes is not None else settings.train.max_minutes})
+        "seed": settings.train.seed + 1000 * round_index})
     settings = settings.model_copy(update={"train": train_cfg})
     # A structure stays on its side of the split in every round (warm-started models must
     # not be validated on what they trained on in an earlier round), keyed by its content so
@@ -162,7 +160,8 @@ def train_round(engine: Engine, campaign: str, round_id: int, round_index: int,
     train, valid = split_validation_stable(images, [atoms_hash(a) for a in images],
                                            valid_fraction, seed=seed)
     train_posterior(method, train, valid, model_dir, settings=settings, members=n_models,
-                    processes=procs, resume=True, on_epoch=on_epoch, init_from=warm)
+                    processes=procs, resume=True, on_epoch=on_epoch, init_from=warm,
+                    deadline=deadline)
     manifest = read_manifest(model_dir)
     hyper = {"n_train": len(train), "n_valid": len(valid), "seed": train_cfg.seed,
              **({"posterior_file": manifest.posterior.get("file"),

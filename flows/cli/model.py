@@ -45,8 +45,8 @@ def train(
     )] = "ensemble",
     members: Annotated[int, typer.Option(help="Ensemble members (method ensemble).")] = 4,
     max_minutes: Annotated[float | None, typer.Option(
-        help="Wall-time budget of model training (members running in parallel share it); "
-             "SWAG/IVON epochs come on top (posterior.swag/ivon.max_minutes in --config).")
+        help="Wall-time budget of the whole command: reading data, all members, the "
+             "posterior fit and calibration (members in waves get equal slots).")
     ] = None,
     config: Annotated[Path | None, typer.Option(
         help="YAML with model: and train: sections (see docs/model.md).")] = None,
@@ -56,7 +56,8 @@ def train(
     seed: Annotated[int | None, typer.Option(help="Base seed (member k uses seed + k).")
                     ] = None,
     processes: Annotated[int | None, typer.Option(
-        help="Members trained at once (default: as many as cores).")] = None,
+        help="Members trained at once (default: as many as the CPU share allows: affinity, "
+             "SLURM_CPUS_PER_TASK, OMP_NUM_THREADS).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue interrupted training in "
                                          "OUT/work.")] = False,
 ) -> None:
@@ -65,12 +66,12 @@ def train(
     A deep ensemble of mean-variance e3nn models, or one model with a last-layer Laplace,
     SWAG or IVON posterior. Variance scales are fitted on the validation data
     (OUT/calibration.json)."""
-    import os
-
     from bayes_model.config import TrainingFile, load_training_file
-    from bayes_model.ensemble import member_minutes, split_validation
-    from bayes_model.posterior import Method, train_posterior
+    from bayes_model.ensemble import split_validation
+    from bayes_model.posterior import Method, describe_budget, train_posterior
+    from bayes_model.resources import Deadline, cpu_share, plan_processes
 
+    deadline = Deadline.after(max_minutes)  # the budget covers everything from here
     with user_errors():
         method = _method(method)
         if method != Method.ENSEMBLE:
@@ -80,9 +81,7 @@ def train(
         updates = {}
         if seed is not None:
             updates["seed"] = seed
-        procs = min(members, processes or os.cpu_count() or 1)
-        if max_minutes is not None:
-            updates["max_minutes"] = member_minutes(max_minutes, members, procs)
+        procs, threads = plan_processes(members, processes, train_cfg.threads)
         train_cfg = train_cfg.model_copy(update=updates)
         settings = settings.model_copy(update={"train": train_cfg})
         images = _read_labelled(train_files)
@@ -91,9 +90,13 @@ def train(
         else:
             train_images, valid_images = split_validation(images, valid_fraction,
                                                           seed=train_cfg.seed)
+        share, limit = cpu_share()
         console.print(f"training {method} ({members} model{'s' * (members > 1)}) on "
                       f"{len(train_images)} structures (validation {len(valid_images)}), "
-                      f"{procs} at a time")
+                      f"{procs} at a time x {threads} thread(s) (CPU share {share}, "
+                      f"set by {limit})")
+        if deadline is not None:
+            console.print(describe_budget(method, deadline.remaining() / 60, members, procs))
         columns = [TextColumn("member {task.fields[k]}"), BarColumn(),
                    TextColumn("epoch {task.completed:.0f}"),
                    TextColumn("loss {task.fields[loss]}"),
@@ -121,7 +124,8 @@ def train(
 
             train_posterior(method, train_images, valid_images, out, settings=settings,
                             members=members, isolated_atoms=isolated_atoms, processes=procs,
-                            resume=resume, on_epoch=on_epoch, on_posterior=on_posterior)
+                            resume=resume, on_epoch=on_epoch, on_posterior=on_posterior,
+                            deadline=deadline)
         from bayes_model.checkpoint import read_manifest
 
         table = Table(title=f"model {out}")

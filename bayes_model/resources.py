@@ -1,0 +1,83 @@
+"""The CPU share and the wall budget a command was given.
+
+CPU share: the cores of the process's affinity mask, lowered by ``SLURM_CPUS_PER_TASK``,
+``OMP_NUM_THREADS`` and a thread count set in torch (``torch.set_num_threads`` below the
+machine's cores), whichever are set. Training never runs processes x threads above it.
+
+Wall budget: a :class:`Deadline` taken when a command starts covers all of its work; each
+part (members in waves, posterior fitting, calibration) gets a share and a reserve is kept
+for the work after training.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+__all__ = ["Deadline", "cpu_share", "plan_processes"]
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name, "").strip()
+    try:
+        n = int(value)
+    except ValueError:
+        return None
+    return n if n >= 1 else None
+
+
+def cpu_share() -> tuple[int, str]:
+    """Cores this process may use and what limited it (for the progress output)."""
+    import torch
+
+    limits = {"affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+              else os.cpu_count() or 1}
+    for name in ("SLURM_CPUS_PER_TASK", "OMP_NUM_THREADS"):
+        if (n := _env_int(name)) is not None:
+            limits[name] = n
+    limits["torch threads"] = torch.get_num_threads()
+    source = min(limits, key=lambda k: limits[k])
+    return max(1, limits[source]), source
+
+
+def plan_processes(jobs: int, processes: int | None = None, threads: int | None = None,
+                   ) -> tuple[int, int]:
+    """(processes, threads per process) for ``jobs`` independent trainings within the CPU
+    share: processes <= jobs and processes x threads <= the share (at least 1 x 1).
+    ``processes``/``threads`` are upper bounds the user asked for."""
+    share, _ = cpu_share()
+    procs = max(1, min(jobs, share, processes or share))
+    per = max(1, share // procs)
+    if threads:
+        per = min(per, threads)
+    return procs, per
+
+
+@dataclass(frozen=True)
+class Deadline:
+    """An absolute wall-clock end (``time.time()`` seconds, valid across processes)."""
+
+    end: float
+
+    @classmethod
+    def after(cls, minutes: float | None) -> Deadline | None:
+        return None if minutes is None else cls(time.time() + 60.0 * minutes)
+
+    def remaining(self) -> float:
+        """Seconds left (negative when past)."""
+        return self.end - time.time()
+
+    def minus(self, seconds: float) -> Deadline:
+        return Deadline(self.end - seconds)
+
+    def slot(self, index: int, slots: int, start: float | None = None) -> Deadline:
+        """The end of slot ``index`` of ``slots`` equal slots between ``start`` (now) and
+        the end: members that train in waves get one slot each."""
+        start = time.time() if start is None else start
+        return Deadline(start + (self.end - start) * (index + 1) / slots)
+
+
+def earliest(*deadlines: Deadline | None) -> Deadline | None:
+    found = [d for d in deadlines if d is not None]
+    return min(found, key=lambda d: d.end) if found else None
