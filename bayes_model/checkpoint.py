@@ -25,7 +25,7 @@ __all__ = ["FORMAT_VERSION", "CheckpointError", "Manifest", "load_members", "loa
            "save_members", "save_state_file"]
 
 FORMAT = "bayesal-model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: tensor-product paths grouped by irrep, float64 energy sums
 MANIFEST = "manifest.json"
 
 

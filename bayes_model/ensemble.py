@@ -130,8 +130,12 @@ def _member_job(k: int, data: PreparedData, model_config: ModelConfig, train_con
 
     result = train_model(model, data.train, data.valid, config, work_dir=member_dir,
                          resume=resume, on_epoch=report, deadline=deadline)
+    seconds = np.cumsum([r.get("seconds", np.nan) for r in result.history])
+    curve = [[round(float(t), 2), r["valid_force_mae"], r["valid_energy_mae"]]
+             for t, r in zip(seconds, result.history, strict=True)]
     info = {"best_epoch": result.best_epoch, "stopped": result.stopped,
             "epochs": len(result.history), "threads": torch.get_num_threads(),
+            "curve": curve,  # [training seconds, validation force MAE, energy MAE] per epoch
             **{f"valid_{m}": v for m, v in result.best_metrics.items()}}
     return k, {n: t.detach().cpu() for n, t in result.model.state_dict().items()}, info
 

@@ -81,21 +81,25 @@ class Interaction(nn.Module):
         super().__init__()
         self.irreps_in, self.irreps_hidden = o3.Irreps(irreps_in), o3.Irreps(irreps_hidden)
         self.avg_neighbors = avg_neighbors
-        allowed = {ir for _, ir in self.irreps_hidden}
+        allowed = [ir for _, ir in self.irreps_hidden]
+        # Paths grouped by output irrep: the linear maps after the tensor product then see
+        # one block per irrep (e.g. 96x1o, not three 32x1o blocks): the same function with
+        # the same weights, but a few slices instead of one per path (each slice costs a
+        # zero-filled gradient of the whole message tensor in backward).
         mid, instructions = [], []
-        for i1, (mul, ir1) in enumerate(self.irreps_in):
-            for i2, (_, ir2) in enumerate(irreps_sh):
-                for ir_out in ir1 * ir2:
-                    if ir_out in allowed:
+        for ir_out in allowed:
+            for i1, (mul, ir1) in enumerate(self.irreps_in):
+                for i2, (_, ir2) in enumerate(irreps_sh):
+                    if ir_out in ir1 * ir2:
                         instructions.append((i1, i2, len(mid), "uvu", True))
                         mid.append((mul, ir_out))
         if not mid:
             raise ValueError(f"no tensor-product path from {self.irreps_in} x {irreps_sh} to "
                              f"{self.irreps_hidden}")
-        irreps_mid = o3.Irreps(mid)
         self.pre = o3.Linear(self.irreps_in, self.irreps_in)
-        self.tp = o3.TensorProduct(self.irreps_in, irreps_sh, irreps_mid, instructions,
+        self.tp = o3.TensorProduct(self.irreps_in, irreps_sh, o3.Irreps(mid), instructions,
                                    shared_weights=False, internal_weights=False)
+        irreps_mid = o3.Irreps(mid).simplify()
         self.radial = e3nn_nn.FullyConnectedNet(
             [n_radial, radial_hidden, radial_hidden, self.tp.weight_numel],
             torch.nn.functional.silu)
@@ -112,7 +116,7 @@ class Interaction(nn.Module):
         if with_product:
             self.lin_m = o3.Linear(irreps_mid, self.irreps_hidden)
             self.prod = o3.ElementwiseTensorProduct(
-                self.irreps_hidden, self.irreps_hidden, filter_ir_out=list(allowed))
+                self.irreps_hidden, self.irreps_hidden, filter_ir_out=allowed)
             self.lin_prod = o3.Linear(self.prod.irreps_out, irreps_pre)
         self.residual = self.irreps_in == self.irreps_hidden
 

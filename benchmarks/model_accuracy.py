@@ -1,17 +1,24 @@
-"""Benchmark: accuracy and speed of the ensemble vs NequIP at an equal CPU wall-time budget.
+"""Benchmark: accuracy of our models vs NequIP at equal wall budget and equal threads.
 
-Ethanol (rMD17, PBE/def2-SVP): 950 training / 50 validation frames from the shared
-`train.xyz` (fixed random split), evaluated on the 1000 frames of `test_MD.xyz`. In the same
-run: our 4-member deep ensemble (members trained two at a time, the whole ensemble within the
-budget) and NequIP (its own virtualenv, tutorial settings, one model with the whole budget).
-Reports energy/force MAE of both and their ratio, inference throughput (structures/s; ours:
-energy + forces + uncertainties of the whole ensemble), and the energy drift of a 1 ps NVE
-run of ethanol driven by the ensemble.
+For each molecule (shared data: ethanol rMD17 PBE/def2-SVP; acetylacetone PBE-D3(BJ)/
+def2-SVP): 450 training / 50 validation frames (fixed random split of the training file),
+isolated-atom energies given, tested on frames of the shared test files (acac: 300 K test
+MD and 600 K frames). Contenders, each a whole command with ``--threads`` threads and
+``--minutes`` of wall time, run ``--jobs`` at a time:
 
-    python benchmarks/model_accuracy.py                      # 20 minutes each, ~45 min total
-    python benchmarks/model_accuracy.py --minutes 4 --skip-nequip
-NequIP's python: --nequip-python or $BAYESAL_NEQUIP_PYTHON (a venv with `pip install
-torch==2.13.0 nequip`).
+* ``single``: ``bayesal train --members 1`` (our defaults);
+* ``ensemble``: ``bayesal train`` (the default ensemble, its members sharing the budget);
+* ``nequip``: one NequIP 0.19 model, tutorial settings (benchmarks/_nequip_driver.py).
+
+Prints energy and force MAE, their ratios against NequIP, epochs done, the command's wall
+time against its budget, and plots validation force MAE vs seconds for all
+(``<out>/accuracy_curves.png``). Every contender writes ``<out>/<molecule>/<name>.json`` and
+is skipped when it exists (resumable; ``--report-only`` prints the report).
+
+    python benchmarks/model_accuracy.py --out /work/bench-accuracy            # 2 x 3 x 10 min
+    python benchmarks/model_accuracy.py --out /tmp/acc --minutes 1 --molecule ethanol
+NequIP's python: --nequip-python or $BAYESAL_NEQUIP_PYTHON (default: this python; install
+with `pip install nequip==0.19.1` beside torch 2.13.0).
 """
 
 from __future__ import annotations
@@ -20,131 +27,164 @@ import argparse
 import json
 import os
 import subprocess
+import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import ase.io
 import numpy as np
 from _common import REPO, shared_data
-from ase import units
-from ase.md.velocitydistribution import thermalize_momenta
-from ase.md.verlet import VelocityVerlet
+from training_curves import MOLECULES, split
 
-from bayes_model.calculator import BayesalCalculator
-from bayes_model.config import load_training_file
-from bayes_model.ensemble import train_ensemble
-from bayes_model.metrics import accuracy_metrics
-from bayes_model.posterior import EnsemblePosterior, load_posterior
+CONTENDERS = ("single", "ensemble", "nequip")
 
 
-def split(data: Path):
-    frames = ase.io.read(data / "ethanol" / "train.xyz", ":")
-    order = np.random.default_rng(0).permutation(len(frames))
-    train = [frames[i] for i in order[:950]]
-    valid = [frames[i] for i in order[950:1000]]
-    test = ase.io.read(data / "ethanol" / "test_MD.xyz", ":")
-    return train, valid, test
+def run_ours(molecule: str, name: str, args, work: Path) -> dict:
+    from bayes_model.checkpoint import read_manifest
+    from bayes_model.metrics import accuracy_metrics
+    from bayes_model.posterior import load_posterior
+
+    test = ase.io.read(work / "test.xyz", ":")
+    cmd = [str(Path(sys.executable).with_name("bayesal")), "train",
+           "--train", str(work / "train.xyz"), "--valid", str(work / "val.xyz"),
+           "--isolated-atoms", str(work / "isolated.xyz"), "--out", str(work / name),
+           "--max-minutes", str(args.minutes)]
+    if name == "single":
+        cmd += ["--members", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads),
+           "MKL_NUM_THREADS": str(args.threads)}
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"{name} failed: {proc.stderr[-2000:]}")
+    manifest = read_manifest(work / name)
+    pred = load_posterior(work / name).predict(test)
+    return {"wall_s": wall, "epochs": [m["epochs"] for m in manifest.members],
+            "curves": [m.get("curve", []) for m in manifest.members],
+            "test": accuracy_metrics(pred, test),
+            "stdout": proc.stdout[-3000:]}
 
 
-def nve_drift(posterior, start, picoseconds: float = 1.0, dt_fs: float = 0.5):
-    atoms = start.copy()
-    atoms.calc = BayesalCalculator(posterior=posterior)
-    thermalize_momenta(atoms, temperature_K=300, rng=np.random.default_rng(0))
-    dyn = VelocityVerlet(atoms, timestep=dt_fs * units.fs)
-    steps = round(picoseconds * 1000 / dt_fs)
-    times, energies = [], []
-    for k in range(0, steps + 1, 10):
-        if k:
-            dyn.run(10)
-        times.append(k * dt_fs / 1000)
-        energies.append(atoms.get_total_energy())
-    slope = np.polyfit(times, energies, 1)[0]  # eV/ps
-    return {"drift_eV_per_ps_per_atom": float(slope / len(atoms)),
-            "max_deviation_eV": float(np.max(np.abs(np.array(energies) - energies[0]))),
-            "steps": steps}
+def run_nequip(molecule: str, args, work: Path) -> dict:
+    t0 = time.perf_counter()
+    proc = subprocess.run([args.nequip_python, str(REPO / "benchmarks" / "_nequip_driver.py"),
+                           str(work), str(args.minutes), str(args.threads)],
+                          capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"NequIP failed: {proc.stderr[-2000:]}")
+    res = json.loads(lines[-1])
+    curve = res.pop("curve")
+    n = max(len(curve), 1)  # NequIP logs no per-epoch time: spread its training time evenly
+    return {"wall_s": wall, "epochs": [len(curve)],
+            "curves": [[[res["train_s"] * (c["epoch"] + 1) / n, c["valid_force_mae"],
+                         c["valid_energy_mae"]] for c in curve]],
+            "test": res}
+
+
+def run(molecule: str, name: str, args) -> str:
+    path = Path(args.out) / molecule / f"{name}.json"
+    train, valid, test, isolated = split(shared_data(), molecule, 450, 50, args.n_test)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        for fname, images in (("train", train), ("val", valid), ("test", test)):
+            ase.io.write(work / f"{fname}.xyz", images, format="extxyz")
+        (work / "isolated.xyz").write_bytes(isolated.read_bytes())
+        result = (run_nequip(molecule, args, work) if name == "nequip"
+                  else run_ours(molecule, name, args, work))
+    result.update(molecule=molecule, contender=name, minutes=args.minutes,
+                  threads=args.threads)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result))
+    return str(path)
+
+
+def report(out: Path) -> None:
+    results = {}
+    for path in sorted(out.glob("*/*.json")):
+        r = json.loads(path.read_text())
+        results[(r["molecule"], r["contender"])] = r
+    if not results:
+        print("no results yet")
+        return
+    for molecule in sorted({m for m, _ in results}):
+        rows = {c: results[(molecule, c)] for c in CONTENDERS if (molecule, c) in results}
+        ref = rows.get("nequip")
+        any_row = next(iter(rows.values()))
+        print(f"\n{molecule}: 450 train / 50 validation, test {any_row['test']['n_structures']}"
+              f" frames; {any_row['minutes']:g} min and {any_row['threads']} thread(s) each")
+        print(f"{'contender':<12}{'E MAE meV':>10}{'F MAE meV/Å':>13}{'E ratio':>9}"
+              f"{'F ratio':>9}{'epochs':>14}{'wall s':>8}{'/budget':>9}")
+        for name, r in rows.items():
+            t = r["test"]
+            ratios = (f"{t['energy_mae'] / ref['test']['energy_mae']:>9.2f}"
+                      f"{t['force_mae'] / ref['test']['force_mae']:>9.2f}") if ref else ""
+            print(f"{name:<12}{t['energy_mae'] * 1e3:>10.1f}{t['force_mae'] * 1e3:>13.1f}"
+                  f"{ratios:<18}{','.join(map(str, r['epochs'])):>14}{r['wall_s']:>8.0f}"
+                  f"{r['wall_s'] / (60 * r['minutes']):>9.3f}")
+    plot(results, out / "accuracy_curves.png")
+    print(f"\nplot: {out / 'accuracy_curves.png'}")
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    molecules = sorted({m for m, _ in results})
+    fig, axes = plt.subplots(1, len(molecules), figsize=(5.5 * len(molecules), 4), squeeze=False)
+    for ax, molecule in zip(axes[0], molecules, strict=True):
+        for name, color in zip(CONTENDERS, ("C0", "C1", "C3"), strict=True):
+            r = results.get((molecule, name))
+            if not r:
+                continue
+            for k, curve in enumerate(r["curves"]):
+                if curve:
+                    c = np.array(curve, dtype=float)
+                    ax.plot(c[:, 0], c[:, 1] * 1e3, color=color, alpha=1 if k == 0 else 0.4,
+                            label=name if k == 0 else None)
+        ax.set(yscale="log", xlabel="training seconds (per member)",
+               ylabel="validation force MAE (meV/Å)", title=molecule)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--minutes", type=float, default=20.0, help="wall-time budget of each")
-    ap.add_argument("--members", type=int, default=4)
-    ap.add_argument("--config", default=str(REPO / "benchmarks" / "configs" / "ethanol.yaml"))
+    ap.add_argument("--out", required=True, help="results folder (resumable)")
+    ap.add_argument("--minutes", type=float, default=10.0, help="wall budget of each command")
+    ap.add_argument("--threads", type=int, default=1, help="threads of each command")
+    ap.add_argument("--jobs", type=int, default=None,
+                    help="commands at once (default: cores // threads)")
+    ap.add_argument("--molecule", action="append", choices=sorted(MOLECULES))
+    ap.add_argument("--contender", action="append", choices=CONTENDERS)
+    ap.add_argument("--n-test", type=int, default=400)
     ap.add_argument("--nequip-python", default=os.environ.get("BAYESAL_NEQUIP_PYTHON",
-                                                              "/work/venvs/nequip/bin/python"))
-    ap.add_argument("--skip-nequip", action="store_true")
-    ap.add_argument("--out", default=None, help="keep the trained models here")
+                                                              sys.executable))
+    ap.add_argument("--report-only", action="store_true")
     args = ap.parse_args()
+    out = Path(args.out)
+    if not args.report_only:
+        import torch
 
-    train, valid, test = split(shared_data())
-    settings = load_training_file(args.config)
-    procs = min(2, args.members)
-    waves = -(-args.members // procs)
-    train_cfg = settings.train.model_copy(update={"max_minutes": args.minutes / waves})
-    results = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        model_dir = Path(args.out or Path(tmp) / "model")
-        t0 = time.perf_counter()
-        train_ensemble(train, valid, model_dir, members=args.members, model_config=settings.model,
-                       train_config=train_cfg, processes=procs)
-        train_s = time.perf_counter() - t0
-        post = load_posterior(model_dir)
-        t0 = time.perf_counter()
-        pred = post.predict(test)
-        infer_s = time.perf_counter() - t0
-        ours = accuracy_metrics(pred, test)
-        single = EnsemblePosterior(post.models[:1])
-        t0 = time.perf_counter()
-        single.predict(test)
-        single_s = time.perf_counter() - t0
-        members = [accuracy_metrics(EnsemblePosterior([m]).predict(test), test)["force_mae"]
-                   for m in post.models]
-        results["ours"] = {**ours, "train_s": train_s, "structures_per_s": len(test) / infer_s,
-                           "member_structures_per_s": len(test) / single_s,
-                           "member_force_mae": members,
-                           "epochs": [m["epochs"] for m in post.manifest.members]}
-        results["nve"] = nve_drift(post, test[0])
-
-        if not args.skip_nequip:
-            work = Path(tmp) / "nequip"
-            work.mkdir()
-            ase.io.write(work / "train.xyz", train, format="extxyz")
-            ase.io.write(work / "val.xyz", valid, format="extxyz")
-            ase.io.write(work / "test.xyz", test, format="extxyz")
-            proc = subprocess.run([args.nequip_python, str(REPO / "benchmarks" /
-                                                           "_nequip_driver.py"),
-                                   str(work), str(args.minutes), "2"],
-                                  capture_output=True, text=True)
-            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-            results["nequip"] = json.loads(lines[-1]) if lines else {
-                "error": proc.stderr[-2000:]}
-
-    o = results["ours"]
-    print(f"\nethanol: 950 train / 50 validation, 1000 test_MD frames; budget {args.minutes:g} "
-          f"min each on this machine")
-    print(f"{'':<34}{'E MAE meV':>10}{'F MAE meV/Å':>13}{'train s':>9}{'structs/s':>11}")
-    print(f"{'bayesal ensemble (' + str(args.members) + ' members)':<34}"
-          f"{o['energy_mae'] * 1e3:>10.1f}{o['force_mae'] * 1e3:>13.1f}{o['train_s']:>9.0f}"
-          f"{o['structures_per_s']:>11.1f}")
-    print(f"{'  single member (mean of ' + str(args.members) + ')':<34}{'':>10}"
-          f"{np.mean(o['member_force_mae']) * 1e3:>13.1f}{'':>9}"
-          f"{o['member_structures_per_s']:>11.1f}")
-    n = results.get("nequip")
-    if n and "force_mae" in n:
-        print(f"{'NequIP (4 layers, l_max 1, 32 ch)':<34}{n['energy_mae'] * 1e3:>10.1f}"
-              f"{n['force_mae'] * 1e3:>13.1f}{n['train_s']:>9.0f}{n['structures_per_s']:>11.1f}")
-        print(f"force MAE ratio ours/NequIP: {o['force_mae'] / n['force_mae']:.2f}; energy MAE "
-              f"ratio: {o['energy_mae'] / n['energy_mae']:.2f}")
-    elif n:
-        print("NequIP failed:", n.get("error", "")[-500:])
-    print(f"NLL (energy, force): {o['energy_nll']:.2f}, {o['force_nll']:.2f}; Spearman "
-          f"ρ(|err|, σ) energy {o.get('energy_spearman', float('nan')):.2f}, forces "
-          f"{o['force_spearman']:.2f}; epochs per member {o['epochs']}")
-    d = results["nve"]
-    print(f"NVE 1 ps (0.5 fs steps, ensemble calculator): drift "
-          f"{d['drift_eV_per_ps_per_atom'] * 1e3:.3f} meV/ps/atom, max |ΔE_tot| "
-          f"{d['max_deviation_eV'] * 1e3:.2f} meV")
-    print(json.dumps(results))
+        torch.set_num_threads(args.threads)  # test predictions beside running commands
+        jobs = args.jobs or max(1, len(os.sched_getaffinity(0)) // args.threads)
+        todo = [(m, c) for m in (args.molecule or sorted(MOLECULES))
+                for c in (args.contender or CONTENDERS)
+                if not (out / m / f"{c}.json").exists()]
+        print(f"{len(todo)} commands, {jobs} at a time, {args.minutes:g} min and "
+              f"{args.threads} thread(s) each", flush=True)
+        with ThreadPoolExecutor(jobs) as pool:
+            for done in pool.map(lambda mc: run(*mc, args), todo):
+                print("done", done, flush=True)
+    report(out)
 
 
 if __name__ == "__main__":
