@@ -76,16 +76,29 @@ class TrainResult:
 
 
 class EMA:
-    """Exponential moving average of a model's parameters (buffers are not averaged)."""
+    """Exponential moving average of a model's parameters (buffers are not averaged), with
+    the usual warm-up: update n uses decay min(decay, (1 + n)/(10 + n)), so early averages
+    follow the fast-moving weights instead of dragging the initial ones along."""
 
     def __init__(self, model: torch.nn.Module, decay: float) -> None:
-        self.decay = decay
+        self.decay, self.updates = decay, 0
         self.shadow = {n: p.detach().clone() for n, p in model.named_parameters()}
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
-        for n, p in model.named_parameters():
-            self.shadow[n].mul_(self.decay).add_(p.detach(), alpha=1 - self.decay)
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        names = [n for n, _ in model.named_parameters()]
+        torch._foreach_lerp_([self.shadow[n] for n in names],
+                             [p.detach() for _, p in model.named_parameters()], 1 - decay)
+        self.updates += 1
+
+    def state(self) -> dict:
+        return {"shadow": self.shadow, "updates": self.updates}
+
+    def load(self, state: dict) -> None:
+        if "shadow" not in state:  # saved before the warm-up existed: past it
+            state = {"shadow": state, "updates": 10**9}
+        self.shadow, self.updates = state["shadow"], int(state["updates"])
 
     @contextlib.contextmanager
     def applied(self, model: torch.nn.Module):
@@ -182,7 +195,7 @@ def train_model(
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         if ema is not None and saved.get("ema") is not None:
-            ema.shadow = saved["ema"]
+            ema.load(saved["ema"])
         generator.set_state(saved["generator"])
         state.update({k: saved[k] for k in state})
     start = time.perf_counter() - state["elapsed"]
@@ -220,7 +233,7 @@ def train_model(
         if path is not None:
             _atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                           "scheduler": scheduler.state_dict(),
-                          "ema": ema.shadow if ema is not None else None,
+                          "ema": ema.state() if ema is not None else None,
                           "generator": generator.get_state(), **state}, path)
         if on_epoch is not None:
             on_epoch(record)
