@@ -49,7 +49,7 @@ def gaussian_nll_forces(pred: torch.Tensor, cov: torch.Tensor, target: torch.Ten
 
 
 def compute_loss(out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor],
-                 kind: LossKind | str, *, lambda_e: float = 1.0, lambda_f: float = 10.0,
+                 kind: LossKind | str, *, lambda_e: float = 1.0, lambda_f: float = 1.0,
                  beta: float = 0.0, separate: bool = False,
                  ) -> tuple[torch.Tensor, dict[str, float]]:
     """Loss of a batch and its parts (for logging).

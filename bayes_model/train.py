@@ -41,8 +41,10 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     loss: LossKind = Field(LossKind.NLL_JEF, description="nll_jef, nll_e or mse.")
-    lambda_e: float = Field(1.0, ge=0, description="Weight of the energy term.")
-    lambda_f: float = Field(10.0, ge=0, description="Weight of the force term.")
+    lambda_e: float = Field(1.0, ge=0, description="Weight of the energy term (MSE: of the "
+                            "per-atom energy error).")
+    lambda_f: float = Field(1.0, ge=0, description="Weight of the force term (MSE: of the "
+                            "force component error).")
     nll_mode: NLLMode = Field(NLLMode.SEPARATE, description=(
         "separate: the means are fitted by the MSE loss and the variance heads by the NLL on "
         "detached features and means (the NLL never pulls the network away from the data); "

@@ -108,16 +108,19 @@ def test_isolated_atom_shifts_add_the_mean_interaction_energy_per_atom():
 
 
 def test_energy_is_learnt_at_the_force_scale_with_isolated_atoms(shared_data):
-    """Single composition + isolated-atom energies: no eV-scale binding energy to learn."""
-    frames = ase.io.read(shared_data / "ethanol" / "train.xyz", ":120")
+    """Single composition + isolated-atom energies: the shifts carry the binding energy
+    (−4.9 eV/atom here, which bare E0 shifts left to the network: tens of eV of error), so
+    after 2 epochs the energy error is at the scale of the force error."""
+    frames = ase.io.read(shared_data / "ethanol" / "train.xyz", ":240")
     cfg = ModelConfig(channels=8, n_layers=2, radial_hidden=16)
-    data = prepare_data(frames[:100], frames[100:], cfg,
+    data = prepare_data(frames[:200], frames[200:], cfg,
                         isolated_atoms=shared_data / "ethanol" / "isolated_atoms.xyz")
     model = build_model(cfg, data.species, data.shifts, data.train)
-    result = train_model(model, data.train, data.valid,
-                         TrainConfig(max_epochs=2, warmup_epochs=2, batch_size=5))
-    energy_mae = result.history[-1]["valid_energy_mae"]
-    assert energy_mae < 0.25, f"energy MAE {energy_mae:.3f} eV after 2 epochs"
+    result = train_model(model, data.train, data.valid, TrainConfig(max_epochs=2, batch_size=5))
+    last = result.history[-1]
+    # measured 0.11-0.20 eV (force MAE 0.25-0.34 eV/Å) over seeds 0-2
+    assert last["valid_energy_mae"] < 0.3, f"energy MAE {last['valid_energy_mae']:.3f} eV"
+    assert last["valid_energy_mae"] < 1.0 * last["valid_force_mae"]
 
 
 def test_cpu_share_takes_the_smallest_limit(monkeypatch):
