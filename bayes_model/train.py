@@ -56,7 +56,7 @@ class TrainConfig(BaseModel):
     lr_factor: float = Field(0.5, gt=0, lt=1, description="LR reduction on plateau.")
     lr_patience: int = Field(8, ge=0, description="Epochs without improvement before a cut.")
     min_lr: float = Field(1e-5, gt=0, description="Stop when the LR falls below this.")
-    batch_size: int = Field(8, ge=1, description="Structures per training batch.")
+    batch_size: int = Field(5, ge=1, description="Structures per training batch.")
     max_epochs: int = Field(1000, ge=1, description="Upper bound on epochs.")
     max_minutes: float | None = Field(None, gt=0, description="Wall-time budget.")
     patience: int = Field(40, ge=1, description="Early stopping: epochs without a better "
