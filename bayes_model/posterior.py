@@ -236,8 +236,9 @@ def describe_budget(method: Method | str, minutes: float, members: int, processe
     train_s = train_end.remaining()
     finish_s = 60 * minutes - posterior_end.remaining()
     waves = -(-members // max(1, min(processes, members)))
-    text = (f"budget {minutes:g} min: training {train_s / 60:.2f} min"
-            + (f" ({waves} waves of {processes} members, {train_s / 60 / waves:.2f} min each)"
+    at_once = f"{processes} member{'s' * (processes > 1)}"
+    text = (f"budget {minutes:.2f} min: training {train_s / 60:.2f} min"
+            + (f" ({waves} waves of {at_once}, {train_s / 60 / waves:.2f} min each)"
                if waves > 1 else ""))
     if method is not Method.ENSEMBLE:
         text += f", {method.value} {(posterior_end.remaining() - train_s) / 60:.2f} min"

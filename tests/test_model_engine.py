@@ -207,7 +207,7 @@ def test_max_minutes_is_the_wall_budget_of_the_whole_command(shared_data, tmp_pa
         burner.kill()
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert wall <= 0.5 * 60 * 1.05 + STARTUP_ALLOWANCE_S, f"{wall:.1f} s"
-    assert "budget 0.5 min" in proc.stdout
+    assert "budget 0.50 min" in proc.stdout
     from bayes_model.posterior import load_posterior
 
     pred = load_posterior(tmp_path / "model").predict(

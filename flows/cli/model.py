@@ -96,7 +96,7 @@ def train(
                       f"{procs} at a time x {threads} thread(s) (CPU share {share}, "
                       f"set by {limit})")
         if deadline is not None:
-            console.print(describe_budget(method, deadline.remaining() / 60, members, procs))
+            console.print(describe_budget(method, max_minutes, members, procs))
         columns = [TextColumn("member {task.fields[k]}"), BarColumn(),
                    TextColumn("epoch {task.completed:.0f}"),
                    TextColumn("loss {task.fields[loss]}"),
