@@ -35,7 +35,7 @@ from pathlib import Path
 
 import ase.io
 import numpy as np
-from _common import REPO, shared_data
+from _common import add_nequip_option, run_nequip, shared_data
 from training_curves import MOLECULES, split
 
 CONTENDERS = ("single", "ensemble", "nequip")
@@ -68,21 +68,10 @@ def run_ours(molecule: str, name: str, args, work: Path) -> dict:
             "stdout": proc.stdout[-3000:]}
 
 
-def run_nequip(molecule: str, args, work: Path) -> dict:
-    t0 = time.perf_counter()
-    proc = subprocess.run([args.nequip_python, str(REPO / "benchmarks" / "_nequip_driver.py"),
-                           str(work), str(args.minutes), str(args.threads)],
-                          capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"NequIP failed: {proc.stderr[-2000:]}")
-    res = json.loads(lines[-1])
+def nequip(args, work: Path) -> dict:
+    res = run_nequip(args.nequip_python, work, args.minutes, args.threads)
     curve = res.pop("curve")
-    n = max(len(curve), 1)  # NequIP logs no per-epoch time: spread its training time evenly
-    return {"wall_s": wall, "epochs": [len(curve)],
-            "curves": [[[res["train_s"] * (c["epoch"] + 1) / n, c["valid_force_mae"],
-                         c["valid_energy_mae"]] for c in curve]],
+    return {"wall_s": res.pop("wall_s"), "epochs": [len(curve)], "curves": [curve],
             "test": res}
 
 
@@ -94,7 +83,7 @@ def run(molecule: str, name: str, args) -> str:
         for fname, images in (("train", train), ("val", valid), ("test", test)):
             ase.io.write(work / f"{fname}.xyz", images, format="extxyz")
         (work / "isolated.xyz").write_bytes(isolated.read_bytes())
-        result = (run_nequip(molecule, args, work) if name == "nequip"
+        result = (nequip(args, work) if name == "nequip"
                   else run_ours(molecule, name, args, work))
     result.update(molecule=molecule, contender=name, minutes=args.minutes,
                   threads=args.threads)
@@ -166,8 +155,7 @@ def main() -> None:
     ap.add_argument("--molecule", action="append", choices=sorted(MOLECULES))
     ap.add_argument("--contender", action="append", choices=CONTENDERS)
     ap.add_argument("--n-test", type=int, default=400)
-    ap.add_argument("--nequip-python", default=os.environ.get("BAYESAL_NEQUIP_PYTHON",
-                                                              sys.executable))
+    add_nequip_option(ap)
     ap.add_argument("--report-only", action="store_true")
     args = ap.parse_args()
     out = Path(args.out)

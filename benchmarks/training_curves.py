@@ -22,14 +22,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import ase.io
 import numpy as np
-from _common import shared_data
+from _common import add_nequip_option, run_nequip, shared_data
 
 MOLECULES = {
     # molecule: (training file, test files)
@@ -112,10 +111,9 @@ def run_one(molecule: str, name: str, updates: dict, args: dict, out: str) -> st
     return str(path)
 
 
-def run_nequip(molecule: str, args: dict, out: str) -> str:
+def nequip(molecule: str, args: dict, out: str) -> str:
     """NequIP (benchmarks/_nequip_driver.py, tutorial settings) on the same split, for
     ``args["nequip_minutes"]`` of training with the same threads; same JSON as run_one."""
-    import subprocess
     import tempfile
 
     train, valid, test, _ = split(shared_data(), molecule, args["n_train"], args["n_valid"],
@@ -124,20 +122,11 @@ def run_nequip(molecule: str, args: dict, out: str) -> str:
         work = Path(tmp)
         for name, images in (("train", train), ("val", valid), ("test", test)):
             ase.io.write(work / f"{name}.xyz", images, format="extxyz")
-        t0 = time.perf_counter()
-        proc = subprocess.run([args["nequip_python"], str(Path(__file__).with_name(
-            "_nequip_driver.py")), str(work), str(args["nequip_minutes"]), str(args["threads"])],
-            capture_output=True, text=True)
-        total_s = time.perf_counter() - t0
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"NequIP failed: {proc.stdout[-1500:]} {proc.stderr[-1500:]}")
-    res = json.loads(lines[-1])
-    curve = res.pop("curve")
-    for c in curve:  # NequIP logs no per-epoch time: spread its training time evenly
-        c["seconds"] = res["train_s"] * (c["epoch"] + 1) / max(len(curve), 1)
+        res = run_nequip(args["nequip_python"], work, args["nequip_minutes"], args["threads"])
+    curve = [{"seconds": t, "valid_force_mae": f, "valid_energy_mae": e}
+             for t, f, e in res.pop("curve")]
     summary = {"molecule": molecule, "variant": "nequip", "threads": args["threads"],
-               "train_s": res["train_s"], "total_s": total_s, "epochs": len(curve),
+               "train_s": res["train_s"], "total_s": res.pop("wall_s"), "epochs": len(curve),
                "best_epoch": int(np.argmin([c["valid_force_mae"] for c in curve])),
                "test": res, "curve": curve}
     path = Path(out) / molecule / "nequip.json"
@@ -186,8 +175,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--nequip-minutes", type=float, default=None,
                     help="also train NequIP this long on each molecule")
-    ap.add_argument("--nequip-python", default=os.environ.get("BAYESAL_NEQUIP_PYTHON",
-                                                              sys.executable))
+    add_nequip_option(ap)
     ap.add_argument("--report-only", action="store_true")
     args = ap.parse_args()
     out = Path(args.out)
@@ -207,7 +195,7 @@ def main() -> None:
             futures = [pool.submit(run_one, m, name, upd, common, str(out))
                        for m, name, upd in todo]
             if args.nequip_minutes:
-                futures += [pool.submit(run_nequip, m, common, str(out))
+                futures += [pool.submit(nequip, m, common, str(out))
                             for m in (args.molecule or ["ethanol"])
                             if not (out / m / "nequip.json").exists()]
             for fut in futures:
