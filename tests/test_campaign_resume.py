@@ -22,12 +22,13 @@ from sqlalchemy import func, select
 BATCH, INITIAL, TEST, ROUNDS = 4, 4, 2, 2
 
 
-def _config(folder: Path, max_epochs: int = 60) -> Path:
+def _config(folder: Path, max_epochs: int = 60, **train) -> Path:
     ase.io.write(folder / "pool.xyz", rattled_waters(30, seed=3))
     ase.io.write(folder / "test.xyz", rattled_waters(TEST, seed=4))
     cfg = {"name": "crash", "data": {"pool_files": ["pool.xyz"], "initial_random": INITIAL,
                                      "test_files": ["test.xyz"], "valid_fraction": 0.25},
-           "members": 2, "model": TINY, "train": {"max_epochs": max_epochs, "batch_size": 2},
+           "members": 2, "model": TINY,
+           "train": {"max_epochs": max_epochs, "batch_size": 2, **train},
            "acquisition": {"batch_size": BATCH, "selection": "top-k"},
            "labeler": {"kind": "pyscf", "method": "hf", "basis": "sto-3g", "workers": 1},
            "stop": {"max_rounds": ROUNDS}}
@@ -133,7 +134,8 @@ def test_a_killed_run_leaves_no_process_behind(sig, sqlite_url, tmp_path):
 
     from db import make_engine
 
-    config = _config(tmp_path, max_epochs=10**6)  # members would train for hours
+    # members would train for hours: no early stopping, no stop at a small learning rate
+    config = _config(tmp_path, max_epochs=10**6, patience=10**6, min_lr=1e-300)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
     env.update(BAYESAL_DATABASE_URL=sqlite_url, BAYESAL_DATA_DIR=str(tmp_path / "data"),
                PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_HOME=str(tmp_path / "ph"))
