@@ -1,8 +1,8 @@
 """The CPU share and the wall budget a command was given.
 
-CPU share: the cores of the process's affinity mask, lowered by ``SLURM_CPUS_PER_TASK``,
-``OMP_NUM_THREADS`` and a thread count set in torch (``torch.set_num_threads`` below the
-machine's cores), whichever are set. Training never runs processes x threads above it.
+CPU share: the cores of the process's affinity mask, lowered by ``SLURM_CPUS_PER_TASK`` and
+``OMP_NUM_THREADS``, whichever are set (``train.threads`` caps the threads per process).
+Training never runs processes x threads above it.
 
 Wall budget: a :class:`Deadline` taken when a command starts covers all of its work; each
 part (members in waves, posterior fitting, calibration) gets a share and a reserve is kept
@@ -28,15 +28,16 @@ def _env_int(name: str) -> int | None:
 
 
 def cpu_share() -> tuple[int, str]:
-    """Cores this process may use and what limited it (for the progress output)."""
-    import torch
+    """Cores this process may use and what limited it (for the progress output).
 
+    torch's own thread count is not a limit here: with the OpenMP backend it is the calling
+    thread's OpenMP setting, which any library may have lowered (PySCF sets it per
+    calculation), and a campaign's training then ran its members one after the other."""
     limits = {"affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
               else os.cpu_count() or 1}
     for name in ("SLURM_CPUS_PER_TASK", "OMP_NUM_THREADS"):
         if (n := _env_int(name)) is not None:
             limits[name] = n
-    limits["torch threads"] = torch.get_num_threads()
     source = min(limits, key=lambda k: limits[k])
     return max(1, limits[source]), source
 

@@ -125,7 +125,6 @@ def test_energy_is_learnt_at_the_force_scale_with_isolated_atoms(shared_data):
 
 def test_cpu_share_takes_the_smallest_limit(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 16)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
     assert resources.cpu_share() == (16, "affinity")
@@ -140,8 +139,12 @@ def test_cpu_share_takes_the_smallest_limit(monkeypatch):
     assert resources.plan_processes(4) == (1, 1)
     monkeypatch.setenv("OMP_NUM_THREADS", "junk")
     assert resources.cpu_share() == (6, "SLURM_CPUS_PER_TASK")
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
-    assert resources.cpu_share() == (3, "torch threads")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # e.g. a library's OpenMP setting: not the process's share
+    try:
+        assert resources.cpu_share() == (6, "SLURM_CPUS_PER_TASK")
+    finally:
+        torch.set_num_threads(before)
 
 
 MEMBER_THREADS = textwrap.dedent("""
