@@ -18,8 +18,15 @@ from dataclasses import dataclass
 __all__ = ["Deadline", "cpu_share", "plan_processes"]
 
 
+# The limits as the process was started with them: Dask's nanny writes OMP_NUM_THREADS=1
+# into this process's environment when it starts local workers (for the workers), which
+# must not shrink the share of training later in the same process.
+_LIMITS_AT_START = {name: os.environ.get(name, "")
+                    for name in ("SLURM_CPUS_PER_TASK", "OMP_NUM_THREADS")}
+
+
 def _env_int(name: str) -> int | None:
-    value = os.environ.get(name, "").strip()
+    value = _LIMITS_AT_START.get(name, "").strip()
     try:
         n = int(value)
     except ValueError:

@@ -136,7 +136,10 @@ def test_a_killed_run_leaves_no_process_behind(sig, sqlite_url, tmp_path):
 
     # members would train for hours: no early stopping, no stop at a small learning rate
     config = _config(tmp_path, max_epochs=10**6, patience=10**6, min_lr=1e-300)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    # no OMP_NUM_THREADS=1 left in this process by a Dask test's nanny: members must run
+    # in parallel processes for the test to see them
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")
+           and k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
     env.update(BAYESAL_DATABASE_URL=sqlite_url, BAYESAL_DATA_DIR=str(tmp_path / "data"),
                PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_HOME=str(tmp_path / "ph"))
     bayesal = str(Path(sys.executable).with_name("bayesal"))

@@ -125,19 +125,19 @@ def test_energy_is_learnt_at_the_force_scale_with_isolated_atoms(shared_data):
 
 def test_cpu_share_takes_the_smallest_limit(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
-    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
+    limits = {"OMP_NUM_THREADS": "", "SLURM_CPUS_PER_TASK": ""}
+    monkeypatch.setattr(resources, "_LIMITS_AT_START", limits)
     assert resources.cpu_share() == (16, "affinity")
     assert resources.plan_processes(4) == (4, 4)
     assert resources.plan_processes(5) == (5, 3)
     assert resources.plan_processes(4, processes=2) == (2, 8)
     assert resources.plan_processes(4, threads=1) == (4, 1)
-    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "6")
+    limits["SLURM_CPUS_PER_TASK"] = "6"
     assert resources.cpu_share() == (6, "SLURM_CPUS_PER_TASK")
     assert resources.plan_processes(4) == (4, 1)
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    limits["OMP_NUM_THREADS"] = "1"
     assert resources.plan_processes(4) == (1, 1)
-    monkeypatch.setenv("OMP_NUM_THREADS", "junk")
+    limits["OMP_NUM_THREADS"] = "junk"
     assert resources.cpu_share() == (6, "SLURM_CPUS_PER_TASK")
     before = torch.get_num_threads()
     torch.set_num_threads(1)  # e.g. a library's OpenMP setting: not the process's share
