@@ -112,7 +112,8 @@ def predict_members(models: Sequence[MVEPotential], images: Sequence[Atoms], *,
         for model in models:
             out = model(batch)
             out["features"] = structure_features(out["features"], batch)
-            outs.append({k: v.detach().to(torch.float64).numpy() for k, v in out.items()})
+            outs.append({k: v.detach().to(torch.float64).numpy() for k, v in out.items()
+                         if k != "atomic_energies"})
         stack = {k: np.stack([o[k] for o in outs]) for k in outs[0]}
         parts.append(combine_samples(stack["energy"], stack["energy_var"], stack["forces"],
                                      stack["forces_cov"],
