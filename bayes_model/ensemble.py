@@ -130,12 +130,9 @@ def _member_job(k: int, data: PreparedData, model_config: ModelConfig, train_con
 
     result = train_model(model, data.train, data.valid, config, work_dir=member_dir,
                          resume=resume, on_epoch=report, deadline=deadline)
-    seconds = np.cumsum([r.get("seconds", np.nan) for r in result.history])
-    curve = [[round(float(t), 2), r["valid_force_mae"], r["valid_energy_mae"]]
-             for t, r in zip(seconds, result.history, strict=True)]
     info = {"best_epoch": result.best_epoch, "stopped": result.stopped,
             "epochs": len(result.history), "threads": torch.get_num_threads(),
-            "curve": curve,  # [training seconds, validation force MAE, energy MAE] per epoch
+            "curve": _curve(result.history),
             **{f"valid_{m}": v for m, v in result.best_metrics.items()}}
     return k, {n: t.detach().cpu() for n, t in result.model.state_dict().items()}, info
 
@@ -178,11 +175,18 @@ def train_ensemble(
     def member_deadline(k: int) -> Deadline | None:
         return None if deadline is None else deadline.slot(k // procs, waves, start)
 
-    warm = None
+    warm, shared_info = None, None
+    work = Path(out_dir) / "work"
     if init_from is not None:
         warm = load_warm_start(init_from, model_config, data.species)
         data.shifts = warm.shifts
-    work = Path(out_dir) / "work"
+    elif members > 1 and train_config.shared_start > 0:
+        # One model trained on all the CPU share for the first part of the budget; the
+        # members continue from it (and the waves share what is left).
+        warm, shared_info, train_config = _shared_start(
+            data, model_config, train_config, work, resume, deadline, on_epoch,
+            plan_processes(1, 1, train_config.threads)[1])
+        start = time.time()
     results: dict[int, tuple[dict, dict]] = {}
     if procs == 1:
         for k in range(members):
@@ -222,6 +226,9 @@ def train_ensemble(
             events.close()
     # The neighbour normalisation is a constructor argument, not part of the state dict:
     # rebuild members exactly as they were trained (build_model derives it from the data).
+    if shared_info is not None:
+        for k in results:
+            results[k][1].update(_after_shared(shared_info, results[k][1]))
     if warm is None:
         template = build_model(model_config, data.species, data.shifts, data.train)
         scale, avg_neighbors = float(template.scale), template.avg_neighbors
@@ -241,6 +248,65 @@ def train_ensemble(
     return save_members(out_dir, models, method="ensemble",
                         seeds=[train_config.seed + k for k in range(members)],
                         member_info=[results[k][1] for k in range(members)], extra=extra)
+
+
+SHARED_KEY = "start"  # ``on_epoch`` key of the shared start model's epochs
+
+
+def _shared_start(data: PreparedData, model_config: ModelConfig, train_config: TrainConfig,
+                  work: Path, resume: bool, deadline: Deadline | None, on_epoch, threads: int,
+                  ) -> tuple[WarmStart, dict, TrainConfig]:
+    """Train the model every member starts from (``train_config.shared_start`` of the time
+    left, or of ``max_epochs``). Returns it as a :class:`WarmStart`, its training record
+    and the members' config (the epochs left). Resumable: a finished start is kept in
+    ``work/start/start.pt`` and reused."""
+    share = train_config.shared_start
+    epochs = max(1, round(share * train_config.max_epochs))
+    member_config = train_config.model_copy(
+        update={"max_epochs": max(1, train_config.max_epochs - epochs)})
+    folder = work / SHARED_KEY
+    folder.mkdir(parents=True, exist_ok=True)
+    done = folder / "start.pt"
+    if resume and done.exists():
+        saved = torch.load(done, weights_only=True)
+        return WarmStart(**saved["warm"]), saved["info"], member_config
+    torch.set_num_threads(threads)
+    model = build_model(model_config, data.species, data.shifts, data.train,
+                        seed=train_config.seed)
+    end = None if deadline is None else Deadline(time.time() + share * deadline.remaining())
+
+    def report(record: dict[str, float]) -> None:
+        if on_epoch is not None:
+            on_epoch(SHARED_KEY, record)
+
+    result = train_model(model, data.train, data.valid,
+                         train_config.model_copy(update={"max_epochs": epochs}),
+                         work_dir=folder, resume=resume, on_epoch=report, deadline=end)
+    warm = WarmStart([{n: t.detach().cpu() for n, t in result.model.state_dict().items()}],
+                     list(data.shifts), float(result.model.scale), result.model.avg_neighbors)
+    info = {"epochs": len(result.history), "best_epoch": result.best_epoch,
+            "stopped": result.stopped, "threads": torch.get_num_threads(),
+            "curve": _curve(result.history)}
+    tmp = done.with_name(done.name + ".tmp")
+    torch.save({"warm": vars(warm), "info": info}, tmp)
+    os.replace(tmp, done)
+    return warm, info, member_config
+
+
+def _curve(history: Sequence[dict[str, float]], offset: float = 0.0) -> list[list[float]]:
+    """[training seconds, validation force MAE, energy MAE] per epoch."""
+    seconds = offset + np.cumsum([r.get("seconds", np.nan) for r in history])
+    return [[round(float(t), 2), r["valid_force_mae"], r["valid_energy_mae"]]
+            for t, r in zip(seconds, history, strict=True)]
+
+
+def _after_shared(shared: dict, member: dict) -> dict:
+    """A member's record continued from the shared start: its curve begins with the start
+    model's epochs, and the start's epochs are counted."""
+    offset = shared["curve"][-1][0] if shared["curve"] else 0.0
+    curve = [[round(t + offset, 2), f, e] for t, f, e in member["curve"]]
+    return {"shared_epochs": shared["epochs"], "shared_threads": shared["threads"],
+            "curve": shared["curve"] + curve}
 
 
 _EVENTS = None  # progress queue of a member process

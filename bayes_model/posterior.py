@@ -229,17 +229,28 @@ def budget_split(method: Method, deadline: Deadline | None,
     return posterior_end.minus(share * max(posterior_end.remaining(), 0.0)), posterior_end
 
 
-def describe_budget(method: Method | str, minutes: float, members: int, processes: int) -> str:
-    """How :func:`budget_split` and the ensemble's waves divide a budget (progress output)."""
+def describe_budget(method: Method | str, minutes: float, members: int, processes: int,
+                    shared_start: float = 0.0) -> str:
+    """How :func:`budget_split`, an ensemble's shared start and its waves divide a budget
+    (progress output)."""
     method = Method(method)
     train_end, posterior_end = budget_split(method, Deadline.after(minutes))
     train_s = train_end.remaining()
     finish_s = 60 * minutes - posterior_end.remaining()
+    members = members if method is Method.ENSEMBLE else 1
+    shared_s = shared_start * train_s if members > 1 else 0.0
     waves = -(-members // max(1, min(processes, members)))
     at_once = f"{processes} member{'s' * (processes > 1)}"
-    text = (f"budget {minutes:.2f} min: training {train_s / 60:.2f} min"
-            + (f" ({waves} waves of {at_once}, {train_s / 60 / waves:.2f} min each)"
-               if waves > 1 else ""))
+    text = f"budget {minutes:.2f} min: training {train_s / 60:.2f} min"
+    parts = []
+    if shared_s:
+        parts.append(f"{shared_s / 60:.2f} min on the model all members start from")
+    if waves > 1:
+        parts.append(f"{waves} waves of {at_once}, {(train_s - shared_s) / 60 / waves:.2f} "
+                     "min each")
+    elif shared_s:
+        parts.append(f"{(train_s - shared_s) / 60:.2f} min for the members")
+    text += f" ({', then '.join(parts)})" if parts else ""
     if method is not Method.ENSEMBLE:
         text += f", {method.value} {(posterior_end.remaining() - train_s) / 60:.2f} min"
     return text + f", {finish_s:.0f} s kept for saving and calibration"

@@ -63,6 +63,10 @@ class TrainConfig(BaseModel):
                           "validation force MAE.")
     ema_decay: float = Field(0.99, ge=0, lt=1, description="EMA of weights (0: off).")
     weight_decay: float = Field(0.0, ge=0, description="L2 penalty (Adam weight_decay).")
+    shared_start: float = Field(0.75, ge=0, lt=1, description=(
+        "Ensembles: fraction of the training budget (wall time, or max_epochs without one) "
+        "spent on one model that every member then continues from with its own seed, data "
+        "order and a fresh optimiser; 0: members start from their own random weights."))
     seed: int = Field(0, description="Seeds initial weights and data order.")
     float64: bool = Field(False, description="Train in double precision.")
     threads: int | None = Field(None, ge=1, description="torch threads (None: torch default).")

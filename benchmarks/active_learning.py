@@ -74,7 +74,7 @@ def campaign_yaml(out: Path, files: dict[str, Path], strategy: str, seed: int,
     init = out / f"initial-seed{seed}.xyz"
     if not init.is_file():
         ase.io.write(init, [start[i] for i in sorted(picks)])
-    model = yaml.safe_load((REPO / "benchmarks" / "configs" / "acac.yaml").read_text())
+    model = yaml.safe_load(Path(args.config).read_text())
     cfg = {"name": f"{strategy}-s{seed}", "seed": seed,
            "data": {"pool_files": [str(files["pool"])], "initial_files": [str(init)],
                     "test_files": [str(files["test_300K"]), str(files["test_600K"])]},
@@ -127,6 +127,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=20)
     p.add_argument("--initial", type=int, default=20)
     p.add_argument("--members", type=int, default=2)
+    p.add_argument("--config", default=str(REPO / "benchmarks" / "configs" / "acac_al.yaml"),
+                   help="model: and train: sections of the campaigns (max_epochs is set)")
     p.add_argument("--epochs", type=int, default=100,
                    help="epochs of round 0 (from scratch)")
     p.add_argument("--finetune-epochs", type=int, default=20,

@@ -7,7 +7,8 @@ MD and 600 K frames). Contenders, each a whole command with ``--threads`` thread
 ``--minutes`` of wall time, run ``--jobs`` at a time:
 
 * ``single``: ``bayesal train --members 1`` (our defaults);
-* ``ensemble``: ``bayesal train`` (the default ensemble, its members sharing the budget);
+* ``ensemble``: ``bayesal train`` (the default ensemble: 4 members continuing from a shared
+  start model, sharing the budget);
 * ``nequip``: one NequIP 0.19 model, tutorial settings (benchmarks/_nequip_driver.py).
 
 Prints energy and force MAE, their ratios against NequIP, epochs done, the command's wall
@@ -62,7 +63,8 @@ def run_ours(molecule: str, name: str, args, work: Path) -> dict:
         raise RuntimeError(f"{name} failed: {proc.stderr[-2000:]}")
     manifest = read_manifest(work / name)
     pred = load_posterior(work / name).predict(test)
-    return {"wall_s": wall, "epochs": [m["epochs"] for m in manifest.members],
+    return {"wall_s": wall,  # epochs of each member, its shared start's included
+            "epochs": [m["epochs"] + m.get("shared_epochs", 0) for m in manifest.members],
             "curves": [m.get("curve", []) for m in manifest.members],
             "test": accuracy_metrics(pred, test),
             "stdout": proc.stdout[-3000:]}

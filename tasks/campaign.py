@@ -61,10 +61,10 @@ def train_task(url: str, campaign: str, round_id: int, round_index: int, setting
     logger = get_run_logger()
     last = [0.0]
 
-    def on_epoch(k: int, record: dict) -> None:
+    def on_epoch(k: int | str, record: dict) -> None:
         if time.monotonic() - last[0] > 10:  # a line every 10 s is enough
             last[0] = time.monotonic()
-            logger.info("member %d epoch %d: loss %.4g, validation force MAE %.4f eV/Å", k,
+            logger.info("member %s epoch %d: loss %.4g, validation force MAE %.4f eV/Å", k,
                         record["epoch"], record["loss"], record["valid_force_mae"])
 
     out = steps.train_round(steps.engine_for(url), campaign, round_id, round_index,

@@ -135,7 +135,8 @@ def test_a_killed_run_leaves_no_process_behind(sig, sqlite_url, tmp_path):
     from db import make_engine
 
     # members would train for hours: no early stopping, no stop at a small learning rate
-    config = _config(tmp_path, max_epochs=10**6, patience=10**6, min_lr=1e-300)
+    config = _config(tmp_path, max_epochs=10**6, patience=10**6, min_lr=1e-300,
+                     shared_start=0)  # members from the start: processes to see
     # no OMP_NUM_THREADS=1 left in this process by a Dask test's nanny: members must run
     # in parallel processes for the test to see them
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")

@@ -157,7 +157,8 @@ MEMBER_THREADS = textwrap.dedent("""
     train_ensemble(frames[:10], frames[10:], sys.argv[2], members=2,
                    model_config=ModelConfig(**json.loads(sys.argv[3])),
                    train_config=TrainConfig(max_epochs=1, warmup_epochs=1, batch_size=5))
-    print(json.dumps([m["threads"] for m in read_manifest(sys.argv[2]).members]))
+    members = read_manifest(sys.argv[2]).members
+    print(json.dumps([m["threads"] for m in members] + [members[0]["shared_threads"]]))
 """)
 
 
@@ -174,11 +175,12 @@ def test_members_run_one_thread_under_a_one_core_share(limit, shared_data, tmp_p
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300,
                               preexec_fn=lambda: os.sched_setaffinity(0, {0}))
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert json.loads(proc.stdout.strip().splitlines()[-1]) == [1, 1]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == [1, 1, 1]  # members, start
 
 
 def test_members_share_the_cores_without_oversubscription(shared_data, tmp_path):
-    """Two members on the whole share: processes x threads equals it (2 cores: 1 each)."""
+    """Two members on the whole share: processes x threads equals it (2 cores: 1 each);
+    the shared start model, trained alone before them, uses the whole share."""
     share, _ = resources.cpu_share()
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.run([sys.executable, "-c", MEMBER_THREADS,
@@ -187,7 +189,17 @@ def test_members_share_the_cores_without_oversubscription(shared_data, tmp_path)
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     threads = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert threads == [max(1, share // min(2, share))] * 2
+    assert threads == [max(1, share // min(2, share))] * 2 + [share]
+
+
+def test_describe_budget_names_the_shared_start_and_the_waves():
+    from bayes_model.posterior import describe_budget
+
+    text = describe_budget("ensemble", 10, 4, 2, shared_start=0.75)
+    assert "training 9.60 min (7.20 min on the model all members start from, then 2 waves " \
+           "of 2 members, 1.20 min each), 24 s kept" in text
+    assert "(2 waves of 2 members, 4.80 min each)" in describe_budget("ensemble", 10, 4, 2)
+    assert "start from" not in describe_budget("laplace", 10, 1, 2, shared_start=0.75)
 
 
 # Start-up allowance of the budget test: the interpreter importing torch, e3nn and the CLI

@@ -217,3 +217,51 @@ def test_warm_start_continues_from_the_previous_members(ethanol, tmp_path):
     with pytest.raises(ValueError, match=r"species \[1, 6, 8\], the data has \[1, 8\]"):
         train_ensemble(water[:2], water[2:], tmp_path / "y", members=1, model_config=SMALL,
                        train_config=tiny, processes=1, init_from=old)
+
+
+def test_members_continue_from_the_shared_start_model(ethanol, tmp_path):
+    """train.shared_start: one model trains first (its share of max_epochs) and every member
+    continues from its weights. With a learning rate of 1e-9 nothing moves, so the members of
+    a shared start hold the start model's weights while independent members differ; with a
+    real learning rate the members' own seeds and data orders make them differ again. Every
+    member's record starts with the start model's epochs; a resumed run reuses the finished
+    start instead of training it again."""
+    from bayes_model.ensemble import SHARED_KEY, train_ensemble
+
+    def weights(model) -> torch.Tensor:
+        return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    frozen = TrainConfig(max_epochs=2, lr=1e-9, ema_decay=0.0, batch_size=8, float64=True)
+    data, probe = (ethanol[:16], ethanol[16:20]), ethanol[200:203]
+    members = {}
+    for share in (0.0, 0.5):
+        out = train_ensemble(*data, tmp_path / f"frozen{share}", members=2, model_config=SMALL,
+                             train_config=frozen.model_copy(update={"shared_start": share}),
+                             processes=1)
+        members[share] = [weights(m) for m in load_members(out)[0]]
+    start = torch.load(tmp_path / "frozen0.5" / "work" / SHARED_KEY / "start.pt",
+                       weights_only=True)["warm"]["states"][0]
+    start = torch.cat([t.flatten() for n, t in start.items()
+                       if n in dict(load_members(out)[0][0].named_parameters())])
+    assert (members[0.0][0] - members[0.0][1]).abs().max() > 0.1
+    for w in members[0.5]:
+        torch.testing.assert_close(w, start.to(w.dtype), atol=1e-6, rtol=0)
+
+    seen: list = []
+    cfg = TrainConfig(max_epochs=4, batch_size=4, shared_start=0.5)
+    out = train_ensemble(*data, tmp_path / "m", members=2, model_config=SMALL,
+                         train_config=cfg, processes=1,
+                         on_epoch=lambda k, rec: seen.append((k, rec["epoch"])))
+    assert sorted(seen, key=str) == sorted(
+        [(SHARED_KEY, 0), (SHARED_KEY, 1), (0, 0), (0, 1), (1, 0), (1, 1)], key=str)
+    members = load_posterior(out).manifest.members
+    start = members[0]["curve"][:2]
+    assert all(m["shared_epochs"] == 2 and m["epochs"] == 2 and m["curve"][:2] == start
+               and len(m["curve"]) == 4 for m in members)
+    assert np.abs(load_posterior(out).predict(probe).forces_cov_epi).max() > 1e-8
+
+    saved = out / "work" / SHARED_KEY / "start.pt"
+    mtime, seen[:] = saved.stat().st_mtime_ns, []
+    train_ensemble(*data, out, members=2, model_config=SMALL, train_config=cfg, processes=1,
+                   resume=True, on_epoch=lambda k, rec: seen.append(k))
+    assert SHARED_KEY not in seen and saved.stat().st_mtime_ns == mtime

@@ -96,7 +96,8 @@ def train(
                       f"{procs} at a time x {threads} thread(s) (CPU share {share}, "
                       f"set by {limit})")
         if deadline is not None:
-            console.print(describe_budget(method, max_minutes, members, procs))
+            console.print(describe_budget(method, max_minutes, members, procs,
+                                          train_cfg.shared_start))
         columns = [TextColumn("member {task.fields[k]}"), BarColumn(),
                    TextColumn("epoch {task.completed:.0f}"),
                    TextColumn("loss {task.fields[loss]}"),
@@ -106,7 +107,9 @@ def train(
             tasks = {k: progress.add_task("", total=train_cfg.max_epochs, k=k, loss="-",
                                           fmae="-") for k in range(members)}
 
-            def on_epoch(k: int, record: dict) -> None:
+            def on_epoch(k: int | str, record: dict) -> None:
+                if k not in tasks:  # the shared start model of an ensemble
+                    tasks[k] = progress.add_task("", total=None, k=k, loss="-", fmae="-")
                 progress.update(tasks[k], completed=record["epoch"] + 1,
                                 loss=f"{record['loss']:.3g}",
                                 fmae=f"{record['valid_force_mae']:.4f}")
