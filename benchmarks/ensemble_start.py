@@ -23,17 +23,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 import tempfile
-import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import ase.io
 import numpy as np
-from _common import shared_data
+from _common import add_command_options, bayesal_train, run_commands, shared_data
 from training_curves import MOLECULES, split
 
 
@@ -71,21 +66,9 @@ def run(molecule: str, variant: str, seed: int, args) -> str:
             ase.io.write(work / f"{name}.xyz", images, format="extxyz")
         shared = 0.0 if variant == "single" else float(variant.split("=")[1])
         (work / "cfg.yaml").write_text(f"train:\n  shared_start: {shared}\n  seed: {seed}\n")
-        cmd = [str(Path(sys.executable).with_name("bayesal")), "train",
-               "--train", str(work / "train.xyz"), "--valid", str(work / "val.xyz"),
-               "--isolated-atoms", str(isolated), "--out", str(work / "model"),
-               "--config", str(work / "cfg.yaml"), "--max-minutes", str(args.minutes),
-               "--members", "1" if variant == "single" else str(args.members)]
-        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads),
-               "MKL_NUM_THREADS": str(args.threads)}
-        t0 = time.perf_counter()
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        wall = time.perf_counter() - t0
-        if proc.returncode != 0:
-            raise RuntimeError(f"{molecule} {variant} failed: {proc.stderr[-2000:]}")
-        from bayes_model.checkpoint import read_manifest
-
-        members = read_manifest(work / "model").members
+        wall, members = bayesal_train(
+            work, work / "model", args.minutes, args.threads, "--config", str(work / "cfg.yaml"),
+            "--members", "1" if variant == "single" else str(args.members), isolated=isolated)
         result = {"molecule": molecule, "variant": variant, "seed": seed,
                   "minutes": args.minutes, "threads": args.threads, "wall_s": wall,
                   "epochs": [m["epochs"] + m.get("shared_epochs", 0) for m in members],
@@ -139,34 +122,21 @@ def report(out: Path, variants: list[str]) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", required=True, help="results folder (resumable)")
-    ap.add_argument("--minutes", type=float, default=6.0, help="wall budget of each command")
-    ap.add_argument("--threads", type=int, default=1, help="threads of each command")
-    ap.add_argument("--jobs", type=int, default=None,
-                    help="commands at once (default: cores // threads)")
+    add_command_options(ap, minutes=6.0)
     ap.add_argument("--members", type=int, default=4)
     ap.add_argument("--shared", type=float, action="append",
                     help="shared_start values (repeatable; default 0, 0.5, 0.75)")
     ap.add_argument("--molecule", action="append", choices=sorted(MOLECULES))
     ap.add_argument("--seeds", type=int, default=1)
     ap.add_argument("--n-test", type=int, default=400)
-    ap.add_argument("--report-only", action="store_true")
     args = ap.parse_args()
     out = Path(args.out)
     variants = variant_names(args.shared or [0.0, 0.5, 0.75])
     if not args.report_only:
-        import torch
-
-        torch.set_num_threads(args.threads)  # evaluation beside running commands
-        jobs = args.jobs or max(1, len(os.sched_getaffinity(0)) // args.threads)
         todo = [(m, v, s) for s in range(args.seeds)
                 for m in (args.molecule or sorted(MOLECULES)) for v in variants
                 if not (out / m / f"{v}-s{s}.json").exists()]
-        print(f"{len(todo)} commands, {jobs} at a time, {args.minutes:g} min and "
-              f"{args.threads} thread(s) each", flush=True)
-        with ThreadPoolExecutor(jobs) as pool:
-            for done in pool.map(lambda t: run(*t, args), todo):
-                print("done", done, flush=True)
+        run_commands(run, todo, args)
     report(out, variants)
 
 

@@ -26,48 +26,36 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 import tempfile
-import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import ase.io
 import numpy as np
-from _common import add_nequip_option, run_nequip, shared_data
+from _common import (
+    add_command_options,
+    add_nequip_option,
+    bayesal_train,
+    run_commands,
+    run_nequip,
+    shared_data,
+)
 from training_curves import MOLECULES, split
 
 CONTENDERS = ("single", "ensemble", "nequip")
 
 
 def run_ours(molecule: str, name: str, args, work: Path) -> dict:
-    from bayes_model.checkpoint import read_manifest
     from bayes_model.metrics import accuracy_metrics
     from bayes_model.posterior import load_posterior
 
     test = ase.io.read(work / "test.xyz", ":")
-    cmd = [str(Path(sys.executable).with_name("bayesal")), "train",
-           "--train", str(work / "train.xyz"), "--valid", str(work / "val.xyz"),
-           "--isolated-atoms", str(work / "isolated.xyz"), "--out", str(work / name),
-           "--max-minutes", str(args.minutes)]
-    if name == "single":
-        cmd += ["--members", "1"]
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads),
-           "MKL_NUM_THREADS": str(args.threads)}
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise RuntimeError(f"{name} failed: {proc.stderr[-2000:]}")
-    manifest = read_manifest(work / name)
+    wall, members = bayesal_train(work, work / name, args.minutes, args.threads,
+                                  *(["--members", "1"] if name == "single" else []))
     pred = load_posterior(work / name).predict(test)
     return {"wall_s": wall,  # epochs of each member, its shared start's included
-            "epochs": [m["epochs"] + m.get("shared_epochs", 0) for m in manifest.members],
-            "curves": [m.get("curve", []) for m in manifest.members],
-            "test": accuracy_metrics(pred, test),
-            "stdout": proc.stdout[-3000:]}
+            "epochs": [m["epochs"] + m.get("shared_epochs", 0) for m in members],
+            "curves": [m.get("curve", []) for m in members],
+            "test": accuracy_metrics(pred, test)}
 
 
 def nequip(args, work: Path) -> dict:
@@ -149,31 +137,18 @@ def plot(results: dict, path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", required=True, help="results folder (resumable)")
-    ap.add_argument("--minutes", type=float, default=10.0, help="wall budget of each command")
-    ap.add_argument("--threads", type=int, default=1, help="threads of each command")
-    ap.add_argument("--jobs", type=int, default=None,
-                    help="commands at once (default: cores // threads)")
+    add_command_options(ap, minutes=10.0)
     ap.add_argument("--molecule", action="append", choices=sorted(MOLECULES))
     ap.add_argument("--contender", action="append", choices=CONTENDERS)
     ap.add_argument("--n-test", type=int, default=400)
     add_nequip_option(ap)
-    ap.add_argument("--report-only", action="store_true")
     args = ap.parse_args()
     out = Path(args.out)
     if not args.report_only:
-        import torch
-
-        torch.set_num_threads(args.threads)  # test predictions beside running commands
-        jobs = args.jobs or max(1, len(os.sched_getaffinity(0)) // args.threads)
         todo = [(m, c) for m in (args.molecule or sorted(MOLECULES))
                 for c in (args.contender or CONTENDERS)
                 if not (out / m / f"{c}.json").exists()]
-        print(f"{len(todo)} commands, {jobs} at a time, {args.minutes:g} min and "
-              f"{args.threads} thread(s) each", flush=True)
-        with ThreadPoolExecutor(jobs) as pool:
-            for done in pool.map(lambda mc: run(*mc, args), todo):
-                print("done", done, flush=True)
+        run_commands(run, todo, args)
     report(out)
 
 

@@ -167,7 +167,7 @@ def test_parallel_members_report_every_epoch_and_leave_no_process(ethanol, tmp_p
     from bayes_model.ensemble import train_ensemble
 
     seen: list[tuple[int, int]] = []
-    cfg = TrainConfig(max_epochs=2, warmup_epochs=1, batch_size=8)
+    cfg = TrainConfig(max_epochs=2, warmup_epochs=1, batch_size=8, shared_start=0)
     out = train_ensemble(ethanol[:16], ethanol[16:20], tmp_path / "m", members=2,
                          model_config=SMALL, train_config=cfg, processes=2,
                          on_epoch=lambda k, rec: seen.append((k, rec["epoch"])))
