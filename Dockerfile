@@ -14,6 +14,7 @@ WORKDIR /opt/bayesal
 # CUDA base image and the matching torch wheel instead.
 RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
 COPY pyproject.toml README.md ./
+COPY bayesal bayesal
 COPY flows flows
 COPY tasks tasks
 COPY bayes_model bayes_model

@@ -24,11 +24,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bayes_model.predict import Prediction
+from bayesal.bayes_model.predict import Prediction
+from bayesal.contracts import ACQUISITION_COMPONENTS
 
 __all__ = ["Acquisition", "Reduction", "Scores", "Selection", "score", "select"]
 
-COMPONENTS = ("bald_e", "bald_f", "energy_std", "max_force_std")
+COMPONENTS = ACQUISITION_COMPONENTS  # stored with every score (bayesal.contracts)
 
 
 class Acquisition(enum.StrEnum):

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from ase.calculators.calculator import Calculator, all_changes
 
-from bayes_model.posterior import load_posterior
+from bayesal.bayes_model.posterior import load_posterior
 
 __all__ = ["BayesalCalculator"]
 

@@ -41,8 +41,8 @@ from ase import Atoms
 from scipy.special import ndtr
 from scipy.stats import rankdata
 
-from bayes_model.metrics import reference_labels
-from bayes_model.predict import Prediction
+from bayesal.bayes_model.metrics import reference_labels
+from bayesal.bayes_model.predict import Prediction
 
 __all__ = ["RELIABILITY_LEVELS", "Recalibration", "auroc", "calibration_metrics", "coverage",
            "ence", "fit_recalibration", "miscalibration_area", "ood_auroc", "plot_calibration",

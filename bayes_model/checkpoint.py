@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from bayes_model.model import ModelConfig, MVEPotential
+from bayesal.bayes_model.model import ModelConfig, MVEPotential
 
 __all__ = ["FORMAT_VERSION", "CheckpointError", "Manifest", "load_members", "load_state_file",
            "save_members", "save_state_file"]

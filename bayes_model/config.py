@@ -8,11 +8,11 @@ from typing import TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from bayes_model.calibration import PRIOR_WEIGHT
-from bayes_model.laplace import LaplaceConfig
-from bayes_model.model import ModelConfig
-from bayes_model.sampling import IVONConfig, SWAGConfig
-from bayes_model.train import TrainConfig
+from bayesal.bayes_model.calibration import PRIOR_WEIGHT
+from bayesal.bayes_model.laplace import LaplaceConfig
+from bayesal.bayes_model.model import ModelConfig
+from bayesal.bayes_model.sampling import IVONConfig, SWAGConfig
+from bayesal.bayes_model.train import TrainConfig
 
 __all__ = ["PosteriorSettings", "TrainingFile", "load_training_file", "load_yaml_model"]
 

@@ -16,7 +16,7 @@ import torch
 from ase import Atoms
 from ase.data import chemical_symbols
 
-from bayes_model import _keys as K
+from bayesal.bayes_model import _keys as K
 
 __all__ = [
     "Graph",

@@ -6,8 +6,6 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import queue
-import signal
-import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -20,8 +18,8 @@ import numpy as np
 import torch
 from ase import Atoms
 
-from bayes_model.checkpoint import load_members, save_members
-from bayes_model.data import (
+from bayesal.bayes_model.checkpoint import load_members, save_members
+from bayesal.bayes_model.data import (
     Graph,
     atoms_to_graph,
     energy_shifts_from_isolated,
@@ -29,9 +27,10 @@ from bayes_model.data import (
     energy_shifts_with_isolated,
     labels_of,
 )
-from bayes_model.model import ModelConfig, MVEPotential
-from bayes_model.resources import Deadline, plan_processes
-from bayes_model.train import TrainConfig, build_model, train_model
+from bayesal.bayes_model.model import ModelConfig, MVEPotential
+from bayesal.bayes_model.resources import Deadline, plan_processes
+from bayesal.bayes_model.train import TrainConfig, build_model, train_model
+from bayesal.contracts import die_with_parent
 
 __all__ = [
     "PreparedData",
@@ -314,21 +313,8 @@ _EVENTS = None  # progress queue of a member process
 
 def _init_member(parent_pid: int, events) -> None:
     global _EVENTS
-    _die_with_parent(parent_pid)
+    die_with_parent(parent_pid)
     _EVENTS = events
-
-
-def _die_with_parent(parent_pid: int) -> None:
-    """Member processes are SIGKILLed when the trainer dies (Linux), so a killed campaign
-    leaves no orphan writing into the training folder that a restart resumes from. A trainer
-    that died while this process was starting (before the request) is caught by the parent
-    check: the process exits instead of training an already queued member."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    if os.getppid() != parent_pid:
-        os._exit(1)
 
 
 class _Direct:
@@ -391,6 +377,6 @@ def split_validation_stable(images: Sequence[Atoms], keys: Sequence[int | str],
 
 def member_summary(directory: str | Path) -> list[dict[str, Any]]:
     """Per-member training summary from a model directory's manifest."""
-    from bayes_model.checkpoint import read_manifest
+    from bayesal.bayes_model.checkpoint import read_manifest
 
     return read_manifest(directory).members

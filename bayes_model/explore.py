@@ -24,7 +24,7 @@ try:  # ASE >= 3.28
 except ImportError:  # pragma: no cover
     from ase.md.velocitydistribution import MaxwellBoltzmannDistribution as thermalize_momenta
 
-from bayes_model.calculator import BayesalCalculator
+from bayesal.bayes_model.calculator import BayesalCalculator
 
 __all__ = ["Trajectory", "explore", "max_force_std"]
 

@@ -30,10 +30,10 @@ import torch
 from ase import Atoms
 from pydantic import BaseModel, ConfigDict, Field
 
-from bayes_model import _keys as K
-from bayes_model.data import Graph, atoms_to_graph, batch_graphs, iter_batches
-from bayes_model.model import MVEPotential
-from bayes_model.predict import OneModelProperties, Prediction, structure_features
+from bayesal.bayes_model import _keys as K
+from bayesal.bayes_model.data import Graph, atoms_to_graph, batch_graphs, iter_batches
+from bayesal.bayes_model.model import MVEPotential
+from bayesal.bayes_model.predict import OneModelProperties, Prediction, structure_features
 
 __all__ = ["LaplaceConfig", "LastLayerLaplace", "PriorMethod", "Structure"]
 

@@ -13,7 +13,7 @@ import enum
 
 import torch
 
-from bayes_model import _keys as K
+from bayesal.bayes_model import _keys as K
 
 __all__ = ["LossKind", "compute_loss", "gaussian_nll_energy", "gaussian_nll_forces"]
 

@@ -10,8 +10,8 @@ import numpy as np
 from ase import Atoms
 from scipy.stats import ConstantInputWarning, spearmanr
 
-from bayes_model.data import labels_of
-from bayes_model.predict import Prediction
+from bayesal.bayes_model.data import labels_of
+from bayesal.bayes_model.predict import Prediction
 
 __all__ = ["accuracy_metrics", "reference_labels"]
 

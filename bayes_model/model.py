@@ -25,7 +25,7 @@ from e3nn.io import CartesianTensor
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from bayes_model import _keys as K
+from bayesal.bayes_model import _keys as K
 
 __all__ = ["MVEPotential", "ModelConfig"]
 

@@ -15,8 +15,8 @@ from typing import Any
 
 from ase import Atoms
 
-from bayes_model.calibration import Recalibration, fit_recalibration
-from bayes_model.checkpoint import (
+from bayesal.bayes_model.calibration import Recalibration, fit_recalibration
+from bayesal.bayes_model.checkpoint import (
     CheckpointError,
     Manifest,
     load_members,
@@ -25,14 +25,14 @@ from bayes_model.checkpoint import (
     save_members,
     save_state_file,
 )
-from bayes_model.config import TrainingFile
-from bayes_model.data import atoms_to_graph
-from bayes_model.ensemble import train_ensemble
-from bayes_model.laplace import LastLayerLaplace
-from bayes_model.model import MVEPotential
-from bayes_model.predict import Prediction, predict_members
-from bayes_model.resources import Deadline
-from bayes_model.sampling import SampledPosterior, collect_swag, load_flat, train_ivon
+from bayesal.bayes_model.config import TrainingFile
+from bayesal.bayes_model.data import atoms_to_graph
+from bayesal.bayes_model.ensemble import train_ensemble
+from bayesal.bayes_model.laplace import LastLayerLaplace
+from bayesal.bayes_model.model import MVEPotential
+from bayesal.bayes_model.predict import Prediction, predict_members
+from bayesal.bayes_model.resources import Deadline
+from bayesal.bayes_model.sampling import SampledPosterior, collect_swag, load_flat, train_ivon
 
 __all__ = ["EnsemblePosterior", "Method", "Posterior", "fit_posterior", "load_posterior",
            "train_posterior"]

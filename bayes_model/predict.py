@@ -13,9 +13,9 @@ import numpy as np
 import torch
 from ase import Atoms
 
-from bayes_model import _keys as K
-from bayes_model.data import atoms_to_graph, batch_graphs, iter_batches
-from bayes_model.model import MVEPotential
+from bayesal.bayes_model import _keys as K
+from bayesal.bayes_model.data import atoms_to_graph, batch_graphs, iter_batches
+from bayesal.bayes_model.model import MVEPotential
 
 __all__ = ["OneModelProperties", "Prediction", "combine_samples", "predict_members",
            "structure_features"]

@@ -30,11 +30,11 @@ import torch
 from ase import Atoms
 from pydantic import BaseModel, ConfigDict, Field
 
-from bayes_model.data import Graph
-from bayes_model.model import MVEPotential
-from bayes_model.predict import OneModelProperties, Prediction, predict_members
-from bayes_model.resources import Deadline
-from bayes_model.train import TrainConfig, evaluate_graphs, train_epoch, train_model
+from bayesal.bayes_model.data import Graph
+from bayesal.bayes_model.model import MVEPotential
+from bayesal.bayes_model.predict import OneModelProperties, Prediction, predict_members
+from bayesal.bayes_model.resources import Deadline
+from bayesal.bayes_model.train import TrainConfig, evaluate_graphs, train_epoch, train_model
 
 __all__ = ["IVONConfig", "SWAGCollector", "SWAGConfig", "SampledPosterior", "collect_swag",
            "flat_params", "ivon_sampled_params", "load_flat", "train_ivon"]

@@ -16,7 +16,7 @@ from itertools import islice
 import numpy as np
 from ase import Atoms
 
-from bayes_model.acquisition import (
+from bayesal.bayes_model.acquisition import (
     Acquisition,
     Reduction,
     Scores,
@@ -24,7 +24,7 @@ from bayes_model.acquisition import (
     score,
     select,
 )
-from bayes_model.predict import Prediction
+from bayesal.bayes_model.predict import Prediction
 
 __all__ = ["Candidate", "PoolSelection", "iter_scores", "score_pool"]
 

@@ -17,17 +17,17 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from bayes_model import _keys as K
-from bayes_model.data import Graph, batch_graphs, iter_batches
-from bayes_model.losses import (
+from bayesal.bayes_model import _keys as K
+from bayesal.bayes_model.data import Graph, batch_graphs, iter_batches
+from bayesal.bayes_model.losses import (
     LossKind,
     NLLMode,
     compute_loss,
     gaussian_nll_energy,
     gaussian_nll_forces,
 )
-from bayes_model.model import ModelConfig, MVEPotential
-from bayes_model.resources import Deadline, earliest
+from bayesal.bayes_model.model import ModelConfig, MVEPotential
+from bayesal.bayes_model.resources import Deadline, earliest
 
 __all__ = ["TrainConfig", "TrainResult", "build_model", "evaluate_graphs", "train_epoch",
            "train_model"]

@@ -27,7 +27,7 @@ def bayesal_train(work: Path, out: Path, minutes: float, threads: int, *extra: s
     import subprocess
     import time
 
-    from bayes_model.checkpoint import read_manifest
+    from bayesal.bayes_model.checkpoint import read_manifest
 
     cmd = [str(Path(sys.executable).with_name("bayesal")), "train",
            "--train", str(work / "train.xyz"), "--valid", str(work / "val.xyz"),

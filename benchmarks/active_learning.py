@@ -96,7 +96,7 @@ def campaign_yaml(out: Path, files: dict[str, Path], strategy: str, seed: int,
 
 
 def curves(engine, name: str) -> list[dict]:
-    from db.rounds import round_history
+    from bayesal.db.rounds import round_history
 
     return [{"labels": r["metrics"]["n_train_labels"], **r["metrics"]}
             for r in round_history(engine, name) if r["status"] == "completed"]
@@ -148,8 +148,8 @@ def main() -> None:
     os.environ.setdefault("BAYESAL_DATA_DIR", str(out / "data"))
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-    from db import make_engine
-    from flows.campaign import campaign
+    from bayesal.db import make_engine
+    from bayesal.flows.campaign import campaign
 
     files = prepare(out, args.n_test)
     engine = make_engine(os.environ["BAYESAL_DATABASE_URL"])
@@ -173,7 +173,7 @@ def hot_share(engine, name: str) -> float:
     """Share of a campaign's round picks that are 600 K frames (``config_type`` of the pool)."""
     from sqlalchemy import select
 
-    from db import Campaign, Label, Structure
+    from bayesal.db import Campaign, Label, Structure
 
     with engine.connect() as conn:
         infos = conn.scalars(

@@ -19,10 +19,10 @@ import torch
 from _common import shared_data
 from torch.func import functional_call, grad, stack_module_state, vmap
 
-from bayes_model.data import batch_graphs
-from bayes_model.ensemble import prepare_data
-from bayes_model.model import ModelConfig
-from bayes_model.train import build_model
+from bayesal.bayes_model.data import batch_graphs
+from bayesal.bayes_model.ensemble import prepare_data
+from bayesal.bayes_model.model import ModelConfig
+from bayesal.bayes_model.train import build_model
 
 
 def main() -> None:

@@ -37,9 +37,9 @@ def variant_names(shares: list[float]) -> list[str]:
 
 
 def evaluate(model_dir: Path, test, ood) -> dict:
-    from bayes_model.calibration import Recalibration, calibration_metrics, ood_auroc
-    from bayes_model.metrics import accuracy_metrics
-    from bayes_model.posterior import load_posterior
+    from bayesal.bayes_model.calibration import Recalibration, calibration_metrics, ood_auroc
+    from bayesal.bayes_model.metrics import accuracy_metrics
+    from bayesal.bayes_model.posterior import load_posterior
 
     post = load_posterior(model_dir)
     recal = Recalibration.load(model_dir)

@@ -18,6 +18,7 @@ and prints structures/s, the ratio to the baseline, and the peak memory of each 
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 import tracemalloc
@@ -25,13 +26,23 @@ from pathlib import Path
 
 import ase.io
 import numpy as np
-from _common import shared_data
+from _common import REPO, shared_data
 from ase.calculators.singlepoint import SinglePointCalculator
 
-from db import Campaign, Label, LabelerSettings, Structure, make_engine, session_scope, upgrade
-from db.identity import atoms_hash, pbc_string
-from db.importer import ReferenceLevel, import_atoms, import_files
-from db.testing import TemporaryPostgres, create_database
+from bayesal.db import (
+    Campaign,
+    Label,
+    LabelerSettings,
+    Structure,
+    make_engine,
+    session_scope,
+    upgrade,
+)
+from bayesal.db.identity import atoms_hash, pbc_string
+from bayesal.db.importer import ReferenceLevel, import_atoms, import_files
+
+sys.path.insert(0, str(REPO / "tests"))  # the throwaway PostgreSQL server of the tests
+from pg_server import TemporaryPostgres, create_database
 
 
 def make_structures(n: int, seed: int = 0):

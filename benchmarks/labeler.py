@@ -31,8 +31,8 @@ from ase.calculators.calculator import Calculator, all_changes
 from ase.md.velocitydistribution import thermalize_momenta
 from ase.md.verlet import VelocityVerlet
 
-from labelers import PySCFLabeler
-from labelers.guess_store import kabsch
+from bayesal.labelers import PySCFLabeler
+from bayesal.labelers.guess_store import kabsch
 
 LEVEL = {"method": "pbe", "basis": "def2-svp", "dispersion": "d3bj"}
 

@@ -18,13 +18,13 @@ from _common import shared_data
 from scipy.stats import spearmanr
 from uncertainty import split
 
-from bayes_model.acquisition import score
-from bayes_model.calibration import ood_auroc
-from bayes_model.checkpoint import load_members
-from bayes_model.data import atoms_to_graph
-from bayes_model.laplace import LastLayerLaplace
-from bayes_model.metrics import accuracy_metrics
-from bayes_model.posterior import load_posterior
+from bayesal.bayes_model.acquisition import score
+from bayesal.bayes_model.calibration import ood_auroc
+from bayesal.bayes_model.checkpoint import load_members
+from bayesal.bayes_model.data import atoms_to_graph
+from bayesal.bayes_model.laplace import LastLayerLaplace
+from bayesal.bayes_model.metrics import accuracy_metrics
+from bayesal.bayes_model.posterior import load_posterior
 
 
 def main() -> None:

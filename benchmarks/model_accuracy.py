@@ -45,8 +45,8 @@ CONTENDERS = ("single", "ensemble", "nequip")
 
 
 def run_ours(molecule: str, name: str, args, work: Path) -> dict:
-    from bayes_model.metrics import accuracy_metrics
-    from bayes_model.posterior import load_posterior
+    from bayesal.bayes_model.metrics import accuracy_metrics
+    from bayesal.bayes_model.posterior import load_posterior
 
     test = ase.io.read(work / "test.xyz", ":")
     wall, members = bayesal_train(work, work / name, args.minutes, args.threads,

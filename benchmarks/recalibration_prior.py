@@ -32,11 +32,11 @@ def round_sets(engine, campaign: str):
     """(round index, model dir, validation images, test images) of each stored round."""
     from sqlalchemy import select
 
-    from bayes_model.ensemble import split_validation_stable
-    from db.engine import session_scope
-    from db.identity import atoms_hash
-    from db.models import Campaign, Label, Round, Structure
-    from db.pool import labelled_atoms
+    from bayesal.bayes_model.ensemble import split_validation_stable
+    from bayesal.db.engine import session_scope
+    from bayesal.db.identity import atoms_hash
+    from bayesal.db.models import Campaign, Label, Round, Structure
+    from bayesal.db.pool import labelled_atoms
 
     with session_scope(engine) as s:
         c = s.execute(select(Campaign).where(Campaign.name == campaign)).scalar_one()
@@ -67,8 +67,8 @@ def round_sets(engine, campaign: str):
 
 
 def judge(pred, test, recal) -> dict[str, float]:
-    from bayes_model.calibration import calibration_metrics
-    from bayes_model.metrics import accuracy_metrics
+    from bayesal.bayes_model.calibration import calibration_metrics
+    from bayesal.bayes_model.metrics import accuracy_metrics
 
     scaled = recal.apply(pred)  # no isotonic maps: the scaled Gaussians are the whole story
     acc, cal = accuracy_metrics(scaled, test), calibration_metrics(scaled, test)
@@ -87,11 +87,11 @@ def main() -> None:
     import torch
     from sqlalchemy import select
 
-    from bayes_model.calibration import fit_recalibration
-    from bayes_model.posterior import load_posterior
-    from db import make_engine
-    from db.engine import session_scope
-    from db.models import Campaign
+    from bayesal.bayes_model.calibration import fit_recalibration
+    from bayesal.bayes_model.posterior import load_posterior
+    from bayesal.db import make_engine
+    from bayesal.db.engine import session_scope
+    from bayesal.db.models import Campaign
 
     torch.set_num_threads(args.threads)
     if not (args.out / "al.db").is_file():

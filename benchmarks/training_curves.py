@@ -69,12 +69,12 @@ def parse_variant(text: str) -> tuple[str, dict[str, dict[str, object]]]:
 def run_one(molecule: str, name: str, updates: dict, args: dict, out: str) -> str:
     import torch
 
-    from bayes_model.calibration import calibration_metrics, fit_recalibration
-    from bayes_model.ensemble import prepare_data
-    from bayes_model.metrics import accuracy_metrics
-    from bayes_model.model import ModelConfig
-    from bayes_model.posterior import EnsemblePosterior
-    from bayes_model.train import TrainConfig, build_model, train_model
+    from bayesal.bayes_model.calibration import calibration_metrics, fit_recalibration
+    from bayesal.bayes_model.ensemble import prepare_data
+    from bayesal.bayes_model.metrics import accuracy_metrics
+    from bayesal.bayes_model.model import ModelConfig
+    from bayesal.bayes_model.posterior import EnsemblePosterior
+    from bayesal.bayes_model.train import TrainConfig, build_model, train_model
 
     torch.set_num_threads(args["threads"])
     t0 = time.perf_counter()

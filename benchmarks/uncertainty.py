@@ -29,12 +29,12 @@ import ase.io
 import numpy as np
 from _common import REPO, shared_data
 
-from bayes_model.acquisition import score
-from bayes_model.calibration import calibration_metrics, fit_recalibration, ood_auroc
-from bayes_model.config import load_training_file
-from bayes_model.ensemble import train_ensemble
-from bayes_model.metrics import accuracy_metrics
-from bayes_model.posterior import fit_posterior, load_posterior
+from bayesal.bayes_model.acquisition import score
+from bayesal.bayes_model.calibration import calibration_metrics, fit_recalibration, ood_auroc
+from bayesal.bayes_model.config import load_training_file
+from bayesal.bayes_model.ensemble import train_ensemble
+from bayesal.bayes_model.metrics import accuracy_metrics
+from bayesal.bayes_model.posterior import fit_posterior, load_posterior
 
 METHODS = ("plain", "ensemble", "laplace", "swag", "ivon")
 

@@ -17,8 +17,8 @@ import pandas as pd
 import streamlit as st
 from sqlalchemy.exc import OperationalError
 
-from dashboard import data, plots
-from db import DatabaseError, ensure_schema, readonly_engine
+from bayesal.dashboard import data, plots
+from bayesal.db import DatabaseError, ensure_schema, readonly_engine
 
 
 def _args() -> argparse.Namespace:

@@ -17,10 +17,10 @@ import numpy as np
 import pandas as pd
 from sqlalchemy import Engine, func, select
 
-from db.ingest import run_transaction
-from db.models import Campaign, Label, LabelStatus, Round, RoundStatus, Score, Structure
-from db.queries import labels_by_status, structures_by_source
-from db.rounds import round_history
+from bayesal.db.ingest import run_transaction
+from bayesal.db.models import Campaign, Label, LabelStatus, Round, RoundStatus, Score, Structure
+from bayesal.db.queries import labels_by_status, structures_by_source
+from bayesal.db.rounds import round_history
 
 __all__ = [
     "CURVE_METRICS",

@@ -2,13 +2,13 @@
 
 No Prefect here; the library is usable on its own::
 
-    from db import make_engine, session_scope, upgrade
+    from bayesal.db import make_engine, session_scope, upgrade
     engine = make_engine("sqlite:///bayesal.db")
     upgrade(engine)
 """
 
-from db.arrays import ArrayEncodingError, NumpyArray, decode_array, encode_array
-from db.engine import (
+from bayesal.db.arrays import ArrayEncodingError, NumpyArray, decode_array, encode_array
+from bayesal.db.engine import (
     DatabaseError,
     SchemaOutOfDate,
     current_revision,
@@ -19,8 +19,8 @@ from db.engine import (
     session_scope,
     upgrade,
 )
-from db.identity import atoms_hash, structure_hash
-from db.models import (
+from bayesal.db.identity import atoms_hash, structure_hash
+from bayesal.db.models import (
     Base,
     Campaign,
     Label,

@@ -11,7 +11,7 @@ Layout of an encoded array (all integers little-endian)::
 
 Any language reads it back; in Python::
 
-    from db import decode_array
+    from bayesal.db import decode_array
     forces = decode_array(row.forces)   # (n_atoms, 3) float64, eV/Å
 """
 

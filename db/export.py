@@ -13,9 +13,9 @@ from ase.data import chemical_symbols
 from sqlalchemy import and_, func, select
 from sqlalchemy.orm import Session
 
-from db.engine import DatabaseError, readonly_session
-from db.ingest import get_campaign
-from db.models import Label, LabelStatus, Round, Structure
+from bayesal.db.engine import DatabaseError, readonly_session
+from bayesal.db.ingest import get_campaign
+from bayesal.db.models import Label, LabelStatus, Round, Structure
 
 __all__ = ["EXPORT_FORMATS", "ExportReport", "export_campaign", "format_extxyz", "label_levels"]
 

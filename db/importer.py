@@ -11,21 +11,21 @@ from pathlib import Path
 from ase import Atoms
 from sqlalchemy import Engine
 
-from db.engine import ensure_schema
-from db.identity import atoms_hash
-from db.ingest import (
+from bayesal.contracts import settings_hash
+from bayesal.db.engine import ensure_schema
+from bayesal.db.identity import atoms_hash
+from bayesal.db.ingest import (
     LabelRecord,
     StoreReport,
     get_or_create_campaign,
     json_scalars,
     run_transaction,
-    settings_hash,
     structure_row,
     upsert_labels,
     upsert_structures,
 )
-from db.models import StructureSource
-from db.readers import (
+from bayesal.db.models import StructureSource
+from bayesal.db.readers import (
     ENERGY_KEYS,
     Frame,
     InputError,

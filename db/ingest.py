@@ -7,8 +7,6 @@ label arriving twice, from one process or several at once, is stored once.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -23,9 +21,17 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
-from db.engine import session_scope
-from db.identity import atoms_hash, hill_formula, pbc_string
-from db.models import Campaign, Label, LabelerSettings, LabelStatus, Structure, StructureSource
+from bayesal.contracts import settings_hash
+from bayesal.db.engine import session_scope
+from bayesal.db.identity import atoms_hash, hill_formula, pbc_string
+from bayesal.db.models import (
+    Campaign,
+    Label,
+    LabelerSettings,
+    LabelStatus,
+    Structure,
+    StructureSource,
+)
 
 log = logging.getLogger("bayesal.db")
 
@@ -86,11 +92,6 @@ class StoreReport:
 
 def _now() -> datetime:
     return datetime.now(UTC)
-
-
-def settings_hash(settings: dict[str, Any]) -> str:
-    """sha256 of canonical JSON (sorted keys): the identity of labeler settings."""
-    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def json_scalars(info: dict[str, Any], exclude: Iterable[str] = ()) -> dict[str, Any]:

@@ -11,15 +11,15 @@ from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
 from sqlalchemy import Engine, exists, func, select, update
 
-from db.engine import DatabaseError, session_scope
-from db.ingest import (
+from bayesal.db.engine import DatabaseError, session_scope
+from bayesal.db.ingest import (
     get_or_create_campaign,
     json_scalars,
     run_transaction,
     structure_row,
     upsert_structures,
 )
-from db.models import Campaign, Label, LabelStatus, Round, Structure, StructureSource
+from bayesal.db.models import Campaign, Label, LabelStatus, Round, Structure, StructureSource
 
 __all__ = ["add_explored", "campaign_activity", "campaign_id", "draw_structures",
            "explored_count", "ids_by_source", "iter_unlabelled", "label_counts",

@@ -10,8 +10,8 @@ from sqlalchemy import func, select, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
-from db.engine import DatabaseError, readonly_engine
-from db.models import Campaign, Label, LabelStatus, Round, Structure
+from bayesal.db.engine import DatabaseError, readonly_engine
+from bayesal.db.models import Campaign, Label, LabelStatus, Round, Structure
 
 __all__ = [
     "QueryResult",

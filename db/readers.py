@@ -11,7 +11,7 @@ import ase.io
 import numpy as np
 from ase import Atoms
 
-from db.identity import MIN_DISTANCE, closest_pair, closest_pairs
+from bayesal.db.identity import MIN_DISTANCE, closest_pair, closest_pairs
 
 __all__ = [
     "Frame",

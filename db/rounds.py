@@ -17,14 +17,15 @@ from typing import Any
 
 from sqlalchemy import Engine, func, select, update
 
-from db.ingest import (
+from bayesal.contracts import ACQUISITION_COMPONENTS
+from bayesal.db.ingest import (
     _execute_counting,
     _insert,
     get_or_create_campaign,
     json_scalars,
     run_transaction,
 )
-from db.models import Campaign, Model, Round, RoundStatus, Score
+from bayesal.db.models import Campaign, Model, Round, RoundStatus, Score
 
 __all__ = ["ModelRow", "RoundInfo", "ScoreRow", "campaign_rounds", "finish_round",
            "mark_selected", "open_round", "record_models", "record_scores", "round_history",
@@ -216,7 +217,7 @@ def score_summary(engine: Engine, round_id: int) -> dict[str, float]:
         if chosen:
             out.update(selected_score_max=max(r[0] for r in chosen),
                        selected_score_mean=sum(r[0] for r in chosen) / len(chosen))
-            for key in ("bald_e", "bald_f", "energy_std", "max_force_std"):
+            for key in ACQUISITION_COMPONENTS:
                 values = [r[2][key] for r in chosen if key in r[2]]
                 if values:
                     out[f"selected_{key}_mean"] = sum(values) / len(values)

@@ -25,14 +25,14 @@ from prefect.artifacts import (
 )
 from prefect.runtime import flow_run as prefect_flow_run
 
-from db import ensure_schema
-from db.pool import campaign_activity, label_counts
-from db.rounds import finish_round, round_history
-from flows.campaign_config import CampaignConfig, load_campaign_config
-from flows.campaign_report import round_rows
-from flows.settings import load_settings
-from tasks import steps
-from tasks.campaign import (
+from bayesal.db import ensure_schema
+from bayesal.db.pool import campaign_activity, label_counts
+from bayesal.db.rounds import finish_round, round_history
+from bayesal.flows.campaign_config import CampaignConfig, load_campaign_config
+from bayesal.flows.campaign_report import round_rows
+from bayesal.flows.settings import load_settings
+from bayesal.tasks import steps
+from bayesal.tasks.campaign import (
     evaluate_task,
     explore_task,
     import_task,
@@ -42,7 +42,7 @@ from tasks.campaign import (
     train_task,
     unlabelled_task,
 )
-from tasks.labeling import build_labeler
+from bayesal.tasks.labeling import build_labeler
 
 __all__ = ["campaign", "campaign_round", "campaign_setup", "make_task_runner"]
 
@@ -211,7 +211,7 @@ def _finetune(ctx: _Context, round_index: int) -> dict[str, Any]:
 
 def cfg_training(cfg: CampaignConfig):
     """The model/train/posterior sections as the TrainingFile that bayes_model expects."""
-    from bayes_model.config import TrainingFile
+    from bayesal.bayes_model.config import TrainingFile
 
     return TrainingFile(model=cfg.model, train=cfg.train, posterior=cfg.posterior)
 

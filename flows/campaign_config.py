@@ -27,11 +27,11 @@ from pydantic import (
     model_validator,
 )
 
-from bayes_model.acquisition import Acquisition, Reduction, Selection
-from bayes_model.config import PosteriorSettings, load_yaml_model
-from bayes_model.model import ModelConfig
-from bayes_model.posterior import Method
-from bayes_model.train import TrainConfig
+from bayesal.bayes_model.acquisition import Acquisition, Reduction, Selection
+from bayesal.bayes_model.config import PosteriorSettings, load_yaml_model
+from bayesal.bayes_model.model import ModelConfig
+from bayesal.bayes_model.posterior import Method
+from bayesal.bayes_model.train import TrainConfig
 
 __all__ = ["CampaignConfig", "load_campaign_config"]
 

@@ -7,7 +7,7 @@ import contextlib
 from pathlib import Path
 from uuid import UUID
 
-from flows.settings import Settings
+from bayesal.flows.settings import Settings
 
 __all__ = ["REPO", "absolute_database_url", "deploy_campaign", "ensure_work_pool"]
 
@@ -40,7 +40,7 @@ def deploy_campaign(config: Path, name: str, pool: str, settings: Settings, *,
                     run_now: bool = False) -> tuple[UUID, UUID | None]:
     """Register ``campaign(config)`` as deployment ``campaign/<name>`` on ``pool``; the
     worker's flow runs get this process's database URL and data folder."""
-    from flows.campaign import campaign
+    from bayesal.flows.campaign import campaign
 
     ensure_work_pool(pool)
     env = {"BAYESAL_DATABASE_URL": absolute_database_url(settings.database_url),

@@ -17,7 +17,7 @@ from typing import Literal
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from db.engine import DatabaseError, check_url
+from bayesal.db.engine import DatabaseError, check_url
 
 __all__ = ["Settings", "SettingsError", "load_settings"]
 

@@ -5,24 +5,10 @@ from __future__ import annotations
 import os
 import pickle
 import select
-import signal
 import struct
-import sys
 import time
 
 _HEADER = struct.Struct("<Q")
-
-
-def die_with_parent(parent_pid: int) -> None:
-    """Ask Linux to SIGKILL this process when its parent dies (no orphans). The request only
-    covers a parent alive when it is made: a process whose parent (``parent_pid``) already
-    died exits here instead of running a calculation nobody will read."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    if os.getppid() != parent_pid:
-        os._exit(1)
 
 
 def send(fd: int, obj) -> None:

@@ -16,7 +16,7 @@ import pyscf
 from pyscf import dft, gto, lib, scf
 from pyscf.data import nist
 
-from labelers.guess_store import GuessStore, extrapolation_weights
+from bayesal.labelers.guess_store import GuessStore, extrapolation_weights
 
 HARTREE2EV = nist.HARTREE2EV  # eV per Hartree (PySCF's constant)
 BOHR = nist.BOHR  # Å per Bohr

@@ -1,4 +1,4 @@
-"""Calculation worker: ``python -m labelers._worker`` (started by labelers.isolation).
+"""Calculation worker: ``python -m bayesal.labelers._worker`` (started by labelers.isolation).
 
 A clean, single-threaded interpreter with PySCF imported once. For every request read from
 stdin it forks one child that runs the calculation and pipes back the pickled result, so a
@@ -17,7 +17,8 @@ import sys
 import time
 import traceback
 
-from labelers._protocol import die_with_parent, recv, send
+from bayesal.contracts import die_with_parent
+from bayesal.labelers._protocol import recv, send
 
 
 def _run_child(w: int, target: str, kwargs: dict, parent_pid: int) -> None:

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import enum
-import hashlib
-import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -14,7 +11,8 @@ from typing import Any
 import numpy as np
 from ase import Atoms
 
-from labelers._identity import geometry_problem
+from bayesal.contracts import LabelStatus, settings_hash
+from bayesal.labelers._identity import geometry_problem
 
 __all__ = [
     "LabelResult",
@@ -23,15 +21,6 @@ __all__ = [
     "LabelerInputError",
     "settings_hash",
 ]
-
-
-class LabelStatus(enum.StrEnum):
-    """Outcome of one calculation (the same values the database stores)."""
-
-    OK = "ok"
-    SCF_FAILED = "scf_failed"
-    TIMEOUT = "timeout"
-    ERROR = "error"
 
 
 @dataclass
@@ -66,11 +55,6 @@ class LabelerInputError(ValueError):
             lines.append(f"  ... and {len(problems) - 20} more")
         super().__init__("cannot label these structures; nothing was computed:\n"
                          + "\n".join(lines))
-
-
-def settings_hash(settings: dict[str, Any]) -> str:
-    """sha256 of the canonical JSON of ``settings`` (sorted keys)."""
-    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
 
 
 class Labeler(ABC):

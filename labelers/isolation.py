@@ -1,6 +1,6 @@
 """Run one calculation in its own process, under a wall-time limit.
 
-Calculations go to worker processes (``python -m labelers._worker``): clean interpreters
+Calculations go to worker processes (``python -m bayesal.labelers._worker``): clean interpreters
 with PySCF imported once, which fork a child per calculation. A crash (segfault, kill by the
 out-of-memory killer) or a hang costs that one calculation; the worker reports it and goes
 on. Workers are started on demand, one per concurrent caller thread, and are SIGKILLed by
@@ -20,11 +20,11 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from labelers._protocol import recv, send
+from bayesal.labelers._protocol import recv, send
 
 __all__ = ["Outcome", "run_isolated", "shutdown_workers"]
 
-PRELOAD = ("labelers._pyscf_run",)
+PRELOAD = ("bayesal.labelers._pyscf_run",)
 _GRACE_S = 120.0  # extra time before a worker that does not answer is itself killed
 
 
@@ -44,7 +44,7 @@ class _Worker:
         for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
             env[var] = str(threads)  # BLAS thread pools are sized at import, in the worker
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "labelers._worker", *PRELOAD],
+            [sys.executable, "-m", "bayesal.labelers._worker", *PRELOAD],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
         )
         msg = recv(self.proc.stdout.fileno(), time.monotonic() + 120)

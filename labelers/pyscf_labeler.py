@@ -11,9 +11,9 @@ from typing import Any
 from ase import Atoms
 from ase.data import chemical_symbols
 
-from labelers._identity import structure_key
-from labelers.base import Labeler, LabelResult, LabelStatus
-from labelers.isolation import run_isolated
+from bayesal.contracts import atoms_hash
+from bayesal.labelers.base import Labeler, LabelResult, LabelStatus
+from bayesal.labelers.isolation import run_isolated
 
 __all__ = ["DISPERSIONS", "PySCFLabeler", "gpu_available"]
 
@@ -220,7 +220,7 @@ class PySCFLabeler(Labeler):
     def _payload(self, atoms: Atoms) -> dict[str, Any]:
         return {
             "symbols": atoms.get_chemical_symbols(), "positions": atoms.positions.tolist(),
-            "numbers": atoms.numbers.tolist(), "key": structure_key(atoms),
+            "numbers": atoms.numbers.tolist(), "key": atoms_hash(atoms),
             "method": self._method, "basis": self._basis, "charge": self.charge,
             "spin": self.multiplicity - 1, "dispersion": self.dispersion,
             "density_fit": self.density_fit, "auxbasis": self.auxbasis,
@@ -232,7 +232,7 @@ class PySCFLabeler(Labeler):
 
     def _label_one(self, atoms: Atoms) -> LabelResult:
         t0 = time.perf_counter()
-        outcome = run_isolated("labelers._pyscf_run:calculate", self._payload(atoms),
+        outcome = run_isolated("bayesal.labelers._pyscf_run:calculate", self._payload(atoms),
                                timeout=self.timeout_s, threads=self.threads)
         base_prov = {"settings": self.settings, "host": os.uname().nodename}
         if outcome.kind == "ok":

@@ -11,8 +11,8 @@ import ase.io
 import numpy as np
 from ase import Atoms
 
-from labelers._identity import structure_key
-from labelers.base import Labeler, LabelResult, LabelStatus
+from bayesal.contracts import atoms_hash
+from bayesal.labelers.base import Labeler, LabelResult, LabelStatus
 
 __all__ = ["ReplayLabeler"]
 
@@ -49,7 +49,7 @@ class ReplayLabeler(Labeler):
                 if energy is None or forces is None:
                     raise ValueError(f"{path}, frame {i}: no energy/forces to replay; give "
                                      "--energy-key/--forces-key or use labelled files")
-                self._table.setdefault(structure_key(atoms), (energy, forces))
+                self._table.setdefault(atoms_hash(atoms), (energy, forces))
         self._digests = sorted(_file_digest(p) for p in self.files)
 
     def __len__(self) -> int:
@@ -61,7 +61,7 @@ class ReplayLabeler(Labeler):
                 "data": self._digests}
 
     def _label_one(self, atoms: Atoms) -> LabelResult:
-        key = structure_key(atoms)
+        key = atoms_hash(atoms)
         hit = self._table.get(key)
         if hit is None:
             return LabelResult(

@@ -15,10 +15,10 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 from prefect.runtime import task_run
 
-from db.pool import load_atoms, unlabelled_ids
-from db.rounds import RoundInfo, open_round
-from tasks import steps
-from tasks.labeling import build_labeler, compute_label, store_results
+from bayesal.db.pool import load_atoms, unlabelled_ids
+from bayesal.db.rounds import RoundInfo, open_round
+from bayesal.tasks import steps
+from bayesal.tasks.labeling import build_labeler, compute_label, store_results
 
 __all__ = ["evaluate_task", "explore_task", "import_task", "label_task", "open_round_task",
            "select_task", "train_task", "unlabelled_task"]

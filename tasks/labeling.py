@@ -16,9 +16,9 @@ from typing import Any
 from ase import Atoms
 from sqlalchemy import Engine, select
 
-from db import Label, Structure, StructureSource
-from db.identity import atoms_hash
-from db.ingest import (
+from bayesal.db import Label, Structure, StructureSource
+from bayesal.db.identity import atoms_hash
+from bayesal.db.ingest import (
     LabelRecord,
     get_or_create_campaign,
     run_transaction,
@@ -26,7 +26,7 @@ from db.ingest import (
     upsert_labels,
     upsert_structures,
 )
-from labelers import Labeler, LabelerInputError, LabelResult, PySCFLabeler, ReplayLabeler
+from bayesal.labelers import Labeler, LabelerInputError, LabelResult, PySCFLabeler, ReplayLabeler
 
 __all__ = ["build_labeler", "compute_label", "existing_labels", "label_record",
            "store_results"]

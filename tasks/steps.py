@@ -28,10 +28,10 @@ from typing import Any
 import numpy as np
 from sqlalchemy import Engine
 
-from db import StructureSource, ensure_schema, make_engine
-from db.identity import atoms_hash
-from db.importer import import_files
-from db.pool import (
+from bayesal.db import StructureSource, ensure_schema, make_engine
+from bayesal.db.identity import atoms_hash
+from bayesal.db.importer import import_files
+from bayesal.db.pool import (
     add_explored,
     draw_structures,
     explored_count,
@@ -40,7 +40,7 @@ from db.pool import (
     labelled_atoms,
     set_campaign_config,
 )
-from db.rounds import (
+from bayesal.db.rounds import (
     ModelRow,
     ScoreRow,
     mark_selected,
@@ -129,10 +129,10 @@ def train_round(engine: Engine, campaign: str, round_id: int, round_index: int,
     missing or has another model config or species, the round trains from scratch
     (``warm_start`` 0 in the summary, the reason in ``warm_start_skipped``).
     """
-    from bayes_model.checkpoint import read_manifest
-    from bayes_model.ensemble import split_validation_stable
-    from bayes_model.posterior import Method, train_posterior
-    from bayes_model.resources import Deadline, plan_processes
+    from bayesal.bayes_model.checkpoint import read_manifest
+    from bayesal.bayes_model.ensemble import split_validation_stable
+    from bayesal.bayes_model.posterior import Method, train_posterior
+    from bayesal.bayes_model.resources import Deadline, plan_processes
 
     t0 = time.perf_counter()
     deadline = Deadline.after(max_minutes)
@@ -180,8 +180,8 @@ def _warm_start_source(init_from: Path | None, model_config, images) -> tuple[Pa
     """``init_from`` when a round can start from it, else None and the reason."""
     if init_from is None:
         return None, ""
-    from bayes_model.checkpoint import CheckpointError, read_manifest
-    from bayes_model.ensemble import warm_start_mismatch
+    from bayesal.bayes_model.checkpoint import CheckpointError, read_manifest
+    from bayesal.bayes_model.ensemble import warm_start_mismatch
 
     try:
         manifest = read_manifest(init_from)
@@ -205,9 +205,9 @@ def evaluate_model(engine: Engine, campaign: str, settings_hash: str, model_dir:
                    test_sets: dict[str, list[int]]) -> dict[str, float]:
     """Accuracy, NLL and calibration of the round's model on the labelled test structures:
     ``test_*`` over all of them, ``test_<name>_*`` per test file (eV, eV/Å, nats)."""
-    from bayes_model.calibration import calibration_metrics
-    from bayes_model.metrics import accuracy_metrics
-    from bayes_model.posterior import load_posterior
+    from bayesal.bayes_model.calibration import calibration_metrics
+    from bayesal.bayes_model.metrics import accuracy_metrics
+    from bayesal.bayes_model.posterior import load_posterior
 
     images = labelled_atoms(engine, campaign, settings_hash, test=True)
     if not images:
@@ -241,8 +241,8 @@ def explore_round(engine: Engine, campaign: str, round_index: int, settings_hash
                   record_every: int, seeds_per_round: int, seed: int) -> dict[str, float]:
     """Langevin MD with the round's model from labelled structures; the frames become
     candidates (source ``explored``). Done once per round (all frames in one transaction)."""
-    from bayes_model.explore import explore
-    from bayes_model.posterior import load_posterior
+    from bayesal.bayes_model.explore import explore
+    from bayesal.bayes_model.posterior import load_posterior
 
     if (n := explored_count(engine, campaign, round_index)) > 0:
         return {"n_explored": n, "explore_reused": True}
@@ -273,8 +273,8 @@ def select_batch(engine: Engine, campaign: str, round_id: int, settings_hash: st
                  ) -> tuple[list[int], dict[str, float]]:
     """Score every unlabelled candidate with the round's model, store the scores chunk by
     chunk and mark the selected batch. A round whose selection is stored returns it."""
-    from bayes_model.posterior import load_posterior
-    from bayes_model.scoring import score_pool
+    from bayesal.bayes_model.posterior import load_posterior
+    from bayesal.bayes_model.scoring import score_pool
 
     stored = selected_structure_ids(engine, round_id)
     if stored:

@@ -11,11 +11,11 @@ from __future__ import annotations
 import numpy as np
 from sqlalchemy import Engine
 
-from db import StructureSource
-from db.importer import import_atoms
-from db.ingest import LabelRecord, run_transaction, upsert_labels
-from db.pool import ids_by_source, set_campaign_config
-from db.rounds import ScoreRow, finish_round, mark_selected, open_round, record_scores
+from bayesal.db import StructureSource
+from bayesal.db.importer import import_atoms
+from bayesal.db.ingest import LabelRecord, run_transaction, upsert_labels
+from bayesal.db.pool import ids_by_source, set_campaign_config
+from bayesal.db.rounds import ScoreRow, finish_round, mark_selected, open_round, record_scores
 
 NAME = "demo"
 SETTINGS = {"labeler": "replay", "method": "pbe", "basis": "def2-svp"}

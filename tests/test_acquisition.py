@@ -7,19 +7,19 @@ import numpy as np
 import pytest
 import torch
 
-from bayes_model.acquisition import (
+from bayesal.bayes_model.acquisition import (
     bald_energy,
     bald_forces_per_atom,
     greedy_max_det,
     score,
     select,
 )
-from bayes_model.ensemble import prepare_data
-from bayes_model.model import ModelConfig
-from bayes_model.posterior import EnsemblePosterior
-from bayes_model.predict import Prediction, combine_samples
-from bayes_model.scoring import iter_scores, score_pool
-from bayes_model.train import build_model
+from bayesal.bayes_model.ensemble import prepare_data
+from bayesal.bayes_model.model import ModelConfig
+from bayesal.bayes_model.posterior import EnsemblePosterior
+from bayesal.bayes_model.predict import Prediction, combine_samples
+from bayesal.bayes_model.scoring import iter_scores, score_pool
+from bayesal.bayes_model.train import build_model
 
 
 def spd(rng, n=3):

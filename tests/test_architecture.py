@@ -12,6 +12,13 @@ REPO = Path(__file__).resolve().parents[1]
 LIBRARIES = ("bayes_model", "labelers", "db")
 
 
+def _root(module: str) -> str:
+    """The top-level name of an import, our packages named by their folder
+    (``bayesal.db.models`` -> ``db``)."""
+    parts = module.split(".")
+    return parts[1] if parts[0] == "bayesal" and len(parts) > 1 else parts[0]
+
+
 def imported_roots(package: str) -> dict[str, set[str]]:
     out: dict[str, set[str]] = {}
     for path in (REPO / package).rglob("*.py"):
@@ -19,11 +26,32 @@ def imported_roots(package: str) -> dict[str, set[str]]:
         roots = set()
         for node in ast.walk(tree):
             if isinstance(node, ast.Import):
-                roots.update(a.name.split(".")[0] for a in node.names)
+                roots.update(_root(a.name) for a in node.names)
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                roots.add(node.module.split(".")[0])
+                if node.module == "bayesal":  # from bayesal import db
+                    roots.update(a.name for a in node.names)
+                else:
+                    roots.add(_root(node.module))
         out[str(path.relative_to(REPO))] = roots
     return out
+
+
+def test_our_packages_are_imported_as_bayesal_only():
+    """No module imports one of our packages by its folder name (``import db``): installed,
+    there is only ``bayesal``."""
+    ours = {"flows", "tasks", "bayes_model", "labelers", "db", "dashboard"}
+    offenders = {}
+    for path in [*REPO.glob("*/*.py"), *REPO.glob("*/*/*.py"), *REPO.glob("*/*/*/*.py")]:
+        if ".venv" in path.parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0
+                     and node.module else [])
+            bad = [n for n in names if n.split(".")[0] in ours]
+            if bad:
+                offenders.setdefault(str(path.relative_to(REPO)), []).extend(bad)
+    assert offenders == {}
 
 
 @pytest.mark.parametrize("package", LIBRARIES)
@@ -32,6 +60,14 @@ def test_libraries_never_import_prefect_or_each_other(package):
     offenders = {f: sorted(r & forbidden) for f, r in imported_roots(package).items()
                  if r & forbidden}
     assert offenders == {}
+
+
+def test_contracts_depend_on_nothing_of_ours():
+    """bayesal.contracts is the one module all libraries share: it must import none of
+    them (nor Prefect, torch or SQLAlchemy)."""
+    roots = imported_roots("bayesal")["bayesal/contracts.py"]
+    assert roots <= {"__future__", "ctypes", "enum", "hashlib", "json", "os", "signal", "sys",
+                     "typing", "numpy", "scipy", "ase"}, roots
 
 
 def test_tasks_do_not_import_flows():
@@ -48,3 +84,55 @@ def test_dashboard_reads_through_db_only():
     offenders = {f: sorted(r & forbidden) for f, r in roots.items() if r & forbidden}
     assert offenders == {}
     assert all("db" in r for f, r in roots.items() if f.endswith(("app.py", "data.py")))
+
+
+WHEEL_CHECK = """
+import sys
+import bayesal, bayesal.bayes_model.model, bayesal.dashboard.data, bayesal.db, bayesal.flows.cli
+import bayesal.labelers, bayesal.tasks.steps
+from bayesal.db import make_engine, upgrade
+assert bayesal.db.__file__.startswith(sys.argv[1]), bayesal.db.__file__
+print(upgrade(make_engine("sqlite:///" + sys.argv[2])))
+"""
+
+
+@pytest.mark.slow
+def test_the_wheel_installs_only_bayesal_and_runs_from_it(tmp_path):
+    """A wheel built from the repository holds one top-level package, ``bayesal`` (plus its
+    metadata), and works installed on its own: its subpackages import from it and its
+    database migrations (data files) are there."""
+    import shutil
+    import subprocess
+    import sys
+    import tomllib
+    import zipfile
+
+    src = tmp_path / "src"  # a copy: building in the checkout would leave build/ there
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    for folder in {*pyproject["tool"]["setuptools"]["package-dir"].values()}:
+        shutil.copytree(REPO / folder, src / folder,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, src / name)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                    "-q", "-w", str(tmp_path / "dist"), str(src)], check=True,
+                   capture_output=True, timeout=600)
+    wheel = next((tmp_path / "dist").glob("bayesal-*.whl"))
+    top = {name.split("/")[0] for name in zipfile.ZipFile(wheel).namelist()}
+    assert {t for t in top if not t.endswith(".dist-info")} == {"bayesal"}
+    site = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target",
+                    str(site), str(wheel)], check=True, capture_output=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-c", WHEEL_CHECK, str(site), str(tmp_path / "x.db")],
+                          env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"},
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] != ""
+
+
+def test_tests_share_helpers_not_conftest():
+    """Helpers come from tests/helpers.py; conftest.py holds fixtures only (importing it
+    as a module runs it twice under two names)."""
+    offenders = [p.name for p in (REPO / "tests").glob("*.py") if p != Path(__file__)
+                 and any(s in p.read_text() for s in ("from conftest import", "import conftest"))]
+    assert offenders == []

@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from db.arrays import ArrayEncodingError, decode_array, encode_array
+from bayesal.db.arrays import ArrayEncodingError, decode_array, encode_array
 
 
 @pytest.mark.parametrize(

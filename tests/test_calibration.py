@@ -7,7 +7,7 @@ import pytest
 from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
 
-from bayes_model.calibration import (
+from bayesal.bayes_model.calibration import (
     Recalibration,
     auroc,
     calibration_metrics,
@@ -19,7 +19,7 @@ from bayes_model.calibration import (
     plot_calibration,
     reliability_curve,
 )
-from bayes_model.predict import Prediction
+from bayesal.bayes_model.predict import Prediction
 
 
 def labelled_case(rng, n_struct=400, n_atoms=3, sigma_scale=1.0, heavy_tails=False):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from flows.campaign_config import load_campaign_config
+from bayesal.flows.campaign_config import load_campaign_config
 
 GOOD = """
 name: demo-1

@@ -14,7 +14,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import ethanol_campaign
+from helpers import ethanol_campaign
 from sqlalchemy import select
 
 BIN = Path(sys.executable).parent
@@ -52,7 +52,7 @@ def _stop(proc: subprocess.Popen) -> None:
 
 @pytest.mark.slow
 def test_deployment_runs_a_campaign_through_server_and_worker(shared_data, tmp_path):
-    from db import Round, make_engine
+    from bayesal.db import Round, make_engine
 
     port = _free_port()
     api = f"http://127.0.0.1:{port}/api"

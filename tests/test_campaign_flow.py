@@ -14,7 +14,7 @@ import threading
 import ase.io
 import pytest
 import yaml
-from conftest import TINY, ethanol_campaign, rattled_waters
+from helpers import TINY, ethanol_campaign, rattled_waters
 from sqlalchemy import func, select
 
 
@@ -35,8 +35,8 @@ def _artifact_keys(campaign: str) -> set[str]:
 
 def test_replay_campaign_end_to_end_and_rerun_adds_nothing(prefect_api, shared_data, db_url,
                                                            tmp_path, monkeypatch):
-    from db import Label, Model, Round, Score, Structure, make_engine
-    from flows.campaign import campaign
+    from bayesal.db import Label, Model, Round, Score, Structure, make_engine
+    from bayesal.flows.campaign import campaign
 
     _use_db(monkeypatch, db_url, tmp_path / "data")
     config = ethanol_campaign(tmp_path, shared_data, finetune={"max_epochs": 2})
@@ -54,7 +54,7 @@ def test_replay_campaign_end_to_end_and_rerun_adds_nothing(prefect_api, shared_d
         assert [r.n_labelled for r in rounds] == [4, 4, 4]
         # finetune: round 0 from scratch, later rounds start from the previous round's model
         assert [r.metrics["warm_start"] for r in rounds] == [0.0, 1.0, 1.0]
-        from bayes_model.checkpoint import read_manifest
+        from bayesal.bayes_model.checkpoint import read_manifest
         model_dirs = sorted((tmp_path / "data" / "campaigns" / "eth").glob("round-*/model"))
         assert len(model_dirs) == 3
         assert [read_manifest(d).extra.get("init_from") for d in model_dirs] == [
@@ -109,8 +109,8 @@ def test_replay_campaign_end_to_end_and_rerun_adds_nothing(prefect_api, shared_d
 
 def test_new_run_of_an_existing_campaign_needs_resume(prefect_api, shared_data, sqlite_url,
                                                       tmp_path, monkeypatch):
-    from flows.campaign import campaign
-    from tasks.steps import CampaignError
+    from bayesal.flows.campaign import campaign
+    from bayesal.tasks.steps import CampaignError
 
     _use_db(monkeypatch, sqlite_url, tmp_path / "data")
     config = ethanol_campaign(tmp_path, shared_data, name="twice", stop={"max_rounds": 1})
@@ -141,9 +141,9 @@ class _FailOnce:
 @pytest.mark.slow
 def test_pyscf_campaign_with_explorer_survives_a_forced_scf_failure(
         prefect_api, sqlite_url, tmp_path, monkeypatch):
-    import tasks.campaign
-    from db import Label, Model, Round, Structure, make_engine
-    from labelers import PySCFLabeler
+    from bayesal.db import Label, Model, Round, Structure, make_engine
+    from bayesal.labelers import PySCFLabeler
+    from bayesal.tasks import campaign as campaign_tasks
 
     _use_db(monkeypatch, sqlite_url, tmp_path / "data")
     ase.io.write(tmp_path / "start.xyz", rattled_waters(6, seed=1))
@@ -161,8 +161,8 @@ def test_pyscf_campaign_with_explorer_survives_a_forced_scf_failure(
     bad = PySCFLabeler("hf", "sto-3g", timeout_s=120, max_cycle=1)
     # calls 1-9 label the 6 initial + 3 test structures; call 10 is in round 0's batch
     wrapper = _FailOnce(good, bad, fail_call=10)
-    monkeypatch.setattr(tasks.campaign, "build_labeler", lambda spec, guess_dir: wrapper)
-    from flows.campaign import campaign
+    monkeypatch.setattr(campaign_tasks, "build_labeler", lambda spec, guess_dir: wrapper)
+    from bayesal.flows.campaign import campaign
 
     result = campaign(str(tmp_path / "water.yaml"), resume=False)
     assert result["rounds"] == 2
@@ -222,8 +222,8 @@ def test_config_errors_are_clear_and_write_nothing(edit, message, shared_data, t
 
 def test_dask_runner_settings_from_the_yaml(shared_data, tmp_path):
     """SLURM/PBS cannot run here: check the runner the YAML turns into."""
-    from flows.campaign import make_task_runner
-    from flows.campaign_config import load_campaign_config
+    from bayesal.flows.campaign import make_task_runner
+    from bayesal.flows.campaign_config import load_campaign_config
 
     config = ethanol_campaign(tmp_path, shared_data, runner={
         "kind": "dask", "dask": {"cluster": "slurm", "jobs": 20, "cores": 8,
@@ -244,8 +244,8 @@ def test_dask_runner_settings_from_the_yaml(shared_data, tmp_path):
 @pytest.mark.slow
 def test_labels_fan_out_over_a_local_dask_cluster(prefect_api, shared_data, sqlite_url,
                                                   tmp_path, monkeypatch):
-    from db import Label, Round, make_engine
-    from flows.campaign import campaign
+    from bayesal.db import Label, Round, make_engine
+    from bayesal.flows.campaign import campaign
 
     _use_db(monkeypatch, sqlite_url, tmp_path / "data")
     config = ethanol_campaign(tmp_path, shared_data, name="dask", stop={"max_rounds": 1},

@@ -16,7 +16,7 @@ from pathlib import Path
 import ase.io
 import pytest
 import yaml
-from conftest import TINY, rattled_waters
+from helpers import TINY, rattled_waters
 from sqlalchemy import func, select
 
 BATCH, INITIAL, TEST, ROUNDS = 4, 4, 2, 2
@@ -38,7 +38,7 @@ def _config(folder: Path, max_epochs: int = 60, **train) -> Path:
 
 
 def _round_labels(engine) -> int:
-    from db import Label
+    from bayesal.db import Label
 
     with engine.connect() as conn:
         return conn.scalar(select(func.count()).select_from(Label)
@@ -47,7 +47,7 @@ def _round_labels(engine) -> int:
 
 def _training(data_dir: Path):
     def check(engine) -> bool:
-        from db import Model
+        from bayesal.db import Model
 
         states = list((data_dir / "campaigns" / "crash").glob(
             "round-*/model/work/member_*/train_state.pt"))
@@ -76,7 +76,7 @@ def _wait_for(proc: subprocess.Popen, log: Path, ready, what: str) -> None:
 @pytest.mark.parametrize("phase", ["labeling", "training"])
 def test_sigkill_and_resume_loses_and_duplicates_nothing(phase, prefect_api, sqlite_url,
                                                         tmp_path):
-    from db import Label, Round, Score, make_engine
+    from bayesal.db import Label, Round, Score, make_engine
 
     config = _config(tmp_path)
     env = {**os.environ, "BAYESAL_DATABASE_URL": sqlite_url,
@@ -132,7 +132,7 @@ def test_a_killed_run_leaves_no_process_behind(sig, sqlite_url, tmp_path):
     runs no handler at all: the members die with their parent and a reaper stops the server."""
     import psutil
 
-    from db import make_engine
+    from bayesal.db import make_engine
 
     # members would train for hours: no early stopping, no stop at a small learning rate
     config = _config(tmp_path, max_epochs=10**6, patience=10**6, min_lr=1e-300,

@@ -8,13 +8,13 @@ import ase.io
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, rattled_waters
+from helpers import TINY, rattled_waters
 
-from bayes_model.ensemble import prepare_data
-from bayes_model.explore import explore, max_force_std
-from bayes_model.model import ModelConfig
-from bayes_model.posterior import EnsemblePosterior
-from bayes_model.train import build_model
+from bayesal.bayes_model.ensemble import prepare_data
+from bayesal.bayes_model.explore import explore, max_force_std
+from bayesal.bayes_model.model import ModelConfig
+from bayesal.bayes_model.posterior import EnsemblePosterior
+from bayesal.bayes_model.train import build_model
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +86,7 @@ def test_prediction_subset_equals_predicting_the_subset(committee):
 
 # ------------------------------------------------------------------ database helpers
 def _campaign(engine, name, images):
-    from db.importer import import_atoms
+    from bayesal.db.importer import import_atoms
 
     return import_atoms(engine, images, name).structure_ids
 
@@ -94,8 +94,8 @@ def _campaign(engine, name, images):
 def test_initial_draw_is_reproducible_whatever_the_insertion_order(engine):
     from sqlalchemy import select
 
-    from db.models import Structure
-    from db.pool import draw_structures
+    from bayesal.db.models import Structure
+    from bayesal.db.pool import draw_structures
 
     images = rattled_waters(30, seed=5)
     _campaign(engine, "a", images)
@@ -108,14 +108,14 @@ def test_initial_draw_is_reproducible_whatever_the_insertion_order(engine):
 
     assert drawn("a") == drawn("b") and len(drawn("a")) == 6
     assert drawn("a") != set()
-    from db import DatabaseError
+    from bayesal.db import DatabaseError
 
     with pytest.raises(DatabaseError, match="cannot draw 31 structures from the 30"):
         draw_structures(engine, "a", 31, seed=0)
 
 
 def test_selection_models_and_summary_are_recorded_once(engine):
-    from db.rounds import (
+    from bayesal.db.rounds import (
         ModelRow,
         ScoreRow,
         mark_selected,
@@ -146,8 +146,8 @@ def test_selection_models_and_summary_are_recorded_once(engine):
 
 
 def test_stopping_rules(engine):
-    from db.ingest import LabelRecord, run_transaction, upsert_labels
-    from tasks.steps import stop_reason
+    from bayesal.db.ingest import LabelRecord, run_transaction, upsert_labels
+    from bayesal.tasks.steps import stop_reason
 
     ids = _campaign(engine, "stop", rattled_waters(5, seed=2))
     run_transaction(engine, lambda s: upsert_labels(s, [
@@ -177,8 +177,8 @@ def test_stopping_rules(engine):
 def test_warm_start_source_falls_back_to_scratch_with_the_reason(committee, tmp_path):
     """A round warm-starts only from a previous model with the same config and species; a
     missing model or a new element in the labelled data means training from scratch."""
-    from bayes_model.checkpoint import save_members
-    from tasks.steps import _warm_start_source
+    from bayesal.bayes_model.checkpoint import save_members
+    from bayesal.tasks.steps import _warm_start_source
 
     posterior, ethanol = committee
     prev = save_members(tmp_path / "prev", posterior.models)
@@ -198,7 +198,7 @@ def test_stable_validation_split_never_moves_training_structures_into_validation
     """As a campaign's labelled set grows, every structure keeps its side of the split (so a
     fine-tuned model is validated on unseen structures); the share is about the fraction and
     both sides are non-empty even for two structures."""
-    from bayes_model.ensemble import split_validation_stable
+    from bayesal.bayes_model.ensemble import split_validation_stable
 
     images = [ase.Atoms("H", info={"id": k}) for k in range(2000)]
     side: dict[int, bool] = {}

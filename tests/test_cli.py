@@ -9,8 +9,8 @@ from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 from typer.testing import CliRunner
 
-from db import make_engine, readonly_engine
-from flows.cli import app
+from bayesal.db import make_engine, readonly_engine
+from bayesal.flows.cli import app
 
 runner = CliRunner()
 
@@ -26,7 +26,7 @@ def filled(request, tmp_path_factory, shared_data):
     if request.param == "sqlite":
         db_url = f"sqlite:///{tmp_path_factory.mktemp('cli') / 'bayesal.db'}"
     else:
-        from db.testing import create_database
+        from pg_server import create_database
 
         db_url = create_database(request.getfixturevalue("pg_server"))
     res = bayesal(db_url, "import", str(shared_data / "ethanol" / "train.xyz"), "--campaign",

@@ -9,8 +9,8 @@ import pytest
 from ase import Atoms
 from sqlalchemy import func, select
 
-from db import Label, Structure, make_engine, session_scope, upgrade
-from db.ingest import (
+from bayesal.db import Label, Structure, make_engine, session_scope, upgrade
+from bayesal.db.ingest import (
     LabelRecord,
     get_or_create_campaign,
     run_transaction,

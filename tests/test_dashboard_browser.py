@@ -37,7 +37,7 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def database(tmp_path_factory) -> str:
-    from db import make_engine
+    from bayesal.db import make_engine
 
     url = f"sqlite:///{tmp_path_factory.mktemp('dash') / 'demo.db'}"
     engine = make_engine(url)

@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from dashboard import data, plots
+from bayesal.dashboard import data, plots
 
 
 @pytest.fixture
 def demo(engine, db_url):
     """(read-only engine, structure ids by role) of the demo campaign."""
-    from db import readonly_engine
+    from bayesal.db import readonly_engine
 
     ids = fx.build_demo(engine)
     ro = readonly_engine(db_url)
@@ -56,8 +56,8 @@ def test_unknown_campaign_lists_existing(demo):
 
 
 def test_running_round_is_reported(engine, db_url):
-    from db import readonly_engine
-    from db.rounds import open_round
+    from bayesal.db import readonly_engine
+    from bayesal.db.rounds import open_round
 
     fx.build_demo(engine)
     open_round(engine, "demo")
@@ -207,7 +207,7 @@ def test_dashboard_engine_cannot_write(demo):
     from sqlalchemy import insert, text
     from sqlalchemy.exc import DBAPIError
 
-    from db import Campaign, session_scope
+    from bayesal.db import Campaign, session_scope
 
     ro, _ = demo
     with pytest.raises(DBAPIError, match=r"(?i)read.?only|readonly|query_only"), \
@@ -221,7 +221,7 @@ def test_dashboard_engine_cannot_write(demo):
 
 
 def test_cli_refuses_a_missing_database(tmp_path, monkeypatch):
-    from flows.cli import app
+    from bayesal.flows.cli import app
 
     monkeypatch.setenv("BAYESAL_DATABASE_URL", f"sqlite:///{tmp_path / 'none.db'}")
     result = CliRunner().invoke(app, ["dashboard"])
@@ -231,7 +231,7 @@ def test_cli_refuses_a_missing_database(tmp_path, monkeypatch):
 
 
 def test_streamlit_command_is_headless_and_local():
-    from flows.cli.dashboard import APP, _is_loopback, streamlit_command
+    from bayesal.flows.cli.dashboard import APP, _is_loopback, streamlit_command
 
     cmd = streamlit_command("127.0.0.1", 8502, "demo", 10.0)
     assert cmd[1:4] == ["-m", "streamlit", "run"] and cmd[4] == str(APP) and APP.is_file()
@@ -251,7 +251,7 @@ def test_reads_do_not_wait_for_a_running_writer(demo, engine):
 
     from sqlalchemy import insert, select
 
-    from db import Campaign, Round, session_scope
+    from bayesal.db import Campaign, Round, session_scope
 
     ro, _ = demo
     with session_scope(engine) as writer:  # BEGIN IMMEDIATE on SQLite: holds the write lock

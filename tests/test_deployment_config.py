@@ -44,7 +44,7 @@ def test_compose_worker_reaches_the_campaign_database_and_the_prefect_server():
     assert (url.username, url.password, url.database) == (
         pg["POSTGRES_USER"], pg["POSTGRES_PASSWORD"], pg["POSTGRES_DB"])
     # the worker's settings are valid bayesal settings
-    from flows.settings import Settings
+    from bayesal.flows.settings import Settings
 
     Settings(database_url=env["BAYESAL_DATABASE_URL"], data_dir=env["BAYESAL_DATA_DIR"])
     api = make_url(env["PREFECT_API_URL"].replace("http://", "postgresql://"))
@@ -70,7 +70,7 @@ def test_compose_dashboard_reads_the_campaign_database_of_the_worker():
     # the command line parses: the options exist on `bayesal dashboard`
     from typer.testing import CliRunner
 
-    from flows.cli import app
+    from bayesal.flows.cli import app
 
     help_text = CliRunner().invoke(app, ["dashboard", "--help"]).output
     assert "--host" in help_text and "--port" in help_text
@@ -96,8 +96,13 @@ def test_compose_publishes_ports_on_loopback_only():
 def test_dockerfile_installs_cpu_torch_first_and_every_package():
     text = (REPO / "Dockerfile").read_text()
     assert text.index("torch==2.13.0") < text.index("pip install -e .")
-    for package in ("flows", "tasks", "bayes_model", "labelers", "db", "dashboard"):
-        assert f"COPY {package} {package}" in text
+    import tomllib
+
+    folders = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "package-dir"].values()
+    assert set(folders) >= {"bayesal", "flows", "tasks", "bayes_model", "labelers", "db"}
+    for folder in folders:
+        assert f"COPY {folder} {folder}" in text
 
 
 def test_prefect_yaml_deployment_points_at_the_campaign_flow():
@@ -106,7 +111,7 @@ def test_prefect_yaml_deployment_points_at_the_campaign_flow():
     spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
     (dep,) = spec["deployments"]
     path, func = dep["entrypoint"].split(":")
-    module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
+    module = importlib.import_module("bayesal." + path.removesuffix(".py").replace("/", "."))
     flow = getattr(module, func)
     assert flow.name == "campaign"
     assert set(dep["parameters"]) <= set(flow.parameters.properties)

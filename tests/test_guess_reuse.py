@@ -8,9 +8,9 @@ from ase.build import molecule
 from pyscf import gto, scf
 from scipy.spatial.transform import Rotation
 
-from labelers import PySCFLabeler
-from labelers._pyscf_run import _rotate_dm
-from labelers.guess_store import Guess, GuessStore, kabsch
+from bayesal.labelers import PySCFLabeler
+from bayesal.labelers._pyscf_run import _rotate_dm
+from bayesal.labelers.guess_store import Guess, GuessStore, kabsch
 
 
 def converged_dm(atoms, basis="6-31g*"):
@@ -80,7 +80,7 @@ def test_reuse_saves_cycles_and_leaves_the_answer_unchanged(tmp_path):
 
 
 def test_extrapolation_weights_follow_a_straight_path():
-    from labelers.guess_store import extrapolation_weights
+    from bayesal.labelers.guess_store import extrapolation_weights
 
     x0 = molecule("CH3CH2OH").positions
     step = np.random.default_rng(4).normal(scale=0.02, size=x0.shape)
@@ -98,7 +98,7 @@ def test_extrapolation_weights_follow_a_straight_path():
 
 
 def test_extrapolated_guess_beats_the_nearest_one_along_md_like_path(tmp_path):
-    from labelers._pyscf_run import build_mol, reused_guess
+    from bayesal.labelers._pyscf_run import build_mol, reused_guess
 
     base = molecule("CH3CH2OH")
     step = np.random.default_rng(5).normal(scale=0.02, size=base.positions.shape)

@@ -4,7 +4,7 @@ import numpy as np
 from ase import Atoms
 from ase.build import bulk, molecule
 
-from db.identity import atoms_hash, closest_pair
+from bayesal.db.identity import atoms_hash, closest_pair
 
 
 def test_hash_ignores_noise_below_resolution_and_sees_real_changes():

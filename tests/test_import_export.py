@@ -8,11 +8,11 @@ import pandas as pd
 import pytest
 from sqlalchemy import func, select
 
-from db import Campaign, Label, Structure, session_scope
-from db.engine import DatabaseError
-from db.export import export_campaign
-from db.importer import ReferenceLevel, import_files
-from db.readers import InputError
+from bayesal.db import Campaign, Label, Structure, session_scope
+from bayesal.db.engine import DatabaseError
+from bayesal.db.export import export_campaign
+from bayesal.db.importer import ReferenceLevel, import_files
+from bayesal.db.readers import InputError
 
 PBE = ReferenceLevel("PBE", "def2-SVP")
 
@@ -162,7 +162,7 @@ def test_duplicates_within_a_file_are_skipped(engine, tmp_path):
 
 
 def test_extxyz_writer_round_trips_numpy_scalars_and_strings(tmp_path):
-    from db.export import format_extxyz
+    from bayesal.db.export import format_extxyz
 
     info = {"a": np.float64(1.0373), "b": np.int64(3), "c": "two words", "d": True,
             "e": 'quote " inside'}

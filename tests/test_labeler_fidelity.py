@@ -6,7 +6,7 @@ import ase.io
 import numpy as np
 import pytest
 
-from labelers import PySCFLabeler
+from bayesal.labelers import PySCFLabeler
 
 pytestmark = pytest.mark.slow
 

@@ -14,9 +14,9 @@ import pytest
 from ase import Atoms
 from ase.build import molecule
 
-from labelers import LabelerInputError, PySCFLabeler, ReplayLabeler, structure_key
-from labelers.isolation import _all as workers
-from labelers.isolation import run_isolated
+from bayesal.labelers import LabelerInputError, PySCFLabeler, ReplayLabeler
+from bayesal.labelers.isolation import _all as workers
+from bayesal.labelers.isolation import run_isolated
 
 
 def water() -> Atoms:
@@ -196,11 +196,26 @@ def test_settings_hash_is_the_level_of_theory_only():
                                            density_fit=False).settings_hash
 
 
-def test_structure_key_matches_the_database_hash(shared_data):
-    from db.identity import atoms_hash
+def test_labelers_imports_and_the_store_share_one_identity_of_structures_and_levels():
+    """Structure hash, settings hash, label status and the die-with-parent helper are
+    defined once (bayesal.contracts) and are what the labelers, the importer and the store
+    use: a replay labeler finds structures by the database's hash, and labels imported with
+    a level of theory carry the hash of that level's settings."""
+    from bayesal import contracts
+    from bayesal.bayes_model import ensemble
+    from bayesal.db import identity, importer, ingest, models
+    from bayesal.labelers import _worker, base, replay
 
-    for atoms in ase.io.read(shared_data / "acac" / "train_600K.xyz", ":20"):
-        assert structure_key(atoms) == atoms_hash(atoms)
+    assert replay.atoms_hash is identity.atoms_hash is contracts.atoms_hash
+    assert base.settings_hash is ingest.settings_hash is importer.settings_hash \
+        is contracts.settings_hash
+    assert base.LabelStatus is models.LabelStatus is contracts.LabelStatus
+    assert _worker.die_with_parent is ensemble.die_with_parent is contracts.die_with_parent
+    level = importer.ReferenceLevel("PBE", "def2-SVP")
+    assert level.settings_hash == contracts.settings_hash(
+        {"labeler": "reference", "method": "pbe", "basis": "def2-svp"})
+    labeler = PySCFLabeler("hf", "sto-3g")
+    assert labeler.settings_hash == contracts.settings_hash(labeler.settings)
 
 
 def test_replay_serves_stored_labels_exactly(shared_data):
@@ -229,8 +244,8 @@ def test_killing_the_caller_leaves_no_calculation_running(tmp_path):
     script.write_text(
         "import sys, threading, time\n"
         "from ase.build import molecule\n"
-        "from labelers import PySCFLabeler\n"
-        "from labelers.isolation import _all\n"
+        "from bayesal.labelers import PySCFLabeler\n"
+        "from bayesal.labelers.isolation import _all\n"
         "lab = PySCFLabeler('pbe', 'def2-tzvp', timeout_s=None)\n"
         "t = threading.Thread(target=lab.label, args=(molecule('C6H6'),), daemon=True)\n"
         "t.start()\n"
@@ -254,7 +269,7 @@ def test_killing_the_caller_leaves_no_calculation_running(tmp_path):
 
 @pytest.mark.gpu
 def test_gpu_backend_agrees_with_cpu():
-    from labelers import gpu_available
+    from bayesal.labelers import gpu_available
 
     if not gpu_available():
         pytest.skip("gpu4pyscf is not importable (no GPU backend here)")
@@ -265,16 +280,14 @@ def test_gpu_backend_agrees_with_cpu():
     assert np.abs(gpu.forces - cpu.forces).max() < 1e-3
 
 
-@pytest.mark.parametrize("helper", ["labelers._protocol:die_with_parent",
-                                    "bayes_model.ensemble:_die_with_parent"])
-def test_child_processes_exit_when_their_parent_is_already_gone(helper):
+def test_child_processes_exit_when_their_parent_is_already_gone():
     """Calculation children (labeler worker) and ensemble members ask to die with their
     parent; one whose parent died before the request (it is orphaned) exits instead of
     working for nobody, and under its live parent it carries on."""
     import subprocess
     import sys
 
-    module, name = helper.split(":")
+    module, name = "bayesal.contracts", "die_with_parent"  # workers' and members'
     code = (f"import os, sys; from {module} import {name}; "
             f"{name}(os.getppid() + int(sys.argv[1])); print('alive')")
     ok = subprocess.run([sys.executable, "-c", code, "0"], capture_output=True, text=True)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from bayes_model import _keys as K
-from bayes_model.losses import compute_loss
+from bayesal.bayes_model import _keys as K
+from bayesal.bayes_model.losses import compute_loss
 
 
 def case():
@@ -63,8 +63,8 @@ def test_separate_nll_fits_the_means_exactly_as_mse_and_the_variances_by_nll():
     gradient; the variance heads get the NLL's (and none from MSE)."""
     import ase.build
 
-    from bayes_model.data import atoms_to_graph, batch_graphs
-    from bayes_model.model import ModelConfig, MVEPotential
+    from bayesal.bayes_model.data import atoms_to_graph, batch_graphs
+    from bayesal.bayes_model.model import ModelConfig, MVEPotential
 
     torch.manual_seed(0)
     model = MVEPotential(ModelConfig(channels=4, n_layers=2, radial_hidden=8), [1, 6, 8],

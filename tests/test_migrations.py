@@ -7,9 +7,9 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect
 
-from db import SchemaOutOfDate, ensure_schema, head_revision, make_engine, upgrade
-from db.engine import current_revision
-from db.models import Base
+from bayesal.db import SchemaOutOfDate, ensure_schema, head_revision, make_engine, upgrade
+from bayesal.db.engine import current_revision
+from bayesal.db.models import Base
 
 TABLES = {"campaigns", "structures", "labeler_settings", "labels", "rounds", "models", "scores"}
 VIEWS = {"labelled_data", "round_summary", "label_failures"}
@@ -48,7 +48,7 @@ def test_downgrade_and_upgrade_again(db_url):
         upgrade_to = head_revision()
         from alembic import command
 
-        from db.engine import alembic_config
+        from bayesal.db.engine import alembic_config
 
         command.downgrade(alembic_config(engine), "base")
         assert current_revision(engine) is None

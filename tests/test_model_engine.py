@@ -16,18 +16,18 @@ import pytest
 import torch
 from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
-from conftest import REPO, TINY
+from helpers import REPO, TINY
 
-from bayes_model import resources
-from bayes_model.data import (
+from bayesal.bayes_model import resources
+from bayesal.bayes_model.data import (
     atoms_to_graph,
     batch_graphs,
     energy_shifts_least_squares,
     energy_shifts_with_isolated,
 )
-from bayes_model.ensemble import prepare_data
-from bayes_model.model import ModelConfig, MVEPotential
-from bayes_model.train import TrainConfig, build_model, train_model
+from bayesal.bayes_model.ensemble import prepare_data
+from bayesal.bayes_model.model import ModelConfig, MVEPotential
+from bayesal.bayes_model.train import TrainConfig, build_model, train_model
 
 SPECIES = [1, 6, 8]
 
@@ -149,10 +149,10 @@ def test_cpu_share_takes_the_smallest_limit(monkeypatch):
 
 MEMBER_THREADS = textwrap.dedent("""
     import json, sys, ase.io
-    from bayes_model.checkpoint import read_manifest
-    from bayes_model.ensemble import train_ensemble
-    from bayes_model.model import ModelConfig
-    from bayes_model.train import TrainConfig
+    from bayesal.bayes_model.checkpoint import read_manifest
+    from bayesal.bayes_model.ensemble import train_ensemble
+    from bayesal.bayes_model.model import ModelConfig
+    from bayesal.bayes_model.train import TrainConfig
     frames = ase.io.read(sys.argv[1], ":12")
     train_ensemble(frames[:10], frames[10:], sys.argv[2], members=2,
                    model_config=ModelConfig(**json.loads(sys.argv[3])),
@@ -193,7 +193,7 @@ def test_members_share_the_cores_without_oversubscription(shared_data, tmp_path)
 
 
 def test_describe_budget_names_the_shared_start_and_the_waves():
-    from bayes_model.posterior import describe_budget
+    from bayesal.bayes_model.posterior import describe_budget
 
     text = describe_budget("ensemble", 10, 4, 2, shared_start=0.75)
     assert "training 9.60 min (7.20 min on the model all members start from, then 2 waves " \
@@ -223,7 +223,7 @@ def test_max_minutes_is_the_wall_budget_of_the_whole_command(shared_data, tmp_pa
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert wall <= 0.5 * 60 * 1.05 + STARTUP_ALLOWANCE_S, f"{wall:.1f} s"
     assert "budget 0.50 min" in proc.stdout
-    from bayes_model.posterior import load_posterior
+    from bayesal.bayes_model.posterior import load_posterior
 
     pred = load_posterior(tmp_path / "model").predict(
         ase.io.read(shared_data / "ethanol" / "test_MD.xyz", ":5"))

@@ -9,8 +9,8 @@ from ase import Atoms
 from ase.build import molecule
 from scipy.spatial.transform import Rotation
 
-from bayes_model.data import atoms_to_graph, batch_graphs
-from bayes_model.model import ModelConfig, MVEPotential
+from bayesal.bayes_model.data import atoms_to_graph, batch_graphs
+from bayesal.bayes_model.model import ModelConfig, MVEPotential
 
 SPECIES = [1, 6, 8]
 CFG = ModelConfig(channels=8, n_layers=3, l_max=2, radial_hidden=16, cutoff=4.0)

@@ -13,13 +13,13 @@ from ase.build import molecule
 from ase.md.velocitydistribution import thermalize_momenta
 from ase.md.verlet import VelocityVerlet
 
-from bayes_model.calculator import BayesalCalculator
-from bayes_model.checkpoint import CheckpointError, load_members, save_members
-from bayes_model.ensemble import prepare_data
-from bayes_model.model import ModelConfig
-from bayes_model.posterior import EnsemblePosterior, load_posterior
-from bayes_model.predict import predict_members
-from bayes_model.train import TrainConfig, build_model, train_model
+from bayesal.bayes_model.calculator import BayesalCalculator
+from bayesal.bayes_model.checkpoint import CheckpointError, load_members, save_members
+from bayesal.bayes_model.ensemble import prepare_data
+from bayesal.bayes_model.model import ModelConfig
+from bayesal.bayes_model.posterior import EnsemblePosterior, load_posterior
+from bayesal.bayes_model.predict import predict_members
+from bayesal.bayes_model.train import TrainConfig, build_model, train_model
 
 SMALL = ModelConfig(channels=8, n_layers=2, radial_hidden=16)
 
@@ -143,8 +143,8 @@ def test_saved_ensemble_reproduces_the_validation_metrics_of_training(ethanol, t
     """The model directory must predict exactly what the trained model predicted: the
     validation force MAE stored in the manifest is recomputed from the loaded members
     (regression: the neighbour normalisation was lost when members were rebuilt)."""
-    from bayes_model.ensemble import train_ensemble
-    from bayes_model.metrics import accuracy_metrics
+    from bayesal.bayes_model.ensemble import train_ensemble
+    from bayesal.bayes_model.metrics import accuracy_metrics
 
     train, valid = ethanol[:40], ethanol[40:50]
     cfg = TrainConfig(max_epochs=3, warmup_epochs=1, batch_size=8, float64=True)
@@ -164,7 +164,7 @@ def test_parallel_members_report_every_epoch_and_leave_no_process(ethanol, tmp_p
     the queue handed to the members) and no helper process outlives the call."""
     import multiprocessing
 
-    from bayes_model.ensemble import train_ensemble
+    from bayesal.bayes_model.ensemble import train_ensemble
 
     seen: list[tuple[int, int]] = []
     cfg = TrainConfig(max_epochs=2, warmup_epochs=1, batch_size=8, shared_start=0)
@@ -181,7 +181,7 @@ def test_warm_start_continues_from_the_previous_members(ethanol, tmp_path):
     shifts, force scale, neighbour normalisation kept although the new data would give others);
     a step of 1e-9 leaves its predictions unchanged, while a fresh start differs. Another
     model config or other species are refused with the reason."""
-    from bayes_model.ensemble import train_ensemble
+    from bayesal.bayes_model.ensemble import train_ensemble
 
     cfg = TrainConfig(max_epochs=3, warmup_epochs=1, batch_size=2, ema_decay=0.0, float64=True)
     old = train_ensemble(ethanol[:16], ethanol[16:20], tmp_path / "old", members=2,
@@ -226,7 +226,7 @@ def test_members_continue_from_the_shared_start_model(ethanol, tmp_path):
     real learning rate the members' own seeds and data orders make them differ again. Every
     member's record starts with the start model's epochs; a resumed run reuses the finished
     start instead of training it again."""
-    from bayes_model.ensemble import SHARED_KEY, train_ensemble
+    from bayesal.bayes_model.ensemble import SHARED_KEY, train_ensemble
 
     def weights(model) -> torch.Tensor:
         return torch.cat([p.detach().flatten() for p in model.parameters()])

@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from ase.build import molecule
-from conftest import rattled_waters
+from helpers import rattled_waters
 from sqlalchemy import select
 
-from db import DatabaseError, Structure, session_scope
-from db.importer import import_atoms
-from db.ingest import LabelRecord, upsert_labels
-from db.pool import iter_unlabelled
+from bayesal.db import DatabaseError, Structure, session_scope
+from bayesal.db.importer import import_atoms
+from bayesal.db.ingest import LabelRecord, upsert_labels
+from bayesal.db.pool import iter_unlabelled
 
 
 def test_unlabelled_structures_in_chunks(engine):

@@ -7,14 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from bayes_model.checkpoint import CheckpointError
-from bayes_model.config import TrainingFile
-from bayes_model.data import atoms_to_graph, batch_graphs
-from bayes_model.ensemble import prepare_data
-from bayes_model.laplace import LaplaceConfig, LastLayerLaplace
-from bayes_model.model import ModelConfig
-from bayes_model.posterior import load_posterior, train_posterior
-from bayes_model.sampling import (
+from bayesal.bayes_model.checkpoint import CheckpointError
+from bayesal.bayes_model.config import TrainingFile
+from bayesal.bayes_model.data import atoms_to_graph, batch_graphs
+from bayesal.bayes_model.ensemble import prepare_data
+from bayesal.bayes_model.laplace import LaplaceConfig, LastLayerLaplace
+from bayesal.bayes_model.model import ModelConfig
+from bayesal.bayes_model.posterior import load_posterior, train_posterior
+from bayesal.bayes_model.sampling import (
     IVONConfig,
     SampledPosterior,
     SWAGCollector,
@@ -24,7 +24,7 @@ from bayes_model.sampling import (
     ivon_sampled_params,
     train_ivon,
 )
-from bayes_model.train import TrainConfig, build_model
+from bayesal.bayes_model.train import TrainConfig, build_model
 
 TINY = ModelConfig(channels=4, n_layers=2, radial_hidden=8, l_max=1)
 

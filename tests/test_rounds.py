@@ -3,12 +3,12 @@ twice, and reuses a stored selection."""
 
 from __future__ import annotations
 
-from conftest import rattled_waters
+from helpers import rattled_waters
 from sqlalchemy import func, select
 
-from db import Round, Score, Structure, session_scope
-from db.importer import import_atoms
-from db.rounds import (
+from bayesal.db import Round, Score, Structure, session_scope
+from bayesal.db.importer import import_atoms
+from bayesal.db.rounds import (
     ScoreRow,
     campaign_rounds,
     finish_round,

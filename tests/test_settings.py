@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from flows.settings import SettingsError, load_settings
+from bayesal.flows.settings import SettingsError, load_settings
 
 
 def test_defaults(monkeypatch):

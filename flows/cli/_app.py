@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from flows.settings import Settings, SettingsError, load_settings
+from bayesal.flows.settings import Settings, SettingsError, load_settings
 
 app = typer.Typer(
     name="bayesal",
@@ -45,10 +45,10 @@ def user_errors() -> Iterator[None]:
     """Turn expected failures into a one-paragraph message and exit code 1."""
     from sqlalchemy.exc import OperationalError
 
-    from db import DatabaseError
-    from db.readers import InputError
-    from labelers import LabelerInputError
-    from tasks.steps import CampaignError
+    from bayesal.db import DatabaseError
+    from bayesal.db.readers import InputError
+    from bayesal.labelers import LabelerInputError
+    from bayesal.tasks.steps import CampaignError
 
     try:
         yield
@@ -102,6 +102,6 @@ def _configure_logging(level: str) -> None:
 
 def writer_engine(cfg: Settings):
     """A read-write engine on the configured database."""
-    from db import make_engine
+    from bayesal.db import make_engine
 
     return make_engine(cfg.database_url)

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from flows.cli._app import app, console, settings, user_errors, writer_engine
+from bayesal.flows.cli._app import app, console, settings, user_errors, writer_engine
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -23,8 +23,8 @@ def _prefect_defaults() -> None:
 
 
 def _check_new(cfg, resume: bool) -> None:
-    from db import ensure_schema
-    from db.pool import campaign_activity
+    from bayesal.db import ensure_schema
+    from bayesal.db.pool import campaign_activity
 
     engine = writer_engine(settings())
     ensure_schema(engine, create=True)
@@ -50,7 +50,7 @@ def run(
     Everything is stored as it happens: after an interruption, the same command with
     --resume continues from the last complete step without labelling anything twice.
     """
-    from flows.campaign_config import load_campaign_config
+    from bayesal.flows.campaign_config import load_campaign_config
 
     with user_errors():
         cfg = load_campaign_config(config)  # nothing is written before the config is valid
@@ -58,7 +58,7 @@ def run(
         _exit_on_sigterm(config)
         _prefect_defaults()
         _temporary_api_dies_with_us()
-        from flows.campaign import campaign
+        from bayesal.flows.campaign import campaign
 
         result = campaign(str(config.resolve()), resume=True)
         console.print(f"campaign [bold]{cfg.name}[/] stopped after {result['rounds']} "
@@ -148,9 +148,9 @@ CLI_COLUMNS = {"round": "round", "labels": "labels", "new ok": "ok", "failed": "
 
 def print_round_metrics(campaign: str) -> None:
     """The learning-curve table of a campaign's completed rounds."""
-    from db import make_engine
-    from db.rounds import round_history
-    from flows.campaign_report import round_rows
+    from bayesal.db import make_engine
+    from bayesal.db.rounds import round_history
+    from bayesal.flows.campaign_report import round_rows
 
     engine = make_engine(settings().database_url, readonly=True)
     rows = round_rows([r for r in round_history(engine, campaign)
@@ -183,14 +183,14 @@ def deploy(
     The deployment runs flow `campaign` with parameter `config`. Needs a Prefect server
     (PREFECT_API_URL); start a worker with `prefect worker start --pool POOL`.
     The worker's runs get this shell's BAYESAL_* settings."""
-    from flows.campaign_config import load_campaign_config
+    from bayesal.flows.campaign_config import load_campaign_config
 
     with user_errors():
         cfg = load_campaign_config(config)
         if not os.environ.get("PREFECT_API_URL"):
             raise ValueError("bayesal deploy needs a Prefect server: start one with `prefect "
                              "server start` and set PREFECT_API_URL=http://127.0.0.1:4200/api")
-        from flows.deploy import deploy_campaign
+        from bayesal.flows.deploy import deploy_campaign
 
         deployment_id, flow_run_id = deploy_campaign(
             config.resolve(), name or cfg.name, pool, settings(), run_now=run_now)

@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from flows.cli._app import app, console, err_console, settings, user_errors
+from bayesal.flows.cli._app import app, console, err_console, settings, user_errors
 
 APP = Path(__file__).resolve().parents[2] / "dashboard" / "app.py"
 
@@ -55,8 +55,8 @@ def dashboard(
     connection in short transactions, so it can watch a running campaign. Set PREFECT_API_URL
     to link rounds to their Prefect flow runs. Stop it with Ctrl-C.
     """
-    from db import ensure_schema, readonly_engine
-    from flows.deploy import absolute_database_url
+    from bayesal.db import ensure_schema, readonly_engine
+    from bayesal.flows.deploy import absolute_database_url
 
     with user_errors():
         url = absolute_database_url(settings().database_url)

@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from flows.cli._app import (
+from bayesal.flows.cli._app import (
     app,
     console,
     db_app,
@@ -27,7 +27,7 @@ def db_upgrade(
     revision: Annotated[str, typer.Argument(help="Target revision.")] = "head",
 ) -> None:
     """Create or upgrade the database schema to the current version."""
-    from db import make_engine, upgrade
+    from bayesal.db import make_engine, upgrade
 
     with user_errors():
         cfg = settings()
@@ -43,7 +43,7 @@ def db_upgrade(
 @db_app.command("current")
 def db_current() -> None:
     """Show the database's schema revision and the one this bayesal needs."""
-    from db import current_revision, head_revision, readonly_engine
+    from bayesal.db import current_revision, head_revision, readonly_engine
 
     with user_errors():
         engine = readonly_engine(settings().database_url)
@@ -79,8 +79,8 @@ def import_(
     All or nothing: any bad frame aborts the import with a list of problems and the
     database unchanged. Structures already present are reported as duplicates.
     """
-    from db import StructureSource
-    from db.importer import ReferenceLevel, import_files
+    from bayesal.db import StructureSource
+    from bayesal.db.importer import ReferenceLevel, import_files
 
     with user_errors():
         try:
@@ -122,7 +122,7 @@ def export(
     ] = "REF_forces",
 ) -> None:
     """Export the labelled structures of a campaign (extxyz readable by ASE, MACE, NequIP)."""
-    from db.export import export_campaign
+    from bayesal.db.export import export_campaign
 
     with user_errors():
         cfg = settings()
@@ -142,9 +142,9 @@ def status(
     campaign: Annotated[str | None, typer.Option(help="Show one campaign in detail.")] = None,
 ) -> None:
     """Campaigns with structure, label and round counts; rounds of one campaign."""
-    from db.engine import readonly_session
-    from db.ingest import get_campaign
-    from db.queries import campaign_overview, label_failures, round_table
+    from bayesal.db.engine import readonly_session
+    from bayesal.db.ingest import get_campaign
+    from bayesal.db.queries import campaign_overview, label_failures, round_table
 
     with user_errors(), readonly_session(settings().database_url) as session:
         overview = campaign_overview(session)
@@ -185,7 +185,7 @@ def status(
                            str(r["n_models"]), str(r["started_at"])[:19],
                            str(r["finished_at"] or "")[:19])
             console.print(rt)
-            from flows.cli.campaign import print_round_metrics
+            from bayesal.flows.cli.campaign import print_round_metrics
 
             print_round_metrics(campaign)
         else:
@@ -201,7 +201,7 @@ def status(
 
 
 def _cell(value, for_csv: bool):
-    from db.arrays import ArrayEncodingError, decode_array
+    from bayesal.db.arrays import ArrayEncodingError, decode_array
 
     if isinstance(value, bytes | memoryview):
         try:
@@ -228,8 +228,8 @@ def sql(
     """
     import csv as csv_mod
 
-    from db.engine import ensure_schema, readonly_engine
-    from db.queries import run_readonly_sql
+    from bayesal.db.engine import ensure_schema, readonly_engine
+    from bayesal.db.queries import run_readonly_sql
 
     with user_errors():
         url = settings().database_url

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from flows.cli._app import app, console, progress_bar, settings, user_errors, writer_engine
+from bayesal.flows.cli._app import app, console, progress_bar, settings, user_errors, writer_engine
 
 
 @app.command("label")
@@ -51,9 +51,9 @@ def label(
     """
     import ase.io
 
-    from db.export import format_extxyz
-    from db.readers import InputError, InputIssue, iter_frames
-    from labelers import PySCFLabeler
+    from bayesal.db.export import format_extxyz
+    from bayesal.db.readers import InputError, InputIssue, iter_frames
+    from bayesal.labelers import PySCFLabeler
 
     with user_errors():
         frames, issues = [], []
@@ -76,10 +76,10 @@ def label(
         engine = None
         todo = list(range(len(images)))
         if campaign is not None:
-            from tasks.labeling import existing_labels
+            from bayesal.tasks.labeling import existing_labels
 
             engine = writer_engine(cfg)
-            from db import ensure_schema
+            from bayesal.db import ensure_schema
 
             ensure_schema(engine, create=True)
             done = existing_labels(engine, campaign, images, labeler.settings_hash)
@@ -97,7 +97,7 @@ def label(
                 i = todo[k]
                 results[i] = (res.status, res.energy, res.forces, res.error, res.wall_s)
                 if engine is not None:
-                    from tasks.labeling import store_results
+                    from bayesal.tasks.labeling import store_results
 
                     store_results(engine, campaign, labeler, [(images[i], res)], source=source)
                 progress.advance(task)

@@ -10,11 +10,11 @@ import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from flows.cli._app import app, console, err_console, user_errors
+from bayesal.flows.cli._app import app, console, err_console, user_errors
 
 
 def _read_labelled(paths: list[Path]):
-    from db.readers import InputError, InputIssue, iter_frames
+    from bayesal.db.readers import InputError, InputIssue, iter_frames
 
     frames, issues = [], []
     for path in paths:
@@ -66,10 +66,10 @@ def train(
     A deep ensemble of mean-variance e3nn models, or one model with a last-layer Laplace,
     SWAG or IVON posterior. Variance scales are fitted on the validation data
     (OUT/calibration.json)."""
-    from bayes_model.config import TrainingFile, load_training_file
-    from bayes_model.ensemble import split_validation
-    from bayes_model.posterior import Method, describe_budget, train_posterior
-    from bayes_model.resources import Deadline, cpu_share, plan_processes
+    from bayesal.bayes_model.config import TrainingFile, load_training_file
+    from bayesal.bayes_model.ensemble import split_validation
+    from bayesal.bayes_model.posterior import Method, describe_budget, train_posterior
+    from bayesal.bayes_model.resources import Deadline, cpu_share, plan_processes
 
     deadline = Deadline.after(max_minutes)  # the budget covers everything from here
     with user_errors():
@@ -129,7 +129,7 @@ def train(
                             members=members, isolated_atoms=isolated_atoms, processes=procs,
                             resume=resume, on_epoch=on_epoch, on_posterior=on_posterior,
                             deadline=deadline)
-        from bayes_model.checkpoint import read_manifest
+        from bayesal.bayes_model.checkpoint import read_manifest
 
         table = Table(title=f"model {out}")
         for col in ("member", "epochs", "best epoch", "val E MAE (eV)", "val F MAE (eV/Å)",
@@ -145,7 +145,7 @@ def train(
 
 def _method(value: str | None, model_dir: Path | None = None):
     """Validate ``--method``; with ``model_dir`` it must match the trained model."""
-    from bayes_model.posterior import Method
+    from bayesal.bayes_model.posterior import Method
 
     if value is None:
         return None
@@ -155,7 +155,7 @@ def _method(value: str | None, model_dir: Path | None = None):
         raise ValueError(f"--method {value!r} is not known; choose one of "
                          f"{', '.join(Method)}") from None
     if model_dir is not None:
-        from bayes_model.checkpoint import read_manifest
+        from bayesal.bayes_model.checkpoint import read_manifest
 
         trained = read_manifest(model_dir).method
         if trained != method:
@@ -165,7 +165,7 @@ def _method(value: str | None, model_dir: Path | None = None):
 
 
 def _print_calibration(model_dir: Path) -> None:
-    from bayes_model.calibration import Recalibration
+    from bayesal.bayes_model.calibration import Recalibration
 
     recal = Recalibration.load(model_dir)
     if recal is not None:
@@ -195,8 +195,8 @@ def predict(
     import ase.io
     import numpy as np
 
-    from bayes_model.posterior import load_posterior
-    from db.export import format_extxyz
+    from bayesal.bayes_model.posterior import load_posterior
+    from bayesal.db.export import format_extxyz
 
     with user_errors():
         _method(method, model)
@@ -254,14 +254,14 @@ def evaluate(
     AUROC of separating OOD structures by epistemic uncertainty."""
     import ase.io
 
-    from bayes_model.calibration import (
+    from bayesal.bayes_model.calibration import (
         calibration_metrics,
         fit_recalibration,
         ood_auroc,
         plot_calibration,
     )
-    from bayes_model.metrics import accuracy_metrics
-    from bayes_model.posterior import load_posterior
+    from bayesal.bayes_model.metrics import accuracy_metrics
+    from bayesal.bayes_model.posterior import load_posterior
 
     with user_errors():
         _method(method, model)

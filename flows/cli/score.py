@@ -10,8 +10,8 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from flows.cli._app import app, console, progress_bar, settings, user_errors
-from flows.cli.model import _method
+from bayesal.flows.cli._app import app, console, progress_bar, settings, user_errors
+from bayesal.flows.cli.model import _method
 
 
 @app.command("score")
@@ -49,10 +49,10 @@ def score(
 
     import ase.io
 
-    from bayes_model.acquisition import COMPONENTS, Acquisition, Reduction, Selection
-    from bayes_model.posterior import load_posterior
-    from bayes_model.scoring import score_pool
-    from db.export import format_extxyz
+    from bayesal.bayes_model.acquisition import COMPONENTS, Acquisition, Reduction, Selection
+    from bayesal.bayes_model.posterior import load_posterior
+    from bayesal.bayes_model.scoring import score_pool
+    from bayesal.db.export import format_extxyz
 
     with user_errors():
         for value, enum_ in ((acquisition, Acquisition), (selection, Selection),
@@ -76,8 +76,8 @@ def score(
 
         frames = from_files()
         if pool_campaign:
-            from db import make_engine
-            from db.pool import iter_unlabelled
+            from bayesal.db import make_engine
+            from bayesal.db.pool import iter_unlabelled
 
             engine = make_engine(settings().database_url, readonly=True)
             frames = itertools.chain(frames, (a for _, a in iter_unlabelled(engine,

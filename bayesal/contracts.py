@@ -1,0 +1,135 @@
+"""Contracts every part of bayesal shares, defined once.
+
+This module depends on nothing of bayesal (only the standard library and numpy), so the
+libraries (``bayes_model``, ``labelers``, ``db``), which must not import each other, can all
+import it (tests/test_architecture.py allows exactly this module):
+
+* the identity of a structure (:func:`structure_hash`) and of a level of theory
+  (:func:`settings_hash`): the database's uniqueness keys, computed the same way by imports,
+  labelers and the store;
+* the minimum interatomic distance of a sane structure and :func:`closest_pair`;
+* the outcome of a labeling calculation (:class:`LabelStatus`, the values the database
+  stores);
+* the names of the acquisition components stored with every score;
+* :func:`die_with_parent` for helper processes (labeler workers, ensemble members).
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+import os
+import signal
+import sys
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "ACQUISITION_COMPONENTS",
+    "MIN_DISTANCE",
+    "ROUND_ANGSTROM",
+    "LabelStatus",
+    "atoms_hash",
+    "closest_pair",
+    "die_with_parent",
+    "pbc_flags",
+    "settings_hash",
+    "structure_hash",
+]
+
+ROUND_ANGSTROM = 1e-6  # Å, resolution of the identity hash
+MIN_DISTANCE = 0.1  # Å, atoms closer than this are a broken structure
+
+# Per-structure acquisition components (bayes_model.acquisition computes them, the database
+# stores them with each score, round summaries average them over the selected structures).
+ACQUISITION_COMPONENTS = ("bald_e", "bald_f", "energy_std", "max_force_std")
+
+
+class LabelStatus(enum.StrEnum):
+    """Outcome of one labeling calculation (the values the database stores)."""
+
+    OK = "ok"
+    SCF_FAILED = "scf_failed"
+    TIMEOUT = "timeout"
+    ERROR = "error"
+
+
+def settings_hash(settings: dict[str, Any]) -> str:
+    """sha256 of the canonical JSON of ``settings`` (sorted keys): the identity of a level of
+    theory. Labels with equal hashes are comparable; labelers, imports and the store all
+    use this one function."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def pbc_flags(pbc) -> tuple[bool, bool, bool]:
+    """Three periodic flags from a bool, a sequence of three or an array."""
+    if isinstance(pbc, np.ndarray) and pbc.shape == (3,):
+        return tuple(bool(p) for p in pbc.tolist())
+    if isinstance(pbc, bool | np.bool_):
+        return (bool(pbc),) * 3
+    a, b, c = pbc
+    return bool(a), bool(b), bool(c)
+
+
+def structure_hash(numbers: np.ndarray, positions: np.ndarray, cell: np.ndarray, pbc) -> str:
+    """Canonical sha256 hex digest of a structure: atomic numbers, positions and cell
+    rounded to ``ROUND_ANGSTROM`` (Å; cell as rows, zeros for none) and the periodic flags.
+    The same structure imported twice (from any file, in any campaign) has the same hash."""
+    h = hashlib.sha256(np.asarray(numbers).astype("<i8", copy=False).tobytes())
+    h.update(np.rint(np.asarray(positions, dtype=float) / ROUND_ANGSTROM).astype("<i8").tobytes())
+    h.update(np.rint(np.asarray(cell, dtype=float) / ROUND_ANGSTROM).astype("<i8").tobytes())
+    h.update(bytes(pbc_flags(pbc)))
+    return h.hexdigest()
+
+
+def atoms_hash(atoms) -> str:
+    """:func:`structure_hash` of an ASE ``Atoms``."""
+    return structure_hash(atoms.numbers, atoms.positions, atoms.cell.array, atoms.pbc)
+
+
+def closest_pair(atoms, cutoff: float = MIN_DISTANCE) -> tuple[int, int, float] | None:
+    """The closest pair of atoms nearer than ``cutoff`` Å (minimum image), or ``None``.
+
+    Molecules (no periodic direction) use all pairs (up to 64 atoms) or a k-d tree; periodic
+    cells use ASE's cell-list neighbour search with bins of at least 1 Å (bins of
+    ``cutoff`` = 0.1 Å would number millions in a large box).
+    """
+    if not atoms.pbc.any():
+        n = len(atoms)
+        if n < 2:
+            return None
+        if n <= 64:  # small molecules: all pairs in numpy beat building a tree
+            pos = atoms.positions
+            d2 = ((pos[:, None, :] - pos[None, :, :]) ** 2).sum(-1)
+            d2[np.diag_indices(n)] = np.inf
+            k = int(np.argmin(d2))
+            d = float(np.sqrt(d2.flat[k]))
+            return (k // n, k % n, d) if d < cutoff else None
+        from scipy.spatial import cKDTree  # lazy: scipy costs half a second to import
+
+        dist, idx = cKDTree(atoms.positions).query(atoms.positions, k=2)
+        i = int(np.argmin(dist[:, 1]))
+        d = float(dist[i, 1])
+        return (i, int(idx[i, 1]), d) if d < cutoff else None
+    from ase.neighborlist import neighbor_list
+
+    i, j, d = neighbor_list("ijd", atoms, max(cutoff, 1.0))
+    close = d < cutoff
+    if not close.any():
+        return None
+    k = int(np.flatnonzero(close)[np.argmin(d[close])])
+    return int(i[k]), int(j[k]), float(d[k])
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Ask Linux to SIGKILL this process when its parent dies (no orphans). The request only
+    covers a parent alive when it is made: a process whose parent (``parent_pid``) already
+    died exits here instead of doing work nobody will read."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent_pid:
+        os._exit(1)
