@@ -26,12 +26,12 @@ from prefect.artifacts import (
 from prefect.runtime import flow_run as prefect_flow_run
 
 from bayesal.db import ensure_schema
-from bayesal.db.pool import campaign_activity, label_counts
+from bayesal.db.pool import label_counts
 from bayesal.db.rounds import finish_round, round_history
 from bayesal.flows.campaign_config import CampaignConfig, load_campaign_config
 from bayesal.flows.campaign_report import round_rows
 from bayesal.flows.settings import load_settings
-from bayesal.tasks import steps
+from bayesal.tasks import policy, steps
 from bayesal.tasks.campaign import (
     evaluate_task,
     explore_task,
@@ -65,11 +65,8 @@ class _Context:
         return self.root / f"round-{round_index:03d}" / "model"
 
     def label_budget_left(self) -> int | None:
-        budget = self.cfg.stop.label_budget
-        if budget is None:
-            return None
-        return budget - sum(label_counts(self.engine, self.cfg.name,
-                                         self.settings_hash).values())
+        return policy.labels_left(self.engine, self.cfg.name, self.settings_hash,
+                                  self.cfg.stop.label_budget)
 
 
 def make_task_runner(cfg: CampaignConfig):
@@ -112,7 +109,7 @@ def _label(ctx: _Context, ids: list[int], round_id: int | None) -> dict[str, Any
         states = [f.state for f in futures]
     crashed = [s for s in states if not s.is_completed()]
     if crashed:  # not label failures (those are stored): the store itself failed
-        raise steps.CampaignError(f"{len(crashed)} labeling task(s) crashed, first: "
+        raise policy.CampaignError(f"{len(crashed)} labeling task(s) crashed, first: "
                                   f"{crashed[0].message}; run the campaign again to retry them")
     results = [s.result() for s in states]
     walls = [r["wall_s"] for r in results if r["status"] != "exists" and r["wall_s"]]
@@ -155,12 +152,9 @@ def campaign_round(config: str, round_id: int, round_index: int,
                               max_minutes=cfg.max_train_minutes,
                               **_finetune(ctx, round_index)))
     metrics.update(evaluate_task(url, name, round_index, shash, model_dir, test_sets))
-    mae = metrics.get("test_force_mae", metrics["valid_force_mae"])
-    target = cfg.stop.target_force_mae
-    budget_left = ctx.label_budget_left()
-    batch = cfg.acquisition.batch_size if budget_left is None else max(
-        0, min(cfg.acquisition.batch_size, budget_left))
-    if (target is None or mae > target) and batch > 0:
+    batch = policy.round_batch_size(cfg.acquisition.batch_size, ctx.label_budget_left())
+    if not policy.target_reached(policy.round_force_mae(metrics),
+                                 cfg.stop.target_force_mae) and batch > 0:
         if cfg.explorer is not None:
             e = cfg.explorer
             metrics.update(explore_task(url, name, round_index, shash, model_dir,
@@ -180,9 +174,8 @@ def campaign_round(config: str, round_id: int, round_index: int,
         metrics["n_selected"] = len(selected)
         if a.threshold is not None:
             metrics["threshold"] = a.threshold
-        low = (cfg.stop.min_score is not None
-               and stats.get("pool_score_max", 0.0) < cfg.stop.min_score)
-        if selected and not low:
+        if selected and not policy.scores_too_low(stats.get("pool_score_max", 0.0),
+                                                  cfg.stop.min_score):
             metrics.update(_label(ctx, selected, round_id))
     else:
         logger.info("round %d: no labels requested (target reached or label budget spent)",
@@ -264,16 +257,13 @@ def campaign(config: str, resume: bool = True) -> dict[str, Any]:
     ctx = _Context(config)
     cfg, logger = ctx.cfg, get_run_logger()
     ensure_schema(ctx.engine, create=True)
-    if not resume and any(campaign_activity(ctx.engine, cfg.name)):
-        raise steps.CampaignError(
-            f"campaign {cfg.name!r} already has labels or rounds in the database; continue "
-            "it with resume (bayesal run --resume) or choose another name")
+    policy.check_new_campaign(ctx.engine, cfg.name, resume)
     sources = campaign_setup.with_options(flow_run_name=f"{cfg.name}-setup")(str(config))
     slug = _slug(cfg.name)
     progress_id = None
     while True:
         history = round_history(ctx.engine, cfg.name)
-        reason = steps.stop_reason(ctx.engine, cfg.name, ctx.settings_hash, history,
+        reason = policy.stop_reason(ctx.engine, cfg.name, ctx.settings_hash, history,
                                    max_rounds=cfg.stop.max_rounds,
                                    label_budget=cfg.stop.label_budget,
                                    target_force_mae=cfg.stop.target_force_mae,

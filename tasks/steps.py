@@ -1,5 +1,6 @@
-"""The steps of a campaign as plain functions; the Prefect tasks in tasks/prefect.py wrap
-them one to one, the flow in flows/campaign.py composes them.
+"""The steps of a campaign as plain functions; the Prefect tasks in tasks/campaign.py and
+tasks/labeling.py wrap them, the flow in flows/campaign.py composes them, and the
+campaign's rules (when to start, how many labels, when to stop) are tasks/policy.py.
 
 Every step reads the database first and does only what is missing, so a campaign killed
 at any point and started again continues from the last complete step:
@@ -36,7 +37,6 @@ from bayesal.db.pool import (
     draw_structures,
     explored_count,
     iter_unlabelled,
-    label_counts,
     labelled_atoms,
     set_campaign_config,
 )
@@ -50,15 +50,12 @@ from bayesal.db.rounds import (
     score_summary,
     selected_structure_ids,
 )
+from bayesal.tasks.policy import CampaignError
 
-__all__ = ["CampaignError", "Sources", "engine_for", "evaluate_model", "explore_round",
-           "import_sources", "select_batch", "stop_reason", "test_set_name", "train_round"]
+__all__ = ["Sources", "engine_for", "evaluate_model", "explore_round", "import_sources",
+           "select_batch", "test_set_name", "train_round"]
 
 log = logging.getLogger("bayesal.campaign")
-
-
-class CampaignError(RuntimeError):
-    """A campaign cannot go on; the message says why and what to change."""
 
 
 @functools.lru_cache(maxsize=4)
@@ -303,29 +300,3 @@ def select_batch(engine: Engine, campaign: str, round_id: int, settings_hash: st
             {**score_summary(engine, round_id), "score_s": time.perf_counter() - t0})
 
 
-def stop_reason(engine: Engine, campaign: str, settings_hash: str, history: list[dict], *,
-                max_rounds: int, label_budget: int | None, target_force_mae: float | None,
-                min_score: float | None) -> str | None:
-    """Why the campaign should not start another round (None: go on). ``history`` is
-    :func:`db.rounds.round_history`; a running round is always finished first."""
-    if any(r["status"] == "running" for r in history):
-        return None
-    done = [r for r in history if r["status"] == "completed"]
-    if len(done) >= max_rounds:
-        return f"max_rounds: {len(done)} rounds done"
-    if label_budget is not None:
-        used = sum(label_counts(engine, campaign, settings_hash).values())
-        if used >= label_budget:
-            return f"label_budget: {used} labels of {label_budget}"
-    if done:
-        last = done[-1]["metrics"]
-        mae = last.get("test_force_mae", last.get("valid_force_mae"))
-        if target_force_mae is not None and mae is not None and mae <= target_force_mae:
-            return f"target_force_mae: {mae:.4g} eV/Å <= {target_force_mae}"
-        if last.get("n_selected") == 0:
-            return "no candidates left to label" + (
-                f" (threshold {last['threshold']})" if "threshold" in last else "")
-        top = last.get("pool_score_max")
-        if min_score is not None and top is not None and top < min_score:
-            return f"min_score: best candidate scored {top:.4g} < {min_score}"
-    return None

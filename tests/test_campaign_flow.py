@@ -110,12 +110,12 @@ def test_replay_campaign_end_to_end_and_rerun_adds_nothing(prefect_api, shared_d
 def test_new_run_of_an_existing_campaign_needs_resume(prefect_api, shared_data, sqlite_url,
                                                       tmp_path, monkeypatch):
     from bayesal.flows.campaign import campaign
-    from bayesal.tasks.steps import CampaignError
+    from bayesal.tasks.policy import CampaignError
 
     _use_db(monkeypatch, sqlite_url, tmp_path / "data")
     config = ethanol_campaign(tmp_path, shared_data, name="twice", stop={"max_rounds": 1})
     campaign(str(config), resume=False)
-    with pytest.raises(CampaignError, match="already has labels or rounds"):
+    with pytest.raises(CampaignError, match=r"already has \d+ round\(s\) and \d+ label\(s\)"):
         campaign(str(config), resume=False)
 
 

@@ -147,7 +147,7 @@ def test_selection_models_and_summary_are_recorded_once(engine):
 
 def test_stopping_rules(engine):
     from bayesal.db.ingest import LabelRecord, run_transaction, upsert_labels
-    from bayesal.tasks.steps import stop_reason
+    from bayesal.tasks.policy import stop_reason
 
     ids = _campaign(engine, "stop", rattled_waters(5, seed=2))
     run_transaction(engine, lambda s: upsert_labels(s, [
@@ -172,6 +172,33 @@ def test_stopping_rules(engine):
     assert reason([done], min_score=0.3).startswith("min_score")
     empty = {"status": "completed", "metrics": {"test_force_mae": 0.05, "n_selected": 0}}
     assert reason([empty]).startswith("no candidates left")
+
+
+def test_round_rules_and_the_new_campaign_guard(engine):
+    """A round asks for the acquisition batch clipped to the labels the budget leaves; the
+    target and the minimum score gate labelling the same way they stop the campaign; a
+    campaign with data continues only with resume."""
+    from bayesal.db.ingest import LabelRecord, run_transaction, upsert_labels
+    from bayesal.tasks import policy
+
+    assert policy.round_batch_size(10, None) == 10
+    assert policy.round_batch_size(10, 4) == 4 and policy.round_batch_size(10, -2) == 0
+    assert policy.target_reached(0.05, 0.05) and not policy.target_reached(0.06, 0.05)
+    assert not policy.target_reached(0.01, None) and not policy.target_reached(None, 0.05)
+    assert policy.scores_too_low(0.1, 0.2) and not policy.scores_too_low(0.2, 0.2)
+    assert policy.round_force_mae({"valid_force_mae": 0.2}) == 0.2
+    assert policy.round_force_mae({"valid_force_mae": 0.2, "test_force_mae": 0.1}) == 0.1
+
+    policy.check_new_campaign(engine, "fresh", resume=False)  # nothing there yet
+    ids = _campaign(engine, "busy", rattled_waters(3, seed=5))
+    run_transaction(engine, lambda s: upsert_labels(s, [
+        (ids[0], LabelRecord("pyscf", "h", "ok", energy=-1.0, forces=np.zeros((3, 3))))]))
+    assert policy.labels_left(engine, "busy", "h", 5) == 4
+    assert policy.labels_left(engine, "busy", "h", None) is None
+    with pytest.raises(policy.CampaignError, match=r"'busy' already has 0 round\(s\) and 1 "
+                       r"label\(s\).*--resume"):
+        policy.check_new_campaign(engine, "busy", resume=False)
+    policy.check_new_campaign(engine, "busy", resume=True)
 
 
 def test_warm_start_source_falls_back_to_scratch_with_the_reason(committee, tmp_path):

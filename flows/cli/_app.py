@@ -48,7 +48,7 @@ def user_errors() -> Iterator[None]:
     from bayesal.db import DatabaseError
     from bayesal.db.readers import InputError
     from bayesal.labelers import LabelerInputError
-    from bayesal.tasks.steps import CampaignError
+    from bayesal.tasks.policy import CampaignError
 
     try:
         yield

@@ -24,16 +24,14 @@ def _prefect_defaults() -> None:
 
 def _check_new(cfg, resume: bool) -> None:
     from bayesal.db import ensure_schema
-    from bayesal.db.pool import campaign_activity
+    from bayesal.tasks.policy import check_new_campaign
 
     engine = writer_engine(settings())
     ensure_schema(engine, create=True)
-    rounds, labels = campaign_activity(engine, cfg.name)
-    engine.dispose()
-    if (rounds or labels) and not resume:
-        raise ValueError(f"campaign {cfg.name!r} already has {rounds} round(s) and {labels} "
-                         "label(s) in the database: continue it with `bayesal run CONFIG "
-                         "--resume`, or give the campaign another name")
+    try:
+        check_new_campaign(engine, cfg.name, resume)
+    finally:
+        engine.dispose()
 
 
 @app.command("run")
