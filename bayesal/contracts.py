@@ -11,6 +11,8 @@ import it (tests/test_architecture.py allows exactly this module):
 * the outcome of a labeling calculation (:class:`LabelStatus`, the values the database
   stores);
 * the names of the acquisition components stored with every score;
+* the keys of a round's metrics (:class:`RoundMetric`, :func:`metric_on_test`), written by the
+  campaign and read by its report, ``bayesal status`` and the dashboard;
 * :func:`die_with_parent` for helper processes (labeler workers, ensemble members).
 """
 
@@ -30,12 +32,16 @@ __all__ = [
     "ACQUISITION_COMPONENTS",
     "MIN_DISTANCE",
     "ROUND_ANGSTROM",
+    "STEP_SECONDS",
     "LabelStatus",
+    "RoundMetric",
     "atoms_hash",
     "closest_pair",
     "die_with_parent",
+    "metric_on_test",
     "pbc_flags",
     "settings_hash",
+    "split_metric_on_test",
     "structure_hash",
 ]
 
@@ -54,6 +60,60 @@ class LabelStatus(enum.StrEnum):
     SCF_FAILED = "scf_failed"
     TIMEOUT = "timeout"
     ERROR = "error"
+
+
+class RoundMetric(enum.StrEnum):
+    """Keys of a round's metrics (``rounds.metrics``) that more than one part reads.
+    Per test set, test metrics are ``test_<set>_<quantity>`` (:func:`metric_on_test`)."""
+
+    TEST_FORCE_MAE = "test_force_mae"  # eV/Å, all test sets
+    TEST_ENERGY_MAE = "test_energy_mae"  # eV
+    TEST_FORCE_NLL = "test_force_nll"  # nats
+    TEST_FORCE_MISCAL = "test_force_miscal_area"
+    TEST_FORCE_MISCAL_RECAL = "test_force_miscal_area_recal"
+    VALID_FORCE_MAE = "valid_force_mae"  # eV/Å, the model's validation split
+    VALID_ENERGY_MAE = "valid_energy_mae"
+    N_TRAIN_LABELS = "n_train_labels"  # labelled structures the model was trained on
+    WARM_START = "warm_start"  # 1.0: fine-tuned from the previous round's model
+    N_EXPLORED = "n_explored"
+    N_SCORED = "n_scored"
+    N_SELECTED = "n_selected"
+    POOL_SCORE_MAX = "pool_score_max"
+    POOL_SCORE_MEAN = "pool_score_mean"
+    SELECTED_SCORE_MAX = "selected_score_max"
+    SELECTED_SCORE_MEAN = "selected_score_mean"
+    THRESHOLD = "threshold"
+    N_OK = "n_ok"  # labels of this round
+    N_FAILED = "n_failed"
+    N_LABELS_TOTAL = "n_labels_total"  # ok training labels of the campaign so far
+    TRAIN_S = "train_s"  # wall seconds of each step and of the whole round
+    EVALUATE_S = "evaluate_s"
+    EXPLORE_S = "explore_s"
+    SCORE_S = "score_s"
+    LABEL_S = "label_s"
+    ROUND_S = "round_s"
+    OVERHEAD_S = "overhead_s"  # round time outside the steps above
+
+
+STEP_SECONDS = (RoundMetric.TRAIN_S, RoundMetric.EVALUATE_S, RoundMetric.EXPLORE_S,
+                RoundMetric.SCORE_S, RoundMetric.LABEL_S)
+
+
+def metric_on_test(quantity: str, test_set: str | None = None) -> str:
+    """Key of a test metric: ``test_<quantity>`` over all test sets, ``test_<set>_<quantity>``
+    for one (``quantity`` e.g. ``force_mae``, ``energy_reliability_p10_recal``)."""
+    return f"test_{quantity}" if test_set is None else f"test_{test_set}_{quantity}"
+
+
+def split_metric_on_test(key: str, quantity: str) -> tuple[bool, str | None]:
+    """(is ``key`` a test metric of ``quantity``, its test set or None for all):
+    the inverse of :func:`metric_on_test`."""
+    if not (key.startswith("test_") and key.endswith(quantity)):
+        return False, None
+    middle = key[len("test_"):len(key) - len(quantity)]
+    if middle == "":
+        return True, None
+    return (True, middle[:-1]) if middle.endswith("_") and len(middle) > 1 else (False, None)
 
 
 def settings_hash(settings: dict[str, Any]) -> str:

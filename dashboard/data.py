@@ -17,6 +17,8 @@ import numpy as np
 import pandas as pd
 from sqlalchemy import Engine, func, select
 
+from bayesal.contracts import RoundMetric as M
+from bayesal.contracts import metric_on_test, split_metric_on_test
 from bayesal.db.ingest import run_transaction
 from bayesal.db.models import Campaign, Label, LabelStatus, Round, RoundStatus, Score, Structure
 from bayesal.db.queries import labels_by_status, structures_by_source
@@ -51,7 +53,6 @@ CURVE_METRICS = {
     "force_nll": ("force NLL (nats)", 1.0),
     "energy_nll": ("energy NLL (nats)", 1.0),
 }
-_SET_KEY = re.compile(r"^test_(?:(?P<name>.+)_)?force_mae$")
 _REL_KEY = re.compile(r"^test_(?P<q>energy|force)_reliability_p(?P<p>\d\d)(?P<recal>_recal)?$")
 
 
@@ -161,17 +162,17 @@ def rounds_frame(engine: Engine, campaign: str) -> pd.DataFrame:
         m = r["metrics"]
         rows.append({
             "round": r["round"], "status": r["status"],
-            "training labels": m.get("n_train_labels"),
-            "new ok labels": m.get("n_ok", r["n_labelled"]),
-            "failed labels": m.get("n_failed"),
-            "test F MAE (meV/Å)": _milli(m.get("test_force_mae")),
-            "test E MAE (meV)": _milli(m.get("test_energy_mae")),
-            "test F NLL": _num(m.get("test_force_nll")),
-            "F miscal. area": _num(m.get("test_force_miscal_area")),
-            "selected mean score": _num(m.get("selected_score_mean")),
-            "selected max score": _num(m.get("selected_score_max")),
-            "train s": _num(m.get("train_s")), "score s": _num(m.get("score_s")),
-            "label s": _num(m.get("label_s")), "round s": _num(m.get("round_s")),
+            "training labels": m.get(M.N_TRAIN_LABELS),
+            "new ok labels": m.get(M.N_OK, r["n_labelled"]),
+            "failed labels": m.get(M.N_FAILED),
+            "test F MAE (meV/Å)": _milli(m.get(M.TEST_FORCE_MAE)),
+            "test E MAE (meV)": _milli(m.get(M.TEST_ENERGY_MAE)),
+            "test F NLL": _num(m.get(M.TEST_FORCE_NLL)),
+            "F miscal. area": _num(m.get(M.TEST_FORCE_MISCAL)),
+            "selected mean score": _num(m.get(M.SELECTED_SCORE_MEAN)),
+            "selected max score": _num(m.get(M.SELECTED_SCORE_MAX)),
+            "train s": _num(m.get(M.TRAIN_S)), "score s": _num(m.get(M.SCORE_S)),
+            "label s": _num(m.get(M.LABEL_S)), "round s": _num(m.get(M.ROUND_S)),
             "started": r["started_at"], "finished": r["finished_at"],
         })
     return pd.DataFrame(rows)
@@ -181,8 +182,9 @@ def _test_sets(metrics: dict[str, Any]) -> list[str]:
     """``all`` plus the per-file test sets present in a round's metrics."""
     names = []
     for key in metrics:
-        if (m := _SET_KEY.match(key)) is not None:
-            names.append(m.group("name") or "all")
+        found, name = split_metric_on_test(key, "force_mae")
+        if found:
+            names.append(name or "all")
     return sorted(names, key=lambda n: (n != "all", n))
 
 
@@ -192,14 +194,13 @@ def learning_curves(engine: Engine, campaign: str) -> pd.DataFrame:
     rows = []
     for r in _history(engine, campaign):
         m = r["metrics"]
-        if r["status"] != RoundStatus.COMPLETED.value or "n_train_labels" not in m:
+        if r["status"] != RoundStatus.COMPLETED.value or M.N_TRAIN_LABELS not in m:
             continue
         for test_set in _test_sets(m):
-            prefix = "test_" if test_set == "all" else f"test_{test_set}_"
             for metric, (label, factor) in CURVE_METRICS.items():
-                value = m.get(prefix + metric)
+                value = m.get(metric_on_test(metric, None if test_set == "all" else test_set))
                 if isinstance(value, int | float):
-                    rows.append({"round": r["round"], "labels": m["n_train_labels"],
+                    rows.append({"round": r["round"], "labels": m[M.N_TRAIN_LABELS],
                                  "test_set": test_set, "metric": label,
                                  "value": factor * value})
     return pd.DataFrame(rows, columns=["round", "labels", "test_set", "metric", "value"])
@@ -213,12 +214,12 @@ def calibration_frame(engine: Engine, campaign: str) -> pd.DataFrame:
     rows = []
     for r in _history(engine, campaign):
         m = r["metrics"]
-        if r["status"] != RoundStatus.COMPLETED.value or "test_force_mae" not in m:
+        if r["status"] != RoundStatus.COMPLETED.value or M.TEST_FORCE_MAE not in m:
             continue
-        row: dict[str, Any] = {"round": r["round"], "labels": m.get("n_train_labels")}
+        row: dict[str, Any] = {"round": r["round"], "labels": m.get(M.N_TRAIN_LABELS)}
         for quantity in ("energy", "force"):
             for k in keys:
-                row[f"{quantity}_{k}"] = _num(m.get(f"test_{quantity}_{k}"))
+                row[f"{quantity}_{k}"] = _num(m.get(metric_on_test(f"{quantity}_{k}")))
         rows.append(row)
     return pd.DataFrame(rows)
 

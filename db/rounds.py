@@ -18,6 +18,7 @@ from typing import Any
 from sqlalchemy import Engine, func, select, update
 
 from bayesal.contracts import ACQUISITION_COMPONENTS
+from bayesal.contracts import RoundMetric as M
 from bayesal.db.ingest import (
     _execute_counting,
     _insert,
@@ -207,7 +208,7 @@ def score_summary(engine: Engine, round_id: int) -> dict[str, float]:
     def work(session) -> dict[str, float]:
         rows = session.execute(select(Score.score, Score.selected, Score.components)
                                .where(Score.round_id == round_id)).all()
-        out: dict[str, float] = {"n_scored": len(rows)}
+        out: dict[str, float] = {M.N_SCORED: len(rows)}
         if not rows:
             return out
         pool = [r[0] for r in rows]

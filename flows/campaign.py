@@ -25,6 +25,8 @@ from prefect.artifacts import (
 )
 from prefect.runtime import flow_run as prefect_flow_run
 
+from bayesal.contracts import STEP_SECONDS
+from bayesal.contracts import RoundMetric as M
 from bayesal.db import ensure_schema
 from bayesal.db.pool import label_counts
 from bayesal.db.rounds import finish_round, round_history
@@ -113,7 +115,7 @@ def _label(ctx: _Context, ids: list[int], round_id: int | None) -> dict[str, Any
                                   f"{crashed[0].message}; run the campaign again to retry them")
     results = [s.result() for s in states]
     walls = [r["wall_s"] for r in results if r["status"] != "exists" and r["wall_s"]]
-    return {"n_computed": len(results), "label_s": time.perf_counter() - t0,
+    return {"n_computed": len(results), M.LABEL_S: time.perf_counter() - t0,
             "label_mean_s": sum(walls) / len(walls) if walls else 0.0}
 
 
@@ -171,10 +173,10 @@ def campaign_round(config: str, round_id: int, round_index: int,
                                       reduction=a.reduction.value, threshold=a.threshold,
                                       chunk_size=a.chunk_size, seed=cfg.seed + round_index)
         metrics.update(stats)
-        metrics["n_selected"] = len(selected)
+        metrics[M.N_SELECTED] = len(selected)
         if a.threshold is not None:
-            metrics["threshold"] = a.threshold
-        if selected and not policy.scores_too_low(stats.get("pool_score_max", 0.0),
+            metrics[M.THRESHOLD] = a.threshold
+        if selected and not policy.scores_too_low(stats.get(M.POOL_SCORE_MAX, 0.0),
                                                   cfg.stop.min_score):
             metrics.update(_label(ctx, selected, round_id))
     else:
@@ -185,10 +187,9 @@ def campaign_round(config: str, round_id: int, round_index: int,
                    n_failed=sum(v for k, v in counts.items() if k != "ok"),
                    n_labels_total=label_counts(ctx.engine, name, shash, test=False)
                    .get("ok", 0))
-    metrics["round_s"] = time.perf_counter() - t_round
-    inner = sum(metrics.get(k, 0.0) for k in ("train_s", "evaluate_s", "explore_s", "score_s",
-                                              "label_s"))
-    metrics["overhead_s"] = max(0.0, metrics["round_s"] - inner)
+    metrics[M.ROUND_S] = time.perf_counter() - t_round
+    inner = sum(metrics.get(k, 0.0) for k in STEP_SECONDS)
+    metrics[M.OVERHEAD_S] = max(0.0, metrics[M.ROUND_S] - inner)
     finish_round(ctx.engine, round_id, metrics=metrics, n_labelled=counts.get("ok", 0))
     _round_artifacts(ctx, round_index, metrics)
     return metrics
@@ -223,18 +224,18 @@ def _round_artifacts(ctx: _Context, round_index: int, metrics: dict[str, Any]) -
              f"* labels: {metrics['n_ok']} new ok, {metrics['n_failed']} failed "
              f"({metrics['n_labels_total']} training labels in all)",
              f"* validation force MAE: {metrics['valid_force_mae']:.4f} eV/Å"]
-    if "test_force_mae" in metrics:
+    if M.TEST_FORCE_MAE in metrics:
         lines.append(f"* test force MAE {metrics['test_force_mae']:.4f} eV/Å, energy MAE "
                      f"{metrics['test_energy_mae']:.4f} eV, force NLL "
                      f"{metrics['test_force_nll']:.3f}")
-    if "selected_score_mean" in metrics:
+    if M.SELECTED_SCORE_MEAN in metrics:
         lines.append(f"* selected {metrics['n_selected']} of {metrics['n_scored']} "
                      f"candidates by {metrics['acquisition']} ({metrics['selection']}): "
                      f"mean score {metrics['selected_score_mean']:.4g}, max "
                      f"{metrics['selected_score_max']:.4g}")
     lines.append("* time: " + ", ".join(f"{k[:-2]} {metrics[k]:.1f} s" for k in
-                                         ("train_s", "evaluate_s", "explore_s", "score_s",
-                                          "label_s", "overhead_s", "round_s")
+                                         (M.TRAIN_S, M.EVALUATE_S, M.EXPLORE_S, M.SCORE_S,
+                                          M.LABEL_S, M.OVERHEAD_S, M.ROUND_S)
                                          if k in metrics))
     create_markdown_artifact("\n".join(lines), key=f"{slug}-round-{round_index}",
                              description=f"Round {round_index} of {ctx.cfg.name}")
@@ -286,8 +287,8 @@ def campaign(config: str, resume: bool = True) -> dict[str, Any]:
                 len(history), counts)
     last = history[-1]["metrics"] if history else {}
     return {"campaign": cfg.name, "rounds": len(history), "stop_reason": reason,
-            "labels": counts, "test_force_mae": last.get("test_force_mae"),
-            "valid_force_mae": last.get("valid_force_mae")}
+            "labels": counts, M.TEST_FORCE_MAE: last.get(M.TEST_FORCE_MAE),
+            M.VALID_FORCE_MAE: last.get(M.VALID_FORCE_MAE)}
 
 
 def _progress(ctx: _Context, history: list[dict[str, Any]]) -> float:

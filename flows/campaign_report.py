@@ -4,17 +4,19 @@ from __future__ import annotations
 
 from typing import Any
 
+from bayesal.contracts import RoundMetric as M
+
 __all__ = ["ROUND_COLUMNS", "round_rows"]
 
 ROUND_COLUMNS = (
-    ("round", "round"), ("labels", "n_labels_total"), ("new ok", "n_ok"),
-    ("failed", "n_failed"), ("test F MAE eV/Å", "test_force_mae"),
-    ("test E MAE eV", "test_energy_mae"), ("test F NLL", "test_force_nll"),
-    ("F miscal. area", "test_force_miscal_area_recal"),
-    ("val F MAE eV/Å", "valid_force_mae"), ("selected mean score", "selected_score_mean"),
-    ("selected max score", "selected_score_max"), ("train s", "train_s"),
-    ("score s", "score_s"), ("label s", "label_s"), ("round s", "round_s"),
-    ("overhead s", "overhead_s"),
+    ("round", "round"), ("labels", M.N_LABELS_TOTAL), ("new ok", M.N_OK),
+    ("failed", M.N_FAILED), ("test F MAE eV/Å", M.TEST_FORCE_MAE),
+    ("test E MAE eV", M.TEST_ENERGY_MAE), ("test F NLL", M.TEST_FORCE_NLL),
+    ("F miscal. area", M.TEST_FORCE_MISCAL_RECAL),
+    ("val F MAE eV/Å", M.VALID_FORCE_MAE), ("selected mean score", M.SELECTED_SCORE_MEAN),
+    ("selected max score", M.SELECTED_SCORE_MAX), ("train s", M.TRAIN_S),
+    ("score s", M.SCORE_S), ("label s", M.LABEL_S), ("round s", M.ROUND_S),
+    ("overhead s", M.OVERHEAD_S),
 )
 
 

@@ -15,6 +15,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 from prefect.runtime import task_run
 
+from bayesal.contracts import RoundMetric as M
 from bayesal.db.pool import load_atoms, unlabelled_ids
 from bayesal.db.rounds import RoundInfo, open_round
 from bayesal.tasks import steps
@@ -65,13 +66,13 @@ def train_task(url: str, campaign: str, round_id: int, round_index: int, setting
         if time.monotonic() - last[0] > 10:  # a line every 10 s is enough
             last[0] = time.monotonic()
             logger.info("member %s epoch %d: loss %.4g, validation force MAE %.4f eV/Å", k,
-                        record["epoch"], record["loss"], record["valid_force_mae"])
+                        record["epoch"], record["loss"], record[M.VALID_FORCE_MAE])
 
     out = steps.train_round(steps.engine_for(url), campaign, round_id, round_index,
                             settings_hash, model_dir, on_epoch=on_epoch, **kwargs)
     logger.info("model %s (%s): validation force MAE %.4f eV/Å on %d labels", model_dir,
                 "reused" if out["reused"] else f"trained in {out['train_s']:.0f} s",
-                out["valid_force_mae"], out["n_train_labels"])
+                out[M.VALID_FORCE_MAE], out[M.N_TRAIN_LABELS])
     return out
 
 
@@ -83,9 +84,9 @@ def evaluate_task(url: str, campaign: str, round_index: int, settings_hash: str,
                                    test_sets)
     if metrics:
         get_run_logger().info("test: force MAE %.4f eV/Å, energy MAE %.4f eV, force NLL %.3f",
-                              metrics["test_force_mae"], metrics["test_energy_mae"],
-                              metrics["test_force_nll"])
-    return {**metrics, "evaluate_s": time.perf_counter() - t0}
+                              metrics[M.TEST_FORCE_MAE], metrics[M.TEST_ENERGY_MAE],
+                              metrics[M.TEST_FORCE_NLL])
+    return {**metrics, M.EVALUATE_S: time.perf_counter() - t0}
 
 
 @task(name="explore", cache_policy=NONE, task_run_name="explore-round-{round_index}")
@@ -93,7 +94,7 @@ def explore_task(url: str, campaign: str, round_index: int, settings_hash: str,
                  model_dir: Path, **kwargs) -> dict[str, float]:
     out = steps.explore_round(steps.engine_for(url), campaign, round_index, settings_hash,
                               model_dir, **kwargs)
-    get_run_logger().info("exploration: %d new candidate frames", out["n_explored"])
+    get_run_logger().info("exploration: %d new candidate frames", out[M.N_EXPLORED])
     return out
 
 
@@ -111,7 +112,7 @@ def select_task(url: str, campaign: str, round_id: int, round_index: int,
 
     ids, stats = steps.select_batch(steps.engine_for(url), campaign, round_id, settings_hash,
                                     model_dir, batch_size, on_chunk=on_chunk, **kwargs)
-    logger.info("selected %d of %d candidates%s", len(ids), stats.get("n_scored", 0),
+    logger.info("selected %d of %d candidates%s", len(ids), stats.get(M.N_SCORED, 0),
                 " (stored selection reused)" if stats.get("selection_reused") else "")
     return ids, stats
 

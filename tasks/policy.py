@@ -8,6 +8,7 @@ from typing import Any
 
 from sqlalchemy import Engine
 
+from bayesal.contracts import RoundMetric as M
 from bayesal.db.pool import campaign_activity, label_counts
 
 __all__ = ["CampaignError", "check_new_campaign", "labels_left", "round_batch_size",
@@ -54,7 +55,7 @@ def scores_too_low(pool_score_max: float | None, min_score: float | None) -> boo
 
 def round_force_mae(metrics: dict[str, Any]) -> float | None:
     """The force MAE a round is judged by: on the test sets, else on validation."""
-    return metrics.get("test_force_mae", metrics.get("valid_force_mae"))
+    return metrics.get(M.TEST_FORCE_MAE, metrics.get(M.VALID_FORCE_MAE))
 
 
 def stop_reason(engine: Engine, campaign: str, settings_hash: str, history: list[dict], *,
@@ -75,10 +76,10 @@ def stop_reason(engine: Engine, campaign: str, settings_hash: str, history: list
         mae = round_force_mae(last)
         if target_reached(mae, target_force_mae):
             return f"target_force_mae: {mae:.4g} eV/Å <= {target_force_mae}"
-        if last.get("n_selected") == 0:
+        if last.get(M.N_SELECTED) == 0:
             return "no candidates left to label" + (
-                f" (threshold {last['threshold']})" if "threshold" in last else "")
-        top = last.get("pool_score_max")
+                f" (threshold {last['threshold']})" if M.THRESHOLD in last else "")
+        top = last.get(M.POOL_SCORE_MAX)
         if scores_too_low(top, min_score):
             return f"min_score: best candidate scored {top:.4g} < {min_score}"
     return None

@@ -29,6 +29,8 @@ from typing import Any
 import numpy as np
 from sqlalchemy import Engine
 
+from bayesal.contracts import RoundMetric as M
+from bayesal.contracts import metric_on_test
 from bayesal.db import StructureSource, ensure_schema, make_engine
 from bayesal.db.identity import atoms_hash
 from bayesal.db.importer import import_files
@@ -192,10 +194,10 @@ def _warm_start_source(init_from: Path | None, model_config, images) -> tuple[Pa
 
 def _train_summary(manifest, n_labelled: int, *, reused: bool, seconds: float) -> dict:
     members = manifest.members
-    return {"n_train_labels": n_labelled, "reused": reused, "train_s": seconds,
-            "valid_force_mae": float(np.mean([m["valid_force_mae"] for m in members])),
-            "valid_energy_mae": float(np.mean([m["valid_energy_mae"] for m in members])),
-            "warm_start": float(bool(manifest.extra.get("init_from")))}
+    return {M.N_TRAIN_LABELS: n_labelled, "reused": reused, M.TRAIN_S: seconds,
+            M.VALID_FORCE_MAE: float(np.mean([m["valid_force_mae"] for m in members])),
+            M.VALID_ENERGY_MAE: float(np.mean([m["valid_energy_mae"] for m in members])),
+            M.WARM_START: float(bool(manifest.extra.get("init_from")))}
 
 
 def evaluate_model(engine: Engine, campaign: str, settings_hash: str, model_dir: Path,
@@ -214,21 +216,21 @@ def evaluate_model(engine: Engine, campaign: str, settings_hash: str, model_dir:
     recal = posterior.recalibration
     out: dict[str, float] = {}
 
-    def add(prefix: str, idx: list[int], reliability: bool = False) -> None:
+    def add(test_set: str | None, idx: list[int], reliability: bool = False) -> None:
         sub = [images[i] for i in idx]
         p = pred.subset(idx) if len(idx) < len(images) else pred
         metrics = accuracy_metrics(p, sub)
         metrics.update(calibration_metrics(p, sub, recalibration=recal,
                                            reliability=reliability))
-        out.update({f"{prefix}{k}": v for k, v in metrics.items()})
+        out.update({metric_on_test(k, test_set): v for k, v in metrics.items()})
 
-    add("test_", list(range(len(images))), reliability=True)  # curves for the dashboard
+    add(None, list(range(len(images))), reliability=True)  # curves for the dashboard
     if len(test_sets) > 1:
         position = {a.info["structure_id"]: i for i, a in enumerate(images)}
         for name, ids in test_sets.items():
             idx = [position[i] for i in ids if i in position]
             if idx:
-                add(f"test_{name}_", idx)
+                add(name, idx)
     return out
 
 
@@ -242,7 +244,7 @@ def explore_round(engine: Engine, campaign: str, round_index: int, settings_hash
     from bayesal.bayes_model.posterior import load_posterior
 
     if (n := explored_count(engine, campaign, round_index)) > 0:
-        return {"n_explored": n, "explore_reused": True}
+        return {M.N_EXPLORED: n, "explore_reused": True}
     t0 = time.perf_counter()
     labelled = labelled_atoms(engine, campaign, settings_hash)
     rng = np.random.default_rng(seed + round_index)
@@ -257,10 +259,10 @@ def explore_round(engine: Engine, campaign: str, round_index: int, settings_hash
              for t in trajectories for frame in t.frames]
     n_new = add_explored(engine, campaign, round_index, items)
     stopped = sum(t.stopped == "uncertain" for t in trajectories)
-    return {"n_explored": n_new, "explore_trajectories": len(trajectories),
+    return {M.N_EXPLORED: n_new, "explore_trajectories": len(trajectories),
             "explore_stopped_uncertain": stopped,
             "explore_mean_steps": float(np.mean([t.steps_run for t in trajectories])),
-            "explore_s": time.perf_counter() - t0}
+            M.EXPLORE_S: time.perf_counter() - t0}
 
 
 def select_batch(engine: Engine, campaign: str, round_id: int, settings_hash: str,
@@ -297,6 +299,6 @@ def select_batch(engine: Engine, campaign: str, round_id: int, settings_hash: st
               for rank, c in enumerate(result.selected)]
     mark_selected(engine, round_id, acquisition, chosen)
     return ([r.structure_id for r in chosen],
-            {**score_summary(engine, round_id), "score_s": time.perf_counter() - t0})
+            {**score_summary(engine, round_id), M.SCORE_S: time.perf_counter() - t0})
 
 
