@@ -181,8 +181,14 @@ def test_members_run_one_thread_under_a_one_core_share(limit, shared_data, tmp_p
 def test_members_share_the_cores_without_oversubscription(shared_data, tmp_path):
     """Two members on the whole share: processes x threads equals it (2 cores: 1 each);
     the shared start model, trained alone before them, uses the whole share."""
-    share, _ = resources.cpu_share()
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    # the share of a fresh process on this machine: without thread variables a Dask test's
+    # nanny may have left in pytest's environment
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
+    share = len(os.sched_getaffinity(0))
+    if (slurm := env.get("SLURM_CPUS_PER_TASK", "")).isdigit():
+        share = min(share, int(slurm))
+    env["PYTHONPATH"] = str(REPO)
     proc = subprocess.run([sys.executable, "-c", MEMBER_THREADS,
                            str(shared_data / "ethanol" / "train.xyz"), str(tmp_path / "m"),
                            json.dumps(TINY)], env=env, capture_output=True, text=True,
