@@ -15,6 +15,7 @@ WORKDIR /opt/bayesal
 RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
 COPY pyproject.toml README.md ./
 COPY bayesal bayesal
+COPY cli cli
 COPY flows flows
 COPY tasks tasks
 COPY bayes_model bayes_model

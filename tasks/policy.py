@@ -1,6 +1,6 @@
 """The campaign's rules, in one place (plain functions, no Prefect): whether a campaign may
 start, how many labels a round asks for, and when the campaign stops. The flow
-(flows/campaign.py) and the command line (flows/cli/campaign.py) both ask here."""
+(flows/campaign.py) and the command line (cli/campaign.py) both ask here."""
 
 from __future__ import annotations
 

@@ -9,8 +9,8 @@ from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 from typer.testing import CliRunner
 
+from bayesal.cli import app
 from bayesal.db import make_engine, readonly_engine
-from bayesal.flows.cli import app
 
 runner = CliRunner()
 

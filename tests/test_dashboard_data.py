@@ -221,7 +221,7 @@ def test_dashboard_engine_cannot_write(demo):
 
 
 def test_cli_refuses_a_missing_database(tmp_path, monkeypatch):
-    from bayesal.flows.cli import app
+    from bayesal.cli import app
 
     monkeypatch.setenv("BAYESAL_DATABASE_URL", f"sqlite:///{tmp_path / 'none.db'}")
     result = CliRunner().invoke(app, ["dashboard"])
@@ -231,7 +231,7 @@ def test_cli_refuses_a_missing_database(tmp_path, monkeypatch):
 
 
 def test_streamlit_command_is_headless_and_local():
-    from bayesal.flows.cli.dashboard import APP, _is_loopback, streamlit_command
+    from bayesal.cli.dashboard import APP, _is_loopback, streamlit_command
 
     cmd = streamlit_command("127.0.0.1", 8502, "demo", 10.0)
     assert cmd[1:4] == ["-m", "streamlit", "run"] and cmd[4] == str(APP) and APP.is_file()

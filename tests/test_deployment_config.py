@@ -70,7 +70,7 @@ def test_compose_dashboard_reads_the_campaign_database_of_the_worker():
     # the command line parses: the options exist on `bayesal dashboard`
     from typer.testing import CliRunner
 
-    from bayesal.flows.cli import app
+    from bayesal.cli import app
 
     help_text = CliRunner().invoke(app, ["dashboard", "--help"]).output
     assert "--host" in help_text and "--port" in help_text

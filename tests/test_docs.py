@@ -7,13 +7,13 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-REGENERATE = "typer bayesal.flows.cli utils docs --name bayesal --output docs/cli.md"
+REGENERATE = "typer bayesal.cli utils docs --name bayesal --output docs/cli.md"
 
 
 def test_cli_reference_is_current(tmp_path):
     out = tmp_path / "cli.md"
     typer = Path(sys.executable).with_name("typer")
-    subprocess.run([str(typer), "bayesal.flows.cli", "utils", "docs", "--name", "bayesal",
+    subprocess.run([str(typer), "bayesal.cli", "utils", "docs", "--name", "bayesal",
                     "--output", str(out)], check=True, capture_output=True, cwd=REPO)
     committed = (REPO / "docs" / "cli.md").read_text()
     assert out.read_text() == committed, f"docs/cli.md is stale; regenerate with: {REGENERATE}"
@@ -22,7 +22,7 @@ def test_cli_reference_is_current(tmp_path):
 def test_every_command_has_help_text():
     from typer.main import get_command
 
-    from bayesal.flows.cli import app
+    from bayesal.cli import app
 
     root = get_command(app)
 

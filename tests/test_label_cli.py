@@ -7,7 +7,7 @@ import pytest
 from ase.build import molecule
 from typer.testing import CliRunner
 
-from bayesal.flows.cli import app
+from bayesal.cli import app
 
 runner = CliRunner()
 

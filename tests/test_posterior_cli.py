@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from bayesal.flows.cli import app
+from bayesal.cli import app
 
 runner = CliRunner()
 

@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from bayesal.flows.cli._app import app, console, err_console, settings, user_errors
+from bayesal.cli._app import app, console, err_console, settings, user_errors
 
 APP = Path(__file__).resolve().parents[2] / "dashboard" / "app.py"
 

@@ -10,7 +10,7 @@ import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from bayesal.flows.cli._app import app, console, err_console, user_errors
+from bayesal.cli._app import app, console, err_console, user_errors
 
 
 def _read_labelled(paths: list[Path]):

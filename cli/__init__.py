@@ -3,8 +3,8 @@
 Run ``bayesal --help`` or ``bayesal COMMAND --help``; docs/cli.md has the reference.
 """
 
-from bayesal.flows.cli import campaign, dashboard, data, label, model, score  # noqa: F401 (commands)
-from bayesal.flows.cli._app import app
+from bayesal.cli import campaign, dashboard, data, label, model, score  # noqa: F401 (commands)
+from bayesal.cli._app import app
 
 __all__ = ["app", "main"]
 

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from bayesal.flows.cli._app import app, console, settings, user_errors, writer_engine
+from bayesal.cli._app import app, console, settings, user_errors, writer_engine
 
 REPO = Path(__file__).resolve().parents[2]
 

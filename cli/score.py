@@ -10,8 +10,8 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from bayesal.flows.cli._app import app, console, progress_bar, settings, user_errors
-from bayesal.flows.cli.model import _method
+from bayesal.cli._app import app, console, progress_bar, settings, user_errors
+from bayesal.cli.model import _method
 
 
 @app.command("score")

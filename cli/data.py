@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from bayesal.flows.cli._app import (
+from bayesal.cli._app import (
     app,
     console,
     db_app,
@@ -185,7 +185,7 @@ def status(
                            str(r["n_models"]), str(r["started_at"])[:19],
                            str(r["finished_at"] or "")[:19])
             console.print(rt)
-            from bayesal.flows.cli.campaign import print_round_metrics
+            from bayesal.cli.campaign import print_round_metrics
 
             print_round_metrics(campaign)
         else:

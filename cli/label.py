@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from bayesal.flows.cli._app import app, console, progress_bar, settings, user_errors, writer_engine
+from bayesal.cli._app import app, console, progress_bar, settings, user_errors, writer_engine
 
 
 @app.command("label")
