@@ -41,7 +41,7 @@ from ase import Atoms
 from scipy.special import ndtr
 from scipy.stats import rankdata
 
-from bayesal.bayes_model.metrics import reference_labels
+from bayesal.bayes_model.metrics import accuracy_metrics, reference_labels
 from bayesal.bayes_model.predict import Prediction
 
 __all__ = ["RELIABILITY_LEVELS", "Recalibration", "auroc", "calibration_metrics", "coverage",
@@ -209,6 +209,22 @@ def calibration_metrics(pred: Prediction, images: Sequence[Atoms], *,
             if reliability:
                 for q, observed in reliability_curve(pit).items():
                     out[f"{name}_reliability_p{q:02d}{suffix}"] = observed
+    return out
+
+
+def evaluate_prediction(pred: Prediction, images: Sequence[Atoms], *,
+                        recalibration: Recalibration | None = None,
+                        reliability: bool = False) -> dict[str, float]:
+    """Accuracy, NLL and calibration of a prediction on labelled structures: the
+    :func:`bayesal.bayes_model.metrics.accuracy_metrics`, the :func:`calibration_metrics`
+    (after ``recalibration`` too) and the NLLs after it (``*_nll_recal``). One
+    implementation for ``bayesal evaluate`` and a campaign round's evaluation."""
+    out = accuracy_metrics(pred, images)
+    out.update(calibration_metrics(pred, images, recalibration=recalibration,
+                                   reliability=reliability))
+    if recalibration is not None:
+        out.update({f"{k}_recal": v for k, v in
+                    accuracy_metrics(recalibration.apply(pred), images).items() if "nll" in k})
     return out
 
 

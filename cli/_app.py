@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -105,3 +106,24 @@ def writer_engine(cfg: Settings):
     from bayesal.db import make_engine
 
     return make_engine(cfg.database_url)
+
+
+def check_method(value: str | None, model_dir: Path | None = None):
+    """Validate ``--method``; with ``model_dir`` it must match the trained model."""
+    from bayesal.bayes_model.posterior import Method
+
+    if value is None:
+        return None
+    try:
+        method = Method(value)
+    except ValueError:
+        raise ValueError(f"--method {value!r} is not known; choose one of "
+                         f"{', '.join(Method)}") from None
+    if model_dir is not None:
+        from bayesal.bayes_model.checkpoint import read_manifest
+
+        trained = read_manifest(model_dir).method
+        if trained != method:
+            raise ValueError(f"--method {method}: {model_dir} holds a {trained} model; drop "
+                             f"--method or retrain with --method {method}")
+    return method

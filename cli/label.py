@@ -49,9 +49,8 @@ def label(
     geometry). Each calculation runs in its own process under --timeout; SCF failures walk
     a recovery ladder and are reported, never dropped.
     """
-    import ase.io
 
-    from bayesal.db.export import format_extxyz
+    from bayesal.db.export import atoms_extxyz
     from bayesal.db.readers import InputError, InputIssue, iter_frames
     from bayesal.labelers import PySCFLabeler
 
@@ -104,11 +103,11 @@ def label(
 
             labeler.label_many([images[i] for i in todo], workers=workers, on_result=on_result)
 
-        _write_outputs(images, results, output, format_extxyz, ase.io)
+        _write_outputs(images, results, output, atoms_extxyz)
         _summary(results, todo, output)
 
 
-def _write_outputs(images, results, output: Path, format_extxyz, ase_io) -> None:
+def _write_outputs(images, results, output: Path, atoms_extxyz) -> None:
 
     output.parent.mkdir(parents=True, exist_ok=True)
     failed = output.with_name(output.stem + ".failed.xyz")
@@ -120,19 +119,13 @@ def _write_outputs(images, results, output: Path, format_extxyz, ase_io) -> None
             info["frame"] = i
             if status == "ok":
                 info["REF_energy"] = energy
-                ok_fh.write(format_extxyz(atoms.numbers, atoms.positions, atoms.cell.array,
-                                          _pbc(atoms), info, {"REF_forces": forces}))
+                ok_fh.write(atoms_extxyz(atoms, info, {"REF_forces": forces}))
             else:
                 n_failed += 1
                 info.update(label_status=status, label_error=(error or "")[:300])
-                bad_fh.write(format_extxyz(atoms.numbers, atoms.positions, atoms.cell.array,
-                                           _pbc(atoms), info, {}))
+                bad_fh.write(atoms_extxyz(atoms, info, {}))
     if n_failed == 0:
         failed.unlink()
-
-
-def _pbc(atoms) -> str:
-    return "".join("T" if p else "F" for p in atoms.pbc)
 
 
 def _summary(results, computed: list[int], output: Path) -> None:

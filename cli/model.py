@@ -10,7 +10,7 @@ import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from bayesal.cli._app import app, console, err_console, user_errors
+from bayesal.cli._app import app, check_method, console, err_console, user_errors
 
 
 def _read_labelled(paths: list[Path]):
@@ -73,7 +73,7 @@ def train(
 
     deadline = Deadline.after(max_minutes)  # the budget covers everything from here
     with user_errors():
-        method = _method(method)
+        method = check_method(method)
         if method != Method.ENSEMBLE:
             members = 1
         settings = load_training_file(config) if config else TrainingFile()
@@ -143,27 +143,6 @@ def train(
         _print_calibration(out)
 
 
-def _method(value: str | None, model_dir: Path | None = None):
-    """Validate ``--method``; with ``model_dir`` it must match the trained model."""
-    from bayesal.bayes_model.posterior import Method
-
-    if value is None:
-        return None
-    try:
-        method = Method(value)
-    except ValueError:
-        raise ValueError(f"--method {value!r} is not known; choose one of "
-                         f"{', '.join(Method)}") from None
-    if model_dir is not None:
-        from bayesal.bayes_model.checkpoint import read_manifest
-
-        trained = read_manifest(model_dir).method
-        if trained != method:
-            raise ValueError(f"--method {method}: {model_dir} holds a {trained} model; drop "
-                             f"--method or retrain with --method {method}")
-    return method
-
-
 def _print_calibration(model_dir: Path) -> None:
     from bayesal.bayes_model.calibration import Recalibration
 
@@ -196,10 +175,10 @@ def predict(
     import numpy as np
 
     from bayesal.bayes_model.posterior import load_posterior
-    from bayesal.db.export import format_extxyz
+    from bayesal.db.export import atoms_extxyz
 
     with user_errors():
-        _method(method, model)
+        check_method(method, model)
         posterior = load_posterior(model)
         images = ase.io.read(input, ":")
         pred = posterior.predict(images, batch_size=batch_size)
@@ -218,9 +197,7 @@ def predict(
                             pred_energy_std_ale=float(np.sqrt(pred.energy_var_ale[k])))
                 arrays = {"pred_forces": pred.forces[sl], "pred_forces_std": pred.forces_std[sl],
                           "pred_forces_std_epi": epi[sl], "pred_forces_std_ale": ale[sl]}
-                pbc = "".join("T" if p else "F" for p in atoms.pbc)
-                fh.write(format_extxyz(atoms.numbers, atoms.positions, atoms.cell.array, pbc,
-                                       info, arrays))
+                fh.write(atoms_extxyz(atoms, info, arrays))
         console.print(f"wrote predictions for {len(images)} structures to {output}")
 
 
@@ -255,16 +232,15 @@ def evaluate(
     import ase.io
 
     from bayesal.bayes_model.calibration import (
-        calibration_metrics,
+        evaluate_prediction,
         fit_recalibration,
         ood_auroc,
         plot_calibration,
     )
-    from bayesal.bayes_model.metrics import accuracy_metrics
     from bayesal.bayes_model.posterior import load_posterior
 
     with user_errors():
-        _method(method, model)
+        check_method(method, model)
         posterior = load_posterior(model)
         if recalibrate_on is not None:
             images = _read_labelled([recalibrate_on])
@@ -283,12 +259,7 @@ def evaluate(
         for path in test:
             images = _read_labelled([path])
             pred = posterior.predict(images)
-            metrics = accuracy_metrics(pred, images)
-            metrics.update(calibration_metrics(pred, images, recalibration=recal))
-            if recal is not None:
-                for k, v in accuracy_metrics(recal.apply(pred), images).items():
-                    if "nll" in k:
-                        metrics[f"{k}_recal"] = v
+            metrics = evaluate_prediction(pred, images, recalibration=recal)
             for name, ood_pred in ood_preds.items():
                 for k, v in ood_auroc(pred, ood_pred).items():
                     metrics[k if len(ood_preds) == 1 else f"{k}:{Path(name).name}"] = v

@@ -10,8 +10,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from bayesal.cli._app import app, console, progress_bar, settings, user_errors
-from bayesal.cli.model import _method
+from bayesal.cli._app import app, check_method, console, progress_bar, settings, user_errors
 
 
 @app.command("score")
@@ -52,7 +51,7 @@ def score(
     from bayesal.bayes_model.acquisition import COMPONENTS, Acquisition, Reduction, Selection
     from bayesal.bayes_model.posterior import load_posterior
     from bayesal.bayes_model.scoring import score_pool
-    from bayesal.db.export import format_extxyz
+    from bayesal.db.export import atoms_extxyz
 
     with user_errors():
         for value, enum_ in ((acquisition, Acquisition), (selection, Selection),
@@ -65,7 +64,7 @@ def score(
         for path in pool or []:
             if not path.is_file():
                 raise FileNotFoundError(f"pool file {path} does not exist")
-        _method(method, model)
+        check_method(method, model)
         posterior = load_posterior(model)
 
         def from_files():
@@ -116,9 +115,7 @@ def score(
                 info.update(cand.components)
                 info.update(acquisition=acquisition, score=cand.score, rank=rank,
                             pool_index=cand.index)
-                pbc = "".join("T" if p else "F" for p in atoms.pbc)
-                out.write(format_extxyz(atoms.numbers, atoms.positions, atoms.cell.array, pbc,
-                                        info, {}))
+                out.write(atoms_extxyz(atoms, info, {}))
         table = Table(title=f"selected {len(result.selected)} of {result.n_scored} "
                             f"({acquisition}, {selection})")
         for col in ("rank", "pool index", "score", "bald_e", "bald_f", "energy_std eV",

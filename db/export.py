@@ -14,10 +14,12 @@ from sqlalchemy import and_, func, select
 from sqlalchemy.orm import Session
 
 from bayesal.db.engine import DatabaseError, readonly_session
+from bayesal.db.identity import pbc_string
 from bayesal.db.ingest import get_campaign
 from bayesal.db.models import Label, LabelStatus, Round, Structure
 
-__all__ = ["EXPORT_FORMATS", "ExportReport", "export_campaign", "format_extxyz", "label_levels"]
+__all__ = ["EXPORT_FORMATS", "ExportReport", "atoms_extxyz", "export_campaign", "format_extxyz",
+           "label_levels"]
 
 EXPORT_FORMATS = ("extxyz", "csv", "parquet")
 
@@ -86,6 +88,13 @@ def format_extxyz(
     for z, row in zip(numbers.tolist(), table.tolist(), strict=True):
         lines.append(chemical_symbols[z] + " " + " ".join(repr(x) for x in row))
     return "\n".join(lines) + "\n"
+
+
+def atoms_extxyz(atoms, info: dict[str, Any], arrays: dict[str, np.ndarray]) -> str:
+    """:func:`format_extxyz` of an ASE ``Atoms`` (its numbers, positions, cell and periodic
+    flags) with ``info`` and per-atom ``arrays``: what the CLI commands write."""
+    return format_extxyz(atoms.numbers, atoms.positions, atoms.cell.array,
+                         pbc_string(atoms.pbc), info, arrays)
 
 
 def _choose_level(levels: list[dict[str, Any]], requested: str | None, campaign: str) -> str | None:

@@ -204,8 +204,7 @@ def evaluate_model(engine: Engine, campaign: str, settings_hash: str, model_dir:
                    test_sets: dict[str, list[int]]) -> dict[str, float]:
     """Accuracy, NLL and calibration of the round's model on the labelled test structures:
     ``test_*`` over all of them, ``test_<name>_*`` per test file (eV, eV/Å, nats)."""
-    from bayesal.bayes_model.calibration import calibration_metrics
-    from bayesal.bayes_model.metrics import accuracy_metrics
+    from bayesal.bayes_model.calibration import evaluate_prediction
     from bayesal.bayes_model.posterior import load_posterior
 
     images = labelled_atoms(engine, campaign, settings_hash, test=True)
@@ -219,9 +218,7 @@ def evaluate_model(engine: Engine, campaign: str, settings_hash: str, model_dir:
     def add(test_set: str | None, idx: list[int], reliability: bool = False) -> None:
         sub = [images[i] for i in idx]
         p = pred.subset(idx) if len(idx) < len(images) else pred
-        metrics = accuracy_metrics(p, sub)
-        metrics.update(calibration_metrics(p, sub, recalibration=recal,
-                                           reliability=reliability))
+        metrics = evaluate_prediction(p, sub, recalibration=recal, reliability=reliability)
         out.update({metric_on_test(k, test_set): v for k, v in metrics.items()})
 
     add(None, list(range(len(images))), reliability=True)  # curves for the dashboard
