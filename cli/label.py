@@ -75,7 +75,7 @@ def label(
         engine = None
         todo = list(range(len(images)))
         if campaign is not None:
-            from bayesal.tasks.labeling import existing_labels
+            from bayesal.db.pool import existing_labels
 
             engine = writer_engine(cfg)
             from bayesal.db import ensure_schema

@@ -12,6 +12,7 @@ from ase.calculators.singlepoint import SinglePointCalculator
 from sqlalchemy import Engine, exists, func, select, update
 
 from bayesal.db.engine import DatabaseError, session_scope
+from bayesal.db.identity import atoms_hash
 from bayesal.db.ingest import (
     get_or_create_campaign,
     json_scalars,
@@ -21,7 +22,7 @@ from bayesal.db.ingest import (
 )
 from bayesal.db.models import Campaign, Label, LabelStatus, Round, Structure, StructureSource
 
-__all__ = ["add_explored", "campaign_activity", "campaign_id", "draw_structures",
+__all__ = ["add_explored", "campaign_activity", "campaign_id", "draw_structures", "existing_labels",
            "explored_count", "ids_by_source", "iter_unlabelled", "label_counts",
            "labelled_atoms", "load_atoms", "set_campaign_config", "unlabelled_ids"]
 
@@ -214,3 +215,32 @@ def campaign_activity(engine: Engine, campaign: str) -> tuple[int, int]:
                                 .join(Structure, Structure.id == Label.structure_id)
                                 .where(Structure.campaign_id == cid))
         return int(rounds), int(labels)
+
+
+def existing_labels(
+    engine: Engine, campaign: str, images: Sequence[Atoms], settings_hash: str,
+    *, ok_only: bool = True,
+) -> dict[int, Label]:
+    """Labels already stored for ``images`` (by index) under ``settings_hash``."""
+    by_hash: dict[str, list[int]] = {}
+    for i, atoms in enumerate(images):
+        by_hash.setdefault(atoms_hash(atoms), []).append(i)
+    out: dict[int, Label] = {}
+
+    def work(session) -> None:
+        camp = get_or_create_campaign(session, campaign)
+        hashes = list(by_hash)
+        for start in range(0, len(hashes), 2000):
+            q = (select(Structure.hash, Label)
+                 .join(Label, Label.structure_id == Structure.id)
+                 .where(Structure.campaign_id == camp.id,
+                        Structure.hash.in_(hashes[start:start + 2000]),
+                        Label.settings_hash == settings_hash))
+            if ok_only:
+                q = q.where(Label.status == LabelStatus.OK.value)
+            for h, label in session.execute(q):
+                for i in by_hash[h]:
+                    out[i] = label
+
+    run_transaction(engine, work)
+    return out

@@ -14,10 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from ase import Atoms
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine
 
-from bayesal.db import Label, Structure, StructureSource
-from bayesal.db.identity import atoms_hash
+from bayesal.db import StructureSource
 from bayesal.db.ingest import (
     LabelRecord,
     get_or_create_campaign,
@@ -28,7 +27,7 @@ from bayesal.db.ingest import (
 )
 from bayesal.labelers import Labeler, LabelerInputError, LabelResult, PySCFLabeler, ReplayLabeler
 
-__all__ = ["build_labeler", "compute_label", "existing_labels", "label_record",
+__all__ = ["build_labeler", "compute_label", "label_record",
            "store_results"]
 
 #: keys of a labeler spec that configure the run, not the labeler
@@ -99,32 +98,3 @@ def store_results(
         return upsert_labels(session, pairs, round_id=round_id, replace_failed=replace_failed)
 
     return run_transaction(engine, work)
-
-
-def existing_labels(
-    engine: Engine, campaign: str, images: Sequence[Atoms], settings_hash: str,
-    *, ok_only: bool = True,
-) -> dict[int, Label]:
-    """Labels already stored for ``images`` (by index) under ``settings_hash``."""
-    by_hash: dict[str, list[int]] = {}
-    for i, atoms in enumerate(images):
-        by_hash.setdefault(atoms_hash(atoms), []).append(i)
-    out: dict[int, Label] = {}
-
-    def work(session) -> None:
-        camp = get_or_create_campaign(session, campaign)
-        hashes = list(by_hash)
-        for start in range(0, len(hashes), 2000):
-            q = (select(Structure.hash, Label)
-                 .join(Label, Label.structure_id == Structure.id)
-                 .where(Structure.campaign_id == camp.id,
-                        Structure.hash.in_(hashes[start:start + 2000]),
-                        Label.settings_hash == settings_hash))
-            if ok_only:
-                q = q.where(Label.status == "ok")
-            for h, label in session.execute(q):
-                for i in by_hash[h]:
-                    out[i] = label
-
-    run_transaction(engine, work)
-    return out

@@ -137,3 +137,24 @@ def test_tests_share_helpers_not_conftest():
     offenders = [p.name for p in (REPO / "tests").glob("*.py") if p != Path(__file__)
                  and any(s in p.read_text() for s in ("from conftest import", "import conftest"))]
     assert offenders == []
+
+
+QUERY_BUILDERS = {"select", "insert", "update", "delete", "text", "func", "and_", "or_",
+                  "exists", "Session", "sessionmaker"}
+
+
+@pytest.mark.parametrize("package", ["cli", "flows", "tasks", "bayes_model", "labelers"])
+def test_sql_lives_in_db(package):
+    """Queries are built in db/ only: elsewhere SQLAlchemy appears for its Engine type, its
+    errors and URL parsing, never to build a statement or a session."""
+    offenders = {}
+    for path in (REPO / package).rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("sqlalchemy"):
+                names = {a.name for a in node.names}
+                if node.module.startswith("sqlalchemy.orm") or names & QUERY_BUILDERS:
+                    offenders[str(path.relative_to(REPO))] = sorted(names)
+            elif isinstance(node, ast.Import) and any(a.name.startswith("sqlalchemy")
+                                                      for a in node.names):
+                offenders[str(path.relative_to(REPO))] = ["sqlalchemy"]
+    assert offenders == {}
