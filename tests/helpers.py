@@ -55,3 +55,55 @@ def shared_data_dir() -> Path | None:
     env = os.environ.get("BAYESAL_SHARED_DATA")
     path = Path(env) if env else REPO.parent / "shared" / "data"
     return path if path.is_dir() else None
+
+
+def assert_prediction_physics(predict, atoms, *, seed: int = 0, fd_step: float = 1e-4,
+                              atol: float = 1e-6) -> None:
+    """The physics every posterior's ``predict(images) -> Prediction`` must obey, for a
+    float64 model, on ``atoms`` (a molecule):
+
+    * energy and its variances invariant, forces and force covariances equivariant under a
+      random rotation with inversion plus a translation (epistemic and aleatoric parts);
+    * atoms permuted: the same numbers permuted;
+    * batching: a structure predicted with another beside it gives its own numbers;
+    * forces = −∂E/∂r by central finite differences on a few coordinates.
+    """
+    import numpy as np
+    from ase.build import molecule
+    from scipy.spatial.transform import Rotation
+
+    rot = -Rotation.random(random_state=seed + 11).as_matrix()
+    moved = atoms.copy()
+    moved.positions = atoms.positions @ rot.T + np.array([3.0, -1.0, 2.0])
+    a, b = predict([atoms]), predict([moved])
+    for key in ("energy", "energy_var_epi", "energy_var_ale"):
+        np.testing.assert_allclose(getattr(b, key), getattr(a, key), atol=atol, rtol=1e-7,
+                                   err_msg=key)
+    np.testing.assert_allclose(b.forces, a.forces @ rot.T, atol=atol)
+    for key in ("forces_cov_epi", "forces_cov_ale"):
+        expected = np.einsum("ij,njk,lk->nil", rot, getattr(a, key), rot)
+        np.testing.assert_allclose(getattr(b, key), expected, atol=atol * 1e-2, err_msg=key)
+
+    perm = np.random.default_rng(seed).permutation(len(atoms))
+    c = predict([atoms[perm]])
+    np.testing.assert_allclose(c.energy, a.energy, atol=atol, rtol=1e-7)
+    np.testing.assert_allclose(c.forces, a.forces[perm], atol=atol)
+    np.testing.assert_allclose(c.forces_cov_epi, a.forces_cov_epi[perm], atol=atol * 1e-2)
+
+    other = molecule("H2O")
+    both = predict([other, atoms])
+    n = len(other)
+    np.testing.assert_allclose(both.energy[1:], a.energy, atol=atol, rtol=1e-7)
+    np.testing.assert_allclose(both.energy_var_epi[1:], a.energy_var_epi, atol=atol * 1e-2,
+                               rtol=1e-6)
+    np.testing.assert_allclose(both.forces[n:], a.forces, atol=atol)
+    np.testing.assert_allclose(both.forces_cov_epi[n:], a.forces_cov_epi, atol=atol * 1e-2)
+
+    assert np.abs(a.forces).max() > 1e-3, "forces must not vanish for the check to mean much"
+    for i, k in [(0, 0), (1, 2), (len(atoms) - 1, 1)]:
+        plus, minus = atoms.copy(), atoms.copy()
+        plus.positions[i, k] += fd_step
+        minus.positions[i, k] -= fd_step
+        e = predict([plus, minus]).energy
+        fd = -(e[0] - e[1]) / (2 * fd_step)
+        assert abs(fd - a.forces[i, k]) < 1e-5 + 1e-4 * abs(fd), (i, k, fd, a.forces[i, k])

@@ -259,3 +259,49 @@ def test_laplace_prior_by_validation_nll_and_diagonal_structure(tiny):
     pred = diag.predict_graphs(data.valid)
     assert (pred.energy_var_epi > 0).all()
     assert (np.linalg.eigvalsh(pred.forces_cov_epi) > -1e-12).all()
+
+
+def _calculator_predict(calc):
+    """``predict(images)`` through the ASE calculator: one structure at a time, as MD
+    drives it, assembled into a Prediction."""
+    from bayesal.bayes_model.predict import Prediction
+
+    def predict(images):
+        rows = []
+        for atoms in images:
+            atoms = atoms.copy()
+            atoms.calc = calc
+            atoms.get_forces()
+            rows.append(dict(calc.results))
+        return Prediction(
+            energy=np.array([r["energy"] for r in rows]),
+            energy_var_epi=np.array([r["energy_std_epistemic"] ** 2 for r in rows]),
+            energy_var_ale=np.array([r["energy_std_aleatoric"] ** 2 for r in rows]),
+            forces=np.concatenate([r["forces"] for r in rows]),
+            forces_cov_epi=np.concatenate([r["forces_cov_epistemic"] for r in rows]),
+            forces_cov_ale=np.concatenate([r["forces_cov_aleatoric"] for r in rows]),
+            n_atoms=np.array([len(a) for a in images]))
+
+    return predict
+
+
+@pytest.mark.parametrize("method", ["ensemble", "laplace", "swag", "ivon"])
+def test_every_posterior_and_the_calculator_obey_the_physics(method, ethanol, tmp_path):
+    """Symmetries, batching and forces = −∂E/∂r hold for the predictions of every posterior
+    (float64 models trained briefly) and for the ASE calculator over it."""
+    from helpers import assert_prediction_physics
+
+    from bayesal.bayes_model.calculator import BayesalCalculator
+
+    settings = TrainingFile(model=TINY, train=TrainConfig(max_epochs=2, batch_size=8,
+                                                          float64=True),
+                            posterior={"swag": {"epochs": 2, "burn_in_epochs": 0,
+                                                "samples": 3},
+                                       "ivon": {"epochs": 1, "samples": 3}})
+    out = train_posterior(method, ethanol[:24], ethanol[24:30], tmp_path / "m",
+                          settings=settings, members=2, processes=1)
+    posterior = load_posterior(out)
+    probe = ethanol[40]
+    assert_prediction_physics(posterior.predict, probe)
+    assert_prediction_physics(_calculator_predict(BayesalCalculator(posterior=posterior)),
+                              probe)
