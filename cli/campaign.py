@@ -11,8 +11,6 @@ from rich.table import Table
 
 from bayesal.cli._app import app, console, settings, user_errors, writer_engine
 
-REPO = Path(__file__).resolve().parents[2]
-
 
 def _prefect_defaults() -> None:
     # Prefect's local server sends telemetry heartbeats that fail noisily on a busy SQLite

@@ -10,9 +10,10 @@ from typing import Annotated
 
 import typer
 
+from bayesal import dashboard
 from bayesal.cli._app import app, console, err_console, settings, user_errors
 
-APP = Path(__file__).resolve().parents[2] / "dashboard" / "app.py"
+APP = Path(dashboard.__file__).resolve().parent / "app.py"  # wherever the package is installed
 
 
 def streamlit_command(host: str, port: int, campaign: str | None,
