@@ -44,6 +44,7 @@ def settings() -> Settings:
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
     """Turn expected failures into a one-paragraph message and exit code 1."""
+    from pydantic import ValidationError
     from sqlalchemy.exc import OperationalError
 
     from bayesal.db import DatabaseError
@@ -53,6 +54,12 @@ def user_errors() -> Iterator[None]:
 
     try:
         yield
+    except ValidationError as exc:  # an option out of range: name the option, not pydantic
+        problems = "; ".join(f"--{'.'.join(map(str, e['loc'])).replace('_', '-')} "
+                             f"{e.get('input')!r}: {e['msg']}" for e in exc.errors())
+        err_console.print("[bold red]error:[/] ", end="")
+        err_console.print(problems, markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
     except (InputError, LabelerInputError, DatabaseError, SettingsError, ValueError,
             FileNotFoundError, CampaignError) as exc:
         if state.debug:  # BAYESAL_LOG_LEVEL=DEBUG: the traceback too, for bug reports

@@ -70,7 +70,7 @@ def run(
             f"labelled_data WHERE campaign = '{cfg.name}' LIMIT 10\"\n"
             f"  bayesal export --campaign {cfg.name} --output {cfg.name}.xyz\n"
             f"  bayesal dashboard --campaign {cfg.name}\n"
-            f"  database: {url}; models: {settings().data_dir}/campaigns/{cfg.name}/",
+            f"  database: {url}; models: {settings().campaign_dir(cfg.name)}/",
             markup=False, highlight=False, soft_wrap=True)
 
 

@@ -9,6 +9,9 @@ import typer
 from rich.table import Table
 
 from bayesal.cli._app import app, console, progress_bar, settings, user_errors, writer_engine
+from bayesal.labelers.config import LabelerConfig
+
+_D = {name: f.default for name, f in LabelerConfig.model_fields.items()}  # one set of defaults
 
 
 @app.command("label")
@@ -19,20 +22,25 @@ def label(
                                          "(eV/Å) of the labelled frames; failed frames go to "
                                          "OUTPUT.failed.xyz.")],
     method: Annotated[str, typer.Option(help="hf or a DFT functional (pbe, b3lyp, ...).")
-                      ] = "pbe",
+                      ] = _D["method"],
     basis: Annotated[str, typer.Option(help="Basis set (def2-svp, 6-31g*, sto-3g, ...).")
-                     ] = "def2-svp",
-    dispersion: Annotated[str, typer.Option(help="none, d3bj, d3zero, d4, ...")] = "none",
-    charge: Annotated[int, typer.Option(help="Total charge.")] = 0,
+                     ] = _D["basis"],
+    dispersion: Annotated[str, typer.Option(help="none, d3bj, d3zero, d4, ...")
+                          ] = _D["dispersion"],
+    charge: Annotated[int, typer.Option(help="Total charge.")] = _D["charge"],
     multiplicity: Annotated[int, typer.Option(help="Spin multiplicity 2S+1 (1: restricted).")
-                            ] = 1,
+                            ] = _D["multiplicity"],
     workers: Annotated[int, typer.Option(help="Calculations in parallel.")] = 1,
-    threads: Annotated[int, typer.Option(help="Threads per calculation.")] = 1,
+    threads: Annotated[int, typer.Option(help="Threads per calculation.")] = _D["threads"],
     timeout: Annotated[float, typer.Option(help="Wall-time limit per calculation, s.")
-                       ] = 3600.0,
-    max_memory: Annotated[int, typer.Option(help="Memory per calculation, MB.")] = 4000,
-    grid_level: Annotated[int, typer.Option(help="DFT grid level (0-9).")] = 3,
-    density_fit: Annotated[bool, typer.Option(help="Density fitting (RI).")] = True,
+                       ] = _D["timeout_s"],
+    max_memory: Annotated[int, typer.Option(help="Memory per calculation, MB.")
+                          ] = _D["max_memory_mb"],
+    grid_level: Annotated[int, typer.Option(help="DFT grid level (0-9).")] = _D["grid_level"],
+    density_fit: Annotated[bool, typer.Option(help="Density fitting (RI).")
+                           ] = _D["density_fit"],
+    backend: Annotated[str, typer.Option(help="cpu, gpu (gpu4pyscf) or auto.")
+                       ] = _D["backend"].value,
     guess_dir: Annotated[Path | None, typer.Option(
         help="Reuse converged densities of similar structures as initial guesses, kept here "
              "(default with --campaign: BAYESAL_DATA_DIR/scf-guesses).")] = None,
@@ -52,7 +60,6 @@ def label(
 
     from bayesal.db.export import atoms_extxyz
     from bayesal.db.readers import InputError, InputIssue, iter_frames
-    from bayesal.labelers import PySCFLabeler
 
     with user_errors():
         frames, issues = [], []
@@ -63,12 +70,12 @@ def label(
         images = [f.atoms for f in frames]
         cfg = settings()
         if guess_dir is None and campaign is not None:
-            guess_dir = cfg.data_dir / "scf-guesses"
-        labeler = PySCFLabeler(
-            method, basis, charge=charge, multiplicity=multiplicity, dispersion=dispersion,
-            density_fit=density_fit, grid_level=grid_level, threads=threads,
-            max_memory_mb=max_memory, timeout_s=timeout, guess_dir=guess_dir,
-        )
+            guess_dir = cfg.scf_guess_dir
+        labeler = LabelerConfig(
+            method=method, basis=basis, charge=charge, multiplicity=multiplicity,
+            dispersion=dispersion, density_fit=density_fit, grid_level=grid_level,
+            backend=backend, threads=threads, max_memory_mb=max_memory, timeout_s=timeout,
+        ).build(guess_dir)
         labeler.validate(images)
 
         results: dict[int, tuple[str, float | None, object, str | None, float | None]] = {}

@@ -30,9 +30,15 @@ from bayesal.contracts import RoundMetric as M
 from bayesal.db import ensure_schema
 from bayesal.db.pool import label_counts
 from bayesal.db.rounds import finish_round, round_history
-from bayesal.flows.campaign_config import CampaignConfig, load_campaign_config
+from bayesal.flows.campaign_config import (
+    CampaignConfig,
+    DaskCluster,
+    RunnerKind,
+    load_campaign_config,
+)
 from bayesal.flows.campaign_report import round_rows
 from bayesal.flows.settings import load_settings
+from bayesal.labelers import LabelerKind
 from bayesal.tasks import policy, steps
 from bayesal.tasks.campaign import (
     evaluate_task,
@@ -44,7 +50,6 @@ from bayesal.tasks.campaign import (
     train_task,
     unlabelled_task,
 )
-from bayesal.tasks.labeling import build_labeler
 
 __all__ = ["campaign", "campaign_round", "campaign_setup", "make_task_runner"]
 
@@ -57,11 +62,11 @@ class _Context:
         settings = load_settings()
         self.url = settings.database_url
         self.engine = steps.engine_for(self.url)
-        self.root = Path(settings.data_dir).resolve() / "campaigns" / self.cfg.name
-        self.guess_dir = (str(Path(settings.data_dir).resolve() / "scf-guesses")
-                          if self.cfg.labeler.kind == "pyscf" else None)
+        self.root = settings.campaign_dir(self.cfg.name)
+        self.guess_dir = (str(settings.scf_guess_dir)
+                          if self.cfg.labeler.kind is LabelerKind.PYSCF else None)
         self.labeler_spec = self.cfg.labeler.model_dump(mode="json")
-        self.settings_hash = build_labeler(self.labeler_spec, self.guess_dir).settings_hash
+        self.settings_hash = self.cfg.labeler.settings_hash
 
     def model_dir(self, round_index: int) -> Path:
         return self.root / f"round-{round_index:03d}" / "model"
@@ -74,14 +79,14 @@ class _Context:
 def make_task_runner(cfg: CampaignConfig):
     """The task runner labels fan out over: threads (local) or Dask (local cluster, or
     SLURM/PBS batch jobs through dask-jobqueue)."""
-    if cfg.runner.kind == "local":
+    if cfg.runner.kind is RunnerKind.LOCAL:
         from prefect.task_runners import ThreadPoolTaskRunner
 
         return ThreadPoolTaskRunner(max_workers=cfg.labeler.workers)
     from prefect_dask import DaskTaskRunner
 
     d = cfg.runner.dask
-    if d.cluster == "local":
+    if d.cluster is DaskCluster.LOCAL:
         return DaskTaskRunner(cluster_kwargs={"n_workers": d.jobs,
                                               "threads_per_worker": d.cores,
                                               "processes": True})
@@ -91,7 +96,8 @@ def make_task_runner(cfg: CampaignConfig):
         kwargs["queue"] = d.queue
     if d.account:
         kwargs["account"] = d.account
-    cluster = {"slurm": "dask_jobqueue.SLURMCluster", "pbs": "dask_jobqueue.PBSCluster"}
+    cluster = {DaskCluster.SLURM: "dask_jobqueue.SLURMCluster",
+               DaskCluster.PBS: "dask_jobqueue.PBSCluster"}
     return DaskTaskRunner(cluster_class=cluster[d.cluster], cluster_kwargs=kwargs,
                           adapt_kwargs={"minimum": 0, "maximum": d.jobs})
 

@@ -15,8 +15,8 @@ Example (see docs/campaign.md)::
 
 from __future__ import annotations
 
+import enum
 from pathlib import Path
-from typing import Literal
 
 from pydantic import (
     BaseModel,
@@ -32,25 +32,14 @@ from bayesal.bayes_model.config import PosteriorSettings, load_yaml_model
 from bayesal.bayes_model.model import ModelConfig
 from bayesal.bayes_model.posterior import Method
 from bayesal.bayes_model.train import TrainConfig
+from bayesal.labelers.config import LabelerConfig, resolve_files
 
-__all__ = ["CampaignConfig", "load_campaign_config"]
+__all__ = ["CampaignConfig", "DaskCluster", "LabelerConfig", "RunnerKind",
+           "load_campaign_config"]
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
-
-
-def _resolve(paths: list[Path], info: ValidationInfo) -> list[Path]:
-    base = (info.context or {}).get("base_dir")
-    out = []
-    for p in paths:
-        p = Path(p).expanduser()
-        if not p.is_absolute() and base is not None:
-            p = Path(base) / p
-        if not p.is_file():
-            raise ValueError(f"file {p} does not exist")
-        out.append(p)
-    return out
 
 
 class DataConfig(_Strict):
@@ -70,7 +59,7 @@ class DataConfig(_Strict):
     @field_validator("initial_files", "pool_files", "test_files")
     @classmethod
     def _files_exist(cls, value: list[Path], info: ValidationInfo) -> list[Path]:
-        return _resolve(value, info)
+        return resolve_files(value, info)
 
     @model_validator(mode="after")
     def _has_a_start(self) -> DataConfig:
@@ -124,35 +113,6 @@ class AcquisitionConfig(_Strict):
     chunk_size: int = Field(256, ge=1, description="Candidates scored at once.")
 
 
-class LabelerConfig(_Strict):
-    kind: Literal["pyscf", "replay"] = "pyscf"
-    method: str = Field("hf", description="PySCF method (hf or a LibXC functional).")
-    basis: str = "sto-3g"
-    dispersion: str = "none"
-    charge: int = 0
-    multiplicity: int = Field(1, ge=1)
-    density_fit: bool = True
-    grid_level: int = Field(3, ge=0, le=9)
-    threads: int = Field(1, ge=1, description="Threads per calculation.")
-    timeout_s: float = Field(600.0, gt=0, description="Wall-time limit per calculation.")
-    max_memory_mb: int = Field(4000, ge=100, description="Memory per calculation, MB.")
-    workers: int = Field(2, ge=1, description="Calculations at once.")
-    retries: int = Field(1, ge=0, description="Task retries after a crashed worker.")
-    replay_files: list[Path] = Field(default_factory=list, description="kind replay: labelled "
-                                     "files whose labels are looked up instead of computed.")
-
-    @field_validator("replay_files")
-    @classmethod
-    def _files_exist(cls, value: list[Path], info: ValidationInfo) -> list[Path]:
-        return _resolve(value, info)
-
-    @model_validator(mode="after")
-    def _replay_needs_files(self) -> LabelerConfig:
-        if self.kind == "replay" and not self.replay_files:
-            raise ValueError("kind replay needs replay_files")
-        return self
-
-
 class StopConfig(_Strict):
     max_rounds: int = Field(3, ge=1)
     label_budget: int | None = Field(None, ge=1, description="Stop after this many labels.")
@@ -162,8 +122,19 @@ class StopConfig(_Strict):
                                     "this.")
 
 
+class DaskCluster(enum.StrEnum):
+    LOCAL = "local"  # processes on this machine
+    SLURM = "slurm"  # batch jobs through dask-jobqueue
+    PBS = "pbs"
+
+
+class RunnerKind(enum.StrEnum):
+    LOCAL = "local"  # threads in this process
+    DASK = "dask"
+
+
 class DaskConfig(_Strict):
-    cluster: Literal["local", "slurm", "pbs"] = "local"
+    cluster: DaskCluster = DaskCluster.LOCAL
     jobs: int = Field(1, ge=1, description="Batch jobs (workers) to start.")
     cores: int = Field(1, ge=1, description="Cores per job.")
     memory: str = "4GB"
@@ -173,7 +144,7 @@ class DaskConfig(_Strict):
 
 
 class RunnerConfig(_Strict):
-    kind: Literal["local", "dask"] = "local"
+    kind: RunnerKind = RunnerKind.LOCAL
     dask: DaskConfig = Field(default_factory=DaskConfig)
 
 

@@ -46,6 +46,16 @@ class Settings(BaseSettings):
         "INFO", description="Logging level of bayesal's own loggers."
     )
 
+    def campaign_dir(self, name: str) -> Path:
+        """Where a campaign's round models and artifacts live (absolute)."""
+        return self.data_dir.resolve() / "campaigns" / name
+
+    @property
+    def scf_guess_dir(self) -> Path:
+        """Converged SCF densities reused as initial guesses, shared by all campaigns and
+        `bayesal label --campaign` (absolute)."""
+        return self.data_dir.resolve() / "scf-guesses"
+
     @field_validator("database_url")
     @classmethod
     def _valid_url(cls, value: str) -> str:

@@ -3,6 +3,8 @@
     from bayesal.labelers import PySCFLabeler
     result = PySCFLabeler("pbe", "def2-svp", dispersion="d3bj").label(atoms)
     result.energy, result.forces      # eV, eV/Å
+
+    LabelerConfig(method="hf", basis="sto-3g").build()  # from a campaign's labeler: section
 """
 
 from bayesal.labelers.base import (
@@ -12,6 +14,7 @@ from bayesal.labelers.base import (
     LabelStatus,
     settings_hash,
 )
+from bayesal.labelers.config import LabelerConfig, LabelerKind, PySCFBackend
 from bayesal.labelers.pyscf_labeler import DISPERSIONS, PySCFLabeler, gpu_available
 from bayesal.labelers.replay import ReplayLabeler
 
@@ -20,7 +23,10 @@ __all__ = [
     "LabelResult",
     "LabelStatus",
     "Labeler",
+    "LabelerConfig",
     "LabelerInputError",
+    "LabelerKind",
+    "PySCFBackend",
     "PySCFLabeler",
     "ReplayLabeler",
     "gpu_available",

@@ -13,6 +13,15 @@ from ase.data import chemical_symbols
 
 from bayesal.contracts import atoms_hash
 from bayesal.labelers.base import Labeler, LabelResult, LabelStatus
+from bayesal.labelers.config import (
+    DEFAULT_BASIS,
+    DEFAULT_GRID_LEVEL,
+    DEFAULT_MAX_MEMORY_MB,
+    DEFAULT_METHOD,
+    DEFAULT_TIMEOUT_S,
+    PySCFBackend,
+    pyscf_settings,
+)
 from bayesal.labelers.isolation import run_isolated
 
 __all__ = ["DISPERSIONS", "PySCFLabeler", "gpu_available"]
@@ -140,20 +149,20 @@ class PySCFLabeler(Labeler):
 
     def __init__(
         self,
-        method: str = "pbe",
-        basis: str = "def2-svp",
+        method: str = DEFAULT_METHOD,
+        basis: str = DEFAULT_BASIS,
         *,
         charge: int = 0,
         multiplicity: int = 1,
         dispersion: str = "none",
         density_fit: bool = True,
         auxbasis: str | None = None,
-        grid_level: int = 3,
+        grid_level: int = DEFAULT_GRID_LEVEL,
         conv_tol: float = 1e-9,
         max_cycle: int = 100,
         threads: int = 1,
-        max_memory_mb: int = 4000,
-        timeout_s: float | None = 3600.0,
+        max_memory_mb: int = DEFAULT_MAX_MEMORY_MB,
+        timeout_s: float | None = DEFAULT_TIMEOUT_S,
         guess_dir: str | Path | None = None,
         backend: str = "cpu",
     ) -> None:
@@ -171,12 +180,14 @@ class PySCFLabeler(Labeler):
             raise ValueError("threads and max_cycle must be >= 1 and max_memory_mb >= 100")
         if timeout_s is not None and timeout_s <= 0:
             raise ValueError(f"timeout_s must be positive (or None), got {timeout_s}")
-        if backend not in ("cpu", "gpu", "auto"):
+        if backend not in set(PySCFBackend):
             raise ValueError(f"backend must be cpu, gpu or auto, got {backend!r}")
-        if backend == "gpu" and not gpu_available():
+        if backend == PySCFBackend.GPU and not gpu_available():
             raise ValueError("backend='gpu' needs gpu4pyscf (pip install gpu4pyscf-cuda12x); "
                              "use backend='cpu' or 'auto'")
-        self.backend = ("gpu" if gpu_available() else "cpu") if backend == "auto" else backend
+        if backend == PySCFBackend.AUTO:
+            backend = PySCFBackend.GPU if gpu_available() else PySCFBackend.CPU
+        self.backend = PySCFBackend(backend).value
         self.charge, self.multiplicity = int(charge), int(multiplicity)
         self.density_fit, self.auxbasis = bool(density_fit), auxbasis
         self.grid_level, self.conv_tol, self.max_cycle = int(grid_level), conv_tol, max_cycle
@@ -184,16 +195,12 @@ class PySCFLabeler(Labeler):
         self.guess_dir = None if guess_dir is None else str(Path(guess_dir))
         self._fail_gradient = False  # test hook
 
-    # Level of theory only: threads, limits, guesses and backend do not change the numbers.
     @property
     def settings(self) -> dict[str, Any]:
-        return {
-            "labeler": self.name, "method": self._method, "basis": self._basis,
-            "charge": self.charge, "multiplicity": self.multiplicity,
-            "dispersion": self.dispersion, "density_fit": self.density_fit,
-            "auxbasis": self.auxbasis,
-            "grid_level": self.grid_level if self._method != "hf" else None,
-        }
+        return pyscf_settings(self._method, self._basis, charge=self.charge,
+                              multiplicity=self.multiplicity, dispersion=self.dispersion,
+                              density_fit=self.density_fit, auxbasis=self.auxbasis,
+                              grid_level=self.grid_level)
 
     def problem(self, atoms: Atoms) -> str | None:
         geometry = super().problem(atoms)

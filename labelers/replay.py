@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -13,13 +12,9 @@ from ase import Atoms
 
 from bayesal.contracts import atoms_hash
 from bayesal.labelers.base import Labeler, LabelResult, LabelStatus
+from bayesal.labelers.config import replay_settings
 
 __all__ = ["ReplayLabeler"]
-
-
-def _file_digest(path: Path) -> str:
-    with open(path, "rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 class ReplayLabeler(Labeler):
@@ -41,7 +36,6 @@ class ReplayLabeler(Labeler):
                  basis: str = "reference", energy_key: str | None = None,
                  forces_key: str | None = None) -> None:
         self.files = [Path(f) for f in files]
-        self._method, self._basis = method.lower(), basis.lower()
         self._table: dict[str, tuple[float, np.ndarray]] = {}
         for path in self.files:
             for i, atoms in enumerate(ase.io.iread(path, index=":")):
@@ -50,15 +44,14 @@ class ReplayLabeler(Labeler):
                     raise ValueError(f"{path}, frame {i}: no energy/forces to replay; give "
                                      "--energy-key/--forces-key or use labelled files")
                 self._table.setdefault(atoms_hash(atoms), (energy, forces))
-        self._digests = sorted(_file_digest(p) for p in self.files)
+        self._settings = replay_settings(self.files, method=method, basis=basis)
 
     def __len__(self) -> int:
         return len(self._table)
 
     @property
     def settings(self) -> dict[str, Any]:
-        return {"labeler": self.name, "method": self._method, "basis": self._basis,
-                "data": self._digests}
+        return self._settings
 
     def _label_one(self, atoms: Atoms) -> LabelResult:
         key = atoms_hash(atoms)

@@ -25,32 +25,22 @@ from bayesal.db.ingest import (
     upsert_labels,
     upsert_structures,
 )
-from bayesal.labelers import Labeler, LabelerInputError, LabelResult, PySCFLabeler, ReplayLabeler
+from bayesal.labelers import Labeler, LabelerConfig, LabelerInputError, LabelResult
 
 __all__ = ["build_labeler", "compute_label", "label_record",
            "store_results"]
 
-#: keys of a labeler spec that configure the run, not the labeler
-_RUN_KEYS = ("kind", "workers", "retries", "replay_files")
-
-
 def build_labeler(spec: dict[str, Any], guess_dir: str | Path | None = None) -> Labeler:
-    """A labeler from a campaign's ``labeler:`` section (a plain dict, so that it travels to
-    Dask workers). Built once per process and spec: the replay labeler reads its files once."""
+    """A labeler from a campaign's ``labeler:`` section dumped to a plain dict (so that it
+    travels to Dask workers). Built once per process and spec: the replay labeler reads its
+    files once."""
     return _cached_labeler(json.dumps(spec, sort_keys=True, default=str),
                            None if guess_dir is None else str(guess_dir))
 
 
 @functools.lru_cache(maxsize=8)
 def _cached_labeler(spec_json: str, guess_dir: str | None) -> Labeler:
-    spec = json.loads(spec_json)
-    if spec.get("kind") == "replay":
-        return ReplayLabeler(spec["replay_files"], method=spec.get("method", "reference"),
-                             basis=spec.get("basis", "reference"))
-    kwargs = {k: v for k, v in spec.items() if k not in _RUN_KEYS}
-    kwargs["timeout_s"] = kwargs.pop("timeout_s", None) or 3600.0
-    return PySCFLabeler(kwargs.pop("method"), kwargs.pop("basis"), guess_dir=guess_dir,
-                        **kwargs)
+    return LabelerConfig.model_validate(json.loads(spec_json)).build(guess_dir)
 
 
 def compute_label(labeler: Labeler, atoms: Atoms) -> LabelResult:

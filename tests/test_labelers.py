@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from ase import Atoms
 from ase.build import molecule
+from ase.calculators.singlepoint import SinglePointCalculator
 
 from bayesal.labelers import LabelerInputError, PySCFLabeler, ReplayLabeler
 from bayesal.labelers.isolation import _all as workers
@@ -216,6 +217,56 @@ def test_labelers_imports_and_the_store_share_one_identity_of_structures_and_lev
         {"labeler": "reference", "method": "pbe", "basis": "def2-svp"})
     labeler = PySCFLabeler("hf", "sto-3g")
     assert labeler.settings_hash == contracts.settings_hash(labeler.settings)
+
+
+@pytest.mark.parametrize("fields", [
+    {}, {"method": "HF", "basis": "STO-3G"},
+    {"method": "pbe", "dispersion": "d3bj", "charge": 1, "multiplicity": 2, "grid_level": 4},
+    {"method": "b3lyp", "density_fit": False, "threads": 4, "timeout_s": 5},
+])
+def test_a_labeler_config_knows_its_settings_hash_without_building_the_labeler(fields):
+    """The campaign computes the hash from its YAML section; the labeler it builds stores
+    labels under it. Both must agree for every level of theory."""
+    from bayesal.labelers import LabelerConfig
+
+    cfg = LabelerConfig(**fields)
+    labeler = cfg.build()
+    assert cfg.settings == labeler.settings
+    assert cfg.settings_hash == labeler.settings_hash
+
+
+def test_replay_config_hash_matches_the_replay_labeler(tmp_path):
+    from bayesal.labelers import LabelerConfig
+
+    path = tmp_path / "lab.xyz"
+    atoms = Atoms("H2", positions=[[0, 0, 0], [0, 0, 0.74]])
+    atoms.calc = SinglePointCalculator(atoms, energy=-1.0, forces=np.zeros((2, 3)))
+    ase.io.write(path, atoms)
+    cfg = LabelerConfig(kind="replay", replay_files=[path], method="pbe", basis="def2-svp")
+    first = cfg.settings_hash
+    assert first == cfg.build().settings_hash
+    atoms.calc = SinglePointCalculator(atoms, energy=-2.0, forces=np.zeros((2, 3)))
+    ase.io.write(path, atoms)  # other data, other labels: another hash
+    assert cfg.settings_hash != first
+
+
+def test_library_cli_and_campaign_share_one_set_of_labeler_defaults():
+    import inspect
+
+    from bayesal.cli import label as label_cli
+    from bayesal.flows.campaign_config import CampaignConfig
+    from bayesal.labelers import LabelerConfig
+
+    cfg = LabelerConfig()
+    sig = inspect.signature(PySCFLabeler)
+    for name in ("method", "basis", "dispersion", "charge", "multiplicity", "density_fit",
+                 "grid_level", "threads", "max_memory_mb", "timeout_s", "backend"):
+        assert sig.parameters[name].default == getattr(cfg, name), name
+    assert CampaignConfig.model_fields["labeler"].default_factory() == cfg
+    cli = inspect.signature(label_cli.label).parameters
+    assert (cli["method"].default, cli["basis"].default, cli["timeout"].default,
+            cli["max_memory"].default) == (cfg.method, cfg.basis, cfg.timeout_s,
+                                           cfg.max_memory_mb)
 
 
 def test_replay_serves_stored_labels_exactly(shared_data):
