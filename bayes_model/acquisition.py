@@ -21,13 +21,18 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
-from bayesal.bayes_model.predict import Prediction
 from bayesal.contracts import ACQUISITION_COMPONENTS
 
-__all__ = ["Acquisition", "Reduction", "Scores", "Selection", "score", "select"]
+if TYPE_CHECKING:  # torch is imported only by what predicts
+    from bayesal.bayes_model.predict import Prediction
+
+__all__ = ["Acquisition", "AcquisitionConfig", "Reduction", "Scores", "Selection", "score",
+           "select"]
 
 COMPONENTS = ACQUISITION_COMPONENTS  # stored with every score (bayesal.contracts)
 
@@ -50,6 +55,34 @@ class Reduction(enum.StrEnum):
 class Selection(enum.StrEnum):
     TOP_K = "top-k"
     DIVERSE = "diverse"
+
+
+class AcquisitionConfig(BaseModel):
+    """How candidates are scored and chosen: the campaign YAML's ``acquisition:`` section,
+    what ``bayesal score`` builds from its options, what :func:`score_pool` takes.
+
+    One name per meaning: ``n_select`` structures are chosen (``batch_size`` is accepted in
+    YAML for configs written before the name changed); ``chunk_size`` candidates are read
+    and scored at once (memory); ``predict_batch`` structures go through the model per
+    forward pass (speed)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    function: Acquisition = Acquisition.BALD_EF
+    n_select: int = Field(10, ge=1, validation_alias=AliasChoices("n_select", "batch_size"),
+                          description="Structures selected (and labelled) per round.")
+    selection: Selection = Selection.DIVERSE
+    reduction: Reduction = Reduction.SUM
+    threshold: float | None = Field(None, description="Only candidates scoring at least this "
+                                    "are selected.")
+    keep: int | None = Field(None, ge=1, description="Best candidates kept for the "
+                             "selection (None: max(10 n_select, 100)).")
+    chunk_size: int = Field(256, ge=1, description="Candidates read and scored at once.")
+    predict_batch: int = Field(32, ge=1, description="Structures per forward pass.")
+
+    @property
+    def n_keep(self) -> int:
+        return max(self.keep or max(10 * self.n_select, 100), self.n_select)
 
 
 @dataclass
@@ -119,12 +152,12 @@ def score(pred: Prediction, acquisition: Acquisition | str = Acquisition.BALD_EF
                   max_force_std=max_force_std)
 
 
-def select(scores: np.ndarray, k: int, *, mode: Selection | str = Selection.TOP_K,
+def select(scores: np.ndarray, n_select: int, *, mode: Selection | str = Selection.TOP_K,
            features: np.ndarray | None = None, threshold: float | None = None,
            center_features: bool = True, information: np.ndarray | None = None) -> list[int]:
-    """Indices of the ``k`` structures to label, best first.
+    """Indices of the ``n_select`` structures to label, best first.
 
-    ``threshold``: only structures with score >= threshold are eligible (fewer than ``k`` may
+    ``threshold``: only structures with score >= threshold are eligible (fewer may
     come back). ``diverse`` needs ``features`` (S, D): last-layer features; with
     ``center_features`` they are centred and scaled over the candidates before the cosine
     correlation (use False for features that already carry a posterior metric, e.g. Laplace's
@@ -133,19 +166,19 @@ def select(scores: np.ndarray, k: int, *, mode: Selection | str = Selection.TOP_
     """
     mode = Selection(mode)
     scores = np.asarray(scores, dtype=float)
-    if k < 0:
-        raise ValueError(f"batch size must be >= 0, got {k}")
+    if n_select < 0:
+        raise ValueError(f"n_select must be >= 0, got {n_select}")
     eligible = np.flatnonzero(np.isfinite(scores) if threshold is None
                               else np.isfinite(scores) & (scores >= threshold))
-    if k == 0 or len(eligible) == 0:
+    if n_select == 0 or len(eligible) == 0:
         return []
     order = eligible[np.argsort(-scores[eligible], kind="stable")]
     if mode is Selection.TOP_K or len(order) <= 1:
-        return order[:k].tolist()
+        return order[:n_select].tolist()
     if features is None:
         raise ValueError("diverse selection needs last-layer features of the candidates")
     info = scores if information is None else np.asarray(information, dtype=float)
-    return [int(order[i]) for i in greedy_max_det(info[order], features[order], k,
+    return [int(order[i]) for i in greedy_max_det(info[order], features[order], n_select,
                                                   center=center_features)]
 
 

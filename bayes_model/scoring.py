@@ -18,9 +18,8 @@ from ase import Atoms
 
 from bayesal.bayes_model.acquisition import (
     Acquisition,
-    Reduction,
+    AcquisitionConfig,
     Scores,
-    Selection,
     score,
     select,
 )
@@ -54,44 +53,36 @@ def _chunks(frames: Iterable[Atoms], size: int) -> Iterator[list[Atoms]]:
         yield chunk
 
 
-def iter_scores(posterior, frames: Iterable[Atoms], *,
-                acquisition: Acquisition | str = Acquisition.BALD_EF,
-                reduction: Reduction | str = Reduction.SUM, chunk_size: int = 256,
-                batch_size: int = 32, seed: int = 0, recalibrated: bool = True,
+def iter_scores(posterior, frames: Iterable[Atoms], config: AcquisitionConfig, *,
+                seed: int = 0, recalibrated: bool = True,
                 ) -> Iterator[tuple[list[Atoms], Prediction, Scores]]:
     """Chunks of (structures, prediction, scores); one random generator across chunks, so
     ``random`` gives the same scores as scoring everything at once with the same seed."""
     rng = np.random.default_rng(seed)
     recal = getattr(posterior, "recalibration", None) if recalibrated else None
-    for chunk in _chunks(frames, chunk_size):
-        pred = posterior.predict(chunk, batch_size=batch_size)
+    for chunk in _chunks(frames, config.chunk_size):
+        pred = posterior.predict(chunk, batch_size=config.predict_batch)
         if recal is not None:
             pred = recal.apply(pred)
-        yield chunk, pred, score(pred, acquisition, reduction=reduction, rng=rng)
+        yield chunk, pred, score(pred, config.function, reduction=config.reduction, rng=rng)
 
 
-def score_pool(posterior, frames: Iterable[Atoms], k: int, *,
-               acquisition: Acquisition | str = Acquisition.BALD_EF,
-               reduction: Reduction | str = Reduction.SUM,
-               selection: Selection | str = Selection.TOP_K, threshold: float | None = None,
-               chunk_size: int = 256, batch_size: int = 32, keep: int | None = None,
+def score_pool(posterior, frames: Iterable[Atoms], config: AcquisitionConfig, *,
                seed: int = 0,
                on_scores: Callable[[int, list[Atoms], Scores], None] | None = None,
                ) -> PoolSelection:
-    """Score every structure of ``frames`` and select ``k``.
+    """Score every structure of ``frames`` and select ``config.n_select``.
 
-    ``keep`` candidates (default max(10 k, 100)) with the best scores are retained for the
-    selection (``diverse`` chooses among them). ``on_scores(first_index, chunk, scores)`` is
-    called per chunk.
+    The ``config.n_keep`` candidates with the best scores are retained for the selection
+    (``diverse`` chooses among them). ``on_scores(first_index, chunk, scores)`` is called
+    per chunk.
     """
-    acquisition, selection = Acquisition(acquisition), Selection(selection)
-    keep = max(keep or max(10 * k, 100), k)
+    acquisition, threshold = config.function, config.threshold
+    keep = config.n_keep
     heap: list[Candidate] = []  # min-heap of the best ``keep``
     n = 0
     metric = False
-    for chunk, pred, scores in iter_scores(posterior, frames, acquisition=acquisition,
-                                           reduction=reduction, chunk_size=chunk_size,
-                                           batch_size=batch_size, seed=seed):
+    for chunk, pred, scores in iter_scores(posterior, frames, config, seed=seed):
         if on_scores is not None:
             on_scores(n, chunk, scores)
         metric = pred.features_metric
@@ -117,7 +108,8 @@ def score_pool(posterior, frames: Iterable[Atoms], k: int, *,
         return PoolSelection([], n, metric)
     features = (np.stack([c.features for c in pool]) if all(c.features is not None
                                                             for c in pool) else None)
-    chosen = select(np.array([c.score for c in pool]), k, mode=selection, features=features,
+    chosen = select(np.array([c.score for c in pool]), config.n_select,
+                    mode=config.selection, features=features,
                     center_features=not metric,
                     information=np.array([c.information for c in pool]))
     return PoolSelection([pool[i] for i in chosen], n, metric)

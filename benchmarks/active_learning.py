@@ -84,7 +84,7 @@ def campaign_yaml(out: Path, files: dict[str, Path], strategy: str, seed: int,
            **({"finetune": {"max_epochs": args.finetune_epochs}}
               if args.finetune_epochs else {}),
            "acquisition": {"function": function, "selection": selection,
-                           "batch_size": args.batch, "chunk_size": 250},
+                           "n_select": args.batch, "chunk_size": 250},
            "labeler": {"kind": "replay", "method": "pbe-d3bj", "basis": "def2-svp",
                        "replay_files": [str(files["pool"]), str(files["test_300K"]),
                                         str(files["test_600K"])], "workers": 2},

@@ -42,8 +42,11 @@ def settings() -> Settings:
 
 
 @contextlib.contextmanager
-def user_errors() -> Iterator[None]:
-    """Turn expected failures into a one-paragraph message and exit code 1."""
+def user_errors(options: dict[str, str] | None = None) -> Iterator[None]:
+    """Turn expected failures into a one-paragraph message and exit code 1.
+
+    A config object built from options that fails validation names the options:
+    ``options`` maps config field names to option names where they differ."""
     from pydantic import ValidationError
     from sqlalchemy.exc import OperationalError
 
@@ -55,8 +58,10 @@ def user_errors() -> Iterator[None]:
     try:
         yield
     except ValidationError as exc:  # an option out of range: name the option, not pydantic
-        problems = "; ".join(f"--{'.'.join(map(str, e['loc'])).replace('_', '-')} "
-                             f"{e.get('input')!r}: {e['msg']}" for e in exc.errors())
+        names = options or {}
+        problems = "; ".join(
+            f"--{names.get(str(e['loc'][-1]), str(e['loc'][-1])).replace('_', '-')} "
+            f"{e.get('input')!r}: {e['msg']}" for e in exc.errors())
         err_console.print("[bold red]error:[/] ", end="")
         err_console.print(problems, markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None

@@ -61,7 +61,7 @@ def label(
     from bayesal.db.export import atoms_extxyz
     from bayesal.db.readers import InputError, InputIssue, iter_frames
 
-    with user_errors():
+    with user_errors(options={"timeout_s": "timeout", "max_memory_mb": "max-memory"}):
         frames, issues = [], []
         for item in iter_frames(input):
             (issues if isinstance(item, InputIssue) else frames).append(item)

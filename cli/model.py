@@ -158,7 +158,9 @@ def predict(
     input: Annotated[Path, typer.Option("--input", help="Structures (extxyz or any "
                                         "ASE-readable file).")],
     output: Annotated[Path, typer.Option(help="extxyz with predictions and uncertainties.")],
-    batch_size: Annotated[int, typer.Option(help="Structures per batch.")] = 32,
+    predict_batch: Annotated[int, typer.Option(
+        "--predict-batch", "--batch-size", help="Structures per forward pass "
+        "(--batch-size: the old name).")] = 32,
     method: Annotated[str | None, typer.Option(
         help="Expected posterior method (checked against the model).")] = None,
     recalibrated: Annotated[bool, typer.Option(
@@ -181,7 +183,7 @@ def predict(
         check_method(method, model)
         posterior = load_posterior(model)
         images = ase.io.read(input, ":")
-        pred = posterior.predict(images, batch_size=batch_size)
+        pred = posterior.predict(images, batch_size=predict_batch)
         if recalibrated and posterior.recalibration is not None:
             pred = posterior.recalibration.apply(pred)
         epi = np.sqrt(np.diagonal(pred.forces_cov_epi, axis1=1, axis2=2))

@@ -10,7 +10,10 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from bayesal.bayes_model.acquisition import AcquisitionConfig
 from bayesal.cli._app import app, check_method, console, progress_bar, settings, user_errors
+
+_D = {name: f.default for name, f in AcquisitionConfig.model_fields.items()}
 
 
 @app.command("score")
@@ -23,18 +26,28 @@ def score(
     pool_campaign: Annotated[str | None, typer.Option(
         help="Use the unlabelled structures of this database campaign as the pool.")] = None,
     acquisition: Annotated[str, typer.Option(
-        help="bald-ef, bald-e, bald-f, energy-std, max-force-std or random.")] = "bald-ef",
-    batch_size: Annotated[int, typer.Option(help="Structures to select.")] = 10,
-    selection: Annotated[str, typer.Option(help="top-k or diverse.")] = "top-k",
+        help="bald-ef, bald-e, bald-f, energy-std, max-force-std or random.")
+    ] = _D["function"].value,
+    n_select: Annotated[int, typer.Option(
+        "--n-select", "--batch-size", help="Structures to select (--batch-size: the old "
+        "name).")] = _D["n_select"],
+    selection: Annotated[str, typer.Option(
+        help="diverse (batch-diverse: greedy joint information) or top-k.")
+    ] = _D["selection"].value,
     reduction: Annotated[str, typer.Option(
-        help="Reduction of per-atom force BALD over atoms: sum, mean or max.")] = "sum",
+        help="Reduction of per-atom force BALD over atoms: sum, mean or max.")
+    ] = _D["reduction"].value,
     threshold: Annotated[float | None, typer.Option(
         help="Only structures scoring at least this are eligible.")] = None,
     scores: Annotated[Path | None, typer.Option(
         help="CSV with every candidate's score and components.")] = None,
-    chunk_size: Annotated[int, typer.Option(help="Structures read and scored at once.")] = 256,
+    chunk_size: Annotated[int, typer.Option(help="Structures read and scored at once.")
+                          ] = _D["chunk_size"],
+    predict_batch: Annotated[int, typer.Option(help="Structures per forward pass.")
+                             ] = _D["predict_batch"],
     keep: Annotated[int | None, typer.Option(
-        help="Best candidates kept for the selection (default max(10 x batch, 100)).")] = None,
+        help="Best candidates kept for the selection (default max(10 x n-select, 100)).")
+    ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the random acquisition.")] = 0,
     method: Annotated[str | None, typer.Option(
         help="Expected posterior method (checked against the model).")] = None,
@@ -48,16 +61,16 @@ def score(
 
     import ase.io
 
-    from bayesal.bayes_model.acquisition import COMPONENTS, Acquisition, Reduction, Selection
+    from bayesal.bayes_model.acquisition import COMPONENTS
     from bayesal.bayes_model.posterior import load_posterior
     from bayesal.bayes_model.scoring import score_pool
     from bayesal.db.export import atoms_extxyz
 
-    with user_errors():
-        for value, enum_ in ((acquisition, Acquisition), (selection, Selection),
-                             (reduction, Reduction)):
-            if value not in set(enum_):
-                raise ValueError(f"{value!r} is not one of {', '.join(enum_)}")
+    with user_errors(options={"function": "acquisition"}):
+        config = AcquisitionConfig(function=acquisition, n_select=n_select,
+                                   selection=selection, reduction=reduction,
+                                   threshold=threshold, keep=keep, chunk_size=chunk_size,
+                                   predict_batch=predict_batch)
         if not pool and not pool_campaign:
             raise ValueError("give candidate files with --pool or a campaign with "
                              "--pool-campaign")
@@ -102,10 +115,7 @@ def score(
                                            ("score", *COMPONENTS))])
                 bar.update(task, advance=len(chunk))
 
-            result = score_pool(posterior, frames, batch_size, acquisition=acquisition,
-                                reduction=reduction, selection=selection,
-                                threshold=threshold, chunk_size=chunk_size, keep=keep,
-                                seed=seed, on_scores=on_scores)
+            result = score_pool(posterior, frames, config, seed=seed, on_scores=on_scores)
         output.parent.mkdir(parents=True, exist_ok=True)
         with open(output, "w") as out:
             for rank, cand in enumerate(result.selected):
@@ -125,7 +135,7 @@ def score(
             table.add_row(str(rank), str(c.index), f"{c.score:.4g}",
                           *(f"{c.components[k]:.4g}" for k in COMPONENTS))
         console.print(table)
-        if len(result.selected) < batch_size:
+        if len(result.selected) < n_select:
             console.print(f"only {len(result.selected)} candidates were eligible"
                           + (f" (threshold {threshold})" if threshold is not None else ""))
         console.print(f"wrote {output}" + (f" and {scores}" if scores else ""))

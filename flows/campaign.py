@@ -160,9 +160,9 @@ def campaign_round(config: str, round_id: int, round_index: int,
                               max_minutes=cfg.max_train_minutes,
                               **_finetune(ctx, round_index)))
     metrics.update(evaluate_task(url, name, round_index, shash, model_dir, test_sets))
-    batch = policy.round_batch_size(cfg.acquisition.batch_size, ctx.label_budget_left())
+    n_select = policy.round_n_select(cfg.acquisition.n_select, ctx.label_budget_left())
     if not policy.target_reached(policy.round_force_mae(metrics),
-                                 cfg.stop.target_force_mae) and batch > 0:
+                                 cfg.stop.target_force_mae) and n_select > 0:
         if cfg.explorer is not None:
             e = cfg.explorer
             metrics.update(explore_task(url, name, round_index, shash, model_dir,
@@ -173,11 +173,9 @@ def campaign_round(config: str, round_id: int, round_index: int,
                                         record_every=e.record_every,
                                         seeds_per_round=e.seeds_per_round, seed=cfg.seed))
         a = cfg.acquisition
-        selected, stats = select_task(url, name, round_id, round_index, shash, model_dir, batch,
-                                      acquisition=a.function.value,
-                                      selection=a.selection.value,
-                                      reduction=a.reduction.value, threshold=a.threshold,
-                                      chunk_size=a.chunk_size, seed=cfg.seed + round_index)
+        selected, stats = select_task(url, name, round_id, round_index, shash, model_dir,
+                                      a.model_copy(update={"n_select": n_select}),
+                                      seed=cfg.seed + round_index)
         metrics.update(stats)
         metrics[M.N_SELECTED] = len(selected)
         if a.threshold is not None:

@@ -8,7 +8,7 @@ Example (see docs/campaign.md)::
     data: {pool_files: [pool.xyz], initial_random: 10, test_files: [test.xyz]}
     method: ensemble
     members: 2
-    acquisition: {function: bald-ef, batch_size: 5, selection: diverse}
+    acquisition: {function: bald-ef, n_select: 5, selection: diverse}
     labeler: {kind: pyscf, method: hf, basis: sto-3g}
     stop: {max_rounds: 3}
 """
@@ -27,7 +27,7 @@ from pydantic import (
     model_validator,
 )
 
-from bayesal.bayes_model.acquisition import Acquisition, Reduction, Selection
+from bayesal.bayes_model.acquisition import AcquisitionConfig
 from bayesal.bayes_model.config import PosteriorSettings, load_yaml_model
 from bayesal.bayes_model.model import ModelConfig
 from bayesal.bayes_model.posterior import Method
@@ -101,16 +101,6 @@ class FinetuneConfig(_Strict):
         if self.max_epochs is not None:
             update["max_epochs"] = self.max_epochs
         return train.model_copy(update=update)
-
-
-class AcquisitionConfig(_Strict):
-    function: Acquisition = Acquisition.BALD_EF
-    batch_size: int = Field(10, ge=1, description="Structures labelled per round.")
-    selection: Selection = Selection.DIVERSE
-    reduction: Reduction = Reduction.SUM
-    threshold: float | None = Field(None, description="Only candidates scoring at least this "
-                                    "are labelled.")
-    chunk_size: int = Field(256, ge=1, description="Candidates scored at once.")
 
 
 class StopConfig(_Strict):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
@@ -20,6 +20,9 @@ from bayesal.db.pool import load_atoms, unlabelled_ids
 from bayesal.db.rounds import RoundInfo, open_round
 from bayesal.tasks import steps
 from bayesal.tasks.labeling import build_labeler, compute_label, store_results
+
+if TYPE_CHECKING:
+    from bayesal.bayes_model.acquisition import AcquisitionConfig
 
 __all__ = ["evaluate_task", "explore_task", "import_task", "label_task", "open_round_task",
            "select_task", "train_task", "unlabelled_task"]
@@ -100,8 +103,8 @@ def explore_task(url: str, campaign: str, round_index: int, settings_hash: str,
 
 @task(name="score-select", cache_policy=NONE, task_run_name="score-select-round-{round_index}")
 def select_task(url: str, campaign: str, round_id: int, round_index: int,
-                settings_hash: str, model_dir: Path, batch_size: int,
-                **kwargs) -> tuple[list[int], dict[str, float]]:
+                settings_hash: str, model_dir: Path, acquisition: AcquisitionConfig,
+                *, seed: int) -> tuple[list[int], dict[str, float]]:
     logger = get_run_logger()
     last = [time.monotonic()]
 
@@ -111,7 +114,7 @@ def select_task(url: str, campaign: str, round_id: int, round_index: int,
             logger.info("scored %d candidates", n)
 
     ids, stats = steps.select_batch(steps.engine_for(url), campaign, round_id, settings_hash,
-                                    model_dir, batch_size, on_chunk=on_chunk, **kwargs)
+                                    model_dir, acquisition, seed=seed, on_chunk=on_chunk)
     logger.info("selected %d of %d candidates%s", len(ids), stats.get(M.N_SCORED, 0),
                 " (stored selection reused)" if stats.get("selection_reused") else "")
     return ids, stats

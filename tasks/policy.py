@@ -11,8 +11,16 @@ from sqlalchemy import Engine
 from bayesal.contracts import RoundMetric as M
 from bayesal.db.pool import campaign_activity, label_counts
 
-__all__ = ["CampaignError", "check_new_campaign", "labels_left", "round_batch_size",
-           "round_force_mae", "scores_too_low", "stop_reason", "target_reached"]
+__all__ = [
+    "CampaignError",
+    "check_new_campaign",
+    "labels_left",
+    "round_force_mae",
+    "round_n_select",
+    "scores_too_low",
+    "stop_reason",
+    "target_reached",
+]
 
 
 class CampaignError(RuntimeError):
@@ -39,9 +47,9 @@ def labels_left(engine: Engine, campaign: str, settings_hash: str,
     return label_budget - sum(label_counts(engine, campaign, settings_hash).values())
 
 
-def round_batch_size(batch_size: int, left: int | None) -> int:
-    """Structures a round asks for: the acquisition batch, clipped to the labels left."""
-    return batch_size if left is None else max(0, min(batch_size, left))
+def round_n_select(n_select: int, left: int | None) -> int:
+    """Structures a round asks for: the acquisition's n_select, clipped to the labels left."""
+    return n_select if left is None else max(0, min(n_select, left))
 
 
 def target_reached(force_mae: float | None, target: float | None) -> bool:

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from sqlalchemy import Engine
@@ -53,6 +53,9 @@ from bayesal.db.rounds import (
     selected_structure_ids,
 )
 from bayesal.tasks.policy import CampaignError
+
+if TYPE_CHECKING:
+    from bayesal.bayes_model.acquisition import AcquisitionConfig
 
 __all__ = ["Sources", "engine_for", "evaluate_model", "explore_round", "import_sources",
            "select_batch", "test_set_name", "train_round"]
@@ -263,8 +266,7 @@ def explore_round(engine: Engine, campaign: str, round_index: int, settings_hash
 
 
 def select_batch(engine: Engine, campaign: str, round_id: int, settings_hash: str,
-                 model_dir: Path, batch_size: int, *, acquisition: str, selection: str,
-                 reduction: str, threshold: float | None, chunk_size: int, seed: int,
+                 model_dir: Path, acquisition: AcquisitionConfig, *, seed: int,
                  on_chunk: Callable[[int], None] | None = None,
                  ) -> tuple[list[int], dict[str, float]]:
     """Score every unlabelled candidate with the round's model, store the scores chunk by
@@ -278,23 +280,21 @@ def select_batch(engine: Engine, campaign: str, round_id: int, settings_hash: st
     t0 = time.perf_counter()
     posterior = load_posterior(model_dir)
     frames = (a for _, a in iter_unlabelled(engine, campaign, settings_hash=settings_hash,
-                                            chunk_size=chunk_size))
+                                            chunk_size=acquisition.chunk_size))
 
     def on_scores(first: int, chunk, scores) -> None:
         values = scores.as_dict()
-        record_scores(engine, round_id, acquisition, [
+        record_scores(engine, round_id, acquisition.function.value, [
             ScoreRow(a.info["structure_id"], float(values["score"][j]),
                      {c: float(v[j]) for c, v in values.items() if c != "score"})
             for j, a in enumerate(chunk)])
         if on_chunk is not None:
             on_chunk(first + len(chunk))
 
-    result = score_pool(posterior, frames, batch_size, acquisition=acquisition,
-                        reduction=reduction, selection=selection, threshold=threshold,
-                        chunk_size=chunk_size, seed=seed, on_scores=on_scores)
+    result = score_pool(posterior, frames, acquisition, seed=seed, on_scores=on_scores)
     chosen = [ScoreRow(c.atoms.info["structure_id"], c.score, c.components, rank)
               for rank, c in enumerate(result.selected)]
-    mark_selected(engine, round_id, acquisition, chosen)
+    mark_selected(engine, round_id, acquisition.function.value, chosen)
     return ([r.structure_id for r in chosen],
             {**score_summary(engine, round_id), M.SCORE_S: time.perf_counter() - t0})
 

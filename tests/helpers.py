@@ -39,7 +39,7 @@ def ethanol_campaign(folder, shared_data, *, name="eth", n_pool=40, n_test=6, **
            "data": {"pool_files": ["pool.xyz"], "initial_random": 6,
                     "test_files": ["test.xyz"]},
            "members": 2, "model": TINY, "train": {"max_epochs": 3, "batch_size": 4},
-           "acquisition": {"batch_size": 4, "selection": "diverse"},
+           "acquisition": {"n_select": 4, "selection": "diverse"},
            "labeler": {"kind": "replay", "method": "pbe", "basis": "def2-svp",
                        "replay_files": ["pool.xyz", "test.xyz"], "workers": 2},
            "stop": {"max_rounds": 3}}

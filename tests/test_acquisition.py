@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from bayesal.bayes_model.acquisition import (
+    AcquisitionConfig,
     bald_energy,
     bald_forces_per_atom,
     greedy_max_det,
@@ -156,17 +157,29 @@ def posterior(shared_data):
 def test_streaming_scores_equal_in_memory_scores(posterior, acq):
     post, frames = posterior
     full = score(post.predict(frames), acq, seed=5)
-    chunks = list(iter_scores(post, iter(frames), acquisition=acq, chunk_size=7, seed=5))
+    chunks = list(iter_scores(post, iter(frames), AcquisitionConfig(function=acq, chunk_size=7),
+                              seed=5))
     assert [len(c[0]) for c in chunks] == [7, 7, 7, 7, 2]
     streamed = np.concatenate([c[2].score for c in chunks])
     np.testing.assert_allclose(streamed, full.score, rtol=1e-10, atol=1e-14)
     # the selection from the stream (keeping only the best 8) equals in-memory top-k
-    result = score_pool(post, iter(frames), 5, acquisition=acq, chunk_size=4, keep=8, seed=5)
+    top = AcquisitionConfig(function=acq, n_select=5, selection="top-k", chunk_size=4, keep=8,
+                            predict_batch=3)
+    result = score_pool(post, iter(frames), top, seed=5)
     assert result.n_scored == len(frames)
     assert [c.index for c in result.selected] == select(full.score, 5)
-    result = score_pool(post, iter(frames), 5, acquisition=acq, selection="diverse",
-                        chunk_size=4, seed=5)
+    result = score_pool(post, iter(frames), AcquisitionConfig(function=acq, n_select=5,
+                                                              chunk_size=4), seed=5)
     assert len({c.index for c in result.selected}) == 5
+
+
+def test_acquisition_config_reads_yaml_written_before_n_select():
+    old = AcquisitionConfig.model_validate({"function": "bald-e", "batch_size": 7})
+    assert old.n_select == 7 and old == AcquisitionConfig(function="bald-e", n_select=7)
+    assert AcquisitionConfig(n_select=3).n_keep == 100
+    assert AcquisitionConfig(n_select=30).n_keep == 300
+    with pytest.raises(ValueError, match="batchsize"):
+        AcquisitionConfig.model_validate({"batchsize": 7})
 
 
 def test_streaming_keeps_memory_bounded_by_keep_and_chunk(posterior):
@@ -185,7 +198,7 @@ def test_streaming_keeps_memory_bounded_by_keep_and_chunk(posterior):
             refs.append(weakref.ref(a))
             yield a
 
-    result = score_pool(post, pool(), 3, chunk_size=10, keep=5)
+    result = score_pool(post, pool(), AcquisitionConfig(n_select=3, chunk_size=10, keep=5))
     gc.collect()
     assert result.n_scored == 120 and len(result.selected) == 3
     assert sum(r() is not None for r in refs) <= 5

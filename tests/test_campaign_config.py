@@ -14,7 +14,7 @@ data:
   test_files: [test.xyz]
 members: 2
 model: {channels: 8}
-acquisition: {function: bald-ef, batch_size: 3, selection: diverse}
+acquisition: {function: bald-ef, n_select: 3, selection: diverse}
 labeler: {kind: replay, replay_files: [pool.xyz]}
 stop: {max_rounds: 2, label_budget: 20}
 """
@@ -49,7 +49,7 @@ def test_finetune_overrides_only_what_it_names(folder):
 
 
 @pytest.mark.parametrize(("edit", "message"), [
-    (("batch_size: 3", "batchsize: 3"), "acquisition.batchsize: Extra inputs are not permitted"),
+    (("n_select: 3", "nselect: 3"), "acquisition.nselect: Extra inputs are not permitted"),
     (("[pool.xyz]\n  initial", "[missing.xyz]\n  initial"), "data.pool_files: Value error, file"),
     (("function: bald-ef", "function: bald"), "acquisition.function: Input should be"),
     (("kind: replay, replay_files: [pool.xyz]", "kind: replay"),

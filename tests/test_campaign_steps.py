@@ -181,8 +181,8 @@ def test_round_rules_and_the_new_campaign_guard(engine):
     from bayesal.db.ingest import LabelRecord, run_transaction, upsert_labels
     from bayesal.tasks import policy
 
-    assert policy.round_batch_size(10, None) == 10
-    assert policy.round_batch_size(10, 4) == 4 and policy.round_batch_size(10, -2) == 0
+    assert policy.round_n_select(10, None) == 10
+    assert policy.round_n_select(10, 4) == 4 and policy.round_n_select(10, -2) == 0
     assert policy.target_reached(0.05, 0.05) and not policy.target_reached(0.06, 0.05)
     assert not policy.target_reached(0.01, None) and not policy.target_reached(None, 0.05)
     assert policy.scores_too_low(0.1, 0.2) and not policy.scores_too_low(0.2, 0.2)

@@ -78,7 +78,7 @@ def test_evaluate_reports_calibration_ood_and_plots(files, tmp_path):
 
 def test_score_selects_a_diverse_batch_and_writes_all_scores(files, tmp_path):
     res = invoke("score", "--model", files / "laplace", "--pool", files / "pool.xyz",
-                 "--batch-size", "5", "--selection", "diverse", "--output",
+                 "--n-select", "5", "--selection", "diverse", "--output",
                  tmp_path / "sel.xyz", "--scores", tmp_path / "scores.csv",
                  "--chunk-size", "8")
     assert res.exit_code == 0, res.output
@@ -116,7 +116,8 @@ def test_method_mismatch_and_bad_options_are_clear_errors(files, tmp_path):
     assert res.exit_code == 1 and "holds a laplace model" in res.output
     res = invoke("score", "--model", files / "laplace", "--pool", files / "pool.xyz",
                  "--output", tmp_path / "s.xyz", "--acquisition", "bald")
-    assert res.exit_code == 1 and "'bald' is not one of bald-ef" in res.output
+    assert res.exit_code == 1 and "--acquisition 'bald'" in res.output
+    assert "'bald-ef', 'bald-e'" in res.output and "pydantic" not in res.output
     res = invoke("train", "--train", files / "train.xyz", "--out", tmp_path / "x",
                  "--method", "mcdropout")
     assert res.exit_code == 1 and "--method 'mcdropout' is not known" in res.output
