@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +32,11 @@ from bayesal.bayes_model.ensemble import train_ensemble
 from bayesal.bayes_model.laplace import LastLayerLaplace
 from bayesal.bayes_model.model import MVEPotential
 from bayesal.bayes_model.predict import Prediction, predict_members
-from bayesal.bayes_model.resources import Deadline
+from bayesal.bayes_model.resources import Deadline, plan_processes
 from bayesal.bayes_model.sampling import SampledPosterior, collect_swag, load_flat, train_ivon
 
-__all__ = ["EnsemblePosterior", "Method", "Posterior", "fit_posterior", "load_posterior",
-           "train_posterior"]
+__all__ = ["EnsemblePosterior", "Method", "Posterior", "TrainingPlan", "fit_posterior",
+           "load_posterior", "plan_training", "train_posterior"]
 
 
 class Method(enum.StrEnum):
@@ -73,6 +74,41 @@ class EnsemblePosterior:
 
 
 Posterior = EnsemblePosterior | LastLayerLaplace | SampledPosterior
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    """What a training run will do: ``members`` models (1 unless an ensemble), ``processes``
+    at a time with ``threads`` each, under ``settings`` (seed included)."""
+
+    method: Method
+    members: int
+    processes: int
+    threads: int
+    settings: TrainingFile
+
+    def run(self, train: Sequence[Atoms], valid: Sequence[Atoms], out_dir: str | Path,
+            **kwargs: Any) -> Path:
+        """:func:`train_posterior` with this plan (``kwargs``: its other arguments)."""
+        return train_posterior(self.method, train, valid, out_dir, settings=self.settings,
+                               members=self.members, processes=self.processes, **kwargs)
+
+
+def plan_training(method: Method | str, members: int, settings: TrainingFile | None = None,
+                  *, processes: int | None = None, seed: int | None = None) -> TrainingPlan:
+    """One setup for every entry point (``bayesal train``, a campaign round): the number of
+    models for ``method``, the processes x threads that fit the CPU share, and ``seed``
+    (when given) as the training seed."""
+    method = Method(method)
+    settings = settings or TrainingFile()
+    n_models = members if method is Method.ENSEMBLE else 1
+    if n_models < 1:
+        raise ValueError(f"members must be >= 1, got {members}")
+    if seed is not None:
+        settings = settings.model_copy(update={
+            "train": settings.train.model_copy(update={"seed": seed})})
+    procs, threads = plan_processes(n_models, processes, settings.train.threads)
+    return TrainingPlan(method, n_models, procs, threads, settings)
 
 
 def load_posterior(directory: str | Path, *, samples: int | None = None,

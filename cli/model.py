@@ -66,24 +66,17 @@ def train(
     A deep ensemble of mean-variance e3nn models, or one model with a last-layer Laplace,
     SWAG or IVON posterior. Variance scales are fitted on the validation data
     (OUT/calibration.json)."""
-    from bayesal.bayes_model.config import TrainingFile, load_training_file
+    from bayesal.bayes_model.config import load_training_file
     from bayesal.bayes_model.ensemble import split_validation
-    from bayesal.bayes_model.posterior import Method, describe_budget, train_posterior
-    from bayesal.bayes_model.resources import Deadline, cpu_share, plan_processes
+    from bayesal.bayes_model.posterior import describe_budget, plan_training
+    from bayesal.bayes_model.resources import Deadline, cpu_share
 
     deadline = Deadline.after(max_minutes)  # the budget covers everything from here
     with user_errors():
-        method = check_method(method)
-        if method != Method.ENSEMBLE:
-            members = 1
-        settings = load_training_file(config) if config else TrainingFile()
-        train_cfg = settings.train
-        updates = {}
-        if seed is not None:
-            updates["seed"] = seed
-        procs, threads = plan_processes(members, processes, train_cfg.threads)
-        train_cfg = train_cfg.model_copy(update=updates)
-        settings = settings.model_copy(update={"train": train_cfg})
+        plan = plan_training(check_method(method), members,
+                             load_training_file(config) if config else None,
+                             processes=processes, seed=seed)
+        method, members, train_cfg = plan.method, plan.members, plan.settings.train
         images = _read_labelled(train_files)
         if valid:
             train_images, valid_images = images, _read_labelled(valid)
@@ -93,10 +86,10 @@ def train(
         share, limit = cpu_share()
         console.print(f"training {method} ({members} model{'s' * (members > 1)}) on "
                       f"{len(train_images)} structures (validation {len(valid_images)}), "
-                      f"{procs} at a time x {threads} thread(s) (CPU share {share}, "
+                      f"{plan.processes} at a time x {plan.threads} thread(s) (CPU share {share}, "
                       f"set by {limit})")
         if deadline is not None:
-            console.print(describe_budget(method, max_minutes, members, procs,
+            console.print(describe_budget(method, max_minutes, members, plan.processes,
                                           train_cfg.shared_start))
         columns = [TextColumn("member {task.fields[k]}"), BarColumn(),
                    TextColumn("epoch {task.completed:.0f}"),
@@ -125,10 +118,9 @@ def train(
                                 loss=f"{record['loss']:.3g}",
                                 fmae=f"{record.get('valid_force_mae', float('nan')):.4f}")
 
-            train_posterior(method, train_images, valid_images, out, settings=settings,
-                            members=members, isolated_atoms=isolated_atoms, processes=procs,
-                            resume=resume, on_epoch=on_epoch, on_posterior=on_posterior,
-                            deadline=deadline)
+            plan.run(train_images, valid_images, out, isolated_atoms=isolated_atoms,
+                     resume=resume, on_epoch=on_epoch, on_posterior=on_posterior,
+                     deadline=deadline)
         from bayesal.bayes_model.checkpoint import read_manifest
 
         table = Table(title=f"model {out}")

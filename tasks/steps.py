@@ -133,8 +133,8 @@ def train_round(engine: Engine, campaign: str, round_id: int, round_index: int,
     """
     from bayesal.bayes_model.checkpoint import read_manifest
     from bayesal.bayes_model.ensemble import split_validation_stable
-    from bayesal.bayes_model.posterior import Method, train_posterior
-    from bayesal.bayes_model.resources import Deadline, plan_processes
+    from bayesal.bayes_model.posterior import plan_training
+    from bayesal.bayes_model.resources import Deadline
 
     t0 = time.perf_counter()
     deadline = Deadline.after(max_minutes)
@@ -148,24 +148,19 @@ def train_round(engine: Engine, campaign: str, round_id: int, round_index: int,
         raise CampaignError(f"campaign {campaign!r} has {len(images)} labelled training "
                             "structure(s); at least 2 are needed to train (more initial "
                             "structures, or check the failed labels with `bayesal status`)")
-    method = Method(method)
-    n_models = members if method is Method.ENSEMBLE else 1
-    procs, _ = plan_processes(n_models, processes, settings.train.threads)
     warm, why_not = _warm_start_source(init_from, settings.model, images)
     base = finetune if warm is not None and finetune is not None else settings.train
-    train_cfg = base.model_copy(update={
-        "seed": settings.train.seed + 1000 * round_index})
-    settings = settings.model_copy(update={"train": train_cfg})
+    plan = plan_training(method, members, settings.model_copy(update={"train": base}),
+                         processes=processes, seed=settings.train.seed + 1000 * round_index)
     # A structure stays on its side of the split in every round (warm-started models must
     # not be validated on what they trained on in an earlier round), keyed by its content so
     # the same structures split alike in every campaign and database.
     train, valid = split_validation_stable(images, [atoms_hash(a) for a in images],
                                            valid_fraction, seed=seed)
-    train_posterior(method, train, valid, model_dir, settings=settings, members=n_models,
-                    processes=procs, resume=True, on_epoch=on_epoch, init_from=warm,
-                    deadline=deadline)
+    plan.run(train, valid, model_dir, resume=True, on_epoch=on_epoch, init_from=warm,
+             deadline=deadline)
     manifest = read_manifest(model_dir)
-    hyper = {"n_train": len(train), "n_valid": len(valid), "seed": train_cfg.seed,
+    hyper = {"n_train": len(train), "n_valid": len(valid), "seed": plan.settings.train.seed,
              **({"posterior_file": manifest.posterior.get("file"),
                  "posterior_sha256": manifest.posterior.get("sha256")}
                 if manifest.posterior else {})}

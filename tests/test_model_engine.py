@@ -147,6 +147,26 @@ def test_cpu_share_takes_the_smallest_limit(monkeypatch):
         torch.set_num_threads(before)
 
 
+def test_one_training_plan_for_the_cli_and_the_campaign(monkeypatch):
+    """`bayesal train` and a campaign round plan alike: models for the method, the CPU
+    share split without oversubscription, the seed they were given."""
+    from bayesal.bayes_model.config import TrainingFile
+    from bayesal.bayes_model.posterior import Method, plan_training
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    monkeypatch.setattr(resources, "_LIMITS_AT_START",
+                        {"OMP_NUM_THREADS": "", "SLURM_CPUS_PER_TASK": ""})
+    plan = plan_training("ensemble", 4, seed=7)
+    assert (plan.method, plan.members, plan.processes, plan.threads) == \
+        (Method.ENSEMBLE, 4, 4, 2)
+    assert plan.settings.train.seed == 7
+    plan = plan_training("laplace", 4, TrainingFile(train=TrainConfig(threads=3)))
+    assert (plan.members, plan.processes, plan.threads) == (1, 1, 3)
+    assert plan.settings.train.seed == TrainConfig().seed
+    with pytest.raises(ValueError):
+        plan_training("mcdropout", 2)
+
+
 MEMBER_THREADS = textwrap.dedent("""
     import json, sys, ase.io
     from bayesal.bayes_model.checkpoint import read_manifest
