@@ -23,6 +23,7 @@ from bayesal.tasks.labeling import build_labeler, compute_label, store_results
 
 if TYPE_CHECKING:
     from bayesal.bayes_model.acquisition import AcquisitionConfig
+    from bayesal.labelers import LabelerConfig
 
 __all__ = ["evaluate_task", "explore_task", "import_task", "label_task", "open_round_task",
            "select_task", "train_task", "unlabelled_task"]
@@ -121,12 +122,13 @@ def select_task(url: str, campaign: str, round_id: int, round_index: int,
 
 
 @task(name="label", cache_policy=NONE, task_run_name="label-structure-{structure_id}")
-def label_task(url: str, campaign: str, labeler_spec: dict[str, Any], guess_dir: str | None,
+def label_task(url: str, campaign: str, labeler: LabelerConfig | dict[str, Any],
+               guess_dir: str | None,
                structure_id: int, round_id: int | None, retries: int = 0) -> dict[str, Any]:
     """Label one structure and store the outcome at once. A crashed worker (status
     ``error``) is retried by Prefect up to ``retries`` times, then recorded."""
     engine = steps.engine_for(url)
-    labeler = build_labeler(labeler_spec, guess_dir)
+    labeler = build_labeler(labeler, guess_dir)
     if not unlabelled_ids(engine, [structure_id], labeler.settings_hash):
         return {"structure_id": structure_id, "status": "exists", "wall_s": 0.0}
     atoms = load_atoms(engine, [structure_id])[0]

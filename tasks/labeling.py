@@ -8,7 +8,6 @@ same labeler settings.
 from __future__ import annotations
 
 import functools
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -27,20 +26,22 @@ from bayesal.db.ingest import (
 )
 from bayesal.labelers import Labeler, LabelerConfig, LabelerInputError, LabelResult
 
-__all__ = ["build_labeler", "compute_label", "label_record",
-           "store_results"]
+__all__ = ["build_labeler", "compute_label", "label_record", "store_results"]
 
-def build_labeler(spec: dict[str, Any], guess_dir: str | Path | None = None) -> Labeler:
-    """A labeler from a campaign's ``labeler:`` section dumped to a plain dict (so that it
-    travels to Dask workers). Built once per process and spec: the replay labeler reads its
-    files once."""
-    return _cached_labeler(json.dumps(spec, sort_keys=True, default=str),
+
+def build_labeler(config: LabelerConfig | dict[str, Any],
+                  guess_dir: str | Path | None = None) -> Labeler:
+    """The labeler of a campaign's ``labeler:`` section, built once per process (labels of a
+    round run as many tasks; the replay labeler reads its files once). A Dask task runner
+    delivers the section as a dict."""
+    config = LabelerConfig.model_validate(config)
+    return _cached_labeler(config.model_dump_json(),
                            None if guess_dir is None else str(guess_dir))
 
 
 @functools.lru_cache(maxsize=8)
-def _cached_labeler(spec_json: str, guess_dir: str | None) -> Labeler:
-    return LabelerConfig.model_validate(json.loads(spec_json)).build(guess_dir)
+def _cached_labeler(config_json: str, guess_dir: str | None) -> Labeler:
+    return LabelerConfig.model_validate_json(config_json).build(guess_dir)
 
 
 def compute_label(labeler: Labeler, atoms: Atoms) -> LabelResult:

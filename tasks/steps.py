@@ -12,7 +12,8 @@ at any point and started again continues from the last complete step:
 * a structure is labelled only if it has no label (ok or failed) under the labeler's
   settings hash, and each label is stored the moment it is computed.
 
-Nothing here imports Prefect or the flows package; configuration arrives as plain values.
+Nothing here imports Prefect or the flows package; configuration arrives as plain values
+and the libraries' config objects (`AcquisitionConfig`, `TrainingFile`).
 """
 
 from __future__ import annotations
@@ -261,14 +262,17 @@ def explore_round(engine: Engine, campaign: str, round_index: int, settings_hash
 
 
 def select_batch(engine: Engine, campaign: str, round_id: int, settings_hash: str,
-                 model_dir: Path, acquisition: AcquisitionConfig, *, seed: int,
+                 model_dir: Path, acquisition: AcquisitionConfig | dict[str, Any], *,
+                 seed: int,
                  on_chunk: Callable[[int], None] | None = None,
                  ) -> tuple[list[int], dict[str, float]]:
     """Score every unlabelled candidate with the round's model, store the scores chunk by
     chunk and mark the selected batch. A round whose selection is stored returns it."""
+    from bayesal.bayes_model.acquisition import AcquisitionConfig
     from bayesal.bayes_model.posterior import load_posterior
     from bayesal.bayes_model.scoring import score_pool
 
+    acquisition = AcquisitionConfig.model_validate(acquisition)  # a dict when serialised
     stored = selected_structure_ids(engine, round_id)
     if stored:
         return stored, {**score_summary(engine, round_id), "selection_reused": True}

@@ -143,7 +143,8 @@ QUERY_BUILDERS = {"select", "insert", "update", "delete", "text", "func", "and_"
                   "exists", "Session", "sessionmaker"}
 
 
-@pytest.mark.parametrize("package", ["cli", "flows", "tasks", "bayes_model", "labelers", "dashboard"])
+@pytest.mark.parametrize("package", ["cli", "flows", "tasks", "bayes_model", "labelers",
+                                     "dashboard"])
 def test_sql_lives_in_db(package):
     """Queries are built in db/ only: elsewhere SQLAlchemy appears for its Engine type, its
     errors and URL parsing, never to build a statement or a session."""
