@@ -95,6 +95,10 @@ def _root(
     """bayesal: train Bayesian e3nn potentials, pick structures by BALD, label them with
     PySCF, keep everything in SQL. Settings come from BAYESAL_* environment variables."""
     state.database_url = database_url
+    if database_url:  # for every step of the command: flows, tasks, workers, subprocesses
+        import os
+
+        os.environ["BAYESAL_DATABASE_URL"] = database_url
     with contextlib.suppress(SettingsError):  # reported by the command that needs settings
         level = settings().log_level
         state.debug = level == "DEBUG"

@@ -60,6 +60,8 @@ def run(
         console.print(f"campaign [bold]{cfg.name}[/] stopped after {result['rounds']} "
                       f"round(s): {result['stop_reason']}")
         print_round_metrics(cfg.name)
+        from bayesal.db.engine import redact_url
+
         url = settings().database_url
         console.print(
             "\nwhere to look:\n"
@@ -70,7 +72,7 @@ def run(
             f"labelled_data WHERE campaign = '{cfg.name}' LIMIT 10\"\n"
             f"  bayesal export --campaign {cfg.name} --output {cfg.name}.xyz\n"
             f"  bayesal dashboard --campaign {cfg.name}\n"
-            f"  database: {url}; models: {settings().campaign_dir(cfg.name)}/",
+            f"  database: {redact_url(url)}; models: {settings().campaign_dir(cfg.name)}/",
             markup=False, highlight=False, soft_wrap=True)
 
 
@@ -188,10 +190,15 @@ def deploy(
                              "server start` and set PREFECT_API_URL=http://127.0.0.1:4200/api")
         from bayesal.flows.deploy import deploy_campaign
 
-        deployment_id, flow_run_id = deploy_campaign(
+        deployment_id, flow_run_id, had_password = deploy_campaign(
             config.resolve(), name or cfg.name, pool, settings(), run_now=run_now)
         console.print(f"deployment campaign/{name or cfg.name} ({deployment_id}) on work pool "
                       f"{pool}")
+        if had_password:
+            console.print("the database password is not stored in the deployment (the "
+                          "Prefect API has no login): give the worker's environment "
+                          "PGPASSWORD, or a ~/.pgpass / PGPASSFILE entry; see docs/security.md",
+                          markup=False, highlight=False)
         if flow_run_id:
             console.print(f"started flow run {flow_run_id}")
         console.print(f"start a worker: prefect worker start --pool {pool}\n"

@@ -36,7 +36,9 @@ def db_upgrade(
             reached = upgrade(engine, revision)
         finally:
             engine.dispose()
-        where = engine.url.render_as_string(hide_password=True)
+        from bayesal.db.engine import redact_url
+
+        where = redact_url(engine.url)
         console.print(f"database {where} is at revision {reached}")
 
 

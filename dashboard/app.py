@@ -278,9 +278,9 @@ def main() -> None:
 
 
 def _masked(url: str) -> str:
-    from sqlalchemy.engine import make_url
+    from bayesal.db.engine import redact_url
 
-    return make_url(url).render_as_string(hide_password=True)
+    return redact_url(url)
 
 
 main()

@@ -22,8 +22,10 @@ __all__ = [
     "make_engine",
     "readonly_engine",
     "readonly_session",
+    "redact_url",
     "session_scope",
     "upgrade",
+    "without_secrets",
 ]
 
 _MIGRATIONS = Path(__file__).parent / "migrations"
@@ -38,15 +40,54 @@ class SchemaOutOfDate(DatabaseError):
     """The database schema is missing or older than this version of bayesal."""
 
 
+#: query parameters of a URL that hold secrets (libpq's names)
+_SECRET_PARAMS = frozenset({"password", "sslpassword"})
+_HIDDEN = "***"
+
+
+def redact_url(url: str | URL) -> str:
+    """``url`` fit to print: the password (``user:pw@`` and ``?password=``) hidden.
+
+    Works on strings that are not valid URLs too (for error messages about them)."""
+    import re
+
+    try:
+        parsed = make_url(url)
+    except Exception:  # not a URL SQLAlchemy parses: hide what looks like a secret
+        text = re.sub(r":[^:@/]*@", f":{_HIDDEN}@", str(url))
+        return re.sub(r"((?:^|[?&])(?:ssl)?password=)[^&#]*", rf"\1{_HIDDEN}", text,
+                      flags=re.I)
+    if parsed.password is not None:
+        parsed = parsed.set(password=_HIDDEN)
+    if any(k.lower() in _SECRET_PARAMS for k in parsed.query):
+        parsed = parsed.set(query={k: (_HIDDEN if k.lower() in _SECRET_PARAMS else v)
+                                   for k, v in parsed.query.items()})
+    return parsed.render_as_string(hide_password=False).replace("%2A%2A%2A", _HIDDEN)
+
+
+def without_secrets(url: str) -> tuple[str, bool]:
+    """``url`` without its password (user:pw@ or ?password=), and whether it had one: for
+    URLs stored where others can read them (Prefect deployments). libpq then reads the
+    password from ~/.pgpass (PGPASSFILE) or PGPASSWORD of the process that connects."""
+    parsed = make_url(url)
+    secret = [k for k in parsed.query if k.lower() in _SECRET_PARAMS]
+    if parsed.password is None and not secret:
+        return url, False
+    parsed = URL.create(parsed.drivername, username=parsed.username, host=parsed.host,
+                        port=parsed.port, database=parsed.database,
+                        query={k: v for k, v in parsed.query.items() if k not in secret})
+    return parsed.render_as_string(hide_password=False), True
+
+
 def check_url(url: str) -> URL:
     """Parse and validate a database URL; raises :class:`DatabaseError` saying what is wrong."""
     try:
         parsed = make_url(url)
-    except ArgumentError as exc:
+    except ArgumentError:
         raise DatabaseError(
-            f"invalid database URL {url!r}: {exc}. Examples: sqlite:///bayesal.db, "
+            f"invalid database URL {redact_url(url)!r}. Examples: sqlite:///bayesal.db, "
             "postgresql+psycopg://user:password@host:5432/dbname"
-        ) from exc
+        ) from None
     if parsed.get_backend_name() not in SUPPORTED_DIALECTS:
         raise DatabaseError(
             f"database backend {parsed.get_backend_name()!r} is not supported; "
@@ -193,7 +234,7 @@ def ensure_schema(engine: Engine, *, create: bool = False) -> None:
     if create:
         upgrade(engine)
         return
-    where = engine.url.render_as_string(hide_password=True)
+    where = redact_url(engine.url)
     state = "has no bayesal schema" if current is None else f"is at revision {current}"
     raise SchemaOutOfDate(
         f"database {where} {state}; this bayesal needs revision {head}. "

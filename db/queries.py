@@ -69,26 +69,55 @@ def check_readonly_sql(sql: str) -> str:
 
 
 def run_readonly_sql(url: str, sql: str, *, max_rows: int | None = None) -> QueryResult:
-    """Run one query on a read-only connection (the database refuses any write)."""
+    """Run one query on a read-only connection (the database refuses any write).
+
+    The text check above is a courtesy; the guards are the database's: SQLite connections
+    with ``query_only``, which run one statement per call; on PostgreSQL a transaction that
+    starts READ ONLY and a statement sent through the extended protocol (prepared), which
+    refuses a second statement, so nothing can end the read-only transaction and start
+    another (``...; COMMIT; BEGIN READ WRITE; ...``)."""
     stmt = check_readonly_sql(sql)
     engine = readonly_engine(url)
     try:
         with engine.connect() as conn:
             try:
-                result = conn.execute(text(stmt))
+                if engine.dialect.name == "postgresql":
+                    columns, rows = _postgres_one_statement(conn, stmt, max_rows)
+                else:
+                    result = conn.execute(text(stmt))
+                    columns = list(result.keys())
+                    rows = result.fetchmany(max_rows) if max_rows else result.fetchall()
             except DBAPIError as exc:
                 msg = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
-                if "read-only" in msg or "readonly" in msg or "query_only" in msg:
-                    raise ReadOnlyViolation(
-                        f"refused by the database: {msg}. `bayesal sql` is read-only."
-                    ) from None
-                raise DatabaseError(f"query failed: {msg}") from None
-            columns = list(result.keys())
-            rows = result.fetchmany(max_rows) if max_rows else result.fetchall()
+                _raise_refusal(msg)
+            except Exception as exc:  # psycopg's own errors on the raw connection
+                if type(exc).__module__.split(".")[0] != "psycopg":
+                    raise
+                _raise_refusal(str(exc).strip().splitlines()[0])
             conn.rollback()
     finally:
         engine.dispose()
     return QueryResult(columns, [tuple(r) for r in rows])
+
+
+def _raise_refusal(msg: str) -> None:
+    if any(word in msg for word in ("read-only", "readonly", "query_only",
+                                    "multiple commands", "one statement")):
+        raise ReadOnlyViolation(f"refused by the database: {msg}. `bayesal sql` is "
+                                "read-only and runs one statement.") from None
+    raise DatabaseError(f"query failed: {msg}") from None
+
+
+def _postgres_one_statement(conn, stmt: str, max_rows: int | None):
+    """One statement, prepared (extended protocol), in the connection's READ ONLY
+    transaction (``default_transaction_read_only`` of :func:`readonly_engine`)."""
+    raw = conn.connection.driver_connection  # psycopg 3
+    with raw.cursor() as cur:
+        cur.execute("SET TRANSACTION READ ONLY", prepare=False)
+        cur.execute(stmt, prepare=True)
+        columns = [d.name for d in cur.description or []]
+        rows = (cur.fetchmany(max_rows) if max_rows else cur.fetchall()) if columns else []
+    return columns, rows
 
 
 def _per_campaign(session: Session, query, campaign_id: int | None) -> dict[int, dict[str, int]]:

@@ -65,7 +65,6 @@ class _Context:
         self.root = settings.campaign_dir(self.cfg.name)
         self.guess_dir = (str(settings.scf_guess_dir)
                           if self.cfg.labeler.kind is LabelerKind.PYSCF else None)
-        self.labeler_spec = self.cfg.labeler.model_dump(mode="json")
         self.settings_hash = self.cfg.labeler.settings_hash
 
     def model_dir(self, round_index: int) -> Path:
@@ -111,7 +110,7 @@ def _label(ctx: _Context, ids: list[int], round_id: int | None) -> dict[str, Any
         label = label_task.with_options(retries=ctx.cfg.labeler.retries,
                                         retry_delay_seconds=1)
         futures = label.map(unmapped(ctx.url), unmapped(ctx.cfg.name),
-                            unmapped(ctx.labeler_spec), unmapped(ctx.guess_dir), todo,
+                            unmapped(ctx.cfg.labeler), unmapped(ctx.guess_dir), todo,
                             unmapped(round_id), unmapped(ctx.cfg.labeler.retries))
         futures.wait()
         states = [f.state for f in futures]
@@ -263,7 +262,8 @@ def campaign(config: str, resume: bool = True) -> dict[str, Any]:
     cfg, logger = ctx.cfg, get_run_logger()
     ensure_schema(ctx.engine, create=True)
     policy.check_new_campaign(ctx.engine, cfg.name, resume)
-    sources = campaign_setup.with_options(flow_run_name=f"{cfg.name}-setup")(str(config))
+    sources = campaign_setup.with_options(flow_run_name=f"{cfg.name}-setup",
+                                          task_runner=make_task_runner(cfg))(str(config))
     slug = _slug(cfg.name)
     progress_id = None
     while True:

@@ -37,13 +37,17 @@ def ensure_work_pool(name: str, kind: str = "process") -> None:
 
 
 def deploy_campaign(config: Path, name: str, pool: str, settings: Settings, *,
-                    run_now: bool = False) -> tuple[UUID, UUID | None]:
+                    run_now: bool = False) -> tuple[UUID, UUID | None, bool]:
     """Register ``campaign(config)`` as deployment ``campaign/<name>`` on ``pool``; the
-    worker's flow runs get this process's database URL and data folder."""
+    worker's flow runs get this process's database URL (without its password: anyone who
+    reaches the Prefect API can read a deployment) and data folder. Returns the deployment
+    id, the flow run id (``run_now``) and whether a password was left out."""
+    from bayesal.db.engine import without_secrets
     from bayesal.flows.campaign import campaign
 
     ensure_work_pool(pool)
-    env = {"BAYESAL_DATABASE_URL": absolute_database_url(settings.database_url),
+    url, had_password = without_secrets(absolute_database_url(settings.database_url))
+    env = {"BAYESAL_DATABASE_URL": url,
            "BAYESAL_DATA_DIR": str(Path(settings.data_dir).resolve()),
            "BAYESAL_LOG_LEVEL": settings.log_level,
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
@@ -57,4 +61,4 @@ def deploy_campaign(config: Path, name: str, pool: str, settings: Settings, *,
         from prefect.deployments import run_deployment
 
         run_id = run_deployment(f"campaign/{name}", timeout=0).id
-    return deployment_id, run_id
+    return deployment_id, run_id, had_password

@@ -17,7 +17,7 @@ from typing import Literal
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from bayesal.db.engine import DatabaseError, check_url
+from bayesal.db.engine import DatabaseError, check_url, redact_url
 
 __all__ = ["Settings", "SettingsError", "load_settings"]
 
@@ -81,5 +81,7 @@ def load_settings(**overrides: object) -> Settings:
             field = ".".join(str(p) for p in err["loc"]) or "?"
             var = ENV_PREFIX + field.upper()
             value = err.get("input")
+            if field == "database_url" and isinstance(value, str):
+                value = redact_url(value)
             lines.append(f"{var}={value!r}: {err['msg']}")
         raise SettingsError("invalid bayesal settings:\n  " + "\n  ".join(lines)) from None

@@ -10,6 +10,17 @@ from helpers import shared_data_dir
 from pg_server import PostgresUnavailable, TemporaryPostgres, create_database
 
 
+@pytest.fixture(autouse=True)
+def _bayesal_environment_is_per_test():
+    """`bayesal --database-url X` exports X for the rest of its process (so every step of a
+    command uses it); commands invoked in-process by a test must not leak it into the next."""
+    saved = {k: v for k, v in os.environ.items() if k.startswith("BAYESAL_")}
+    yield
+    for key in [k for k in os.environ if k.startswith("BAYESAL_") and k not in saved]:
+        del os.environ[key]
+    os.environ.update(saved)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     path = shared_data_dir()

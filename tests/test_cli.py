@@ -68,6 +68,37 @@ def test_sql_refuses_writes(filled, stmt):
     assert res.output.splitlines()[1] == "1000"
 
 
+@pytest.mark.parametrize("stmt", [
+    # PostgreSQL's E'' literal hides the ';' from the text check; a second statement must
+    # still be impossible (the simple query protocol would run them all)
+    "SELECT E'\\'';COMMIT;BEGIN READ WRITE;CREATE TABLE pwned(x int);DELETE FROM labels;"
+    "COMMIT;SELECT 'x'",
+    "SELECT E'\\'';SET default_transaction_read_only = off;CREATE TABLE pwned(x int);"
+    "SELECT 'x'",
+    "SELECT E'\\'';ROLLBACK;START TRANSACTION READ WRITE;DROP TABLE labels CASCADE;"
+    "COMMIT;SELECT 'x'",
+    "WITH d AS (DELETE FROM labels RETURNING 1) SELECT count(*) FROM d",
+    "SELECT set_config('default_transaction_read_only', 'off', false), E'\\'';"
+    "CREATE TABLE pwned(x int);SELECT '",
+])
+def test_sql_cannot_be_tricked_into_writing(filled, stmt):
+    res = bayesal(filled, "sql", stmt)
+    assert res.exit_code == 1, res.output
+    assert "Traceback" not in res.output
+    engine = make_engine(filled)
+    try:
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT COUNT(*) FROM labels")).scalar() == 1000
+            tables = conn.execute(text(
+                "SELECT name FROM sqlite_master WHERE type = 'table'" if filled.startswith(
+                    "sqlite") else "SELECT tablename FROM pg_tables")).scalars().all()
+            assert "pwned" not in tables
+    finally:
+        engine.dispose()
+    res = bayesal(filled, "sql", "--csv", "SELECT COUNT(*) AS n, '100%' AS p FROM labels")
+    assert res.output.splitlines()[1] == "1000,100%"
+
+
 def test_database_itself_refuses_writes_on_readonly_connections(filled):
     """The keyword check is convenience; the database is the guard (CTEs, EXPLAIN ANALYZE)."""
     engine = readonly_engine(filled)
