@@ -77,10 +77,13 @@ def run(
 
 
 def _exit_on_sigterm(config: Path) -> None:
-    """SIGTERM (scancel, kill) ends the run like Ctrl-C: Prefect marks the runs crashed and
-    re-sends the signal to this handler, whose SystemExit unwinds normally, so the temporary
-    Prefect API, the labeler workers and the ensemble members are stopped (the default
-    action would kill this process alone and orphan them)."""
+    """SIGTERM (scancel, kill) and SIGINT (Ctrl-C) end the run with exit status 143 / 130:
+    Prefect marks the runs crashed and re-sends the signal to this handler, whose SystemExit
+    unwinds normally, so the temporary Prefect API, the labeler workers and the ensemble
+    members are stopped (the default action would kill this process alone and orphan them).
+    A signal to the whole process group (what scancel and a terminal's Ctrl-C send) reaches
+    the workers too, but not the temporary API, which runs in a session of its own so that
+    the crashed runs can still be recorded."""
     import signal
     import sys
 
@@ -91,10 +94,12 @@ def _exit_on_sigterm(config: Path) -> None:
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
 
 
-# Runs beside `bayesal run` (argv: its pid, the server's pid): once that process is gone
-# without having stopped the server (SIGKILL, the OOM killer), stop the server too.
+# Runs beside `bayesal run` (argv: its pid, the server's pid), in its own session so that a
+# signal to run's process group does not reach it: once `run` is gone without having stopped
+# the server (SIGKILL, the OOM killer), stop the server too.
 _REAPER = """
 import os, signal, sys, time
 parent, server = int(sys.argv[1]), int(sys.argv[2])
@@ -121,21 +126,40 @@ def _temporary_api_dies_with_us() -> None:
     """Without PREFECT_API_URL, Prefect serves the flows from a temporary API in a
     subprocess that it stops at exit, which a SIGKILL (OOM killer, scancel after its grace
     period) skips, leaving the server running. Start that server now, as Prefect would on the
-    first flow call (it is a singleton, so Prefect reuses it), and put a small reaper process
-    beside it that stops it once this process is gone."""
-    import subprocess
-    import sys
-
+    first flow call (it is a singleton, so Prefect reuses it), in a session of its own (a
+    signal to our process group must not kill it before the runs are marked crashed), and
+    start the reaper that stops it once this process is gone the moment the server process
+    exists, before waiting for it to answer (a kill during its start-up must not orphan it)."""
     from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
 
     if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
         return
+    _reaped_server_class()().start()
+
+
+def _reaped_server_class():
+    import subprocess
+    import sys
+
     from prefect.server.api.server import SubprocessASGIServer
 
-    server = SubprocessASGIServer()
-    server.start()
-    subprocess.Popen([sys.executable, "-c", _REAPER, str(os.getpid()),
-                      str(server.server_process.pid)], stdin=subprocess.DEVNULL)
+    class ReapedServer(SubprocessASGIServer):
+        def _run_uvicorn_command(self) -> subprocess.Popen:
+            popen = subprocess.Popen
+
+            def own_session(*args, **kwargs):
+                return popen(*args, **kwargs, start_new_session=True)
+
+            subprocess.Popen = own_session  # Prefect builds the server's command line
+            try:
+                server = super()._run_uvicorn_command()
+            finally:
+                subprocess.Popen = popen
+            popen([sys.executable, "-c", _REAPER, str(os.getpid()), str(server.pid)],
+                  stdin=subprocess.DEVNULL, start_new_session=True)
+            return server
+
+    return ReapedServer
 
 
 CLI_COLUMNS = {"round": "round", "labels": "labels", "new ok": "ok", "failed": "failed",

@@ -85,12 +85,20 @@ def make_task_runner(cfg: CampaignConfig):
     from prefect_dask import DaskTaskRunner
 
     d = cfg.runner.dask
-    if d.cluster is DaskCluster.LOCAL:
+    security: dict[str, Any] = {}
+    if d.tls:
+        from distributed.security import Security
+
+        security = {"security": Security.temporary()}
+    if d.cluster is DaskCluster.LOCAL:  # scheduler and dashboard on loopback only
         return DaskTaskRunner(cluster_kwargs={"n_workers": d.jobs,
                                               "threads_per_worker": d.cores,
-                                              "processes": True})
+                                              "processes": True, "host": "127.0.0.1",
+                                              "dashboard_address": d.dashboard_address,
+                                              **security})
     kwargs: dict[str, Any] = {"cores": d.cores, "memory": d.memory, "walltime": d.walltime,
-                              "processes": 1}
+                              "processes": 1, **security,
+                              "scheduler_options": {"dashboard_address": d.dashboard_address}}
     if d.queue:
         kwargs["queue"] = d.queue
     if d.account:

@@ -131,6 +131,11 @@ class DaskConfig(_Strict):
     walltime: str = "01:00:00"
     queue: str | None = None
     account: str | None = None
+    dashboard_address: str = Field("127.0.0.1:8787", description="Where Dask's dashboard "
+                                   "listens (no login: keep it on 127.0.0.1 and tunnel; "
+                                   "':0' picks a free port).")
+    tls: bool = Field(False, description="Encrypt and authenticate scheduler-worker "
+                      "traffic with temporary TLS certificates (dask Security.temporary).")
 
 
 class RunnerConfig(_Strict):

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 import ase.io
 import pytest
@@ -232,13 +233,48 @@ def test_dask_runner_settings_from_the_yaml(shared_data, tmp_path):
     runner = make_task_runner(load_campaign_config(config))
     assert runner.cluster_class == "dask_jobqueue.SLURMCluster"
     assert runner.cluster_kwargs == {"cores": 8, "memory": "16GB", "walltime": "02:00:00",
-                                     "processes": 1, "queue": "compute", "account": "proj"}
+                                     "processes": 1, "queue": "compute", "account": "proj",
+                                     "scheduler_options": {
+                                         "dashboard_address": "127.0.0.1:8787"}}
     assert runner.adapt_kwargs == {"minimum": 0, "maximum": 20}
     import dask_jobqueue  # the class named above exists
 
     assert dask_jobqueue.SLURMCluster and dask_jobqueue.PBSCluster
     local = make_task_runner(load_campaign_config(ethanol_campaign(tmp_path, shared_data)))
     assert type(local).__name__ == "ThreadPoolTaskRunner"
+
+
+def _listening_addresses(port: int) -> set[str]:
+    """Local addresses with a TCP socket listening on ``port`` (from /proc/net/tcp*)."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, hex_port = local.split(":")
+            if state == "0A" and int(hex_port, 16) == port:
+                found.add(address)
+    return found
+
+
+@pytest.mark.parametrize("tls", [False, True])
+def test_a_local_dask_cluster_listens_on_loopback_only(tls, shared_data, tmp_path):
+    """Dask's dashboard has no login: the scheduler and the dashboard of a local cluster
+    bind 127.0.0.1, never every interface (it used to be 0.0.0.0:8787); ``tls`` encrypts
+    and authenticates the scheduler's connections."""
+    from distributed import LocalCluster
+
+    from bayesal.flows.campaign import make_task_runner
+    from bayesal.flows.campaign_config import load_campaign_config
+
+    config = ethanol_campaign(tmp_path, shared_data, runner={
+        "kind": "dask", "dask": {"cluster": "local", "dashboard_address": "127.0.0.1:0",
+                                 "tls": tls}})
+    kwargs = {**make_task_runner(load_campaign_config(config)).cluster_kwargs, "n_workers": 0}
+    with LocalCluster(**kwargs) as cluster:
+        assert cluster.scheduler.address.startswith("tls://" if tls else "tcp://")
+        ports = {cluster.scheduler.port, cluster.scheduler.http_server.port}
+        for port in ports:
+            assert _listening_addresses(port) == {"0100007F"}, port  # 127.0.0.1 only
 
 
 @pytest.mark.slow

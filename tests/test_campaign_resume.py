@@ -123,13 +123,17 @@ def test_sigkill_and_resume_loses_and_duplicates_nothing(phase, prefect_api, sql
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
-def test_a_killed_run_leaves_no_process_behind(sig, sqlite_url, tmp_path):
+@pytest.mark.parametrize("sig, group", [(signal.SIGTERM, False), (signal.SIGKILL, False),
+                                        (signal.SIGTERM, True), (signal.SIGINT, True)],
+                         ids=["sigterm", "sigkill", "group-sigterm", "group-sigint"])
+def test_a_killed_run_leaves_no_process_behind(sig, group, sqlite_url, tmp_path):
     """`bayesal run` with its own temporary Prefect API, killed during training, leaves no
     process it started (the temporary Prefect server, the ensemble members). SIGTERM (a
     scheduler's scancel, `kill`) used to orphan the server; now it exits with 143 and a
     message saying how to continue. SIGKILL (the OOM killer, scancel after its grace period)
-    runs no handler at all: the members die with their parent and a reaper stops the server."""
+    runs no handler at all: the members die with their parent and a reaper stops the server.
+    SIGTERM or SIGINT to the whole process group (scancel, Ctrl-C in a terminal) used to kill
+    the temporary API first and leave `run` retrying it forever; now it exits 143 / 130."""
     import psutil
 
     from bayesal.db import make_engine
@@ -152,7 +156,8 @@ def test_a_killed_run_leaves_no_process_behind(sig, sqlite_url, tmp_path):
 
     with open(tmp_path / "run.log", "w") as log:
         proc = subprocess.Popen([bayesal, "run", str(config)], env=env, stdout=log,
-                                stderr=subprocess.STDOUT)
+                                stderr=subprocess.STDOUT, start_new_session=group)
+
         def training_with_server_and_members() -> bool:
             for p in psutil.Process(proc.pid).children(recursive=True):
                 with contextlib.suppress(psutil.Error):
@@ -163,7 +168,10 @@ def test_a_killed_run_leaves_no_process_behind(sig, sqlite_url, tmp_path):
         try:
             _wait_for(proc, tmp_path / "run.log", training_with_server_and_members, "training")
         finally:
-            proc.send_signal(sig)
+            if group:
+                os.killpg(proc.pid, sig)
+            else:
+                proc.send_signal(sig)
             try:
                 returncode = proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
@@ -179,9 +187,9 @@ def test_a_killed_run_leaves_no_process_behind(sig, sqlite_url, tmp_path):
         for p in alive:
             with contextlib.suppress(psutil.Error):
                 p.kill()
-    if sig == signal.SIGTERM:
-        assert returncode == 143, text[-3000:]
-        assert "stopped by SIGTERM" in text and "--resume" in text
+    if sig != signal.SIGKILL:
+        assert returncode == 128 + sig, text[-3000:]
+        assert f"stopped by {sig.name}" in text and "--resume" in text
     else:
         assert returncode == -signal.SIGKILL
     engine.dispose()
