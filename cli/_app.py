@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
@@ -24,8 +25,24 @@ db_app = typer.Typer(help="Database schema management (Alembic migrations).",
                      no_args_is_help=True)
 app.add_typer(db_app, name="db")
 
-console = Console()
-err_console = Console(stderr=True)
+# Control characters (terminal escape sequences) that strings from data or files could carry.
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+class _PlainConsole(Console):
+    """Prints text as it is: no Rich markup (campaign names, methods, errors and file names
+    are data: ``a[/b]`` or ``[bold red]FAKE[/]`` must print as such, not crash or render) and
+    no control characters (no escape sequence from a database reaches the terminal)."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(markup=False, **kwargs)
+
+    def render_str(self, text: str, **kwargs):
+        return super().render_str(_CONTROL.sub("", text), **kwargs)
+
+
+console = _PlainConsole()
+err_console = _PlainConsole(stderr=True)
 
 
 class _State:
@@ -62,19 +79,19 @@ def user_errors(options: dict[str, str] | None = None) -> Iterator[None]:
         problems = "; ".join(
             f"--{names.get(str(e['loc'][-1]), str(e['loc'][-1])).replace('_', '-')} "
             f"{e.get('input')!r}: {e['msg']}" for e in exc.errors())
-        err_console.print("[bold red]error:[/] ", end="")
+        err_console.print("error: ", style="bold red", end="")
         err_console.print(problems, markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
     except (InputError, LabelerInputError, DatabaseError, SettingsError, ValueError,
             FileNotFoundError, CampaignError) as exc:
         if state.debug:  # BAYESAL_LOG_LEVEL=DEBUG: the traceback too, for bug reports
             err_console.print_exception()
-        err_console.print("[bold red]error:[/] ", end="")
+        err_console.print("error: ", style="bold red", end="")
         err_console.print(str(exc), markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
     except OperationalError as exc:
         msg = str(exc.orig).strip() if exc.orig else str(exc)
-        err_console.print("[bold red]error:[/] ", end="")
+        err_console.print("error: ", style="bold red", end="")
         err_console.print(f"cannot use the database: {msg}", markup=False, soft_wrap=True)
         raise typer.Exit(1) from None
 

@@ -57,7 +57,7 @@ def run(
         from bayesal.flows.campaign import campaign
 
         result = campaign(str(config.resolve()), resume=True)
-        console.print(f"campaign [bold]{cfg.name}[/] stopped after {result['rounds']} "
+        console.print(f"campaign {cfg.name} stopped after {result['rounds']} "
                       f"round(s): {result['stop_reason']}")
         print_round_metrics(cfg.name)
         from bayesal.db.engine import redact_url

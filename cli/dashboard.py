@@ -67,7 +67,7 @@ def dashboard(
         finally:
             engine.dispose()
     if not _is_loopback(host):
-        err_console.print(f"[yellow]warning:[/] serving on {host}: anyone who can reach this "
+        err_console.print(f"warning: serving on {host}: anyone who can reach this "
                           "address can read the campaign data (there is no login)")
     env = {**os.environ, "BAYESAL_DATABASE_URL": url}  # not on the command line (passwords)
     console.print(f"bayesal dashboard on http://{host}:{port}  (Ctrl-C to stop)")

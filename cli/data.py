@@ -100,7 +100,7 @@ def import_(
                 on_frame=lambda n: progress.update(task, completed=n),
             )
         console.print(
-            f"campaign [bold]{campaign}[/]: {report.n_frames} frames read, "
+            f"campaign {campaign}: {report.n_frames} frames read, "
             f"{report.n_structures_new} new structures, "
             f"{report.n_structures_duplicate} duplicates skipped"
             + (f", {report.n_labels_new} new labels ({report.n_labels_existing} already there)"
@@ -213,7 +213,11 @@ def _cell(value, for_csv: bool):
         return json.dumps(arr.tolist()) if for_csv else f"<array {arr.shape}>"
     if isinstance(value, dict | list):
         return json.dumps(value)
-    return "" if value is None and for_csv else str(value)
+    if for_csv:
+        from bayesal.db.export import csv_safe
+
+        return "" if value is None else csv_safe(value)
+    return str(value)
 
 
 @app.command("sql")

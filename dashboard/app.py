@@ -18,6 +18,7 @@ import streamlit as st
 from sqlalchemy.exc import OperationalError
 
 from bayesal.dashboard import data, plots
+from bayesal.dashboard.data import md
 from bayesal.db import DatabaseError, ensure_schema, readonly_engine
 
 
@@ -58,7 +59,7 @@ def overview_tab(engine, name: str) -> None:
     ov = data.overview(engine, name)
     state = {"new": "no round yet", "running": f"round {ov.running_round} running",
              "idle": "no round running"}[ov.state]
-    st.subheader(f"Campaign {ov.name}")
+    st.subheader(f"Campaign {md(ov.name)}")
     st.caption(f"created {ov.created_at:%Y-%m-%d %H:%M} · {state}")
     cols = st.columns(5)
     cols[0].metric("completed rounds", ov.n_completed)
@@ -73,7 +74,7 @@ def overview_tab(engine, name: str) -> None:
         st.progress(used, text=f"label budget: {ov.labels_requested} of {ov.label_budget} "
                                "used by rounds (failed labels count)")
     st.caption("structures by source: " + (", ".join(
-        f"{k} {v}" for k, v in sorted(ov.structures.items())) or "none"))
+        f"{md(k)} {v}" for k, v in sorted(ov.structures.items())) or "none"))
     url = data.prefect_run_url(last.get("flow_run_id"), os.environ.get("PREFECT_API_URL"),
                                os.environ.get("PREFECT_UI_URL"))
     if url:
@@ -201,7 +202,7 @@ def structure_tab(engine, name: str) -> None:
     try:
         detail = data.structure_detail(engine, name, int(sid))
     except KeyError as exc:
-        st.warning(str(exc.args[0]))
+        st.warning(md(exc.args[0]))
         return
     ok = [lab for lab in detail["labels"] if lab["status"] == "ok"]
     left, right = st.columns([2, 1])
@@ -209,16 +210,16 @@ def structure_tab(engine, name: str) -> None:
         forces = ok[0]["forces"] if ok else None
         st.plotly_chart(plots.structure_figure(detail, forces), key="structure")
     with right:
-        st.markdown(f"**{detail['formula']}**, {detail['n_atoms']} atoms, source "
-                    f"`{detail['source']}`" + (f", explored from structure {detail['parent_id']}"
+        st.markdown(f"**{md(detail['formula'])}**, {detail['n_atoms']} atoms, source "
+                    f"{md(detail['source'])}" + (f", explored from structure {detail['parent_id']}"
                                                if detail["parent_id"] else ""))
         for lab in detail["labels"]:
-            text = (f"{lab['labeler']} {lab['method'] or ''}/{lab['basis'] or ''}: "
-                    f"**{lab['status']}**")
+            text = (f"{md(lab['labeler'])} {md(lab['method'] or '')}/"
+                    f"{md(lab['basis'] or '')}: **{md(lab['status'])}**")
             if lab["status"] == "ok":
                 text += f", E = {lab['energy']:.4f} eV, max |F| = {lab['max_force']:.3f} eV/Å"
             elif lab["error"]:
-                text += f" ({lab['error']})"
+                text += f" ({md(lab['error'])})"
             st.markdown("- " + text)
         if not detail["labels"]:
             st.markdown("- not labelled")
@@ -228,7 +229,7 @@ def structure_tab(engine, name: str) -> None:
         else:
             chosen = "selected" if score["selected"] else "not selected"
             st.markdown(f"**Predicted uncertainty** (round {score['round']}, "
-                        f"{score['acquisition']}, {chosen})")
+                        f"{md(score['acquisition'])}, {chosen})")
             st.table(pd.DataFrame({"value": {k: v for k, v in score.items()
                                              if isinstance(v, float)}}))
         st.download_button("Download XYZ", data.structure_xyz(detail),
@@ -248,7 +249,7 @@ def main() -> None:
         engine = _engine(url)
         names = data.campaign_names(engine)
     except (DatabaseError, OperationalError) as exc:
-        st.error(f"Cannot read the campaign database: {exc}")
+        st.error(f"Cannot read the campaign database: {md(exc)}")
         st.stop()
     st.sidebar.title("bayesal")
     if not names:
@@ -257,12 +258,13 @@ def main() -> None:
         st.stop()
     wanted = args.campaign
     if wanted is not None and wanted not in names:
-        st.error(f"No campaign named {wanted!r}. Existing campaigns: {', '.join(names)}.")
+        st.error(f"No campaign named {md(repr(wanted))}. Existing campaigns: "
+                 f"{md(', '.join(names))}.")
     default = names.index(wanted) if wanted in names else len(names) - 1
     name = st.sidebar.selectbox("campaign", names, index=default, key="campaign")
     refresh = st.sidebar.number_input("refresh every (s, 0 = off)", min_value=0.0,
                                       value=float(args.refresh), step=5.0, key="refresh")
-    st.sidebar.caption(f"database: {_masked(url)}")
+    st.sidebar.caption(f"database: {md(_masked(url))}")
 
     def body() -> None:
         for tab, render in zip(st.tabs(list(TABS)), TABS.values(), strict=True):
@@ -270,9 +272,9 @@ def main() -> None:
                 try:
                     render(engine, name)
                 except data.UnknownCampaign as exc:
-                    st.error(str(exc))
+                    st.error(md(exc))
                 except OperationalError as exc:
-                    st.error(f"database error (retrying at the next refresh): {exc.orig}")
+                    st.error(f"database error (retrying at the next refresh): {md(exc.orig)}")
 
     st.fragment(body, run_every=refresh or None)()
 

@@ -44,6 +44,7 @@ __all__ = [
     "labeling_by_round",
     "labels_frame",
     "learning_curves",
+    "md",
     "overview",
     "prefect_run_url",
     "reliability_frame",
@@ -213,6 +214,16 @@ def structure_xyz(detail: dict[str, Any]) -> str:
     for z, (x, y, zc) in zip(detail["numbers"], detail["positions"], strict=True):
         lines.append(f"{chemical_symbols[int(z)]:2s} {x:12.6f} {y:12.6f} {zc:12.6f}")
     return "\n".join(lines) + "\n"
+
+
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|<>~$:])")
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def md(text: object) -> str:
+    """Text from the database (names, methods, errors) fit for Streamlit's markdown: shown
+    as written, never as links, images, HTML or formatting; control characters dropped."""
+    return _MARKDOWN_SPECIAL.sub(r"\\\1", _CONTROL.sub("", str(text)))
 
 
 def prefect_run_url(flow_run_id: str | None, api_url: str | None,

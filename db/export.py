@@ -18,10 +18,19 @@ from bayesal.db.identity import pbc_string
 from bayesal.db.ingest import get_campaign
 from bayesal.db.models import Label, LabelStatus, Round, Structure
 
-__all__ = ["EXPORT_FORMATS", "ExportReport", "atoms_extxyz", "export_campaign", "format_extxyz",
-           "label_levels"]
+__all__ = ["EXPORT_FORMATS", "ExportReport", "atoms_extxyz", "csv_safe", "export_campaign",
+           "format_extxyz", "label_levels"]
 
 EXPORT_FORMATS = ("extxyz", "csv", "parquet")
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_safe(value):
+    """A CSV cell a spreadsheet will not run: text starting with = + - @ (a formula in
+    Excel/LibreOffice) gets a leading ' (OWASP's advice); numbers and other text unchanged."""
+    if isinstance(value, str) and value.startswith(_FORMULA_START):
+        return "'" + value
+    return value
 
 
 @dataclass
@@ -234,6 +243,8 @@ def _write_table(rows, path: Path, fmt: str, campaign: str, on_row, chunk: int =
             df = pd.DataFrame.from_records(buf, columns=schema.names)
             for col in ("numbers", "positions", "cell", "forces"):
                 df[col] = [None if v is None else json.dumps(v) for v in df[col]]
+            for col in df.select_dtypes(include="object").columns:
+                df[col] = [csv_safe(v) for v in df[col]]
             df.to_csv(path, mode="w" if first else "a", header=first, index=False)
         buf.clear()
 

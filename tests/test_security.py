@@ -169,3 +169,63 @@ def test_run_writes_to_the_database_it_is_given_with_the_configured_workers(
         assert len(conn.scalars(select(Label.id).where(Label.status == "ok")).all()) == 14
     engine.dispose()
     assert peak[0] == 1
+
+
+def test_text_from_data_prints_literally_without_escape_sequences(sqlite_url, tmp_path):
+    """Campaign names (and any text read from a database) are data: Rich markup in them
+    used to crash `status` and `sql` (``a[/b]``) or render (``[bold red]FAKE[/]``), and
+    terminal escape sequences reached the terminal."""
+    ase.io.write(tmp_path / "w.xyz", rattled_waters(2))
+    names = ["a[/b]", "[bold red]FAKE[/]", "clear\x1b[2Jscreen"]
+    for name in names:
+        res = runner.invoke(app, ["--database-url", sqlite_url, "import",
+                                  str(tmp_path / "w.xyz"), "--campaign", name])
+        assert res.exit_code == 0 and res.exception is None, res.output
+    for args in (["status"], ["sql", "SELECT name FROM campaigns"],
+                 ["status", "--campaign", "a[/b]"]):
+        res = runner.invoke(app, ["--database-url", sqlite_url, *args])
+        assert res.exit_code == 0 and res.exception is None, res.output
+        assert "\x1b" not in res.output
+        assert "[/b]" in res.output or args[-1] == "a[/b]"
+    res = runner.invoke(app, ["--database-url", sqlite_url, "sql", "SELECT name FROM campaigns"])
+    assert "[bold red]FAKE[/]" in res.output and "clear[2Jscreen" in res.output
+
+
+def test_csv_cells_never_start_a_spreadsheet_formula(sqlite_url, tmp_path):
+    import csv
+
+    import numpy as np
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    waters = rattled_waters(2)
+    for a in waters:
+        a.calc = SinglePointCalculator(a, energy=-2040.0, forces=np.zeros((3, 3)))
+    ase.io.write(tmp_path / "w.xyz", waters)
+    evil = '=HYPERLINK("http://evil","x")'
+    res = runner.invoke(app, ["--database-url", sqlite_url, "import", str(tmp_path / "w.xyz"),
+                              "--campaign", evil, "--labelled", "--method", "hf", "--basis",
+                              "sto-3g"])
+    assert res.exit_code == 0, res.output
+    out = tmp_path / "c.csv"
+    res = runner.invoke(app, ["--database-url", sqlite_url, "export", "--campaign", evil,
+                              "--output", str(out), "--format", "csv"])
+    assert res.exit_code == 0, res.output
+    rows = list(csv.DictReader(out.open()))
+    assert rows and all(r["campaign"] == "'" + evil for r in rows)
+    res = runner.invoke(app, ["--database-url", sqlite_url, "sql", "--csv",
+                              "SELECT '@SUM(1)' AS a, '-2+3' AS b, -2 AS c, 'ok' AS d"])
+    assert res.output.splitlines()[1] == "'@SUM(1),'-2+3,-2,ok"
+
+
+def test_dashboard_markdown_shows_database_text_as_written():
+    from bayesal.dashboard.data import md
+
+    text = md("[click](http://evil.example) ![x](http://evil.example/p.png) <img src=x> *b*"
+              " \x1b[2J")
+    import re
+
+    assert "\x1b" not in text
+    unescaped = re.findall(r"(?<!\\)[\[\]()!<>*:]", text)
+    assert unescaped == []
+    assert text.replace("\\", "") == ("[click](http://evil.example) ![x](http://evil.example/"
+                                      "p.png) <img src=x> *b* [2J")
