@@ -96,6 +96,60 @@ def user_errors(options: dict[str, str] | None = None) -> Iterator[None]:
         raise typer.Exit(1) from None
 
 
+def read_frames(paths: list[Path], *, labelled: bool = False) -> list:
+    """Every frame of ``paths`` through the import checks (file, frame and field named in
+    the error; every problem listed); labelled frames carry their energy and forces."""
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    from bayesal.db.readers import InputError, InputIssue, iter_frames
+
+    frames, issues = [], []
+    for path in paths:
+        for item in iter_frames(path, labelled=labelled):
+            (issues if isinstance(item, InputIssue) else frames).append(item)
+    if issues:
+        raise InputError(issues)
+    images = []
+    for f in frames:
+        atoms = f.atoms
+        if labelled:  # the labels travel with the atoms, whatever key they were read from
+            atoms = atoms.copy()
+            atoms.calc = SinglePointCalculator(atoms, energy=f.energy, forces=f.forces)
+        images.append(atoms)
+    return images
+
+
+def iter_checked_frames(paths: list[Path]) -> Iterator:
+    """Frames of ``paths`` one at a time through the import checks (for pools of any size):
+    the first bad frame raises :class:`InputError` naming file, frame and field."""
+    from bayesal.db.readers import InputError, InputIssue, iter_frames
+
+    for path in paths:
+        for item in iter_frames(path):
+            if isinstance(item, InputIssue):
+                raise InputError([item])
+            item.atoms.info.update(source_file=str(path), source_frame=item.index)
+            yield item.atoms
+
+
+@contextlib.contextmanager
+def atomic_output(path: Path) -> Iterator[Path]:
+    """A temporary file beside ``path`` that becomes ``path`` only when the block succeeds:
+    an error (or a kill) never leaves a half-written output."""
+    import os
+    import tempfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 def progress_bar(unit: str = "frames") -> Progress:
     """A progress bar on stderr (shown on terminals only)."""
     return Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),

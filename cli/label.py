@@ -60,6 +60,7 @@ def label(
 
     from bayesal.db.export import atoms_extxyz
     from bayesal.db.readers import InputError, InputIssue, iter_frames
+    from bayesal.labelers import LabelerInputError
 
     with user_errors(options={"timeout_s": "timeout", "max_memory_mb": "max-memory"}):
         frames, issues = [], []
@@ -76,7 +77,11 @@ def label(
             dispersion=dispersion, density_fit=density_fit, grid_level=grid_level,
             backend=backend, threads=threads, max_memory_mb=max_memory, timeout_s=timeout,
         ).build(guess_dir)
-        labeler.validate(images)
+        try:
+            labeler.validate(images)
+        except LabelerInputError as exc:  # name the file and the frame in it
+            raise InputError([InputIssue(str(input), frames[i].index, None, msg)
+                              for i, msg in exc.problems]) from None
 
         results: dict[int, tuple[str, float | None, object, str | None, float | None]] = {}
         engine = None
@@ -112,6 +117,8 @@ def label(
 
         _write_outputs(images, results, output, atoms_extxyz)
         _summary(results, todo, output)
+        if todo and not any(results[i][0] == "ok" for i in todo):
+            raise typer.Exit(1)  # every calculation failed: a job script must notice
 
 
 def _write_outputs(images, results, output: Path, atoms_extxyz) -> None:

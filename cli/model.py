@@ -10,26 +10,19 @@ import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from bayesal.cli._app import app, check_method, console, err_console, user_errors
+from bayesal.cli._app import (
+    app,
+    atomic_output,
+    check_method,
+    console,
+    err_console,
+    read_frames,
+    user_errors,
+)
 
 
 def _read_labelled(paths: list[Path]):
-    from bayesal.db.readers import InputError, InputIssue, iter_frames
-
-    frames, issues = [], []
-    for path in paths:
-        for item in iter_frames(path, labelled=True):
-            (issues if isinstance(item, InputIssue) else frames).append(item)
-    if issues:
-        raise InputError(issues)
-    images = []
-    for f in frames:  # make sure labels travel with the atoms
-        from ase.calculators.singlepoint import SinglePointCalculator
-
-        atoms = f.atoms.copy()
-        atoms.calc = SinglePointCalculator(atoms, energy=f.energy, forces=f.forces)
-        images.append(atoms)
-    return images
+    return read_frames(paths, labelled=True)
 
 
 @app.command("train")
@@ -165,7 +158,6 @@ def predict(
     pred_forces_std_ale (eV/Å, per component). Standard deviations are recalibrated with
     the model's calibration.json unless --no-recalibrated.
     """
-    import ase.io
     import numpy as np
 
     from bayesal.bayes_model.posterior import load_posterior
@@ -174,14 +166,13 @@ def predict(
     with user_errors():
         check_method(method, model)
         posterior = load_posterior(model)
-        images = ase.io.read(input, ":")
+        images = read_frames([input])
         pred = posterior.predict(images, batch_size=predict_batch)
         if recalibrated and posterior.recalibration is not None:
             pred = posterior.recalibration.apply(pred)
         epi = np.sqrt(np.diagonal(pred.forces_cov_epi, axis1=1, axis2=2))
         ale = np.sqrt(np.diagonal(pred.forces_cov_ale, axis1=1, axis2=2))
-        output.parent.mkdir(parents=True, exist_ok=True)
-        with open(output, "w") as fh:
+        with atomic_output(output) as part, open(part, "w") as fh:
             for k, (atoms, sl) in enumerate(zip(images, pred.atom_slices(), strict=True)):
                 info = {key: v for key, v in atoms.info.items()
                         if isinstance(v, int | float | str)}
@@ -223,7 +214,6 @@ def evaluate(
     Energy (total/per atom) and force MAE/RMSE, NLL, Spearman ρ(|error|, σ), miscalibration
     area, ENCE and 68/95 % coverage (before and after recalibration), and with --ood the
     AUROC of separating OOD structures by epistemic uncertainty."""
-    import ase.io
 
     from bayesal.bayes_model.calibration import (
         evaluate_prediction,
@@ -248,7 +238,7 @@ def evaluate(
         recal = posterior.recalibration
         ood_preds = {}
         for path in ood or []:
-            ood_preds[str(path)] = posterior.predict(ase.io.read(path, ":"))
+            ood_preds[str(path)] = posterior.predict(read_frames([path]))
         results = {}
         for path in test:
             images = _read_labelled([path])

@@ -11,7 +11,16 @@ import typer
 from rich.table import Table
 
 from bayesal.bayes_model.acquisition import AcquisitionConfig
-from bayesal.cli._app import app, check_method, console, progress_bar, settings, user_errors
+from bayesal.cli._app import (
+    app,
+    atomic_output,
+    check_method,
+    console,
+    iter_checked_frames,
+    progress_bar,
+    settings,
+    user_errors,
+)
 
 _D = {name: f.default for name, f in AcquisitionConfig.model_fields.items()}
 
@@ -59,8 +68,6 @@ def score(
     """
     import itertools
 
-    import ase.io
-
     from bayesal.bayes_model.acquisition import COMPONENTS
     from bayesal.bayes_model.posterior import load_posterior
     from bayesal.bayes_model.scoring import score_pool
@@ -79,14 +86,7 @@ def score(
                 raise FileNotFoundError(f"pool file {path} does not exist")
         check_method(method, model)
         posterior = load_posterior(model)
-
-        def from_files():
-            for path in pool or []:
-                for k, atoms in enumerate(ase.io.iread(path, index=":")):
-                    atoms.info.update(source_file=str(path), source_frame=k)
-                    yield atoms
-
-        frames = from_files()
+        frames = iter_checked_frames(pool or [])  # a bad frame stops before any output
         if pool_campaign:
             from bayesal.db import make_engine
             from bayesal.db.pool import iter_unlabelled
@@ -95,10 +95,11 @@ def score(
             frames = itertools.chain(frames, (a for _, a in iter_unlabelled(engine,
                                                                             pool_campaign)))
         writer = None
-        files = contextlib.ExitStack()
+        files = contextlib.ExitStack()  # outputs appear only when everything succeeded
+        selected_part = files.enter_context(atomic_output(output))
         if scores is not None:
-            scores.parent.mkdir(parents=True, exist_ok=True)
-            writer = csv.writer(files.enter_context(scores.open("w", newline="")))
+            scores_part = files.enter_context(atomic_output(scores))
+            writer = csv.writer(files.enter_context(scores_part.open("w", newline="")))
             writer.writerow(["index", "source_file", "source_frame", "structure_id",
                              "n_atoms", "score", *COMPONENTS])
         with files, progress_bar("structures") as bar:
@@ -116,16 +117,15 @@ def score(
                 bar.update(task, advance=len(chunk))
 
             result = score_pool(posterior, frames, config, seed=seed, on_scores=on_scores)
-        output.parent.mkdir(parents=True, exist_ok=True)
-        with open(output, "w") as out:
-            for rank, cand in enumerate(result.selected):
-                atoms = cand.atoms
-                info = {k: v for k, v in atoms.info.items()
-                        if isinstance(v, int | float | str) and not isinstance(v, bool)}
-                info.update(cand.components)
-                info.update(acquisition=acquisition, score=cand.score, rank=rank,
-                            pool_index=cand.index)
-                out.write(atoms_extxyz(atoms, info, {}))
+            with open(selected_part, "w") as out:
+                for rank, cand in enumerate(result.selected):
+                    atoms = cand.atoms
+                    info = {k: v for k, v in atoms.info.items()
+                            if isinstance(v, int | float | str) and not isinstance(v, bool)}
+                    info.update(cand.components)
+                    info.update(acquisition=acquisition, score=cand.score, rank=rank,
+                                pool_index=cand.index)
+                    out.write(atoms_extxyz(atoms, info, {}))
         table = Table(title=f"selected {len(result.selected)} of {result.n_scored} "
                             f"({acquisition}, {selection})")
         for col in ("rank", "pool index", "score", "bald_e", "bald_f", "energy_std eV",

@@ -173,6 +173,26 @@ def check_distances(frames: list[Frame]) -> tuple[list[Frame], list[InputIssue]]
     return good, bad
 
 
+def _xyz_frame_at_fault(path: str) -> int:
+    """The first frame of an (ext)xyz file whose atom-count line or atom lines are missing
+    or malformed (0 when it cannot tell)."""
+    k = 0
+    with open(path, errors="replace") as fh:
+        while line := fh.readline():
+            if not line.strip():
+                continue  # blank lines between or after frames
+            try:
+                n = int(line.split()[0])
+            except ValueError:
+                return k
+            fh.readline()  # comment / properties line
+            for _ in range(n):
+                if len(fh.readline().split()) < 4:
+                    return k
+            k += 1
+    return 0
+
+
 def iter_frames(
     path: str | Path,
     *,
@@ -207,6 +227,8 @@ def iter_frames(
         return
     except Exception as exc:
         kind = type(exc).__name__
+        if index == 0 and (format or Path(name).suffix.lstrip(".")) in ("xyz", "extxyz"):
+            index = _xyz_frame_at_fault(name)  # ASE scans the whole file before frame 0
         yield InputIssue(name, index, None, f"cannot parse the file here ({kind}: {exc}); "
                          "is it a valid extxyz (or other ASE-readable) file?")
         return

@@ -54,7 +54,7 @@ def test_timeouts_are_recorded_then_retried(sqlite_url, small, tmp_path):
     common = ["label", "--input", str(small), "--output", str(out), "--method", "hf",
               "--basis", "sto-3g", "--campaign", "c1"]
     res = bayesal(sqlite_url, *common, "--timeout", "0.01")
-    assert res.exit_code == 0 and "timeout" in res.output
+    assert res.exit_code == 1 and "timeout" in res.output  # nothing labelled: a failed job
     failed = ase.io.read(tmp_path / "out.failed.xyz", ":")
     assert len(failed) == 3 and failed[0].info["label_status"] == "timeout"
     q = bayesal(sqlite_url, "sql", "--csv", "SELECT status, COUNT(*) FROM labels GROUP BY status")
@@ -74,7 +74,14 @@ def test_bad_input_computes_nothing(sqlite_url, tmp_path):
     res = bayesal(sqlite_url, "label", "--input", str(path), "--output", str(out),
                   "--method", "hf", "--basis", "sto-3g", "--campaign", "c")
     assert res.exit_code == 1
-    assert "frame 1" in res.output and "9 electrons" in res.output
+    assert f"{path}, frame 1" in res.output and "9 electrons" in res.output
+    assert not out.exists()
+    text = path.read_text().splitlines()
+    text[5] = "three"  # the atom count of frame 1 (H2O takes lines 0-4)
+    (tmp_path / "broken.xyz").write_text("\n".join(text) + "\n")
+    res = bayesal(sqlite_url, "label", "--input", str(tmp_path / "broken.xyz"), "--output",
+                  str(out), "--method", "hf", "--basis", "sto-3g")
+    assert res.exit_code == 1 and "broken.xyz, frame 1: cannot parse" in res.output
     assert not out.exists()
     res = bayesal(sqlite_url, "label", "--input", str(path), "--output", str(out),
                   "--method", "hf", "--basis", "sto-3g", "--dispersion", "d5")

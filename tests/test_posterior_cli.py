@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import ase.io
 import numpy as np
@@ -133,3 +134,49 @@ def test_train_swag_from_the_cli(files, tmp_path):
                  "--output", tmp_path / "p.xyz")
     assert res.exit_code == 0, res.output
     assert all(a.info["pred_energy_std_epi"] > 0 for a in ase.io.read(tmp_path / "p.xyz", ":"))
+
+
+def _bad_inputs(folder: Path, good: Path) -> dict[str, tuple[Path, str]]:
+    """Files a user might feed to predict/score/evaluate, and what the error must name."""
+    frames = ase.io.read(good, ":3")
+    out = {}
+    nan = [a.copy() for a in frames]
+    nan[1].positions[2, 0] = np.nan
+    ase.io.write(folder / "nan.xyz", nan)
+    out["nan"] = (folder / "nan.xyz", "frame 1, field 'positions'")
+    close = [a.copy() for a in frames]
+    close[2].positions[1] = close[2].positions[0] + 0.01
+    ase.io.write(folder / "close.xyz", close)
+    out["close"] = (folder / "close.xyz", "frame 2, field 'positions'")
+    text = good.read_text().splitlines()
+    n = int(text[0])
+    first_atom_of_frame_1 = n + 4
+    broken = [*text[:first_atom_of_frame_1], "Xq" + text[first_atom_of_frame_1][1:],
+              *text[first_atom_of_frame_1 + 1: 2 * (n + 2)]]
+    (folder / "element.xyz").write_text("\n".join(broken) + "\n")
+    out["element"] = (folder / "element.xyz", "frame 1")
+    (folder / "empty.xyz").write_text("0\nProperties=species:S:1:pos:R:3\n")
+    out["empty"] = (folder / "empty.xyz", "no atoms")
+    return out
+
+
+@pytest.mark.parametrize("kind", ["nan", "close", "element", "empty"])
+def test_predict_score_and_ood_check_their_input_and_write_nothing_on_error(files, tmp_path,
+                                                                            kind):
+    path, where = _bad_inputs(tmp_path, files / "pool.xyz")[kind]
+    runs = {
+        "predict": ["predict", "--model", files / "laplace", "--input", path,
+                    "--output", tmp_path / "p.xyz"],
+        "score": ["score", "--model", files / "laplace", "--pool", files / "pool.xyz",
+                  "--pool", path, "--output", tmp_path / "s.xyz", "--scores",
+                  tmp_path / "s.csv", "--chunk-size", "4"],
+        "evaluate": ["evaluate", "--model", files / "laplace", "--test", files / "test.xyz",
+                     "--ood", path, "--json", tmp_path / "e.json"],
+    }
+    for name, args in runs.items():
+        res = invoke(*args)
+        assert res.exit_code == 1, (name, res.output)
+        assert str(path) in res.output and where in res.output, (name, res.output)
+        assert "Traceback" not in res.output
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix != ".xyz"
+                  or p.name in ("p.xyz", "s.xyz")) == []
