@@ -117,11 +117,15 @@ def read_manifest(directory: str | Path) -> Manifest:
         config = ModelConfig(**data["config"])
     except Exception as exc:
         raise CheckpointError(f"{path}: model config does not validate: {exc}") from None
-    return Manifest(method=data["method"], config=config, species=data["species"],
-                    shifts=data["shifts"], scale=data["scale"],
-                    avg_neighbors=data["avg_neighbors"], dtype=data["dtype"],
-                    members=data["members"], extra=data.get("extra", {}),
-                    posterior=data.get("posterior"))
+    try:
+        return Manifest(method=data["method"], config=config, species=data["species"],
+                        shifts=data["shifts"], scale=data["scale"],
+                        avg_neighbors=data["avg_neighbors"], dtype=data["dtype"],
+                        members=data["members"], extra=data.get("extra", {}),
+                        posterior=data.get("posterior"))
+    except KeyError as exc:
+        raise CheckpointError(f"{path} has no {exc.args[0]!r} entry (edited or truncated); "
+                              "retrain, or restore the model directory") from None
 
 
 def save_state_file(directory: str | Path, name: str, state: dict[str, Any]) -> dict[str, str]:

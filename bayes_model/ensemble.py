@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from ase import Atoms
 
-from bayesal.bayes_model.checkpoint import load_members, save_members
+from bayesal.bayes_model.checkpoint import CheckpointError, load_members, save_members
 from bayesal.bayes_model.data import (
     Graph,
     atoms_to_graph,
@@ -267,8 +267,12 @@ def _shared_start(data: PreparedData, model_config: ModelConfig, train_config: T
     folder.mkdir(parents=True, exist_ok=True)
     done = folder / "start.pt"
     if resume and done.exists():
-        saved = torch.load(done, weights_only=True)
-        return WarmStart(**saved["warm"]), saved["info"], member_config
+        try:
+            saved = torch.load(done, weights_only=True)
+            return WarmStart(**saved["warm"]), saved["info"], member_config
+        except Exception as exc:
+            raise CheckpointError(f"{done} cannot be resumed ({type(exc).__name__}); delete "
+                                  "it to train the shared start anew") from None
     torch.set_num_threads(threads)
     model = build_model(model_config, data.species, data.shifts, data.train,
                         seed=train_config.seed)

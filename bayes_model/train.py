@@ -196,14 +196,22 @@ def train_model(
              "best_metrics": {}, "history": [], "elapsed": 0.0}
     path = Path(work_dir) / STATE_FILE if work_dir is not None else None
     if resume and path is not None and path.exists():
-        saved = torch.load(path, weights_only=True)
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        if ema is not None and saved.get("ema") is not None:
-            ema.load(saved["ema"])
-        generator.set_state(saved["generator"])
-        state.update({k: saved[k] for k in state})
+        try:
+            saved = torch.load(path, weights_only=True)
+            model.load_state_dict(saved["model"])
+            optimizer.load_state_dict(saved["optimizer"])
+            scheduler.load_state_dict(saved["scheduler"])
+            if ema is not None and saved.get("ema") is not None:
+                ema.load(saved["ema"])
+            generator.set_state(saved["generator"])
+            state.update({k: saved[k] for k in state})
+        except Exception as exc:  # truncated by a kill mid-copy, edited, another model
+            from bayesal.bayes_model.checkpoint import CheckpointError
+
+            first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+            raise CheckpointError(f"{path} cannot be resumed ({type(exc).__name__}: {first}); "
+                                  "delete it to train this member anew, or train without "
+                                  "--resume") from None
     start = time.perf_counter() - state["elapsed"]
     end = earliest(deadline, None if config.max_minutes is None else
                    Deadline(time.time() - state["elapsed"] + 60 * config.max_minutes))

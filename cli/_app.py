@@ -65,7 +65,7 @@ def user_errors(options: dict[str, str] | None = None) -> Iterator[None]:
     A config object built from options that fails validation names the options:
     ``options`` maps config field names to option names where they differ."""
     from pydantic import ValidationError
-    from sqlalchemy.exc import OperationalError
+    from sqlalchemy.exc import DBAPIError
 
     from bayesal.db import DatabaseError
     from bayesal.db.readers import InputError
@@ -89,8 +89,8 @@ def user_errors(options: dict[str, str] | None = None) -> Iterator[None]:
         err_console.print("error: ", style="bold red", end="")
         err_console.print(str(exc), markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
-    except OperationalError as exc:
-        msg = str(exc.orig).strip() if exc.orig else str(exc)
+    except DBAPIError as exc:  # cannot connect, not a database file, ...
+        msg = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
         err_console.print("error: ", style="bold red", end="")
         err_console.print(f"cannot use the database: {msg}", markup=False, soft_wrap=True)
         raise typer.Exit(1) from None

@@ -50,6 +50,12 @@ def run(
 
     with user_errors():
         cfg = load_campaign_config(config)  # nothing is written before the config is valid
+        if not resume:  # a bad frame: one line naming it, before anything is written
+            from bayesal.db.readers import check_files
+
+            d = cfg.data
+            check_files([*d.pool_files, *d.initial_files, *d.test_files])
+        cfg.labeler.build()  # an unknown functional or basis: one line, before Prefect starts
         _check_new(cfg, resume)
         _exit_on_sigterm(config)
         _prefect_defaults()

@@ -95,6 +95,13 @@ def check_url(url: str) -> URL:
         )
     if parsed.get_backend_name() == "postgresql" and parsed.drivername == "postgresql":
         parsed = parsed.set(drivername="postgresql+psycopg")  # psycopg 3, a declared dependency
+    try:
+        parsed.get_dialect()
+    except Exception:
+        raise DatabaseError(
+            f"database driver {parsed.drivername!r} is not available; use sqlite:///... or "
+            "postgresql+psycopg://..."
+        ) from None
     return parsed
 
 

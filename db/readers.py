@@ -18,6 +18,7 @@ __all__ = [
     "InputError",
     "InputIssue",
     "check_distances",
+    "check_files",
     "iter_frames",
     "validate_frame",
 ]
@@ -171,6 +172,21 @@ def check_distances(frames: list[Frame]) -> tuple[list[Frame], list[InputIssue]]
     bad = [_too_close(f.file, f.index, p) for f, p in zip(frames, pairs, strict=True)
            if p is not None]
     return good, bad
+
+
+def check_files(paths, *, labelled: bool = False) -> int:
+    """Validate every frame of ``paths`` without storing anything; raise :class:`InputError`
+    listing every problem (file, frame, field). Returns the number of frames."""
+    n, issues = 0, []
+    for path in paths:
+        for item in iter_frames(path, labelled=labelled):
+            if isinstance(item, InputIssue):
+                issues.append(item)
+            else:
+                n += 1
+    if issues:
+        raise InputError(issues)
+    return n
 
 
 def _xyz_frame_at_fault(path: str) -> int:

@@ -43,6 +43,7 @@ from bayesal.db.pool import (
     labelled_atoms,
     set_campaign_config,
 )
+from bayesal.db.readers import check_files
 from bayesal.db.rounds import (
     ModelRow,
     ScoreRow,
@@ -94,6 +95,8 @@ def import_sources(engine: Engine, campaign: str, config: dict[str, Any], *,
     Re-running it changes nothing: structures are identified by hash, and the random initial
     draw is seeded and made on hash order.
     """
+    # all or nothing: a bad frame in any file leaves no campaign row behind
+    check_files([*pool_files, *initial_files, *test_files])
     ensure_schema(engine, create=True)
     set_campaign_config(engine, campaign, config)
     out = Sources()

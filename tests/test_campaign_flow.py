@@ -202,6 +202,10 @@ def test_pyscf_campaign_with_explorer_survives_a_forced_scf_failure(
     ({"acquisition": {"batchsize": 3}}, "acquisition.batchsize"),
     ({"acquisition": {"batch_size": -3}}, "acquisition.batch_size"),
     ({"data": {"pool_files": ["missing.xyz"], "initial_random": 2}}, "missing.xyz"),
+    ({"labeler": {"kind": "pyscf", "method": "pbe-no-such"}}, "unknown functional"),
+    ({"labeler": {"kind": "pyscf", "method": "hf", "basis": "no-such-basis"}},
+     "unknown basis set"),
+    ({"nan_in_pool": 3}, "pool.xyz, frame 3, field 'positions'"),
 ])
 def test_config_errors_are_clear_and_write_nothing(edit, message, shared_data, tmp_path):
     import os
@@ -209,7 +213,13 @@ def test_config_errors_are_clear_and_write_nothing(edit, message, shared_data, t
     import sys
     from pathlib import Path
 
+    edit = dict(edit)
+    bad_frame = edit.pop("nan_in_pool", None)
     config = ethanol_campaign(tmp_path, shared_data, **edit)
+    if bad_frame is not None:  # errors found in data files used to come after Prefect
+        frames = ase.io.read(tmp_path / "pool.xyz", ":")  # started, with a campaign row
+        frames[bad_frame].positions[0, 0] = float("nan")
+        ase.io.write(tmp_path / "pool.xyz", frames)
     db = tmp_path / "nothing.db"
     env = {**os.environ, "BAYESAL_DATABASE_URL": f"sqlite:///{db}",
            "BAYESAL_DATA_DIR": str(tmp_path / "data")}
@@ -218,6 +228,7 @@ def test_config_errors_are_clear_and_write_nothing(edit, message, shared_data, t
                          env=env, timeout=120)
     assert out.returncode == 1
     assert message in out.stderr and "Traceback" not in out.stderr
+    assert len(out.stderr.strip().splitlines()) <= 3, out.stderr
     assert not db.exists() and not (tmp_path / "data").exists()
 
 

@@ -180,3 +180,44 @@ def test_predict_score_and_ood_check_their_input_and_write_nothing_on_error(file
         assert "Traceback" not in res.output
     assert sorted(p.name for p in tmp_path.iterdir() if p.suffix != ".xyz"
                   or p.name in ("p.xyz", "s.xyz")) == []
+
+
+def test_damaged_models_and_databases_are_one_line_errors(files, tmp_path):
+    import json
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(files / "laplace", model)
+    manifest = json.loads((model / "manifest.json").read_text())
+    del manifest["shifts"]  # a hand-edited manifest used to give KeyError: 'shifts'
+    (model / "manifest.json").write_text(json.dumps(manifest))
+    res = invoke("predict", "--model", model, "--input", files / "pool.xyz", "--output",
+                 tmp_path / "p.xyz")
+    assert res.exit_code == 1 and "'shifts'" in res.output and "Traceback" not in res.output
+    (tmp_path / "text.db").write_text("not a database\n" * 100)
+    for url, words in ((f"sqlite:///{tmp_path / 'text.db'}", "not a database"),
+                       ("postgresql+nosuchdriver://u@h/db", "driver")):
+        res = runner.invoke(app, ["--database-url", url, "status"])
+        assert res.exit_code == 1 and words in res.output, res.output
+        assert len(res.output.strip().splitlines()) <= 3
+
+
+def test_a_damaged_training_state_cannot_be_resumed_and_says_so(files, tmp_path):
+    from helpers import TINY
+
+    from bayesal.bayes_model.checkpoint import CheckpointError
+    from bayesal.bayes_model.ensemble import prepare_data
+    from bayesal.bayes_model.model import ModelConfig
+    from bayesal.bayes_model.train import STATE_FILE, TrainConfig, build_model, train_model
+
+    frames = ase.io.read(files / "train.xyz", ":12")
+    cfg = ModelConfig(**TINY)
+    data = prepare_data(frames[:10], frames[10:], cfg)
+    model = build_model(cfg, data.species, data.shifts, data.train)
+    train_model(model, data.train, data.valid, TrainConfig(max_epochs=1, batch_size=5),
+                work_dir=tmp_path)
+    state = tmp_path / STATE_FILE
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])  # killed mid-copy
+    with pytest.raises(CheckpointError, match="cannot be resumed"):
+        train_model(model, data.train, data.valid, TrainConfig(max_epochs=2, batch_size=5),
+                    work_dir=tmp_path, resume=True)
