@@ -108,6 +108,8 @@ def _rotate_dm(mol: gto.Mole, guess, restricted: bool):
     dm = np.asarray(guess.dm)
     if restricted != (dm.ndim == 2):
         return None  # stored for another spin treatment
+    if dm.shape[-2:] != (mol.nao, mol.nao) or (dm.ndim == 3 and len(dm) != 2):
+        return None  # a foreign or damaged file: not this molecule's basis
     if dm.ndim == 2:
         return u @ dm @ u.T
     return np.stack([u @ d @ u.T for d in dm])
@@ -120,12 +122,15 @@ def reused_guess(mol, store: GuessStore, numbers, positions, key: str, restricte
     dms = [_rotate_dm(mol, g, restricted) for g in found]
     pairs = [(g, d) for g, d in zip(found, dms, strict=True) if d is not None]
     if not pairs:
-        return None
+        return None if not found else (None, {"source": "minao", "ignored": [
+            g.key for g in found]})
     guesses, dms = zip(*pairs, strict=True)
     coeffs = extrapolation_weights(positions, [g.aligned for g in guesses])
     dm = dms[0] + sum(c * (d - dms[0]) for c, d in zip(coeffs, dms[1:], strict=True))
     info = {"source": "reuse", "from": guesses[0].key, "rmsd_A": round(guesses[0].rmsd, 4),
             "neighbours": len(guesses), "weights": [round(float(c), 4) for c in coeffs]}
+    if len(guesses) < len(found):
+        info["ignored"] = [g.key for g in found if g not in guesses]
     return dm, info
 
 
@@ -151,8 +156,12 @@ def calculate(*, symbols: list[str], positions: list[list[float]], numbers: list
     store = GuessStore(guess_dir, settings_hash) if guess_dir else None
     dm0, guess_info = None, {"source": "minao"}
     if store is not None:
-        dm0, guess_info = reused_guess(mol, store, np.asarray(numbers), positions, key,
-                                       restricted) or (None, guess_info)
+        try:
+            dm0, guess_info = reused_guess(mol, store, np.asarray(numbers), positions, key,
+                                           restricted) or (None, guess_info)
+        except Exception as exc:  # a damaged store costs the guess, never the label
+            dm0, guess_info = None, {"source": "minao",
+                                     "store_error": f"{type(exc).__name__}: {exc}"[:300]}
 
     mf, attempts = converge(factory, dm0)
     provenance: dict[str, Any] = {

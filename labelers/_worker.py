@@ -12,8 +12,10 @@ from __future__ import annotations
 import importlib
 import os
 import select
+import shutil
 import signal
 import sys
+import tempfile
 import time
 import traceback
 
@@ -21,8 +23,19 @@ from bayesal.contracts import die_with_parent
 from bayesal.labelers._protocol import recv, send
 
 
-def _run_child(w: int, target: str, kwargs: dict, parent_pid: int) -> None:
+def _use_scratch(folder: str) -> None:
+    """Temporary files of the calculation (PySCF's checkpoint and integral files) go to
+    ``folder``, which the worker deletes after the calculation, killed or not."""
+    os.environ["TMPDIR"] = folder
+    tempfile.tempdir = folder
+    pyscf_lib = sys.modules.get("pyscf.lib")
+    if pyscf_lib is not None:  # PySCF read TMPDIR when the worker imported it
+        pyscf_lib.param.TMPDIR = folder
+
+
+def _run_child(w: int, target: str, kwargs: dict, parent_pid: int, scratch: str) -> None:
     die_with_parent(parent_pid)
+    _use_scratch(scratch)
     try:
         module, name = target.split(":")
         value = getattr(importlib.import_module(module), name)(**kwargs)
@@ -64,13 +77,22 @@ def _wait_readable(fd: int, proto_in: int, deadline: float | None, pid: int) -> 
 
 
 def serve_one(target: str, kwargs: dict, timeout: float | None, proto_in: int) -> tuple:
+    scratch = tempfile.mkdtemp(prefix="bayesal-calc-")
+    try:
+        return _serve_in(scratch, target, kwargs, timeout, proto_in)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _serve_in(scratch: str, target: str, kwargs: dict, timeout: float | None,
+              proto_in: int) -> tuple:
     r, w = os.pipe()
     t0 = time.monotonic()
     worker = os.getpid()
     pid = os.fork()
     if pid == 0:
         os.close(r)
-        _run_child(w, target, kwargs, worker)
+        _run_child(w, target, kwargs, worker, scratch)
     os.close(w)
     try:
         _wait_readable(r, proto_in, None if timeout is None else t0 + timeout, pid)

@@ -54,13 +54,16 @@ class GuessStore:
         Stored geometries farther than this (Å, after rotation) are not used.
     max_candidates
         Most recent entries compared per lookup (bounds the cost of a lookup).
+    max_kept
+        Entries kept per molecule: saving more deletes the oldest (bounds the disk used).
     """
 
     def __init__(self, root: str | Path, settings_hash: str, *, max_rmsd: float = 0.5,
-                 max_candidates: int = 500) -> None:
+                 max_candidates: int = 500, max_kept: int = 2000) -> None:
         self.root = Path(root) / settings_hash[:16]
         self.max_rmsd = max_rmsd
         self.max_candidates = max_candidates
+        self.max_kept = max_kept
 
     def _dir(self, numbers: np.ndarray) -> Path:
         comp = hashlib.sha256(np.asarray(numbers, dtype="<i8").tobytes()).hexdigest()[:16]
@@ -73,7 +76,7 @@ class GuessStore:
         folder = self._dir(numbers)
         if not folder.is_dir():
             return []
-        files = sorted(folder.glob("*.npz"), key=lambda p: p.stat().st_mtime, reverse=True)
+        files = sorted(folder.glob("*.npz"), key=_mtime, reverse=True)
         found: list[tuple[float, Path, np.ndarray, np.ndarray]] = []
         centre = positions.mean(axis=0)
         for path in files[: self.max_candidates]:
@@ -92,9 +95,12 @@ class GuessStore:
         found.sort(key=lambda t: t[0])
         out = []
         for rmsd, path, rot, aligned in found[:k]:
-            with np.load(path) as data:
-                out.append(Guess(key=path.stem, rmsd=rmsd, rotation=rot, dm=data["dm"],
-                                 aligned=aligned))
+            try:
+                with np.load(path) as data:
+                    dm = data["dm"]
+            except (OSError, ValueError, KeyError):
+                continue  # deleted or damaged since it was listed
+            out.append(Guess(key=path.stem, rmsd=rmsd, rotation=rot, dm=dm, aligned=aligned))
         return out
 
     def nearest(self, numbers: np.ndarray, positions: np.ndarray,
@@ -111,6 +117,22 @@ class GuessStore:
         with os.fdopen(fd, "wb") as fh:
             np.savez(fh, positions=positions, dm=dm)
         os.replace(tmp, folder / f"{key}.npz")
+        self._prune(folder)
+
+    def _prune(self, folder: Path) -> None:
+        files = list(folder.glob("*.npz"))
+        if len(files) <= self.max_kept:
+            return
+        files.sort(key=_mtime)
+        for path in files[: len(files) - self.max_kept]:
+            path.unlink(missing_ok=True)  # another worker may have pruned it already
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:  # removed by another worker meanwhile
+        return 0.0
 
 
 def extrapolation_weights(target: np.ndarray, neighbours: list[np.ndarray],

@@ -119,3 +119,36 @@ def test_extrapolated_guess_beats_the_nearest_one_along_md_like_path(tmp_path):
     err_extrapolated = np.abs(dm - dms[2]).max()
     err_nearest = np.abs(dms[1] - dms[2]).max()
     assert err_extrapolated < 0.25 * err_nearest
+
+
+def test_a_damaged_or_foreign_guess_costs_the_guess_not_the_label(tmp_path):
+    """A stored density of the wrong shape (another basis, a damaged file) used to fail
+    every later label of that molecule; it is now ignored and recorded in the provenance."""
+    lab = PySCFLabeler("hf", "sto-3g", guess_dir=tmp_path)
+    first = molecule("H2O")
+    assert lab.label(first).ok
+    (entry,) = (tmp_path).rglob("*.npz")
+    with np.load(entry) as data:
+        positions = data["positions"]
+    np.savez(entry, positions=positions, dm=np.eye(3))  # 3 x 3: not water's 7 AOs
+    second = molecule("H2O")
+    second.positions[0, 0] += 0.02
+    res = lab.label(second)
+    assert res.ok, res.error
+    assert res.provenance["guess"]["source"] == "minao"
+    assert res.provenance["guess"]["ignored"] == [entry.stem]
+    (tmp_path / "junk.npz").write_bytes(b"not npz")  # outside the store's folders: harmless
+    entry.write_bytes(b"\x00" * 10)  # unreadable: skipped like a half-written file
+    assert lab.label(second).ok
+
+
+def test_the_guess_store_keeps_at_most_max_kept_entries(tmp_path):
+    import os
+    import time
+
+    store = GuessStore(tmp_path, "abc", max_kept=3)
+    water = molecule("H2O")
+    for i in range(5):
+        store.save(f"k{i}", water.numbers, water.positions + 0.01 * i, np.eye(7))
+        os.utime(next(tmp_path.rglob(f"k{i}.npz")), (time.time() - 100 + i,) * 2)
+    assert sorted(p.stem for p in tmp_path.rglob("*.npz")) == ["k2", "k3", "k4"]

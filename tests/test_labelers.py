@@ -110,6 +110,24 @@ def test_timeout_then_the_next_calculation_still_runs(shared_data):
     assert PySCFLabeler("hf", "sto-3g").label(water()).ok
 
 
+def test_calculations_leave_no_scratch_files_even_when_killed(tmp_path, monkeypatch):
+    """PySCF keeps checkpoint/integral files in TMPDIR; a calculation killed at its time
+    limit (or ending with os._exit) used to leave them there forever."""
+    from bayesal.labelers.isolation import shutdown_workers
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    shutdown_workers()  # workers read TMPDIR when they start
+    monkeypatch.setenv("TMPDIR", str(scratch))
+    try:
+        slow = PySCFLabeler("hf", "def2-svp", density_fit=False, timeout_s=1.0)
+        assert slow.label(molecule("C6H6")).status == "timeout"
+        assert PySCFLabeler("hf", "sto-3g").label(water()).ok
+        assert list(scratch.rglob("*")) == []
+    finally:
+        shutdown_workers()  # later tests get workers with the usual TMPDIR
+
+
 def test_crashing_calculation_costs_only_itself():
     out = run_isolated("ctypes:string_at", {"ptr": 0}, timeout=30)  # segfault in the child
     assert out.kind == "died" and "SIGSEGV" in out.message
