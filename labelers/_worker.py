@@ -33,14 +33,23 @@ def _use_scratch(folder: str) -> None:
         pyscf_lib.param.TMPDIR = folder
 
 
-def _run_child(w: int, target: str, kwargs: dict, parent_pid: int, scratch: str) -> None:
+def _run_child(w: int, target: str, kwargs: dict, parent_pid: int, scratch: str,
+               memory_mb: int | None) -> None:
     die_with_parent(parent_pid)
     _use_scratch(scratch)
+    if memory_mb is not None:  # a hard ceiling: allocations beyond it fail in this child
+        import resource
+
+        limit = memory_mb * 2**20
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     try:
         module, name = target.split(":")
         value = getattr(importlib.import_module(module), name)(**kwargs)
         send(w, ("ok", value, ""))
-    except BaseException as exc:  # everything, MemoryError included, is reported
+    except MemoryError as exc:
+        send(w, ("exception", None, f"MemoryError: out of memory ({exc or 'allocation failed'})"
+                 f"; the calculation may use at most {memory_mb} MB of address space"))
+    except BaseException as exc:  # everything else is reported too
         send(w, ("exception", None, f"{type(exc).__name__}: {exc}\n"
                  + traceback.format_exc(limit=6)))
     finally:
@@ -76,23 +85,24 @@ def _wait_readable(fd: int, proto_in: int, deadline: float | None, pid: int) -> 
             raise TimeoutError
 
 
-def serve_one(target: str, kwargs: dict, timeout: float | None, proto_in: int) -> tuple:
+def serve_one(target: str, kwargs: dict, timeout: float | None, proto_in: int,
+              memory_mb: int | None = None) -> tuple:
     scratch = tempfile.mkdtemp(prefix="bayesal-calc-")
     try:
-        return _serve_in(scratch, target, kwargs, timeout, proto_in)
+        return _serve_in(scratch, target, kwargs, timeout, proto_in, memory_mb)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _serve_in(scratch: str, target: str, kwargs: dict, timeout: float | None,
-              proto_in: int) -> tuple:
+              proto_in: int, memory_mb: int | None) -> tuple:
     r, w = os.pipe()
     t0 = time.monotonic()
     worker = os.getpid()
     pid = os.fork()
     if pid == 0:
         os.close(r)
-        _run_child(w, target, kwargs, worker, scratch)
+        _run_child(w, target, kwargs, worker, scratch, memory_mb)
     os.close(w)
     try:
         _wait_readable(r, proto_in, None if timeout is None else t0 + timeout, pid)
@@ -126,8 +136,8 @@ def main() -> None:
         request = recv(proto_in)
         if request is None:  # parent closed the channel
             return
-        target, kwargs, timeout = request
-        send(proto_out, serve_one(target, kwargs, timeout, proto_in))
+        target, kwargs, timeout, memory_mb = request
+        send(proto_out, serve_one(target, kwargs, timeout, proto_in, memory_mb))
 
 
 if __name__ == "__main__":

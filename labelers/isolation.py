@@ -52,8 +52,9 @@ class _Worker:
             self.close()
             raise RuntimeError("calculation worker failed to start")
 
-    def call(self, target: str, kwargs: dict[str, Any], timeout: float | None) -> Outcome:
-        send(self.proc.stdin.fileno(), (target, kwargs, timeout))
+    def call(self, target: str, kwargs: dict[str, Any], timeout: float | None,
+             memory_mb: int | None = None) -> Outcome:
+        send(self.proc.stdin.fileno(), (target, kwargs, timeout, memory_mb))
         deadline = None if timeout is None else time.monotonic() + timeout + _GRACE_S
         try:
             msg = recv(self.proc.stdout.fileno(), deadline)
@@ -85,7 +86,7 @@ _lock = threading.Lock()
 
 
 def run_isolated(target: str, kwargs: dict[str, Any], *, timeout: float | None,
-                 threads: int = 1) -> Outcome:
+                 threads: int = 1, memory_mb: int | None = None) -> Outcome:
     """Call ``module:function(**kwargs)`` in a fresh child process.
 
     Parameters
@@ -96,6 +97,9 @@ def run_isolated(target: str, kwargs: dict[str, Any], *, timeout: float | None,
         Wall-time limit in seconds (``None``: none); the child is killed when it expires.
     threads
         OpenMP/BLAS threads of the worker that forks the child.
+    memory_mb
+        Address-space limit of the child (RLIMIT_AS, MB; ``None``: none): allocations
+        beyond it fail with MemoryError in the child, which costs that call only.
     """
     with _lock:
         pool = _idle.setdefault(threads, queue.LifoQueue())
@@ -106,7 +110,7 @@ def run_isolated(target: str, kwargs: dict[str, Any], *, timeout: float | None,
         with _lock:
             _all.append(worker)
     try:
-        return worker.call(target, kwargs, timeout)
+        return worker.call(target, kwargs, timeout, memory_mb)
     finally:
         if worker.alive:
             pool.put(worker)

@@ -196,6 +196,16 @@ class PySCFLabeler(Labeler):
         self._fail_gradient = False  # test hook
 
     @property
+    def memory_limit_mb(self) -> int | None:
+        """The enforced ceiling of a calculation's address space: PySCF treats
+        ``max_memory_mb`` as a target for its large arrays, so the process gets twice that
+        plus 1 GB for the interpreter, libraries and thread buffers (none on GPU, where the
+        driver maps far more address space than it uses)."""
+        if self.backend == PySCFBackend.GPU:
+            return None
+        return 2 * self.max_memory_mb + 1024 + 128 * self.threads
+
+    @property
     def settings(self) -> dict[str, Any]:
         return pyscf_settings(self._method, self._basis, charge=self.charge,
                               multiplicity=self.multiplicity, dispersion=self.dispersion,
@@ -240,7 +250,8 @@ class PySCFLabeler(Labeler):
     def _label_one(self, atoms: Atoms) -> LabelResult:
         t0 = time.perf_counter()
         outcome = run_isolated("bayesal.labelers._pyscf_run:calculate", self._payload(atoms),
-                               timeout=self.timeout_s, threads=self.threads)
+                               timeout=self.timeout_s, threads=self.threads,
+                               memory_mb=self.memory_limit_mb)
         base_prov = {"settings": self.settings, "host": os.uname().nodename}
         if outcome.kind == "ok":
             d = outcome.value

@@ -128,6 +128,17 @@ def test_calculations_leave_no_scratch_files_even_when_killed(tmp_path, monkeypa
         shutdown_workers()  # later tests get workers with the usual TMPDIR
 
 
+def test_memory_limit_is_enforced_in_the_calculation_only():
+    """max_memory_mb used to be a hint to PySCF only (a 5000-atom structure with 500 MB
+    reached 4.9 GB); the calculation process now has a hard address-space ceiling."""
+    out = run_isolated("numpy:ones", {"shape": (500_000_000,)}, timeout=60, memory_mb=1500)
+    assert out.kind == "exception" and "out of memory" in out.message
+    assert "1500 MB" in out.message
+    lab = PySCFLabeler("hf", "sto-3g", max_memory_mb=200, threads=2)
+    assert lab.memory_limit_mb == 2 * 200 + 1024 + 2 * 128
+    assert lab.label(water()).ok  # the ceiling leaves room for a normal calculation
+
+
 def test_crashing_calculation_costs_only_itself():
     out = run_isolated("ctypes:string_at", {"ptr": 0}, timeout=30)  # segfault in the child
     assert out.kind == "died" and "SIGSEGV" in out.message
