@@ -9,6 +9,7 @@ model directory's manifest names its method and the posterior state file (sha256
 from __future__ import annotations
 
 import enum
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -186,6 +187,8 @@ def train_posterior(
                       on_posterior=on_posterior, recalibrate=False, deadline=posterior_end)
     if recalibrate:
         _recalibrate(out, valid, settings)
+    if settings.train.keep_train_state == "none":
+        shutil.rmtree(out / "work", ignore_errors=True)  # finished: nothing to resume
     return out
 
 

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -70,6 +70,10 @@ class TrainConfig(BaseModel):
     seed: int = Field(0, description="Seeds initial weights and data order.")
     float64: bool = Field(False, description="Train in double precision.")
     threads: int | None = Field(None, ge=1, description="torch threads (None: torch default).")
+    keep_train_state: Literal["all", "last", "none"] = Field("last", description=(
+        "Resumable training state (OUT/work, several times the model's size) once a model "
+        "is finished: none deletes it; last keeps only the newest campaign round's; all "
+        "keeps every one."))
 
 
 @dataclass

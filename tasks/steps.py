@@ -171,10 +171,22 @@ def train_round(engine: Engine, campaign: str, round_id: int, round_index: int,
     record_models(engine, round_id, manifest.method, [
         ModelRow(k, str(model_dir / m["file"]), m["sha256"], {**hyper, "seed": m.get("seed")})
         for k, m in enumerate(manifest.members)])
+    if plan.settings.train.keep_train_state == "last":  # earlier rounds are final
+        _drop_train_state(model_dir)
     out = _train_summary(manifest, len(images), reused=False, seconds=time.perf_counter() - t0)
     if why_not:
         out["warm_start_skipped"] = why_not
     return out
+
+
+def _drop_train_state(model_dir: Path) -> None:
+    """Delete the resumable training state of the campaign's earlier rounds (their models
+    are registered: nothing will resume them)."""
+    import shutil
+
+    for work in model_dir.parent.parent.glob("round-*/model/work"):
+        if work.parent != model_dir:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 def _warm_start_source(init_from: Path | None, model_config, images) -> tuple[Path | None, str]:

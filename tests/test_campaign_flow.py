@@ -64,6 +64,8 @@ def test_replay_campaign_end_to_end_and_rerun_adds_nothing(prefect_api, shared_d
         epochs = [(m["epochs"], m.get("shared_epochs", 0))
                   for m in (read_manifest(d).members[0] for d in model_dirs)]
         assert [sum(e) for e in epochs] == [3, 2, 2] and epochs[0][1] == 2
+        # keep_train_state: last (default): only the newest round keeps its resumable state
+        assert [(d / "work").is_dir() for d in model_dirs] == [False, False, True]
         for r in rounds:
             n = conn.scalar(select(func.count()).select_from(Label)
                             .where(Label.round_id == r.id, Label.status == "ok"))

@@ -46,39 +46,49 @@ def database(tmp_path_factory) -> str:
     return url
 
 
+def _launch(database: str, args: tuple[str, ...], log: Path) -> tuple[subprocess.Popen, str]:
+    """Start `bayesal dashboard ARGS` on ``database``; the process and its URL once healthy."""
+    port = _free_port()
+    env = {**os.environ, "BAYESAL_DATABASE_URL": database, "PREFECT_API_URL": PREFECT_API}
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).with_name("bayesal")), "dashboard", "--port", str(port),
+         "--refresh", "0", *args],
+        env=env, cwd=REPO, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"dashboard exited: {log.read_text()}"
+        try:
+            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
+                if r.status == 200:
+                    return proc, url
+        except OSError:
+            time.sleep(0.5)
+    proc.kill()
+    raise AssertionError(f"dashboard did not come up: {log.read_text()}")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    port = int(proc.args[proc.args.index("--port") + 1])
+    proc.terminate()  # `bayesal dashboard` is the server (exec): nothing is left behind
+    proc.wait(timeout=30)
+    with socket.socket() as s, pytest.raises(ConnectionRefusedError):
+        s.connect(("127.0.0.1", port))
+
+
 @pytest.fixture(scope="module")
 def serve(database, tmp_path_factory):
     """Start `bayesal dashboard ARGS` and return its URL; stopped at the end."""
     procs = []
 
     def start(*args: str) -> str:
-        port = _free_port()
-        log = tmp_path_factory.mktemp("log") / "dashboard.log"
-        env = {**os.environ, "BAYESAL_DATABASE_URL": database, "PREFECT_API_URL": PREFECT_API}
-        proc = subprocess.Popen(
-            [str(Path(sys.executable).with_name("bayesal")), "dashboard", "--port", str(port),
-             "--refresh", "0", *args],
-            env=env, cwd=REPO, stdout=log.open("w"), stderr=subprocess.STDOUT)
+        proc, url = _launch(database, args, tmp_path_factory.mktemp("log") / "dashboard.log")
         procs.append(proc)
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, f"dashboard exited: {log.read_text()}"
-            try:
-                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
-                    if r.status == 200:
-                        return url
-            except OSError:
-                time.sleep(0.5)
-        raise AssertionError(f"dashboard did not come up: {log.read_text()}")
+        return url
 
     yield start
     for proc in procs:
-        port = int(proc.args[proc.args.index("--port") + 1])
-        proc.terminate()  # `bayesal dashboard` is the server (exec): nothing is left behind
-        proc.wait(timeout=30)
-        with socket.socket() as s, pytest.raises(ConnectionRefusedError):
-            s.connect(("127.0.0.1", port))
+        _stop(proc)
 
 
 @pytest.fixture(scope="module")
@@ -177,3 +187,30 @@ def test_unknown_campaign_and_empty_state(serve, browser):
     page.get_by_text("No evaluated round yet").first.wait_for(timeout=30_000)
     _no_exception(page)
     _shot(page, "unknown-campaign")
+
+
+@pytest.mark.postgres
+def test_the_page_never_shows_the_database_password(pg_url, browser, tmp_path):
+    """The sidebar names the database; the password, in either URL form, stays hidden."""
+    from sqlalchemy.engine import make_url
+
+    from bayesal.db import make_engine
+
+    secret = "s3cretPW"
+    parsed = make_url(pg_url)  # the test server trusts local connections
+    url = parsed.set(password=secret, query={"password": secret}).render_as_string(
+        hide_password=False)
+    engine = make_engine(url)
+    fx.build_demo(engine)
+    engine.dispose()
+    proc, page_url = _launch(url, ("--campaign", "demo"), tmp_path / "dashboard.log")
+    try:
+        page = _open(browser, page_url)
+        page.get_by_text("Campaign demo").wait_for(timeout=60_000)
+        sidebar = page.locator('[data-testid="stSidebar"]').inner_text()
+        assert "***" in sidebar and parsed.host in sidebar
+        assert secret not in page.content() and secret not in page.inner_text("body")
+        _no_exception(page)
+    finally:
+        _stop(proc)
+    assert secret not in (tmp_path / "dashboard.log").read_text()

@@ -147,6 +147,19 @@ def test_cpu_share_takes_the_smallest_limit(monkeypatch):
         torch.set_num_threads(before)
 
 
+def test_keep_train_state_none_deletes_the_state_of_a_finished_model(shared_data, tmp_path):
+    from bayesal.bayes_model.config import TrainingFile
+    from bayesal.bayes_model.posterior import train_posterior
+
+    frames = ase.io.read(shared_data / "ethanol" / "train.xyz", ":12")
+    for keep, kept in (("none", False), ("last", True)):
+        settings = TrainingFile(model=ModelConfig(**TINY), train=TrainConfig(
+            max_epochs=1, batch_size=5, keep_train_state=keep))
+        out = train_posterior("ensemble", frames[:10], frames[10:], tmp_path / keep,
+                              settings=settings, members=2, processes=1)
+        assert (out / "manifest.json").is_file() and (out / "work").is_dir() == kept
+
+
 def test_one_training_plan_for_the_cli_and_the_campaign(monkeypatch):
     """`bayesal train` and a campaign round plan alike: models for the method, the CPU
     share split without oversubscription, the seed they were given."""
