@@ -118,13 +118,18 @@ def _labeler_workers(parent: int) -> int:
     return n
 
 
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgres",
+                                                             marks=pytest.mark.postgres)])
 def test_run_writes_to_the_database_it_is_given_with_the_configured_workers(
-        prefect_api, tmp_path):
+        backend, prefect_api, tmp_path, request):
     """`bayesal --database-url X run`: every row lands in X (with BAYESAL_DATABASE_URL
-    unset, nothing in ./bayesal.db), and labeling, setup included, never runs more PySCF
-    workers than ``labeler.workers``."""
+    unset, nothing in ./bayesal.db), labeling, setup included, never runs more PySCF
+    workers than ``labeler.workers``, and neither the run's output nor what Prefect's API
+    holds about its flow runs, task runs and logs contains the database password."""
     import subprocess
     import sys
+
+    import httpx
 
     from bayesal.db import Label, Round, Structure, make_engine
 
@@ -141,9 +146,12 @@ def test_run_writes_to_the_database_it_is_given_with_the_configured_workers(
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
     env = {k: v for k, v in os.environ.items() if not k.startswith("BAYESAL_")}
     env.update(PREFECT_API_URL=prefect_api, BAYESAL_DATA_DIR=str(tmp_path / "data"))
-    target = tmp_path / "named.db"
+    if backend == "sqlite":
+        url = f"sqlite:///{tmp_path / 'named.db'}"
+    else:
+        url = _with_password(request.getfixturevalue("pg_url"))
     bayesal = Path(sys.executable).with_name("bayesal")
-    proc = subprocess.Popen([str(bayesal), "--database-url", f"sqlite:///{target}", "run",
+    proc = subprocess.Popen([str(bayesal), "--database-url", url, "run",
                              str(tmp_path / "c.yaml")], cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     peak, done = [0], threading.Event()
@@ -162,7 +170,11 @@ def test_run_writes_to_the_database_it_is_given_with_the_configured_workers(
         watcher.join()
     assert proc.returncode == 0, output[-3000:]
     assert not (tmp_path / "bayesal.db").exists()
-    engine = make_engine(f"sqlite:///{target}")
+    assert PW not in output
+    for what in ("flow_runs", "task_runs", "logs"):
+        found = httpx.post(f"{prefect_api}/{what}/filter", json={"limit": 200}).text
+        assert PW not in found, what
+    engine = make_engine(url)
     with engine.connect() as conn:
         assert conn.scalar(select(Round.status)) == "completed"
         assert len(conn.scalars(select(Structure.id)).all()) == 18
