@@ -74,26 +74,31 @@ def user_errors(options: dict[str, str] | None = None) -> Iterator[None]:
 
     try:
         yield
+    except typer.Exit:
+        raise
     except ValidationError as exc:  # an option out of range: name the option, not pydantic
         names = options or {}
-        problems = "; ".join(
+        _fail("; ".join(
             f"--{names.get(str(e['loc'][-1]), str(e['loc'][-1])).replace('_', '-')} "
-            f"{e.get('input')!r}: {e['msg']}" for e in exc.errors())
-        err_console.print("error: ", style="bold red", end="")
-        err_console.print(problems, markup=False, highlight=False, soft_wrap=True)
-        raise typer.Exit(1) from None
+            f"{e.get('input')!r}: {e['msg']}" for e in exc.errors()))
     except (InputError, LabelerInputError, DatabaseError, SettingsError, ValueError,
-            FileNotFoundError, CampaignError) as exc:
-        if state.debug:  # BAYESAL_LOG_LEVEL=DEBUG: the traceback too, for bug reports
-            err_console.print_exception()
-        err_console.print("error: ", style="bold red", end="")
-        err_console.print(str(exc), markup=False, highlight=False, soft_wrap=True)
-        raise typer.Exit(1) from None
+            OSError, CampaignError) as exc:  # OSError: missing files, permissions, disk full
+        _fail(str(exc))
     except DBAPIError as exc:  # cannot connect, not a database file, ...
         msg = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
-        err_console.print("error: ", style="bold red", end="")
-        err_console.print(f"cannot use the database: {msg}", markup=False, soft_wrap=True)
-        raise typer.Exit(1) from None
+        _fail(f"cannot use the database: {msg}")
+    except Exception as exc:  # a bug: still one paragraph, the traceback with --debug
+        first = (str(exc).splitlines() or [""])[0][:300]
+        _fail(f"unexpected {type(exc).__name__}: {first} (run with --debug for the "
+              "traceback, and please report it)")
+
+
+def _fail(message: str) -> None:
+    if state.debug:  # --debug or BAYESAL_LOG_LEVEL=DEBUG: the traceback too, for bug reports
+        err_console.print_exception()
+    err_console.print("error: ", style="bold red", end="")
+    err_console.print(message, markup=False, highlight=False, soft_wrap=True)
+    raise typer.Exit(1) from None
 
 
 def read_frames(paths: list[Path], *, labelled: bool = False) -> list:
@@ -162,17 +167,20 @@ def _root(
     database_url: Annotated[str | None, typer.Option(
         "--database-url", help="SQLAlchemy URL; overrides BAYESAL_DATABASE_URL.",
         show_default=False)] = None,
+    debug: Annotated[bool, typer.Option(
+        "--debug", help="Show the traceback of an error too (for bug reports).")] = False,
 ) -> None:
     """bayesal: train Bayesian e3nn potentials, pick structures by BALD, label them with
     PySCF, keep everything in SQL. Settings come from BAYESAL_* environment variables."""
     state.database_url = database_url
+    state.debug = debug
     if database_url:  # for every step of the command: flows, tasks, workers, subprocesses
         import os
 
         os.environ["BAYESAL_DATABASE_URL"] = database_url
     with contextlib.suppress(SettingsError):  # reported by the command that needs settings
         level = settings().log_level
-        state.debug = level == "DEBUG"
+        state.debug = debug or level == "DEBUG"
         _configure_logging(level)
 
 
