@@ -11,12 +11,13 @@ sys.path.insert(0, str(REPO))
 
 
 def shared_data() -> Path:
-    """``$BAYESAL_SHARED_DATA`` or ``../shared/data`` beside the checkout; exit if missing."""
-    env = os.environ.get("BAYESAL_SHARED_DATA")
-    path = Path(env) if env else REPO.parent / "shared" / "data"
-    if not path.is_dir():
-        sys.exit(f"shared data not found at {path}; set BAYESAL_SHARED_DATA")
-    return path
+    """The reference DFT data shipped with bayesal (``$BAYESAL_SHARED_DATA`` overrides)."""
+    from bayesal.datasets import reference_dir
+
+    try:
+        return reference_dir()
+    except FileNotFoundError as exc:
+        sys.exit(str(exc))
 
 
 def bayesal_train(work: Path, out: Path, minutes: float, threads: int, *extra: str,

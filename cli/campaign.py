@@ -168,10 +168,40 @@ def _reaped_server_class():
     return ReapedServer
 
 
-CLI_COLUMNS = {"round": "round", "labels": "labels", "new ok": "ok", "failed": "failed",
-               "test F MAE eV/Å": "test F MAE", "test E MAE eV": "test E MAE",
-               "test F NLL": "test F NLL", "val F MAE eV/Å": "val F MAE",
-               "selected mean score": "mean score", "round s": "time s"}
+# (row key, header: one word a line so that the table fits 80 columns, display factor)
+CLI_COLUMNS = (
+    ("round", "round", None), ("labels", "labels", None), ("new ok", "new\nok", None),
+    ("failed", "failed", None), ("test F MAE eV/Å", "F MAE\nmeV/Å", 1000.0),
+    ("test E MAE eV", "E MAE\nmeV", 1000.0), ("test F NLL", "F NLL", 1.0),
+    ("val F MAE eV/Å", "val F\nmeV/Å", 1000.0), ("selected mean score", "score", 1.0),
+    ("round s", "time\ns", 1.0),
+)
+
+
+def _cell(value, factor: float | None) -> str:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return "" if value is None else str(value)
+    if factor is None:
+        return str(value)
+    value *= factor
+    return f"{value:.0f}" if abs(value) >= 100 else f"{value:.3g}"
+
+
+def round_metrics_table(campaign: str, rows: list[dict]) -> Table:
+    """The learning curve as a table that fits 80 columns (units in the headers, 3
+    significant digits; columns without values left out)."""
+    from rich import box
+
+    table = Table(title=f"learning curve of {campaign}: test-set errors after each round's "
+                        "training; val F: validation force MAE; score: mean acquisition score "
+                        "of the batch the round selected",
+                  box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    keys = [c for c in CLI_COLUMNS if any(r.get(c[0]) not in ("", None) for r in rows)]
+    for _, header, _ in keys:
+        table.add_column(header, justify="right")
+    for r in rows:
+        table.add_row(*(_cell(r.get(k), factor) for k, _, factor in keys))
+    return table
 
 
 def print_round_metrics(campaign: str) -> None:
@@ -184,17 +214,8 @@ def print_round_metrics(campaign: str) -> None:
     rows = round_rows([r for r in round_history(engine, campaign)
                        if r["status"] == "completed"])
     engine.dispose()
-    if not rows:
-        return
-    table = Table(title=f"learning curve of {campaign} (MAE in eV and eV/Å, NLL in nats; "
-                        "mean score of the selected batch)")
-    keys = [k for k in CLI_COLUMNS if any(r[k] not in ("", None) for r in rows)]
-    for k in keys:
-        table.add_column(CLI_COLUMNS[k], justify="right")
-    for r in rows:
-        table.add_row(*(f"{r[k]:.3g}" if isinstance(r[k], float) else str(r[k])
-                        for k in keys))
-    console.print(table)
+    if rows:
+        console.print(round_metrics_table(campaign, rows))
 
 
 @app.command("deploy")

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich import box
 from rich.table import Table
 
 from bayesal.cli._app import (
@@ -155,11 +156,12 @@ def status(
                 names = ", ".join(c["campaign"] for c in overview) or "none yet"
                 raise ValueError(f"no campaign named {campaign!r}; existing: {names}")
             overview = [c for c in overview if c["campaign"] == campaign]
-        table = Table(title="campaigns")
-        table.add_column("campaign", no_wrap=True)
+        table = Table(title="campaigns (ok/failed: labels)", box=box.SIMPLE_HEAD,
+                      pad_edge=False, collapse_padding=True)
+        table.add_column("campaign", overflow="fold")
         for col in ("structures", "ok", "failed", "rounds"):
             table.add_column(col, justify="right")
-        table.add_column("by source")
+        table.add_column("by source", overflow="fold")
         table.add_column("created", no_wrap=True)
         for c in overview:
             table.add_row(
@@ -177,15 +179,19 @@ def status(
             return
         rounds = round_table(session, campaign)
         if rounds:
-            rt = Table(title=f"rounds of {campaign}")
-            for col in ("round", "status", "ok", "failed", "scored", "selected", "models",
-                        "started", "finished"):
-                rt.add_column(col)
+            rt = Table(title=f"rounds of {campaign} (ok/failed: labels; min: wall time)",
+                       box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+            for col in ("round", "status", "ok", "failed", "scored", "selected", "models"):
+                rt.add_column(col, justify="right" if col != "status" else "left")
+            rt.add_column("started", no_wrap=True)
+            rt.add_column("min", justify="right")
             for r in rounds:
+                start, end = _when(r["started_at"]), _when(r["finished_at"])
+                minutes = f"{(end - start).total_seconds() / 60:.1f}" if start and end else ""
                 rt.add_row(str(r["round_index"]), r["status"], str(r["n_ok"]),
                            str(r["n_failed"]), str(r["n_scored"]), str(r["n_selected"]),
-                           str(r["n_models"]), str(r["started_at"])[:19],
-                           str(r["finished_at"] or "")[:19])
+                           str(r["n_models"]), f"{start:%m-%d %H:%M}" if start else "",
+                           minutes)
             console.print(rt)
             from bayesal.cli.campaign import print_round_metrics
 
@@ -194,12 +200,23 @@ def status(
             console.print(f"{campaign}: no active-learning rounds yet")
         failures = label_failures(session, campaign)
         if failures:
-            ft = Table(title="failed labels")
-            for col in ("status", "reason", "count"):
-                ft.add_column(col)
+            ft = Table(title="failed labels", box=box.SIMPLE_HEAD, pad_edge=False,
+                       collapse_padding=True)
+            ft.add_column("status")
+            ft.add_column("reason", overflow="fold")
+            ft.add_column("count", justify="right")
             for f in failures:
                 ft.add_row(f["status"], (f["error"] or "")[:100], str(f["n"]))
             console.print(ft)
+
+
+def _when(value):
+    """A timestamp from a view: a datetime (PostgreSQL) or ISO text (SQLite)."""
+    from datetime import datetime
+
+    if isinstance(value, str):
+        return datetime.fromisoformat(value)
+    return value
 
 
 def _cell(value, for_csv: bool):

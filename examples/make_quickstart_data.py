@@ -1,26 +1,27 @@
-"""Write the quickstart's structure files (geometries only) from the shared ethanol data.
+"""Write the quickstart's structure files (geometries only) from the ethanol reference data
+shipped with bayesal (bayesal.datasets; BAYESAL_SHARED_DATA or a folder argument overrides).
 
-    python examples/make_quickstart_data.py [SHARED_DATA_DIR]
+    python examples/make_quickstart_data.py [DATA_DIR]
 """
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
 import ase.io
 from ase import Atoms
 
+from bayesal.datasets import reference_dir
+
 HERE = Path(__file__).resolve().parent
 
 
 def main() -> None:
-    shared = Path(sys.argv[1] if len(sys.argv) > 1 else
-                  os.environ.get("BAYESAL_SHARED_DATA", HERE.parent.parent / "shared" / "data"))
-    source = shared / "ethanol"
+    data = Path(sys.argv[1]) if len(sys.argv) > 1 else reference_dir()
+    source = data / "ethanol"
     if not (source / "train.xyz").is_file():
-        sys.exit(f"shared ethanol data not found in {source}; set BAYESAL_SHARED_DATA")
+        sys.exit(f"ethanol data not found in {source}")
     out = HERE / "quickstart-data"
     out.mkdir(exist_ok=True)
     for name, path, frames in (("pool", "train.xyz", slice(0, 900, 3)),

@@ -2,7 +2,7 @@
 # Set up bayesal in ./.venv and run the main job on the embedded defaults: a real
 # active-learning campaign (examples/quickstart.yaml) with the SQLite file ./bayesal.db,
 # Prefect's local API and PySCF at HF/STO-3G; about 5 minutes on 2 cores.
-# Usage: ./examples/quickstart.sh        (BAYESAL_SHARED_DATA overrides ../shared/data)
+# Usage: ./examples/quickstart.sh        (needs nothing outside the repository)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

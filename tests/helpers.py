@@ -3,7 +3,6 @@ conftest.py)."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,11 +49,12 @@ def ethanol_campaign(folder, shared_data, *, name="eth", n_pool=40, n_test=6, **
     return path
 
 
-def shared_data_dir() -> Path | None:
-    """``$BAYESAL_SHARED_DATA`` or ``../shared/data`` beside the checkout, if present."""
-    env = os.environ.get("BAYESAL_SHARED_DATA")
-    path = Path(env) if env else REPO.parent / "shared" / "data"
-    return path if path.is_dir() else None
+def shared_data_dir() -> Path:
+    """The reference DFT data: shipped with bayesal (decompressed once into a cache), or
+    ``$BAYESAL_SHARED_DATA`` when set."""
+    from bayesal.datasets import reference_dir
+
+    return reference_dir()
 
 
 def assert_prediction_physics(predict, atoms, *, seed: int = 0, fd_step: float = 1e-4,

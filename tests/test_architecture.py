@@ -93,6 +93,11 @@ import bayesal, bayesal.bayes_model.model, bayesal.dashboard.data, bayesal.db, b
 import bayesal.labelers, bayesal.tasks.steps
 from bayesal.db import make_engine, upgrade
 assert bayesal.db.__file__.startswith(sys.argv[1]), bayesal.db.__file__
+import os, ase.io
+from bayesal.datasets import reference_dir
+os.environ.pop("BAYESAL_SHARED_DATA", None)
+data = reference_dir(sys.argv[3])  # the packaged reference data, decompressed
+assert len(ase.io.read(data / "acac" / "train_600K.xyz", ":")) == 500
 print(upgrade(make_engine("sqlite:///" + sys.argv[2])))
 """
 
@@ -119,12 +124,17 @@ def test_the_wheel_installs_only_bayesal_and_runs_from_it(tmp_path):
                     "-q", "-w", str(tmp_path / "dist"), str(src)], check=True,
                    capture_output=True, timeout=600)
     wheel = next((tmp_path / "dist").glob("bayesal-*.whl"))
-    top = {name.split("/")[0] for name in zipfile.ZipFile(wheel).namelist()}
+    names = zipfile.ZipFile(wheel).namelist()
+    top = {name.split("/")[0] for name in names}
     assert {t for t in top if not t.endswith(".dist-info")} == {"bayesal"}
+    data = sorted(n for n in names if n.startswith("bayesal/data/"))
+    assert "bayesal/data/reference/LICENSE" in data and len(data) == 2 + 7  # + README
+    assert not any("tests/" in n or "benchmarks/" in n for n in names)
     site = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target",
                     str(site), str(wheel)], check=True, capture_output=True, timeout=600)
-    proc = subprocess.run([sys.executable, "-c", WHEEL_CHECK, str(site), str(tmp_path / "x.db")],
+    proc = subprocess.run([sys.executable, "-c", WHEEL_CHECK, str(site), str(tmp_path / "x.db"),
+                           str(tmp_path / "cache")],
                           env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"},
                           capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]

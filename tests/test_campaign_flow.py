@@ -109,6 +109,16 @@ def test_replay_campaign_end_to_end_and_rerun_adds_nothing(prefect_api, shared_d
         assert conn.scalar(select(func.count()).select_from(Round)) == 3
     engine.dispose()
 
+    # `bayesal status` of the campaign: every table readable at 80 columns, nothing cut
+    from typer.testing import CliRunner
+
+    from bayesal.cli import app
+
+    res = CliRunner().invoke(app, ["--database-url", db_url, "status", "--campaign", "eth"])
+    assert res.exit_code == 0, res.output
+    assert "learning curve of eth" in res.output and "rounds of eth" in res.output
+    assert "…" not in res.output and max(map(len, res.output.splitlines())) <= 80
+
 
 def test_new_run_of_an_existing_campaign_needs_resume(prefect_api, shared_data, sqlite_url,
                                                       tmp_path, monkeypatch):

@@ -148,3 +148,27 @@ def test_read_commands_on_a_missing_database_say_what_to_run(tmp_path):
 def test_unreachable_postgres_is_a_clear_error():
     res = bayesal("postgresql+psycopg://nobody@127.0.0.1:1/none", "db", "upgrade")
     assert res.exit_code == 1 and "cannot use the database" in res.output
+
+
+def test_status_fits_80_columns_without_cutting_anything(filled, tmp_path):
+    """CliRunner output is not a terminal: Rich renders it 80 columns wide."""
+    res = bayesal(filled, "status", "--campaign", "eth")
+    assert res.exit_code == 0, res.output
+    assert "…" not in res.output
+    assert max(len(line) for line in res.output.splitlines()) <= 80
+
+
+def test_the_learning_curve_table_fits_80_columns():
+    from rich.console import Console
+
+    from bayesal.cli.campaign import round_metrics_table
+
+    rows = [{"round": i, "labels": 1000 + 8 * i, "new ok": 8, "failed": 12,
+             "test F MAE eV/Å": 0.1623, "test E MAE eV": 0.01234, "test F NLL": -1.2345,
+             "val F MAE eV/Å": 0.14444, "selected mean score": 12.345, "round s": 12345.6}
+            for i in range(12)]
+    console = Console(width=80, record=True)
+    console.print(round_metrics_table("a-campaign-with-a-long-name", rows))
+    text = console.export_text()
+    assert "…" not in text and max(map(len, text.splitlines())) <= 80
+    assert " 162 " in text and "12.3" in text and "-1.23" in text  # meV, 3 digits

@@ -44,3 +44,33 @@ def test_structure_hash_and_closest_pair():
     a.positions[1] = a.positions[0] + [0.05, 0, 0]
     i, j, d = closest_pair(a)
     assert {i, j} == {0, 1} and np.isclose(d, 0.05)
+
+
+def test_reference_data_ship_with_bayesal_and_decompress_once(tmp_path, monkeypatch):
+    """The tests, benchmarks and quickstart need nothing outside the repository: the
+    reference DFT data are packaged (compressed) and decompressed into a cache."""
+    import os
+
+    import ase.io
+    import pytest
+
+    from bayesal.datasets import reference_dir
+
+    monkeypatch.delenv("BAYESAL_SHARED_DATA", raising=False)
+    folder = reference_dir(tmp_path / "cache")
+    counts = {p.relative_to(folder).as_posix(): len(ase.io.read(p, ":"))
+              for p in sorted(folder.glob("*/*.xyz"))}
+    assert counts == {"acac/isolated_atoms.xyz": 3, "acac/test_MD_300K.xyz": 650,
+                      "acac/train_300K.xyz": 500, "acac/train_600K.xyz": 500,
+                      "ethanol/isolated_atoms.xyz": 4, "ethanol/test_MD.xyz": 1000,
+                      "ethanol/train.xyz": 1000}
+    frame = ase.io.read(folder / "ethanol" / "train.xyz", 0)
+    assert frame.get_forces().shape == (9, 3) and frame.get_potential_energy() < -4000
+    stamp = os.stat(folder / "ethanol" / "train.xyz").st_mtime_ns
+    assert reference_dir(tmp_path / "cache") == folder  # a second call decompresses nothing
+    assert os.stat(folder / "ethanol" / "train.xyz").st_mtime_ns == stamp
+    monkeypatch.setenv("BAYESAL_SHARED_DATA", str(tmp_path / "mine"))
+    with pytest.raises(FileNotFoundError, match="BAYESAL_SHARED_DATA"):
+        reference_dir()
+    (tmp_path / "mine").mkdir()
+    assert reference_dir() == tmp_path / "mine"
