@@ -264,6 +264,8 @@ def train_model(
     best = model
     if keep_best and state["best_state"] is not None:
         model.load_state_dict(state["best_state"])
+    if not state["best_metrics"]:  # no epoch fitted in the budget: validate the weights as
+        state["best_metrics"] = evaluate_graphs(model, valid)  # they are (a warm start's)
     best.eval()
     return TrainResult(model=best, best_epoch=state["best_epoch"],
                        best_metrics=state["best_metrics"], history=state["history"],

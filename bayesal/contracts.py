@@ -22,6 +22,7 @@ import enum
 import hashlib
 import json
 import os
+import re
 import signal
 import sys
 from typing import Any
@@ -42,6 +43,7 @@ __all__ = [
     "pbc_flags",
     "settings_hash",
     "split_metric_on_test",
+    "strip_control",
     "structure_hash",
 ]
 
@@ -193,3 +195,12 @@ def die_with_parent(parent_pid: int) -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     if os.getppid() != parent_pid:
         os._exit(1)
+
+
+_CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def strip_control(text: str) -> str:
+    """``text`` without control characters (terminal escape sequences, bells), keeping tabs
+    and newlines: for text from data shown in a terminal or a web page."""
+    return _CONTROL_CHARACTERS.sub("", text)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
@@ -12,6 +11,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+from bayesal.contracts import strip_control
 from bayesal.flows.settings import Settings, SettingsError, load_settings
 
 app = typer.Typer(
@@ -25,10 +25,6 @@ db_app = typer.Typer(help="Database schema management (Alembic migrations).",
                      no_args_is_help=True)
 app.add_typer(db_app, name="db")
 
-# Control characters (terminal escape sequences) that strings from data or files could carry.
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
-
-
 class _PlainConsole(Console):
     """Prints text as it is: no Rich markup (campaign names, methods, errors and file names
     are data: ``a[/b]`` or ``[bold red]FAKE[/]`` must print as such, not crash or render) and
@@ -38,7 +34,7 @@ class _PlainConsole(Console):
         super().__init__(markup=False, **kwargs)
 
     def render_str(self, text: str, **kwargs):
-        return super().render_str(_CONTROL.sub("", text), **kwargs)
+        return super().render_str(strip_control(text), **kwargs)
 
 
 console = _PlainConsole()

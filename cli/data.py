@@ -186,7 +186,7 @@ def status(
             rt.add_column("started", no_wrap=True)
             rt.add_column("min", justify="right")
             for r in rounds:
-                start, end = _when(r["started_at"]), _when(r["finished_at"])
+                start, end = r["started_at"], r["finished_at"]
                 minutes = f"{(end - start).total_seconds() / 60:.1f}" if start and end else ""
                 rt.add_row(str(r["round_index"]), r["status"], str(r["n_ok"]),
                            str(r["n_failed"]), str(r["n_scored"]), str(r["n_selected"]),
@@ -208,15 +208,6 @@ def status(
             for f in failures:
                 ft.add_row(f["status"], (f["error"] or "")[:100], str(f["n"]))
             console.print(ft)
-
-
-def _when(value):
-    """A timestamp from a view: a datetime (PostgreSQL) or ISO text (SQLite)."""
-    from datetime import datetime
-
-    if isinstance(value, str):
-        return datetime.fromisoformat(value)
-    return value
 
 
 def _cell(value, for_csv: bool):

@@ -8,7 +8,15 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from bayesal.cli._app import app, console, progress_bar, settings, user_errors, writer_engine
+from bayesal.cli._app import (
+    app,
+    console,
+    progress_bar,
+    read_frames,
+    settings,
+    user_errors,
+    writer_engine,
+)
 from bayesal.labelers.config import LabelerConfig
 
 _D = {name: f.default for name, f in LabelerConfig.model_fields.items()}  # one set of defaults
@@ -59,16 +67,11 @@ def label(
     """
 
     from bayesal.db.export import atoms_extxyz
-    from bayesal.db.readers import InputError, InputIssue, iter_frames
+    from bayesal.db.readers import InputError, InputIssue
     from bayesal.labelers import LabelerInputError
 
     with user_errors(options={"timeout_s": "timeout", "max_memory_mb": "max-memory"}):
-        frames, issues = [], []
-        for item in iter_frames(input):
-            (issues if isinstance(item, InputIssue) else frames).append(item)
-        if issues:
-            raise InputError(issues)
-        images = [f.atoms for f in frames]
+        images = read_frames([input])  # all valid: image i is frame i of the file
         cfg = settings()
         if guess_dir is None and campaign is not None:
             guess_dir = cfg.scf_guess_dir
@@ -80,7 +83,7 @@ def label(
         try:
             labeler.validate(images)
         except LabelerInputError as exc:  # name the file and the frame in it
-            raise InputError([InputIssue(str(input), frames[i].index, None, msg)
+            raise InputError([InputIssue(str(input), i, None, msg)
                               for i, msg in exc.problems]) from None
 
         results: dict[int, tuple[str, float | None, object, str | None, float | None]] = {}

@@ -14,7 +14,12 @@ import numpy as np
 import pandas as pd
 from sqlalchemy import Engine
 
-from bayesal.contracts import LabelStatus, metric_on_test, split_metric_on_test
+from bayesal.contracts import (
+    LabelStatus,
+    metric_on_test,
+    split_metric_on_test,
+    strip_control,
+)
 from bayesal.contracts import RoundMetric as M
 from bayesal.db.browse import (
     LABEL_COLUMNS,
@@ -217,13 +222,12 @@ def structure_xyz(detail: dict[str, Any]) -> str:
 
 
 _MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|<>~$:])")
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 
 def md(text: object) -> str:
     """Text from the database (names, methods, errors) fit for Streamlit's markdown: shown
     as written, never as links, images, HTML or formatting; control characters dropped."""
-    return _MARKDOWN_SPECIAL.sub(r"\\\1", _CONTROL.sub("", str(text)))
+    return _MARKDOWN_SPECIAL.sub(r"\\\1", strip_control(str(text)))
 
 
 def prefect_run_url(flow_run_id: str | None, api_url: str | None,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import func, select, text
@@ -174,7 +175,12 @@ def campaign_overview(session: Session) -> list[dict[str, Any]]:
 def round_table(session: Session, campaign: str) -> list[dict[str, Any]]:
     """Rows of the ``round_summary`` view for one campaign, by round index."""
     q = text("SELECT * FROM round_summary WHERE campaign = :c ORDER BY round_index")
-    return [dict(r._mapping) for r in session.execute(q, {"c": campaign})]
+    rows = [dict(r._mapping) for r in session.execute(q, {"c": campaign})]
+    for row in rows:  # SQLite views give timestamps as ISO text, PostgreSQL as datetimes
+        for key in ("started_at", "finished_at"):
+            if isinstance(row.get(key), str):
+                row[key] = datetime.fromisoformat(row[key])
+    return rows
 
 
 def label_failures(session: Session, campaign: str) -> list[dict[str, Any]]:

@@ -160,6 +160,21 @@ def test_keep_train_state_none_deletes_the_state_of_a_finished_model(shared_data
         assert (out / "manifest.json").is_file() and (out / "work").is_dir() == kept
 
 
+def test_a_member_with_no_time_left_is_still_validated(shared_data, tmp_path):
+    """Under load a member's slot can end before its first epoch (seen in the quickstart:
+    round 1 failed with KeyError 'valid_force_mae'); its weights are validated as they are."""
+    from bayesal.bayes_model.resources import Deadline
+
+    frames = ase.io.read(shared_data / "ethanol" / "train.xyz", ":12")
+    cfg = ModelConfig(**TINY)
+    data = prepare_data(frames[:10], frames[10:], cfg)
+    model = build_model(cfg, data.species, data.shifts, data.train)
+    result = train_model(model, data.train, data.valid, TrainConfig(max_epochs=3, batch_size=5),
+                         deadline=Deadline(time.time() - 1.0))
+    assert result.history == [] and result.stopped == "time budget"
+    assert np.isfinite(result.best_metrics["force_mae"])
+
+
 def test_one_training_plan_for_the_cli_and_the_campaign(monkeypatch):
     """`bayesal train` and a campaign round plan alike: models for the method, the CPU
     share split without oversubscription, the seed they were given."""
