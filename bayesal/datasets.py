@@ -5,6 +5,8 @@
     folder = reference_dir()                  # plain extxyz files
     ase.io.read(folder / "ethanol" / "train.xyz", ":")
 
+``write_quickstart_data(folder)`` writes the quickstart's structure files (geometries only).
+
 The files ship gzip-compressed inside the package and are decompressed once into a cache
 folder (``$XDG_CACHE_HOME/bayesal`` or ``~/.cache/bayesal``). ``BAYESAL_SHARED_DATA`` names
 another folder of the same layout to use instead (bigger or other data sets).
@@ -19,7 +21,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-__all__ = ["PACKAGED", "reference_dir"]
+__all__ = ["PACKAGED", "reference_dir", "write_quickstart_data"]
 
 PACKAGED = Path(__file__).resolve().parent / "data" / "reference"
 
@@ -65,3 +67,31 @@ def reference_dir(cache: str | Path | None = None) -> Path:
             if os.path.exists(tmp):
                 os.unlink(tmp)
     return root
+
+
+def write_quickstart_data(folder: str | Path, *, n_pool: int = 150, n_test: int = 20,
+                          data: str | Path | None = None) -> dict[str, Path]:
+    """Write ``pool.xyz`` (``n_pool`` ethanol geometries spread over the first 900 rMD17
+    training frames) and ``test.xyz`` (``n_test`` spread over the rMD17 test frames) into
+    ``folder``, geometries only: a campaign labels them itself. ``data``: a folder of the
+    reference layout (default: :func:`reference_dir`)."""
+    import ase.io
+    from ase import Atoms
+
+    source = Path(data) if data is not None else reference_dir()
+    source = source / "ethanol"
+    if not (source / "train.xyz").is_file():
+        raise FileNotFoundError(f"ethanol data not found in {source}")
+    if not (1 <= n_pool <= 900 and 1 <= n_test <= 1000):
+        raise ValueError("n_pool must be in 1..900 and n_test in 1..1000")
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for name, path, frames in (("pool", "train.xyz", slice(0, 900, 900 // n_pool)),
+                               ("test", "test_MD.xyz", slice(0, 1000, 1000 // n_test))):
+        images = [Atoms(a.numbers, a.positions)
+                  for a in ase.io.read(source / path, ":")[frames]]
+        images = images[:n_pool if name == "pool" else n_test]
+        written[name] = out / f"{name}.xyz"
+        ase.io.write(written[name], images, format="extxyz")
+    return written

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 from pathlib import Path
 from typing import Annotated
@@ -170,7 +171,8 @@ def _reaped_server_class():
 
 # (row key, header: one word a line so that the table fits 80 columns, display factor)
 CLI_COLUMNS = (
-    ("round", "round", None), ("labels", "labels", None), ("new ok", "new\nok", None),
+    ("round", "round", None), ("train labels", "train\nlabels", None),
+    ("new ok", "new\nok", None),
     ("failed", "failed", None), ("test F MAE eV/Å", "F MAE\nmeV/Å", 1000.0),
     ("test E MAE eV", "E MAE\nmeV", 1000.0), ("test F NLL", "F NLL", 1.0),
     ("val F MAE eV/Å", "val F\nmeV/Å", 1000.0), ("selected mean score", "score", 1.0),
@@ -204,6 +206,29 @@ def round_metrics_table(campaign: str, rows: list[dict]) -> Table:
     return table
 
 
+def learning_verdict(rows: list[dict]) -> str | None:
+    """One sentence on the learning curve: first vs last round's test force MAE (validation
+    MAE without a test set), their ratio and how many rounds improved on the one before."""
+    curves = {what: (key, [r for r in rows if isinstance(r.get(key), int | float)])
+              for key, what in (("test F MAE eV/Å", "test"), ("val F MAE eV/Å", "validation"))}
+    what = next((w for w, (_, c) in curves.items() if len(c) >= 2), None)
+    if what is None:
+        return None
+    key, curve = curves[what]
+    first, last = curve[0], curve[-1]
+    ratio = last[key] / first[key]
+    better = sum(b[key] < a[key] for a, b in itertools.pairwise(curve))
+    labels = ""
+    if isinstance(first.get("train labels"), int) and isinstance(last.get("train labels"), int):
+        labels = (f" as its training labels grew {first['train labels']} -> "
+                  f"{last['train labels']}")
+    trend = "fell" if ratio < 1 else "rose"
+    return (f"{what} force MAE {trend} {_cell(first[key], 1000.0)} -> "
+            f"{_cell(last[key], 1000.0)} meV/Å from round {first['round']} to round "
+            f"{last['round']} ({ratio:.2f} x){labels}; lower than the round before in "
+            f"{better} of {len(curve) - 1} rounds.")
+
+
 def print_round_metrics(campaign: str) -> None:
     """The learning-curve table of a campaign's completed rounds."""
     from bayesal.db import make_engine
@@ -216,6 +241,9 @@ def print_round_metrics(campaign: str) -> None:
     engine.dispose()
     if rows:
         console.print(round_metrics_table(campaign, rows))
+        verdict = learning_verdict(rows)
+        if verdict:
+            console.print(verdict, markup=False, highlight=False)
 
 
 @app.command("deploy")

@@ -2,9 +2,17 @@
 # Set up bayesal in ./.venv and run the main job on the embedded defaults: a real
 # active-learning campaign (examples/quickstart.yaml) with the SQLite file ./bayesal.db,
 # Prefect's local API and PySCF at HF/STO-3G; about 5 minutes on 2 cores.
-# Usage: ./examples/quickstart.sh        (needs nothing outside the repository)
+# Usage: ./examples/quickstart.sh              (needs nothing outside the repository)
+#        ./examples/quickstart.sh --baseline   (then the same campaign with random
+#                                               selection, about 5 minutes more)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+baseline=0
+case "${1:-}" in
+  "") ;;
+  --baseline) baseline=1 ;;
+  *) echo "usage: $0 [--baseline]" >&2; exit 2 ;;
+esac
 
 [ -x .venv/bin/python ] || python3 -m venv .venv
 # CPU torch first: letting pip resolve torch itself pulls a multi-GB CUDA build.
@@ -16,3 +24,11 @@ bayesal=.venv/bin/bayesal
 $bayesal db upgrade
 # --resume: a second invocation continues (or just reports) the same campaign
 $bayesal run examples/quickstart.yaml --resume
+if [ "$baseline" = 1 ]; then
+  echo
+  echo "the baseline: the same campaign with random selection"
+  $bayesal run examples/quickstart-random.yaml --resume
+else
+  echo
+  echo "compare with random selection (about 5 minutes): ./examples/quickstart.sh --baseline"
+fi

@@ -9,7 +9,8 @@ from bayesal.contracts import RoundMetric as M
 __all__ = ["ROUND_COLUMNS", "round_rows"]
 
 ROUND_COLUMNS = (
-    ("round", "round"), ("labels", M.N_LABELS_TOTAL), ("new ok", M.N_OK),
+    ("round", "round"), ("train labels", M.N_TRAIN_LABELS), ("labels", M.N_LABELS_TOTAL),
+    ("new ok", M.N_OK),
     ("failed", M.N_FAILED), ("test F MAE eV/Å", M.TEST_FORCE_MAE),
     ("test E MAE eV", M.TEST_ENERGY_MAE), ("test F NLL", M.TEST_FORCE_NLL),
     ("F miscal. area", M.TEST_FORCE_MISCAL_RECAL),

@@ -7,6 +7,7 @@ import ast
 from pathlib import Path
 
 import pytest
+from helpers import TINY
 
 REPO = Path(__file__).resolve().parents[1]
 LIBRARIES = ("bayes_model", "labelers", "db")
@@ -139,6 +140,34 @@ def test_the_wheel_installs_only_bayesal_and_runs_from_it(tmp_path):
                           capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1] != ""
+
+    # the quickstart config, shrunk to one quick round, run by the installed package from
+    # another folder: its files resolve against the config's folder
+    import yaml
+
+    project, cwd = tmp_path / "project", tmp_path / "elsewhere"
+    cwd.mkdir()
+    proc = subprocess.run([sys.executable, "-c", "import sys; from bayesal.datasets import "
+                           "write_quickstart_data as w; w(sys.argv[1], n_pool=12, n_test=3)",
+                           str(project / "quickstart-data")],
+                          env={"PYTHONPATH": str(site), "XDG_CACHE_HOME": str(tmp_path / "cache")},
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cfg = yaml.safe_load((REPO / "examples" / "quickstart.yaml").read_text())
+    cfg["data"]["initial_random"] = 4
+    cfg.update(model=TINY, train={"max_epochs": 2, "batch_size": 2},
+               finetune=None, stop={"max_rounds": 1})
+    cfg["acquisition"]["n_select"] = 2
+    (project / "quickstart.yaml").write_text(yaml.safe_dump(cfg))
+    env = {"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path),
+           "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "BAYESAL_DATABASE_URL": f"sqlite:///{tmp_path / 'q.db'}"}
+    cli = "import sys; sys.argv[0] = 'bayesal'; from bayesal.cli import main; main()"
+    proc = subprocess.run([sys.executable, "-c", cli, "run", "../project/quickstart.yaml"],
+                          env=env, capture_output=True, text=True, timeout=900, cwd=cwd)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert "stopped after 1 round(s)" in proc.stdout
+    assert (cwd / "bayesal-data" / "campaigns" / "quickstart" / "round-000").is_dir()
 
 
 def test_tests_share_helpers_not_conftest():

@@ -163,7 +163,7 @@ def test_the_learning_curve_table_fits_80_columns():
 
     from bayesal.cli.campaign import round_metrics_table
 
-    rows = [{"round": i, "labels": 1000 + 8 * i, "new ok": 8, "failed": 12,
+    rows = [{"round": i, "train labels": 1000 + 8 * i, "new ok": 8, "failed": 12,
              "test F MAE eV/Å": 0.1623, "test E MAE eV": 0.01234, "test F NLL": -1.2345,
              "val F MAE eV/Å": 0.14444, "selected mean score": 12.345, "round s": 12345.6}
             for i in range(12)]
@@ -172,3 +172,17 @@ def test_the_learning_curve_table_fits_80_columns():
     text = console.export_text()
     assert "…" not in text and max(map(len, text.splitlines())) <= 80
     assert " 162 " in text and "12.3" in text and "-1.23" in text  # meV, 3 digits
+
+
+def test_the_learning_curve_verdict_says_whether_the_model_improved():
+    from bayesal.cli.campaign import learning_verdict
+
+    rows = [{"round": i, "train labels": 8 * (i + 1), "test F MAE eV/Å": mae,
+             "val F MAE eV/Å": 0.3}
+            for i, mae in enumerate([0.413, 0.268, 0.284, 0.158])]
+    assert learning_verdict(rows) == (
+        "test force MAE fell 413 -> 158 meV/Å from round 0 to round 3 (0.38 x) as its "
+        "training labels grew 8 -> 32; lower than the round before in 2 of 3 rounds.")
+    rising = [{"round": 0, "val F MAE eV/Å": 0.1}, {"round": 1, "val F MAE eV/Å": 0.125}]
+    assert learning_verdict(rising).startswith("validation force MAE rose 100 -> 125 meV/Å")
+    assert learning_verdict(rows[:1]) is None  # one round: no curve yet
