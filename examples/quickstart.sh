@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Set up bayesal in ./.venv and run the main job on the embedded defaults: a real
 # active-learning campaign (examples/quickstart.yaml) with the SQLite file ./bayesal.db,
-# Prefect's local API and PySCF at HF/STO-3G; about 5 minutes on 2 cores.
+# Prefect's local API and PySCF at HF/STO-3G; about 2.5 minutes on 2 idle cores
+# after the install.
 # Usage: ./examples/quickstart.sh              (needs nothing outside the repository)
 #        ./examples/quickstart.sh --baseline   (then the same campaign with random
-#                                               selection, about 5 minutes more)
+#                                               selection, about 2.5 minutes more)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 baseline=0
@@ -30,5 +31,5 @@ if [ "$baseline" = 1 ]; then
   $bayesal run examples/quickstart-random.yaml --resume
 else
   echo
-  echo "compare with random selection (about 5 minutes): ./examples/quickstart.sh --baseline"
+  echo "compare with random selection (about 2.5 minutes): ./examples/quickstart.sh --baseline"
 fi
