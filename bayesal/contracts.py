@@ -25,6 +25,7 @@ import os
 import re
 import signal
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -40,6 +41,7 @@ __all__ = [
     "closest_pair",
     "die_with_parent",
     "metric_on_test",
+    "parent_death_hook",
     "pbc_flags",
     "settings_hash",
     "split_metric_on_test",
@@ -185,14 +187,24 @@ def closest_pair(atoms, cutoff: float = MIN_DISTANCE) -> tuple[int, int, float] 
     return int(i[k]), int(j[k]), float(d[k])
 
 
+def parent_death_hook(signum: int) -> Callable[[], None]:
+    """A function that asks Linux to send ``signum`` to the calling process when the thread
+    that started it ends (PR_SET_PDEATHSIG; kept across exec). libc is looked up here, so
+    the hook is safe as a ``preexec_fn`` (between fork and exec: no imports, no dlopen).
+    Elsewhere than Linux the hook does nothing."""
+    if not sys.platform.startswith("linux"):
+        return lambda: None
+    import ctypes
+
+    prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl
+    return lambda: prctl(1, signum)  # PR_SET_PDEATHSIG
+
+
 def die_with_parent(parent_pid: int) -> None:
     """Ask Linux to SIGKILL this process when its parent dies (no orphans). The request only
     covers a parent alive when it is made: a process whose parent (``parent_pid``) already
     died exits here instead of doing work nobody will read."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    parent_death_hook(signal.SIGKILL)()
     if os.getppid() != parent_pid:
         os._exit(1)
 

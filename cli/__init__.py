@@ -3,7 +3,15 @@
 Run ``bayesal --help`` or ``bayesal COMMAND --help``; docs/cli.md has the reference.
 """
 
-from bayesal.cli import campaign, dashboard, data, label, model, score  # noqa: F401 (commands)
+from bayesal.cli import (  # noqa: F401 (commands)
+    campaign,
+    dashboard,
+    data,
+    doctor,
+    label,
+    model,
+    score,
+)
 from bayesal.cli._app import app
 
 __all__ = ["app", "main"]

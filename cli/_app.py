@@ -65,6 +65,7 @@ def user_errors(options: dict[str, str] | None = None) -> Iterator[None]:
 
     from bayesal.db import DatabaseError
     from bayesal.db.readers import InputError
+    from bayesal.flows.run_lock import CampaignBusyError
     from bayesal.labelers import LabelerInputError
     from bayesal.tasks.policy import CampaignError
 
@@ -78,8 +79,8 @@ def user_errors(options: dict[str, str] | None = None) -> Iterator[None]:
             f"--{names.get(str(e['loc'][-1]), str(e['loc'][-1])).replace('_', '-')} "
             f"{e.get('input')!r}: {e['msg']}" for e in exc.errors()))
     except (InputError, LabelerInputError, DatabaseError, SettingsError, ValueError,
-            OSError, CampaignError) as exc:  # OSError: missing files, permissions, disk full
-        _fail(str(exc))
+            OSError, CampaignError, CampaignBusyError) as exc:  # OSError: missing files,
+        _fail(str(exc))  # permissions, disk full
     except DBAPIError as exc:  # cannot connect, not a database file, ...
         msg = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
         _fail(f"cannot use the database: {msg}")

@@ -58,6 +58,7 @@ def run(
             check_files([*d.pool_files, *d.initial_files, *d.test_files])
         cfg.labeler.build()  # an unknown functional or basis: one line, before Prefect starts
         _check_new(cfg, resume)
+        _check_not_running(cfg.name)
         _exit_on_sigterm(config)
         _prefect_defaults()
         _temporary_api_dies_with_us()
@@ -81,6 +82,14 @@ def run(
             f"  bayesal dashboard --campaign {cfg.name}\n"
             f"  database: {redact_url(url)}; models: {settings().campaign_dir(cfg.name)}/",
             markup=False, highlight=False, soft_wrap=True)
+
+
+def _check_not_running(name: str) -> None:
+    """Refuse, before Prefect starts, a campaign another process is running now (the flow
+    checks again under its lock)."""
+    from bayesal.flows.run_lock import check_not_running
+
+    check_not_running(settings().campaign_dir(name), name)
 
 
 def _exit_on_sigterm(config: Path) -> None:
@@ -145,17 +154,27 @@ def _temporary_api_dies_with_us() -> None:
 
 
 def _reaped_server_class():
+    import signal
     import subprocess
     import sys
 
     from prefect.server.api.server import SubprocessASGIServer
+
+    from bayesal.contracts import parent_death_hook
+
+    terminate_with_us = parent_death_hook(signal.SIGTERM)
 
     class ReapedServer(SubprocessASGIServer):
         def _run_uvicorn_command(self) -> subprocess.Popen:
             popen = subprocess.Popen
 
             def own_session(*args, **kwargs):
-                return popen(*args, **kwargs, start_new_session=True)
+                # its own session (a signal to our group must not stop it before the runs
+                # are marked crashed) and SIGTERM from Linux the instant we die, even
+                # before the reaper below exists (PR_SET_PDEATHSIG, set before exec; the
+                # thread that starts it is the main thread, whose end is the process's)
+                return popen(*args, **kwargs, start_new_session=True,
+                             preexec_fn=terminate_with_us)
 
             subprocess.Popen = own_session  # Prefect builds the server's command line
             try:

@@ -37,6 +37,7 @@ from bayesal.flows.campaign_config import (
     load_campaign_config,
 )
 from bayesal.flows.campaign_report import round_rows
+from bayesal.flows.run_lock import run_lock
 from bayesal.flows.settings import load_settings
 from bayesal.labelers import LabelerKind
 from bayesal.tasks import policy, steps
@@ -267,6 +268,11 @@ def _run_name() -> str:
 def campaign(config: str, resume: bool = True) -> dict[str, Any]:
     """Run (or continue) the active-learning campaign described by the YAML ``config``."""
     ctx = _Context(config)
+    with run_lock(ctx.root, ctx.cfg.name):  # released by the kernel however we end
+        return _campaign(ctx, config, resume)
+
+
+def _campaign(ctx: _Context, config: str, resume: bool) -> dict[str, Any]:
     cfg, logger = ctx.cfg, get_run_logger()
     ensure_schema(ctx.engine, create=True)
     policy.check_new_campaign(ctx.engine, cfg.name, resume)
