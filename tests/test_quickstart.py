@@ -65,7 +65,9 @@ def test_the_quickstart_campaign_learns_and_repeats_itself(prefect_api, tmp_path
     again, picked_again = _run_quickstart(tmp_path / "b", monkeypatch,
                                           **{**small, "stop": {"max_rounds": 2}})
     assert picked_again == picked[:2]
-    assert [m["test_force_mae"] for m in again] == pytest.approx(curve[:2], rel=1e-6)
+    # float32 training: sums in another order (thread timing) move the 7th digit (measured:
+    # 1.2e-6 relative); another seed moves the first
+    assert [m["test_force_mae"] for m in again] == pytest.approx(curve[:2], rel=1e-4)
 
 
 def test_the_random_baseline_differs_from_the_quickstart_only_in_its_selection():
