@@ -56,7 +56,8 @@ def test_doctor_reports_a_killed_runs_leftovers_and_a_clean_campaign_as_clean(in
     res = _doctor(url, data)
     assert res.exit_code == 0, res.output
     text = " ".join(res.output.split())
-    assert "crashed: round 1 is marked running" in text and "--resume` continues it from its last complete step" in text
+    assert "crashed: round 1 is marked running" in text
+    assert "--resume` continues it from its last complete step" in text
     assert "2 of 3 selected structures have no label yet" in text
     assert "round-001/model holds training state but no registered model" in text
     assert "round-007 belongs to no round of the database" in text
