@@ -88,17 +88,16 @@ def doctor(
     selected structures without labels, model directories without a registered model,
     stale temporary Prefect API servers of this user; and what --resume does with each."""
     from bayesal.db.engine import readonly_session
-    from bayesal.db.ingest import get_campaign
+    from bayesal.db.pool import campaign_id
     from bayesal.db.queries import campaign_overview, round_table
     from bayesal.flows.run_lock import lock_holder
 
     with user_errors(), readonly_session(settings().database_url) as session:
-        names = [c["campaign"] for c in campaign_overview(session)]
         if campaign is not None:
-            if get_campaign(session, campaign) is None:
-                raise ValueError(f"no campaign named {campaign!r}; existing: "
-                                 f"{', '.join(names) or 'none yet'}")
+            campaign_id(session, campaign)  # an unknown name: the error lists the existing
             names = [campaign]
+        else:
+            names = [c["campaign"] for c in campaign_overview(session)]
         problems = 0
         for name in names:
             folder = settings().campaign_dir(name)

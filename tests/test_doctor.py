@@ -62,6 +62,8 @@ def test_doctor_reports_a_killed_runs_leftovers_and_a_clean_campaign_as_clean(in
     assert "round-001/model holds training state but no registered model" in text
     assert "round-007 belongs to no round of the database" in text
     assert "round 0" not in text  # completed: nothing to say
+    res = _doctor(url, data, "--campaign", "nope")
+    assert res.exit_code == 1 and "no campaign named 'nope' (existing: crashed)" in res.output
 
     from bayesal.db import make_engine
     from bayesal.db.rounds import finish_round, open_round
