@@ -23,6 +23,7 @@ from prefect.artifacts import (
     create_table_artifact,
     update_progress_artifact,
 )
+from prefect.runtime import deployment as prefect_deployment
 from prefect.runtime import flow_run as prefect_flow_run
 
 from bayesal.contracts import STEP_SECONDS
@@ -37,7 +38,7 @@ from bayesal.flows.campaign_config import (
     load_campaign_config,
 )
 from bayesal.flows.campaign_report import round_rows
-from bayesal.flows.run_lock import run_lock
+from bayesal.flows.run_lock import end_with_parent, run_lock
 from bayesal.flows.settings import load_settings
 from bayesal.labelers import LabelerKind
 from bayesal.tasks import policy, steps
@@ -267,6 +268,8 @@ def _run_name() -> str:
 @flow(name="campaign", flow_run_name=_run_name, log_prints=True)
 def campaign(config: str, resume: bool = True) -> dict[str, Any]:
     """Run (or continue) the active-learning campaign described by the YAML ``config``."""
+    if prefect_deployment.id is not None:  # a worker's child: not to outlive the worker
+        end_with_parent()
     ctx = _Context(config)
     with run_lock(ctx.root, ctx.cfg.name):  # released by the kernel however we end
         return _campaign(ctx, config, resume)

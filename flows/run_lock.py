@@ -9,6 +9,10 @@ second run of a campaign that is running is refused instead of racing the first.
 
 The lock file is opened close-on-exec: spawned processes (ensemble members, labeler
 workers, Dask) do not keep it; a forked child would, but it dies with its parent.
+
+:func:`end_with_parent` binds a deployment run to the Prefect worker that started it: when
+the worker is killed, the run gets SIGTERM (Prefect marks it Crashed) instead of running on
+as an orphan nobody supervises (a worker restarted later would start a second copy).
 """
 
 from __future__ import annotations
@@ -17,13 +21,17 @@ import contextlib
 import fcntl
 import json
 import os
+import signal
 import socket
+import threading
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-__all__ = ["LOCK_FILE", "CampaignBusyError", "check_not_running", "lock_holder", "run_lock"]
+__all__ = ["LOCK_FILE", "CampaignBusyError", "check_not_running", "end_with_parent",
+           "lock_holder", "run_lock"]
 
 LOCK_FILE = "run.lock"
 
@@ -95,3 +103,20 @@ def run_lock(folder: str | Path, campaign: str) -> Iterator[None]:
         with contextlib.suppress(OSError):
             os.ftruncate(fd, 0)
         os.close(fd)  # releases the lock
+
+
+def end_with_parent(poll_s: float = 1.0) -> threading.Thread:
+    """SIGTERM this process within ``poll_s`` of its parent's death (its parent changes: the
+    orphan is adopted by init or a subreaper). A watcher thread polls ``getppid`` rather than
+    PR_SET_PDEATHSIG, which fires when the parent *thread* that forked us ends: Prefect
+    workers spawn flow runs from event-loop threads that may end before the worker does."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    thread = threading.Thread(target=watch, name="bayesal-end-with-parent", daemon=True)
+    thread.start()
+    return thread
