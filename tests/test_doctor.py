@@ -149,3 +149,34 @@ def test_doctor_finds_a_temporary_api_whose_run_is_gone_and_fix_stops_it(tmp_pat
     finally:
         if orphan.is_running():
             orphan.kill()
+
+
+def test_end_with_parent_ends_an_orphan_with_sigterm(tmp_path):
+    """A process that called end_with_parent (a deployment's flow run) gets SIGTERM soon
+    after its parent (the worker) is SIGKILLed; before that it runs undisturbed."""
+    import psutil
+
+    child_code = ("import signal, sys, time\n"
+                  "from bayesal.flows.run_lock import end_with_parent\n"
+                  "signal.signal(signal.SIGTERM, lambda *a: (open(sys.argv[1], 'w')"
+                  ".write('SIGTERM'), sys.exit(143)))\n"
+                  "end_with_parent(poll_s=0.1)\n"
+                  "open(sys.argv[1], 'w').write('watching')\n"
+                  "time.sleep(60)\n")
+    marker = tmp_path / "child.txt"
+    parent = subprocess.Popen([sys.executable, "-c",
+                               "import subprocess, sys, time\n"
+                               f"subprocess.Popen([sys.executable, '-c', {child_code!r}, "
+                               f"{str(marker)!r}])\n"
+                               "time.sleep(60)\n"])
+    deadline = time.monotonic() + 60
+    while not (marker.exists() and marker.read_text() == "watching"):
+        assert time.monotonic() < deadline and parent.poll() is None
+        time.sleep(0.05)
+    (child,) = psutil.Process(parent.pid).children()
+    time.sleep(0.5)
+    assert child.is_running() and marker.read_text() == "watching"
+    parent.kill()
+    parent.wait()
+    child.wait(timeout=10)  # not our child: psutil waits for it to end, with no status
+    assert marker.read_text() == "SIGTERM"
