@@ -140,8 +140,7 @@ def score(pred: Prediction, acquisition: Acquisition | str = Acquisition.BALD_EF
     bald_f_atom = bald_forces_per_atom(pred.forces_cov_epi, pred.forces_cov_ale)
     bald_f = _reduce(bald_f_atom, pred.n_atoms, reduction)
     energy_std = np.sqrt(np.clip(pred.energy_var_epi, 0, None))
-    force_std = np.sqrt(np.clip(np.trace(pred.forces_cov_epi, axis1=1, axis2=2), 0, None))
-    max_force_std = _reduce(force_std, pred.n_atoms, Reduction.MAX)
+    max_force_std = _reduce(pred.atom_force_deviation, pred.n_atoms, Reduction.MAX)
     if acquisition is Acquisition.RANDOM:
         value = (rng or np.random.default_rng(seed)).random(len(pred.n_atoms))
     else:

@@ -3,9 +3,11 @@
 From each seed structure and temperature a trajectory runs with the posterior's mean
 forces; every ``record_every``-th frame becomes a candidate, and the trajectory stops at the
 first frame whose largest per-atom epistemic force standard deviation
-(max_i sqrt(tr Σ_epi,i), the committee deviation of DP-GEN) exceeds ``max_force_std`` —
-that frame is kept too: it is where the model most needs a label. Frames carry their
-provenance in ``info`` (temperature_K, md_step, max_force_std, seed_index).
+(max_i sqrt(tr Σ_epi,i), the committee deviation of DP-GEN; the calculator's
+``max_force_std_epistemic``, recalibrated like every uncertainty bayesal reports) exceeds
+``max_force_std`` — that frame is kept too: it is where the model most needs a label.
+Frames carry their provenance in ``info`` (temperature_K, md_step, max_force_std,
+seed_index).
 """
 
 from __future__ import annotations
@@ -26,12 +28,7 @@ except ImportError:  # pragma: no cover
 
 from bayesal.bayes_model.calculator import BayesalCalculator
 
-__all__ = ["Trajectory", "explore", "max_force_std"]
-
-
-def max_force_std(forces_cov_epi: np.ndarray) -> float:
-    """max over atoms of sqrt(trace of the 3x3 epistemic force covariance), eV/Å."""
-    return float(np.sqrt(np.trace(forces_cov_epi, axis1=1, axis2=2).clip(min=0)).max())
+__all__ = ["Trajectory", "explore", "langevin"]
 
 
 @dataclass
@@ -41,6 +38,18 @@ class Trajectory:
     frames: list[Atoms]
     steps_run: int
     stopped: str  # "uncertain" or "steps"
+
+
+def langevin(atoms: Atoms, posterior, *, temperature_K: float, timestep_fs: float = 0.5,
+             friction_per_fs: float = 0.01, rng: np.random.Generator) -> Langevin:
+    """Langevin dynamics of ``atoms`` (changed in place) on the posterior's mean forces:
+    momenta drawn at ``temperature_K``, no centre-of-mass drift."""
+    atoms.calc = BayesalCalculator(posterior=posterior)
+    thermalize_momenta(atoms, temperature_K=temperature_K, rng=rng)
+    Stationary(atoms)
+    atoms.set_constraint(FixCom())  # (Langevin's own fixcm is deprecated)
+    return Langevin(atoms, timestep_fs * units.fs, temperature_K=temperature_K,
+                    friction=friction_per_fs / units.fs, fixcm=False, rng=rng)
 
 
 def explore(posterior, seeds: Sequence[Atoms], *, temperatures_K: Sequence[float],
@@ -56,16 +65,12 @@ def explore(posterior, seeds: Sequence[Atoms], *, temperatures_K: Sequence[float
         for temperature in temperatures_K:
             atoms = Atoms(numbers=start.numbers, positions=start.positions, cell=start.cell,
                           pbc=start.pbc)
-            atoms.calc = BayesalCalculator(posterior=posterior)
-            thermalize_momenta(atoms, temperature_K=temperature, rng=rng)
-            Stationary(atoms)
-            atoms.set_constraint(FixCom())  # (Langevin's own fixcm is deprecated)
-            dyn = Langevin(atoms, timestep_fs * units.fs, temperature_K=temperature,
-                           friction=friction_per_fs / units.fs, fixcm=False, rng=rng)
+            dyn = langevin(atoms, posterior, temperature_K=temperature,
+                           timestep_fs=timestep_fs, friction_per_fs=friction_per_fs, rng=rng)
             frames, stopped, n = [], "steps", 0
             for n in range(1, steps + 1):
                 dyn.run(1)
-                sigma = max_force_std(atoms.calc.results["forces_cov_epistemic"])
+                sigma = atoms.calc.results["max_force_std_epistemic"]
                 uncertain = sigma > max_force_std_threshold or not np.isfinite(sigma)
                 if n % record_every == 0 or uncertain:
                     frame = Atoms(numbers=atoms.numbers, positions=atoms.positions.copy(),

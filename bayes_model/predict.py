@@ -17,8 +17,9 @@ from bayesal.bayes_model import _keys as K
 from bayesal.bayes_model.data import atoms_to_graph, batch_graphs, iter_batches
 from bayesal.bayes_model.model import MVEPotential
 
-__all__ = ["OneModelProperties", "Prediction", "combine_samples", "predict_members",
-           "structure_features"]
+__all__ = ["RAW_SUFFIX", "UNCERTAINTY_KEYS", "OneModelProperties", "Prediction", "calibrate",
+           "combine_samples", "file_fields", "predict_calibrated", "predict_members",
+           "structure_features", "structure_results"]
 
 
 @dataclass
@@ -46,6 +47,12 @@ class Prediction:
         """Total predictive std per atom and component (N, 3), eV/Å."""
         total = self.forces_cov_epi + self.forces_cov_ale
         return np.sqrt(np.diagonal(total, axis1=1, axis2=2))
+
+    @property
+    def atom_force_deviation(self) -> np.ndarray:
+        """sqrt(trace Σ_epi) per atom (N,), eV/Å: the committee force deviation of DP-GEN;
+        its maximum over a structure's atoms is ``max_force_std`` (scoring, explorer)."""
+        return np.sqrt(np.clip(np.trace(self.forces_cov_epi, axis1=1, axis2=2), 0, None))
 
     def atom_slices(self) -> list[slice]:
         ends = np.cumsum(self.n_atoms)
@@ -120,6 +127,66 @@ def predict_members(models: Sequence[MVEPotential], images: Sequence[Atoms], *,
                                      np.array([graphs[i].n_atoms for i in idx]),
                                      features=stack["features"]))
     return Prediction.concatenate(parts)
+
+
+def predict_calibrated(posterior, images: Sequence[Atoms], *, batch_size: int = 32,
+                       recalibrated: bool = True) -> Prediction:
+    """The prediction every consumer uses (``bayesal predict``, scoring, the ASE calculator,
+    the explorer): the posterior's, with its validation recalibration applied (variance
+    scales from ``calibration.json``) unless ``recalibrated`` is False or none was fitted."""
+    pred = posterior.predict(images, batch_size=batch_size)
+    return calibrate(posterior, pred) if recalibrated else pred
+
+
+def calibrate(posterior, pred: Prediction) -> Prediction:
+    """``pred`` (the posterior's raw prediction) with the posterior's recalibration."""
+    recal = getattr(posterior, "recalibration", None)
+    return pred if recal is None else recal.apply(pred)
+
+
+# The uncertainty keys of one structure (structure_results), in eV and eV/Å:
+#   energy_std, forces_std: total (epistemic + aleatoric): "how wrong may this be";
+#   energy_std_epistemic, forces_std_epistemic, max_force_std_epistemic: the model's own
+#     uncertainty, which grows away from the training data: "is the model extrapolating";
+#   energy_std_aleatoric, forces_std_aleatoric: the noise the model expects in the labels;
+#   forces_cov_epistemic, forces_cov_aleatoric: per-atom 3x3 covariances.
+UNCERTAINTY_KEYS = ("energy_std", "energy_std_epistemic", "energy_std_aleatoric",
+                    "max_force_std_epistemic", "forces_std", "forces_std_epistemic",
+                    "forces_std_aleatoric", "forces_cov_epistemic", "forces_cov_aleatoric")
+RAW_SUFFIX = "_raw"  # the same before recalibration
+
+
+def structure_results(pred: Prediction, k: int = 0) -> dict[str, float | np.ndarray]:
+    """Energy, forces and :data:`UNCERTAINTY_KEYS` of structure ``k`` of ``pred``: scalars
+    as floats, per-atom quantities as (n, 3) / (n, 3, 3) arrays.
+    ``max_force_std_epistemic`` is max over atoms of sqrt(trace Σ_epi,i), the committee
+    force deviation of DP-GEN (:attr:`Prediction.atom_force_deviation`), which the
+    explorer's stop rule compares with its threshold."""
+    sl = pred.atom_slices()[k]
+    epi, ale = pred.forces_cov_epi[sl], pred.forces_cov_ale[sl]
+    return {
+        "energy": float(pred.energy[k]),
+        "energy_std": float(pred.energy_std[k]),
+        "energy_std_epistemic": float(np.sqrt(pred.energy_var_epi[k])),
+        "energy_std_aleatoric": float(np.sqrt(pred.energy_var_ale[k])),
+        "max_force_std_epistemic": float(pred.atom_force_deviation[sl].max(initial=0.0)),
+        "forces": pred.forces[sl].copy(),
+        "forces_std": pred.forces_std[sl],
+        "forces_std_epistemic": np.sqrt(np.diagonal(epi, axis1=1, axis2=2).clip(min=0)),
+        "forces_std_aleatoric": np.sqrt(np.diagonal(ale, axis1=1, axis2=2).clip(min=0)),
+        "forces_cov_epistemic": epi.copy(), "forces_cov_aleatoric": ale.copy(),
+    }
+
+
+def file_fields(results: dict[str, float | np.ndarray], prefix: str = "pred_",
+                ) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """What a structure file keeps of :func:`structure_results`: scalars as ``info`` and
+    per-atom (n, 3) quantities as ``arrays``, each key prefixed (``pred_energy_std``,
+    ``pred_forces_std_epistemic``, ...); the 3x3 covariances are left out."""
+    info = {prefix + k: v for k, v in results.items() if isinstance(v, float)}
+    arrays = {prefix + k: v for k, v in results.items()
+              if isinstance(v, np.ndarray) and v.ndim == 2}
+    return info, arrays
 
 
 class OneModelProperties:

@@ -23,7 +23,7 @@ from bayesal.bayes_model.acquisition import (
     score,
     select,
 )
-from bayesal.bayes_model.predict import Prediction
+from bayesal.bayes_model.predict import Prediction, predict_calibrated
 
 __all__ = ["Candidate", "PoolSelection", "iter_scores", "score_pool"]
 
@@ -59,11 +59,9 @@ def iter_scores(posterior, frames: Iterable[Atoms], config: AcquisitionConfig, *
     """Chunks of (structures, prediction, scores); one random generator across chunks, so
     ``random`` gives the same scores as scoring everything at once with the same seed."""
     rng = np.random.default_rng(seed)
-    recal = getattr(posterior, "recalibration", None) if recalibrated else None
     for chunk in _chunks(frames, config.chunk_size):
-        pred = posterior.predict(chunk, batch_size=config.predict_batch)
-        if recal is not None:
-            pred = recal.apply(pred)
+        pred = predict_calibrated(posterior, chunk, batch_size=config.predict_batch,
+                                  recalibrated=recalibrated)
         yield chunk, pred, score(pred, config.function, reduction=config.reduction, rng=rng)
 
 

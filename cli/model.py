@@ -16,6 +16,7 @@ from bayesal.cli._app import (
     check_method,
     console,
     err_console,
+    progress_bar,
     read_frames,
     user_errors,
 )
@@ -153,37 +154,97 @@ def predict(
 ) -> None:
     """Predict energies, forces and their uncertainties.
 
-    Writes info keys pred_energy, pred_energy_std (total), pred_energy_std_epi,
-    pred_energy_std_ale (eV) and arrays pred_forces, pred_forces_std, pred_forces_std_epi,
-    pred_forces_std_ale (eV/Å, per component). Standard deviations are recalibrated with
-    the model's calibration.json unless --no-recalibrated.
+    Writes info keys pred_energy, pred_energy_std (total), pred_energy_std_epistemic,
+    pred_energy_std_aleatoric, pred_max_force_std_epistemic (eV, eV/Å) and arrays
+    pred_forces, pred_forces_std, pred_forces_std_epistemic, pred_forces_std_aleatoric
+    (eV/Å, per component): the numbers the ASE calculator returns and scoring uses.
+    Standard deviations are recalibrated with the model's calibration.json unless
+    --no-recalibrated.
     """
-    import numpy as np
-
     from bayesal.bayes_model.posterior import load_posterior
+    from bayesal.bayes_model.predict import file_fields, predict_calibrated, structure_results
     from bayesal.db.export import atoms_extxyz
 
     with user_errors():
         check_method(method, model)
         posterior = load_posterior(model)
         images = read_frames([input])
-        pred = posterior.predict(images, batch_size=predict_batch)
-        if recalibrated and posterior.recalibration is not None:
-            pred = posterior.recalibration.apply(pred)
-        epi = np.sqrt(np.diagonal(pred.forces_cov_epi, axis1=1, axis2=2))
-        ale = np.sqrt(np.diagonal(pred.forces_cov_ale, axis1=1, axis2=2))
+        pred = predict_calibrated(posterior, images, batch_size=predict_batch,
+                                  recalibrated=recalibrated)
         with atomic_output(output) as part, open(part, "w") as fh:
-            for k, (atoms, sl) in enumerate(zip(images, pred.atom_slices(), strict=True)):
+            for k, atoms in enumerate(images):
                 info = {key: v for key, v in atoms.info.items()
                         if isinstance(v, int | float | str)}
-                info.update(pred_energy=float(pred.energy[k]),
-                            pred_energy_std=float(pred.energy_std[k]),
-                            pred_energy_std_epi=float(np.sqrt(pred.energy_var_epi[k])),
-                            pred_energy_std_ale=float(np.sqrt(pred.energy_var_ale[k])))
-                arrays = {"pred_forces": pred.forces[sl], "pred_forces_std": pred.forces_std[sl],
-                          "pred_forces_std_epi": epi[sl], "pred_forces_std_ale": ale[sl]}
-                fh.write(atoms_extxyz(atoms, info, arrays))
+                extra, arrays = file_fields(structure_results(pred, k))
+                fh.write(atoms_extxyz(atoms, {**info, **extra}, arrays))
         console.print(f"wrote predictions for {len(images)} structures to {output}")
+
+
+@app.command("md")
+def md(
+    model: Annotated[Path, typer.Option(help="Model directory from `bayesal train`.")],
+    input: Annotated[Path, typer.Option("--input", help="Starting structure (extxyz or any "
+                                        "ASE-readable file).")],
+    output: Annotated[Path, typer.Option(help="extxyz trajectory with energies, forces and "
+                                         "uncertainties per frame.")],
+    frame: Annotated[int, typer.Option(help="Which frame of --input to start from.")] = 0,
+    temperature: Annotated[float, typer.Option(help="Langevin temperature, K.")] = 300.0,
+    steps: Annotated[int, typer.Option(min=1, help="MD steps.")] = 1000,
+    timestep: Annotated[float, typer.Option(help="Time step, fs.")] = 0.5,
+    friction: Annotated[float, typer.Option(help="Langevin friction, 1/fs.")] = 0.01,
+    interval: Annotated[int, typer.Option(min=1, help="Write every n-th step.")] = 10,
+    stop_above: Annotated[float | None, typer.Option(
+        help="Stop when max_force_std_epistemic (eV/Å) exceeds this: the model "
+             "extrapolates (that frame is written too).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the velocities and Langevin noise.")
+                    ] = 0,
+) -> None:
+    """Run Langevin MD with the model and write a trajectory with its uncertainties.
+
+    Each written frame carries what `bayesal predict` writes (recalibrated): info
+    pred_energy, pred_energy_std, pred_energy_std_epistemic, pred_max_force_std_epistemic,
+    ..., arrays pred_forces, pred_forces_std_epistemic, ...; plus step, time_fs and the
+    instantaneous temperature_K. Frames are appended as the run goes (an interrupted run
+    keeps the frames written so far).
+    """
+    import numpy as np
+    import torch
+
+    from bayesal.bayes_model.calculator import attach_uncertainty_log
+    from bayesal.bayes_model.explore import langevin
+    from bayesal.bayes_model.posterior import load_posterior
+    from bayesal.bayes_model.resources import cpu_share
+
+    with user_errors():
+        posterior = load_posterior(model)
+        images = read_frames([input])
+        if not -len(images) <= frame < len(images):
+            raise ValueError(f"--frame {frame}: {input} has {len(images)} frame(s)")
+        torch.set_num_threads(cpu_share()[0])
+        atoms = images[frame].copy()
+        dyn = langevin(atoms, posterior, temperature_K=temperature, timestep_fs=timestep,
+                       friction_per_fs=friction, rng=np.random.default_rng(seed))
+        output.parent.mkdir(parents=True, exist_ok=True)
+        stopped = None
+        with open(output, "w") as fh, progress_bar("steps") as progress:
+            write_frame = attach_uncertainty_log(dyn, fh, interval=interval)
+            task = progress.add_task(f"MD {temperature:g} K", total=steps)
+            for step in range(1, steps + 1):
+                dyn.run(1)
+                sigma = atoms.calc.results["max_force_std_epistemic"]
+                progress.update(task, completed=step,
+                                description=f"MD {temperature:g} K, max σ_F,epi "
+                                            f"{sigma:.3f} eV/Å")
+                if stop_above is not None and not sigma <= stop_above:
+                    if step % interval:  # the frame that crossed is written too
+                        write_frame()
+                    stopped = step
+                    break
+        if stopped is not None:
+            console.print(f"stopped at step {stopped}: max_force_std_epistemic {sigma:.3f} "
+                          f"eV/Å > {stop_above:g} (the model extrapolates)")
+        console.print(f"wrote {output} ({stopped or steps} steps of {timestep:g} fs, every "
+                      f"{interval}th)")
 
 
 @app.command("evaluate")

@@ -11,7 +11,7 @@ import torch
 from helpers import TINY, rattled_waters
 
 from bayesal.bayes_model.ensemble import prepare_data
-from bayesal.bayes_model.explore import explore, max_force_std
+from bayesal.bayes_model.explore import explore
 from bayesal.bayes_model.model import ModelConfig
 from bayesal.bayes_model.posterior import EnsemblePosterior
 from bayesal.bayes_model.train import build_model
@@ -33,11 +33,15 @@ def committee(shared_data):
 
 
 def test_max_force_std_is_the_largest_per_atom_trace_norm():
+    from bayesal.bayes_model.predict import Prediction, structure_results
+
     rng = np.random.default_rng(0)
     a = rng.normal(size=(5, 3, 3))
     cov = a @ a.transpose(0, 2, 1)
     expected = max(np.sqrt(np.trace(c)) for c in cov)
-    assert max_force_std(cov) == pytest.approx(expected)
+    pred = Prediction(np.zeros(1), np.ones(1), np.ones(1), np.zeros((5, 3)), cov,
+                      np.zeros((5, 3, 3)), np.array([5]))
+    assert structure_results(pred)["max_force_std_epistemic"] == pytest.approx(expected)
 
 
 def test_explorer_runs_full_trajectories_below_the_threshold(committee):

@@ -56,7 +56,8 @@ def test_predict_and_evaluate(trained, shared_data, tmp_path):
     assert len(pred) == 10
     a = pred[0]
     assert a.info["pred_energy_std"] ** 2 == pytest.approx(
-        a.info["pred_energy_std_epi"] ** 2 + a.info["pred_energy_std_ale"] ** 2, rel=1e-6)
+        a.info["pred_energy_std_epistemic"] ** 2 + a.info["pred_energy_std_aleatoric"] ** 2,
+        rel=1e-6)
     assert a.arrays["pred_forces"].shape == (9, 3) and (a.arrays["pred_forces_std"] > 0).all()
 
     res = runner.invoke(app, ["evaluate", "--model", str(trained / "m"), "--test", str(small),
@@ -86,3 +87,43 @@ def test_bad_config_and_unlabelled_data_are_clear_errors(tmp_path, shared_data):
     res = runner.invoke(app, ["predict", "--model", str(tmp_path / "nope"), "--input",
                               str(data), "--output", str(tmp_path / "o.xyz")])
     assert res.exit_code == 1 and "not a bayesal model directory" in res.output
+
+
+def test_md_writes_frames_whose_uncertainties_equal_a_direct_prediction(trained, shared_data,
+                                                                        tmp_path):
+    """`bayesal md`: Langevin MD with the model; every written frame's stored energy,
+    forces and (recalibrated) uncertainties are what `predict` gives for its positions."""
+    from bayesal.bayes_model.posterior import load_posterior
+    from bayesal.bayes_model.predict import predict_calibrated, structure_results
+
+    start = tmp_path / "start.xyz"
+    ase.io.write(start, ase.io.read(shared_data / "ethanol" / "test_MD.xyz", "3"))
+    out = tmp_path / "md.xyz"
+    res = runner.invoke(app, ["md", "--model", str(trained / "m"), "--input", str(start),
+                              "--output", str(out), "--steps", "12", "--interval", "4",
+                              "--temperature", "500"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    frames = ase.io.read(out, ":")
+    assert [a.info["step"] for a in frames] == [0, 4, 8, 12]
+    assert frames[0].positions == pytest.approx(ase.io.read(start).positions, abs=1e-8)
+    assert not np.allclose(frames[-1].positions, frames[0].positions)  # it moved
+    assert all(a.info["time_fs"] == pytest.approx(0.5 * a.info["step"]) for a in frames)
+    direct = predict_calibrated(load_posterior(trained / "m"), frames)
+    for k, a in enumerate(frames):
+        want = structure_results(direct, k)
+        for key in ("energy", "energy_std", "energy_std_epistemic", "energy_std_aleatoric",
+                    "max_force_std_epistemic"):
+            assert a.info["pred_" + key] == pytest.approx(want[key], rel=1e-5, abs=1e-7), key
+        for key in ("forces", "forces_std", "forces_std_epistemic", "forces_std_aleatoric"):
+            np.testing.assert_allclose(a.arrays["pred_" + key], want[key], rtol=1e-4,
+                                       atol=1e-6, err_msg=key)
+
+    # the stop rule: a threshold below any uncertainty ends the run at the first step
+    res = runner.invoke(app, ["md", "--model", str(trained / "m"), "--input", str(start),
+                              "--output", str(out), "--steps", "50", "--interval", "10",
+                              "--stop-above", "1e-9"], catch_exceptions=False)
+    assert res.exit_code == 0 and "stopped at step 1" in res.output, res.output
+    assert [a.info["step"] for a in ase.io.read(out, ":")] == [0, 1]
+    res = runner.invoke(app, ["md", "--model", str(trained / "m"), "--input", str(start),
+                              "--output", str(out), "--frame", "5"])
+    assert res.exit_code == 1 and "--frame 5" in res.output and "1 frame" in res.output

@@ -133,7 +133,8 @@ def test_train_swag_from_the_cli(files, tmp_path):
     res = invoke("predict", "--model", tmp_path / "swag", "--input", files / "pool.xyz",
                  "--output", tmp_path / "p.xyz")
     assert res.exit_code == 0, res.output
-    assert all(a.info["pred_energy_std_epi"] > 0 for a in ase.io.read(tmp_path / "p.xyz", ":"))
+    frames = ase.io.read(tmp_path / "p.xyz", ":")
+    assert all(a.info["pred_energy_std_epistemic"] > 0 for a in frames)
 
 
 def _bad_inputs(folder: Path, good: Path) -> dict[str, tuple[Path, str]]:

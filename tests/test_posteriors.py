@@ -305,3 +305,37 @@ def test_every_posterior_and_the_calculator_obey_the_physics(method, ethanol, tm
     assert_prediction_physics(posterior.predict, probe)
     assert_prediction_physics(_calculator_predict(BayesalCalculator(posterior=posterior)),
                               probe)
+    _calculator_matches_predict(out, probe, tmp_path)
+
+
+def _calculator_matches_predict(model_dir, probe, tmp_path):
+    """One uncertainty contract: the ASE calculator returns what `bayesal predict` writes
+    (recalibrated with the model's calibration.json) and the raw values under ``_raw``."""
+    from typer.testing import CliRunner
+
+    from bayesal.bayes_model.calculator import BayesalCalculator
+    from bayesal.bayes_model.calibration import Recalibration
+    from bayesal.cli import app
+
+    recal = Recalibration.load(model_dir)
+    assert recal is not None and recal.force_scale != 1.0  # training fitted one
+    ase.io.write(tmp_path / "probe.xyz", probe)
+    res = CliRunner().invoke(app, ["predict", "--model", str(model_dir), "--input",
+                                   str(tmp_path / "probe.xyz"), "--output",
+                                   str(tmp_path / "pred.xyz")])
+    assert res.exit_code == 0, res.output
+    written = ase.io.read(tmp_path / "pred.xyz")
+    atoms = probe.copy()
+    atoms.calc = BayesalCalculator(model_dir)
+    atoms.get_forces()
+    results = atoms.calc.results
+    for key in ("energy", "energy_std", "energy_std_epistemic", "energy_std_aleatoric",
+                "max_force_std_epistemic"):
+        assert results[key] == pytest.approx(written.info["pred_" + key], rel=1e-6), key
+    for key in ("forces", "forces_std", "forces_std_epistemic", "forces_std_aleatoric"):
+        np.testing.assert_allclose(results[key], written.arrays["pred_" + key], rtol=1e-5,
+                                   atol=1e-7, err_msg=key)
+    assert results["energy_std_epistemic_raw"] ** 2 * recal.energy_scale == pytest.approx(
+        results["energy_std_epistemic"] ** 2, rel=1e-9)
+    np.testing.assert_allclose(results["forces_std_raw"] ** 2 * recal.force_scale,
+                               results["forces_std"] ** 2, rtol=1e-9)
