@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import TypeVar
 
@@ -14,7 +15,8 @@ from bayesal.bayes_model.model import ModelConfig
 from bayesal.bayes_model.sampling import IVONConfig, SWAGConfig
 from bayesal.bayes_model.train import TrainConfig
 
-__all__ = ["PosteriorSettings", "TrainingFile", "load_training_file", "load_yaml_model"]
+__all__ = ["PosteriorSettings", "TrainingFile", "default_yaml", "load_training_file",
+           "load_yaml_model"]
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -66,3 +68,34 @@ def load_yaml_model(path: str | Path, model: type[M], what: str) -> M:
 def load_training_file(path: str | Path) -> TrainingFile:
     """Parse and validate; errors name the file and the field path (e.g. model.l_max)."""
     return load_yaml_model(path, TrainingFile, "with model:, train: and posterior: sections")
+
+
+def default_yaml(model: type[BaseModel] = TrainingFile, *, width: int = 92) -> str:
+    """Every setting of ``model`` with its default, as YAML, each field preceded by its
+    description as a comment; nested settings as nested sections. Loads back to the
+    defaults (``bayesal train --print-config``; docs/model.md embeds it)."""
+    lines: list[str] = []
+
+    def emit(cls: type[BaseModel], indent: int) -> None:
+        pad = "  " * indent
+        for name, info in cls.model_fields.items():
+            if info.description:
+                for text in textwrap.wrap(info.description, width - len(pad) - 2):
+                    lines.append(f"{pad}# {text}")
+            kind = info.annotation
+            if isinstance(kind, type) and issubclass(kind, BaseModel):
+                if kind.__doc__ and not info.description:
+                    first = kind.__doc__.strip().split("\n\n")[0].replace("\n", " ")
+                    lines.extend(f"{pad}# {t}" for t in
+                                 textwrap.wrap(" ".join(first.split()), width - len(pad) - 2))
+                lines.append(f"{pad}{name}:")
+                emit(kind, indent + 1)
+                continue
+            default = info.get_default(call_default_factory=True)
+            value = default.value if hasattr(default, "value") else default
+            text = yaml.safe_dump(value, default_flow_style=True).strip()
+            text = text.removesuffix("\n...").removesuffix("...").strip()
+            lines.append(f"{pad}{name}: {text}")
+
+    emit(model, 0)
+    return "\n".join(lines) + "\n"

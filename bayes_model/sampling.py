@@ -66,7 +66,7 @@ class IVONConfig(BaseModel):
     ess: float | None = Field(None, gt=0, description="Effective sample size (default: "
                               "number of training structures).")
     hess_init: float = Field(1000.0, gt=0, description="Initial Hessian estimate h₀.")
-    beta1: float = Field(0.9, ge=0, le=1)
+    beta1: float = Field(0.9, ge=0, le=1, description="Gradient momentum.")
     beta2: float = Field(0.95, ge=0, le=1, description="Hessian averaging: fast, so h "
                          "reaches the curvature of the trained model within tens of steps.")
     weight_decay: float = Field(1e-4, ge=0, description="Prior precision per datum.")

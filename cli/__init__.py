@@ -12,9 +12,11 @@ from bayesal.cli import (  # noqa: F401 (commands)
     model,
     score,
 )
-from bayesal.cli._app import app
+from bayesal.cli._app import app, reflow_help
 
 __all__ = ["app", "main"]
+
+reflow_help(app)
 
 
 def main() -> None:

@@ -25,6 +25,34 @@ db_app = typer.Typer(help="Database schema management (Alembic migrations).",
                      no_args_is_help=True)
 app.add_typer(db_app, name="db")
 
+def _reflow(text: str) -> str:
+    """Docstring paragraphs as single lines (the help renderer wraps them to the terminal;
+    it keeps every newline of a docstring, breaking sentences where the source did). Lines
+    starting with ``*``, ``-`` or spaces after dedent stay lines of their own."""
+    import inspect
+
+    paragraphs = []
+    for block in inspect.cleandoc(text).split("\n\n"):
+        lines: list[str] = []
+        for line in block.splitlines():
+            if lines and not line.startswith(("* ", "- ", " ")):
+                lines[-1] += " " + line.strip()
+            else:
+                lines.append(line)
+        paragraphs.append("\n".join(lines))
+    return "\n\n".join(paragraphs)
+
+
+def reflow_help(typer_app: typer.Typer) -> None:
+    """Give every command of ``typer_app`` (and of its sub-apps) its docstring reflowed
+    (:func:`_reflow`) as help text, unless it has an explicit one."""
+    for command in typer_app.registered_commands:
+        if command.help is None and command.callback is not None and command.callback.__doc__:
+            command.help = _reflow(command.callback.__doc__)
+    for group in typer_app.registered_groups:
+        reflow_help(group.typer_instance)
+
+
 class _PlainConsole(Console):
     """Prints text as it is: no Rich markup (campaign names, methods, errors and file names
     are data: ``a[/b]`` or ``[bold red]FAKE[/]`` must print as such, not crash or render) and

@@ -26,6 +26,15 @@ def _read_labelled(paths: list[Path]):
     return read_frames(paths, labelled=True)
 
 
+def _print_default_config(value: bool) -> None:
+    if value:
+        from bayesal.bayes_model.config import default_yaml
+
+        typer.echo("# bayesal train --config FILE: every setting with its default; keep the "
+                   "ones you change\n" + default_yaml(), nl=False)
+        raise typer.Exit()
+
+
 @app.command("train")
 def train(
     train_files: Annotated[list[Path], typer.Option("--train", help="Labelled training data "
@@ -54,6 +63,10 @@ def train(
              "SLURM_CPUS_PER_TASK, OMP_NUM_THREADS).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue interrupted training in "
                                          "OUT/work.")] = False,
+    print_config: Annotated[bool, typer.Option(
+        "--print-config", is_eager=True, callback=_print_default_config,
+        help="Print every --config setting with its default and meaning (YAML) and exit.")
+    ] = False,
 ) -> None:
     """Train a Bayesian potential (ensemble, Laplace, SWAG or IVON).
 
