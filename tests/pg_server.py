@@ -25,12 +25,13 @@ class PostgresUnavailable(RuntimeError):
 
 
 def find_pg_bin() -> Path:
-    """Directory holding ``initdb`` and ``pg_ctl`` (newest Debian version first)."""
+    """Directory holding ``initdb`` and ``pg_ctl``: on PATH, else Debian's newest version
+    (``$BAYESAL_TEST_PG_GLOB`` replaces Debian's pattern: a test hides the binaries)."""
     found = shutil.which("initdb")
     if found:
         return Path(found).parent
     candidates = sorted(
-        glob.glob("/usr/lib/postgresql/*/bin/initdb"),
+        glob.glob(os.environ.get("BAYESAL_TEST_PG_GLOB", "/usr/lib/postgresql/*/bin/initdb")),
         key=lambda p: int(Path(p).parts[-3]) if Path(p).parts[-3].isdigit() else 0,
     )
     if not candidates:
