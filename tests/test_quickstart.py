@@ -49,6 +49,33 @@ def _run_quickstart(folder: Path, monkeypatch, **overrides) -> tuple[list[dict],
     return _campaign_record(url, cfg["name"])
 
 
+def _documented_queries() -> list[str]:
+    """The SQL examples of README.md (`bayesal sql "..."`) and docs/database.md."""
+    import re
+
+    root = EXAMPLES.parent
+    readme = re.findall(r'^bayesal sql "(.+)"$', (root / "README.md").read_text(), re.M)
+    doc = (root / "docs" / "database.md").read_text().split("```sql\n")[1].split("```")[0]
+    queries = [*readme, *(q.rstrip(";") for q in doc.splitlines()
+                          if q.strip() and not q.startswith("--"))]
+    assert len(queries) >= 7, queries
+    return queries
+
+
+def _documented_sql_returns_rows(url: str) -> None:
+    """Every documented example runs through `bayesal sql` on the quickstart's database,
+    and each returns rows (label_failures: none failed)."""
+    from typer.testing import CliRunner
+
+    from bayesal.cli import app
+
+    for query in _documented_queries():
+        res = CliRunner().invoke(app, ["--database-url", url, "sql", query, "--csv"])
+        assert res.exit_code == 0, (query, res.output)
+        rows = res.output.strip().splitlines()[1:]
+        assert rows or "label_failures" in query, f"no rows: {query}"
+
+
 @pytest.mark.slow
 def test_the_quickstart_campaign_learns_and_repeats_itself(prefect_api, tmp_path, monkeypatch):
     small = {"train": {"max_epochs": 40, "patience": 40}, "finetune": {"max_epochs": 20},
@@ -60,6 +87,7 @@ def test_the_quickstart_campaign_learns_and_repeats_itself(prefect_api, tmp_path
     print("test force MAE by round:", curve)
     assert curve[-1] <= 0.6 * curve[0], curve
     assert all(len(p) == 8 for p in picked)  # 8 PySCF labels a round, none failed
+    _documented_sql_returns_rows(f"sqlite:///{tmp_path / 'a' / 'bayesal.db'}")
 
     # the same seed again (two rounds: round 1 is already a warm start from a selection)
     again, picked_again = _run_quickstart(tmp_path / "b", monkeypatch,
