@@ -33,6 +33,7 @@ from bayesal.bayes_model.ensemble import train_ensemble
 from bayesal.bayes_model.laplace import LastLayerLaplace
 from bayesal.bayes_model.model import MVEPotential
 from bayesal.bayes_model.predict import Prediction, predict_members
+from bayesal.bayes_model.quality import assess
 from bayesal.bayes_model.resources import Deadline, plan_processes
 from bayesal.bayes_model.sampling import SampledPosterior, collect_swag, load_flat, train_ivon
 
@@ -187,6 +188,9 @@ def train_posterior(
                       on_posterior=on_posterior, recalibrate=False, deadline=posterior_end)
     if recalibrate:
         _recalibrate(out, valid, settings)
+    posterior = load_posterior(out)
+    assess(posterior, train, valid, members=posterior.manifest.members,
+           min_epochs=settings.train.min_epochs).save(out)
     if settings.train.keep_train_state == "none":
         shutil.rmtree(out / "work", ignore_errors=True)  # finished: nothing to resume
     return out

@@ -91,6 +91,7 @@ def user_errors(options: dict[str, str] | None = None) -> Iterator[None]:
     from pydantic import ValidationError
     from sqlalchemy.exc import DBAPIError
 
+    from bayesal.bayes_model.quality import UndertrainedError
     from bayesal.db import DatabaseError
     from bayesal.db.readers import InputError
     from bayesal.flows.run_lock import CampaignBusyError
@@ -107,8 +108,8 @@ def user_errors(options: dict[str, str] | None = None) -> Iterator[None]:
             f"--{names.get(str(e['loc'][-1]), str(e['loc'][-1])).replace('_', '-')} "
             f"{e.get('input')!r}: {e['msg']}" for e in exc.errors()))
     except (InputError, LabelerInputError, DatabaseError, SettingsError, ValueError,
-            OSError, CampaignError, CampaignBusyError) as exc:  # OSError: missing files,
-        _fail(str(exc))  # permissions, disk full
+            OSError, CampaignError, CampaignBusyError, UndertrainedError) as exc:
+        _fail(str(exc))  # OSError: missing files, permissions, disk full
     except DBAPIError as exc:  # cannot connect, not a database file, ...
         msg = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
         _fail(f"cannot use the database: {msg}")

@@ -26,6 +26,78 @@ def _read_labelled(paths: list[Path]):
     return read_frames(paths, labelled=True)
 
 
+class _TrainingReport:
+    """Training progress: on a terminal one bar per model (epoch, loss, running training
+    and validation force MAE, time left of the budget); otherwise (a log file, a batch
+    job) a line per model at most every ``every_s`` seconds, from its first epoch on."""
+
+    def __init__(self, members: int, max_epochs: int, deadline, method: str,
+                 every_s: float = 10.0) -> None:
+        self.members, self.max_epochs, self.deadline = members, max_epochs, deadline
+        self.method, self.every_s = method, every_s
+        self.live = err_console.is_terminal
+        columns = [TextColumn("{task.fields[k]}"), BarColumn(),
+                   TextColumn("epoch {task.completed:.0f}"),
+                   TextColumn("loss {task.fields[loss]}"),
+                   TextColumn("F MAE train {task.fields[train]} val {task.fields[fmae]} eV/Å"),
+                   TimeElapsedColumn(), TextColumn("{task.fields[left]}")]
+        self.progress = Progress(*columns, console=err_console, disable=not self.live)
+        self.tasks: dict = {}
+        self.last: dict = {}
+
+    def __enter__(self):
+        self.progress.__enter__()
+        for k in range(self.members):
+            self._task(k, self.max_epochs)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.__exit__(*exc)
+
+    def _task(self, k, total):
+        if k not in self.tasks:
+            self.tasks[k] = self.progress.add_task("", total=total, k=self._name(k), loss="-",
+                                                   train="-", fmae="-", left="")
+        return self.tasks[k]
+
+    @staticmethod
+    def _name(k) -> str:
+        from bayesal.bayes_model.ensemble import SHARED_KEY
+
+        return f"member {k}" if isinstance(k, int) else (
+            "shared start" if k == SHARED_KEY else str(k))
+
+    def _left(self) -> str:
+        if self.deadline is None:
+            return ""
+        return f"{max(self.deadline.remaining(), 0.0) / 60:.1f} min of budget left"
+
+    def _show(self, k, record: dict) -> None:
+        import math
+        import time
+
+        fields = {"loss": f"{record.get('loss', math.nan):.3g}",
+                  "train": f"{record.get('train_force_mae', math.nan):.4f}",
+                  "fmae": f"{record.get('valid_force_mae', math.nan):.4f}",
+                  "left": self._left()}
+        self.progress.update(self._task(k, None), completed=record["epoch"] + 1, **fields)
+        if self.live:
+            return
+        now = time.monotonic()
+        if now - self.last.get(k, -math.inf) >= self.every_s:
+            self.last[k] = now
+            console.print(f"{self._name(k)} epoch {record['epoch'] + 1}: loss "
+                          f"{fields['loss']}, force MAE train {fields['train']} "
+                          f"validation {fields['fmae']} eV/Å"
+                          + (f", {fields['left']}" if fields["left"] else ""))
+
+    def epoch(self, k, record: dict) -> None:
+        self._show(k, record)
+
+    def posterior(self, record: dict) -> None:
+        self._show(self.method, record)
+
+
 def _print_default_config(value: bool) -> None:
     if value:
         from bayesal.bayes_model.config import default_yaml
@@ -63,6 +135,10 @@ def train(
              "SLURM_CPUS_PER_TASK, OMP_NUM_THREADS).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue interrupted training in "
                                          "OUT/work.")] = False,
+    allow_undertrained: Annotated[bool, typer.Option(
+        "--allow-undertrained", help="Keep a model no better than the trivial predictor, or "
+        "stopped by --max-minutes before train.min_epochs, with a warning instead of an "
+        "error.")] = False,
     print_config: Annotated[bool, typer.Option(
         "--print-config", is_eager=True, callback=_print_default_config,
         help="Print every --config setting with its default and meaning (YAML) and exit.")
@@ -98,35 +174,10 @@ def train(
         if deadline is not None:
             console.print(describe_budget(method, max_minutes, members, plan.processes,
                                           train_cfg.shared_start))
-        columns = [TextColumn("member {task.fields[k]}"), BarColumn(),
-                   TextColumn("epoch {task.completed:.0f}"),
-                   TextColumn("loss {task.fields[loss]}"),
-                   TextColumn("val F MAE {task.fields[fmae]} eV/Å"), TimeElapsedColumn()]
-        with Progress(*columns, console=err_console,
-                      disable=not err_console.is_terminal) as progress:
-            tasks = {k: progress.add_task("", total=train_cfg.max_epochs, k=k, loss="-",
-                                          fmae="-") for k in range(members)}
-
-            def on_epoch(k: int | str, record: dict) -> None:
-                if k not in tasks:  # the shared start model of an ensemble
-                    tasks[k] = progress.add_task("", total=None, k=k, loss="-", fmae="-")
-                progress.update(tasks[k], completed=record["epoch"] + 1,
-                                loss=f"{record['loss']:.3g}",
-                                fmae=f"{record['valid_force_mae']:.4f}")
-
-            post_task = None
-
-            def on_posterior(record: dict) -> None:
-                nonlocal post_task
-                if post_task is None:
-                    post_task = progress.add_task("", total=None, k=f"{method}", loss="-",
-                                                  fmae="-")
-                progress.update(post_task, completed=record["epoch"] + 1,
-                                loss=f"{record['loss']:.3g}",
-                                fmae=f"{record.get('valid_force_mae', float('nan')):.4f}")
-
+        reporter = _TrainingReport(members, train_cfg.max_epochs, deadline, method)
+        with reporter:
             plan.run(train_images, valid_images, out, isolated_atoms=isolated_atoms,
-                     resume=resume, on_epoch=on_epoch, on_posterior=on_posterior,
+                     resume=resume, on_epoch=reporter.epoch, on_posterior=reporter.posterior,
                      deadline=deadline)
         from bayesal.bayes_model.checkpoint import read_manifest
 
@@ -140,6 +191,22 @@ def train(
                           m["stopped"])
         console.print(table)
         _print_calibration(out)
+        _verdict(out, allow_undertrained or train_cfg.allow_undertrained)
+
+
+def _verdict(model_dir: Path, allow: bool) -> None:
+    """The model's quality line; an error for an under-trained one unless ``allow``."""
+    from bayesal.bayes_model.quality import UndertrainedError, check_trained
+
+    try:
+        q = check_trained(model_dir)
+    except UndertrainedError as exc:
+        if not allow:
+            raise
+        err_console.print(f"warning: {exc}")
+        return
+    if q is not None:
+        console.print(f"checked: {q.summary()}: better than the trivial predictor")
 
 
 def _print_calibration(model_dir: Path) -> None:

@@ -209,11 +209,14 @@ def campaign_round(config: str, round_id: int, round_index: int,
 
 
 def _finetune(ctx: _Context, round_index: int) -> dict[str, Any]:
-    """Warm start from the previous round's model when the config asks for it."""
+    """Warm start from the newest completed round's model when the config asks for it (a
+    failed round's under-trained model is not continued)."""
     ft = ctx.cfg.finetune
-    if ft is None or round_index == 0:
+    done = [r["round"] for r in round_history(ctx.engine, ctx.cfg.name)
+            if r["status"] == "completed" and r["round"] < round_index]
+    if ft is None or not done:
         return {}
-    return {"init_from": ctx.model_dir(round_index - 1), "finetune": ft.apply(ctx.cfg.train)}
+    return {"init_from": ctx.model_dir(done[-1]), "finetune": ft.apply(ctx.cfg.train)}
 
 
 def cfg_training(cfg: CampaignConfig):

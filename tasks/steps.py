@@ -32,7 +32,7 @@ from sqlalchemy import Engine
 
 from bayesal.contracts import RoundMetric as M
 from bayesal.contracts import metric_on_test
-from bayesal.db import StructureSource, ensure_schema, make_engine
+from bayesal.db import RoundStatus, StructureSource, ensure_schema, make_engine
 from bayesal.db.identity import atoms_hash
 from bayesal.db.importer import import_files
 from bayesal.db.pool import (
@@ -47,6 +47,7 @@ from bayesal.db.readers import check_files
 from bayesal.db.rounds import (
     ModelRow,
     ScoreRow,
+    finish_round,
     mark_selected,
     record_models,
     record_scores,
@@ -163,6 +164,8 @@ def train_round(engine: Engine, campaign: str, round_id: int, round_index: int,
                                            valid_fraction, seed=seed)
     plan.run(train, valid, model_dir, resume=True, on_epoch=on_epoch, init_from=warm,
              deadline=deadline)
+    _refuse_undertrained(engine, round_id, round_index, model_dir,
+                         allow=plan.settings.train.allow_undertrained)
     manifest = read_manifest(model_dir)
     hyper = {"n_train": len(train), "n_valid": len(valid), "seed": plan.settings.train.seed,
              **({"posterior_file": manifest.posterior.get("file"),
@@ -177,6 +180,29 @@ def train_round(engine: Engine, campaign: str, round_id: int, round_index: int,
     if why_not:
         out["warm_start_skipped"] = why_not
     return out
+
+
+def _refuse_undertrained(engine: Engine, round_id: int, round_index: int, model_dir: Path,
+                         *, allow: bool) -> None:
+    """An under-trained model (:mod:`bayes_model.quality`) is not scored with: the round is
+    marked failed with the verdict in its metrics, and CampaignError says what to change
+    (``--resume`` then opens the next round, which trains again)."""
+    from bayesal.bayes_model.quality import Quality, UndertrainedError, check_trained
+
+    try:
+        check_trained(model_dir)
+    except UndertrainedError as exc:
+        if allow:
+            return
+        q = Quality.load(model_dir)
+        finish_round(engine, round_id, status=RoundStatus.FAILED, n_labelled=0, metrics={
+            "failed": "under-trained model", "problems": "; ".join(q.problems),
+            "quality_energy_mae": q.energy_mae, "quality_force_mae": q.force_mae,
+            "baseline_energy_mae": q.baseline_energy_mae,
+            "baseline_force_mae": q.baseline_force_mae, "epochs": q.epochs})
+        raise CampaignError(f"round {round_index} failed: {exc}. Change the train section "
+                            "(or max_train_minutes) and run with --resume: a new round "
+                            "trains again") from None
 
 
 def _drop_train_state(model_dir: Path) -> None:

@@ -132,6 +132,47 @@ def test_new_run_of_an_existing_campaign_needs_resume(prefect_api, shared_data, 
         campaign(str(config), resume=False)
 
 
+def test_an_undertrained_round_is_failed_not_scored_and_resume_trains_again(
+        prefect_api, shared_data, sqlite_url, tmp_path, monkeypatch):
+    """A time budget too small to train (0 epochs) gives an under-trained model: the round
+    is marked failed with the verdict, nothing is scored or labelled with it, no model is
+    registered, and the run stops with a message saying what to change. With the budget
+    raised, --resume opens the next round, which trains from scratch (the failed round's
+    model is not warm-started from) and completes."""
+    import yaml
+    from sqlalchemy import func, select
+
+    from bayesal.db import Model, Round, Score, make_engine
+    from bayesal.flows.campaign import campaign
+    from bayesal.tasks.policy import CampaignError
+
+    _use_db(monkeypatch, sqlite_url, tmp_path / "data")
+    config = ethanol_campaign(tmp_path, shared_data, name="hurried",
+                              finetune={"max_epochs": 2}, stop={"max_rounds": 1})
+    cfg = yaml.safe_load(config.read_text())
+    config.write_text(yaml.safe_dump({**cfg, "max_train_minutes": 0.0001}))
+    with pytest.raises(CampaignError, match=r"round 0 failed: .*under-trained.*time budget "
+                       r"stopped training after 0 epoch.*--resume"):
+        campaign(str(config), resume=False)
+    engine = make_engine(sqlite_url)
+    with engine.connect() as conn:
+        (status, metrics), = conn.execute(select(Round.status, Round.metrics)).all()
+        assert conn.scalar(select(func.count()).select_from(Model)) == 0
+        assert conn.scalar(select(func.count()).select_from(Score)) == 0
+    assert status == "failed" and metrics["failed"] == "under-trained model"
+    assert "min_epochs" in metrics["problems"] and metrics["epochs"] == 0
+
+    config.write_text(yaml.safe_dump(cfg))  # the budget lifted
+    result = campaign(str(config), resume=True)
+    assert result["rounds"] == 1
+    with engine.connect() as conn:
+        rounds = conn.execute(select(Round.round_index, Round.status, Round.metrics)
+                              .order_by(Round.round_index)).all()
+    engine.dispose()
+    assert [(r.round_index, r.status) for r in rounds] == [(0, "failed"), (1, "completed")]
+    assert rounds[1].metrics["warm_start"] == 0.0  # not from the failed round's model
+
+
 class _FailOnce:
     """PySCF labeler whose n-th calculation runs with max_cycle=1: a real SCF failure."""
 

@@ -127,3 +127,23 @@ def test_md_writes_frames_whose_uncertainties_equal_a_direct_prediction(trained,
     res = runner.invoke(app, ["md", "--model", str(trained / "m"), "--input", str(start),
                               "--output", str(out), "--frame", "5"])
     assert res.exit_code == 1 and "--frame 5" in res.output and "1 frame" in res.output
+
+
+def test_train_refuses_an_undertrained_model_unless_allowed(trained, tmp_path):
+    """A budget too small to train: exit 1 with one line naming the errors against the
+    trivial predictor and the epochs; --allow-undertrained keeps the model with a warning.
+    The trained fixture passed the check and says so."""
+    from bayesal.bayes_model.quality import Quality
+
+    q = Quality.load(trained / "m")
+    assert q is not None and q.ok and q.force_mae < q.baseline_force_mae
+    args = ["train", "--train", str(trained / "train.xyz"), "--members", "1",
+            "--config", str(trained / "model.yaml"), "--max-minutes", "0.0001"]
+    res = runner.invoke(app, [*args, "--out", str(tmp_path / "a")])
+    assert res.exit_code == 1
+    message = res.output[res.output.index("error: "):]
+    assert "under-trained" in message and "after 0 epoch(s)" in message
+    assert "--allow-undertrained" in message and len(message.strip().splitlines()) == 1
+    res = runner.invoke(app, [*args, "--out", str(tmp_path / "b"), "--allow-undertrained"])
+    assert res.exit_code == 0, res.output
+    assert "warning: model" in res.output and (tmp_path / "b" / "manifest.json").is_file()

@@ -187,7 +187,7 @@ def test_warm_start_continues_from_the_previous_members(ethanol, tmp_path):
     old = train_ensemble(ethanol[:16], ethanol[16:20], tmp_path / "old", members=2,
                          model_config=SMALL, train_config=cfg, processes=1)
     tiny = TrainConfig(max_epochs=1, warmup_epochs=0, lr=1e-9, ema_decay=0.0, batch_size=8,
-                       float64=True)
+                       float64=True, refit_energy_shifts=False)
     new_data = (ethanol[100:140], ethanol[140:150])
     warm = train_ensemble(*new_data, tmp_path / "warm", members=2, model_config=SMALL,
                           train_config=tiny, processes=1, init_from=old)
@@ -265,3 +265,26 @@ def test_members_continue_from_the_shared_start_model(ethanol, tmp_path):
     train_ensemble(*data, out, members=2, model_config=SMALL, train_config=cfg, processes=1,
                    resume=True, on_epoch=lambda k, rec: seen.append(k))
     assert SHARED_KEY not in seen and saved.stat().st_mtime_ns == mtime
+
+
+def test_refitting_the_energy_shifts_removes_the_offset_and_keeps_the_forces(ethanol):
+    """refit_energy_shifts: the energy residuals on the fitted structures become orthogonal
+    to the species counts (for one molecule: mean residual 0), the energy MAE cannot grow,
+    forces do not move."""
+    from bayesal.bayes_model import _keys as K
+    from bayesal.bayes_model.data import batch_graphs
+    from bayesal.bayes_model.train import refit_energy_shifts
+
+    data = prepare_data(ethanol[:12], ethanol[12:16], SMALL)
+    model = small_model(data).double()
+    with torch.no_grad():
+        model.shifts += 0.3  # an offset of 2.7 eV on ethanol's 9 atoms
+    batch = batch_graphs(data.train, dtype=torch.float64)
+    before = model(batch)
+    assert refit_energy_shifts(model, data.train)
+    after = model(batch)
+    residual = (batch[K.ENERGY] - after["energy"]).detach().numpy()
+    assert abs(residual.mean()) < 1e-9
+    old = (batch[K.ENERGY] - before["energy"]).detach().abs().mean()
+    assert np.abs(residual).mean() <= old and old > 2.0
+    torch.testing.assert_close(after["forces"], before["forces"])
