@@ -77,8 +77,9 @@ class ExplorerConfig(_Strict):
     steps: int = Field(500, ge=1, description="MD steps per trajectory.")
     timestep_fs: float = Field(0.5, gt=0)
     friction_per_fs: float = Field(0.01, gt=0, description="Langevin friction.")
-    max_force_std: float = Field(0.5, gt=0, description="Stop a trajectory when the largest "
-                                 "per-atom epistemic force std exceeds this (eV/Å).")
+    max_force_std: float = Field(0.5, gt=0, description=(
+        "Stop a trajectory when the largest per-atom epistemic force std, recalibrated "
+        "(the ASE calculator's max_force_std_epistemic), exceeds this (eV/Å)."))
     record_every: int = Field(10, ge=1, description="Keep every n-th frame as a candidate.")
     seeds_per_round: int = Field(4, ge=1, description="Labelled structures to start from.")
 
