@@ -206,11 +206,18 @@ def upsert_structures(session: Session, rows: Sequence[dict[str, Any]]) -> tuple
     # retries the loser.
     ordered = list(unique.values())
     stmt = _insert(session, table).on_conflict_do_nothing(index_elements=["campaign_id", "hash"])
-    n_new = _execute_counting(session, stmt, table, ordered)
     ids: dict[tuple[int, str], int] = {}
+    if session.get_bind().dialect.name == "sqlite":
+        n_new = _execute_counting(session, stmt, table, ordered)
+    else:  # the new rows' ids come back with the insert: only duplicates are looked up
+        new = session.execute(stmt.returning(table.c.id, table.c.campaign_id, table.c.hash),
+                              ordered).all()
+        ids.update({(cid, h): i for i, cid, h in new})
+        n_new = len(new)
     by_campaign: dict[int, list[str]] = {}
     for cid, h in unique:
-        by_campaign.setdefault(cid, []).append(h)
+        if (cid, h) not in ids:
+            by_campaign.setdefault(cid, []).append(h)
     for cid, hashes in by_campaign.items():
         for start in range(0, len(hashes), 5000):
             chunk = hashes[start : start + 5000]

@@ -113,11 +113,16 @@ def _postgres_one_statement(conn, stmt: str, max_rows: int | None):
     """One statement, prepared (extended protocol), in the connection's READ ONLY
     transaction (``default_transaction_read_only`` of :func:`readonly_engine`)."""
     raw = conn.connection.driver_connection  # psycopg 3
-    with raw.cursor() as cur:
-        cur.execute("SET TRANSACTION READ ONLY", prepare=False)
-        cur.execute(stmt, prepare=True)
-        columns = [d.name for d in cur.description or []]
-        rows = (cur.fetchmany(max_rows) if max_rows else cur.fetchall()) if columns else []
+    threshold = raw.prepare_threshold  # None (make_engine) disables even prepare=True
+    raw.prepare_threshold = 5
+    try:
+        with raw.cursor() as cur:
+            cur.execute("SET TRANSACTION READ ONLY", prepare=False)
+            cur.execute(stmt, prepare=True)
+            columns = [d.name for d in cur.description or []]
+            rows = (cur.fetchmany(max_rows) if max_rows else cur.fetchall()) if columns else []
+    finally:
+        raw.prepare_threshold = threshold
     return columns, rows
 
 

@@ -174,3 +174,40 @@ def test_extxyz_writer_round_trips_numpy_scalars_and_strings(tmp_path):
     assert back.info["a"] == 1.0373 and back.info["b"] == 3 and back.info["c"] == "two words"
     assert back.info["d"] is True and back.info["e"] == 'quote " inside'
     assert (back.arrays["f"] == 1 / 3).all()
+
+
+@pytest.mark.postgres
+def test_postgres_import_lookups_stay_index_scans_in_one_long_transaction(pg_url):
+    """50 batches of 200 new structures, then the same 10,000 again, in one transaction (an
+    import): new rows get their ids from the insert itself, duplicates are found by a lookup
+    that PostgreSQL plans afresh each time (no server-side prepared statement, whose generic
+    plan, made from statistics blind to the open transaction's rows, became a scan of the
+    campaign: quadratic imports), so it stays an index scan; every id is found once."""
+    from ase import Atoms
+    from sqlalchemy import text
+
+    from bayesal.db import ensure_schema, make_engine
+    from bayesal.db.ingest import get_or_create_campaign, structure_row, upsert_structures
+
+    rng = np.random.default_rng(0)
+    base = rng.normal(scale=1.5, size=(5, 3))
+    engine = make_engine(pg_url)
+    ensure_schema(engine, create=True)
+    with session_scope(engine) as session:
+        cid = get_or_create_campaign(session, "big").id
+        batches = [[structure_row(Atoms("H5", positions=base + 0.01 * rng.normal(size=(5, 3))),
+                                  cid, "pool") for _ in range(200)] for _ in range(50)]
+        first = [upsert_structures(session, rows) for rows in batches]
+        assert sum(n for _, n in first) == 10_000
+        again = [upsert_structures(session, rows) for rows in batches]
+        assert [ids for ids, _ in again] == [ids for ids, _ in first]
+        assert sum(n for _, n in again) == 0
+        assert len({i for ids, _ in first for i in ids}) == 10_000
+        prepared = session.execute(text("SELECT count(*) FROM pg_prepared_statements")).scalar()
+        assert prepared == 0
+        hashes = [row["hash"] for row in batches[-1]]
+        plan = "\n".join(session.execute(
+            text("EXPLAIN SELECT id, hash FROM structures WHERE campaign_id = :c "
+                 "AND hash = ANY(:h)"), {"c": cid, "h": hashes}).scalars())
+        assert "Index" in plan and "Seq Scan" not in plan, plan
+    engine.dispose()
