@@ -9,7 +9,14 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from bayesal.contracts import strip_control
 from bayesal.flows.settings import Settings, SettingsError, load_settings
@@ -181,11 +188,80 @@ def atomic_output(path: Path) -> Iterator[Path]:
             os.unlink(tmp)
 
 
-def progress_bar(unit: str = "frames") -> Progress:
-    """A progress bar on stderr (shown on terminals only)."""
-    return Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
-                    TextColumn("{task.completed:,.0f}" + f" {unit}"), TimeElapsedColumn(),
-                    console=err_console, transient=False, disable=not err_console.is_terminal)
+class Reporter:
+    """Progress of a long command. On a terminal: a bar with the count, the total when it
+    is known, the elapsed time and the time left. Elsewhere (a log file, a batch job,
+    ``| tee``): a line every ``every_s`` seconds (``$BAYESAL_PROGRESS_SECONDS``, default
+    10) with the count, the total, the rate and the time left, and one at the end."""
+
+    def __init__(self, description: str, unit: str = "frames", total: int | None = None,
+                 every_s: float | None = None) -> None:
+        import os
+
+        if every_s is None:  # BAYESAL_PROGRESS_SECONDS: the interval of progress lines
+            every_s = float(os.environ.get("BAYESAL_PROGRESS_SECONDS", "10"))
+        self.description, self.unit, self.total, self.every_s = description, unit, total, every_s
+        self.completed = 0
+        self.live = err_console.is_terminal
+        self._progress = Progress(
+            SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+            TextColumn("{task.completed:,.0f}{task.fields[of]} " + unit),
+            TimeElapsedColumn(), TimeRemainingColumn(), console=err_console,
+            transient=False, disable=not self.live)
+        self._task = None
+        self._t0 = self._last = 0.0
+
+    def __enter__(self) -> Reporter:
+        import time
+
+        self._progress.__enter__()
+        self._task = self._progress.add_task(self.description, total=self.total,
+                                             of=self._of())
+        self._t0 = self._last = time.monotonic()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._progress.__exit__(*exc)
+        if not self.live and exc[0] is None and self.completed:
+            self._line(final=True)
+
+    def _of(self) -> str:
+        return "" if self.total is None else f" of {self.total:,}"
+
+    def set_total(self, total: int | None) -> None:
+        self.total = total
+        self._progress.update(self._task, total=total, of=self._of())
+
+    def describe(self, text: str) -> None:
+        self.description = text
+        self._progress.update(self._task, description=text)
+
+    def advance(self, n: int = 1) -> None:
+        self.update(self.completed + n)
+
+    def update(self, completed: int) -> None:
+        import time
+
+        self.completed = completed
+        self._progress.update(self._task, completed=completed)
+        if not self.live and time.monotonic() - self._last >= self.every_s:
+            self._line()
+
+    def _line(self, final: bool = False) -> None:
+        import time
+
+        now = time.monotonic()
+        self._last = now
+        rate = self.completed / max(now - self._t0, 1e-9)
+        text = f"{self.description}: {self.completed:,}{self._of()} {self.unit}"
+        if self.total:
+            text += f" ({100 * self.completed / self.total:.0f} %)"
+        text += f", {rate:,.1f}/s"
+        if self.total and not final and rate > 0:
+            left = (self.total - self.completed) / rate
+            text += f", about {left / 60:.1f} min left" if left >= 60 else \
+                f", about {left:.0f} s left"
+        err_console.print(text + (", done" if final else ""), markup=False, highlight=False)
 
 
 @app.callback()

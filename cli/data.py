@@ -12,10 +12,10 @@ from rich import box
 from rich.table import Table
 
 from bayesal.cli._app import (
+    Reporter,
     app,
     console,
     db_app,
-    progress_bar,
     settings,
     user_errors,
     writer_engine,
@@ -84,6 +84,7 @@ def import_(
     """
     from bayesal.db import StructureSource
     from bayesal.db.importer import ReferenceLevel, import_files
+    from bayesal.db.readers import count_frames
 
     with user_errors():
         try:
@@ -92,13 +93,11 @@ def import_(
             raise ValueError(f"--source {source!r} is not one of "
                              f"{', '.join(s.value for s in StructureSource)}") from None
         cfg = settings()
-        with progress_bar() as progress:
-            task = progress.add_task("importing", total=None)
+        with Reporter("importing", "frames", total=count_frames(files)) as progress:
             report = import_files(
                 writer_engine(cfg), files, campaign, source=src, labelled=labelled,
                 level=ReferenceLevel(method, basis), energy_key=energy_key,
-                forces_key=forces_key,
-                on_frame=lambda n: progress.update(task, completed=n),
+                forces_key=forces_key, on_frame=progress.update,
             )
         console.print(
             f"campaign {campaign}: {report.n_frames} frames read, "
@@ -129,12 +128,11 @@ def export(
 
     with user_errors():
         cfg = settings()
-        with progress_bar() as progress:
-            task = progress.add_task("exporting", total=None)
+        with Reporter("exporting", "structures") as progress:
             report = export_campaign(
                 cfg.database_url, campaign, output, format, settings_hash=settings_hash,
                 include_unlabelled=include_unlabelled, energy_key=energy_key,
-                forces_key=forces_key, on_row=lambda n: progress.update(task, completed=n),
+                forces_key=forces_key, on_row=progress.update, on_total=progress.set_total,
             )
         console.print(f"wrote {report.n_structures} structures to {report.path}")
 

@@ -9,9 +9,9 @@ import typer
 from rich.table import Table
 
 from bayesal.cli._app import (
+    Reporter,
     app,
     console,
-    progress_bar,
     read_frames,
     settings,
     user_errors,
@@ -104,8 +104,7 @@ def label(
                 console.print(f"{len(done)} of {len(images)} structures already labelled "
                               f"with these settings in campaign {campaign}; not recomputed")
 
-        with progress_bar("labels") as progress:
-            task = progress.add_task("labelling", total=len(todo))
+        with Reporter("labelling", "labels", total=len(todo)) as progress:
 
             def on_result(k: int, res) -> None:
                 i = todo[k]
@@ -114,7 +113,7 @@ def label(
                     from bayesal.tasks.labeling import store_results
 
                     store_results(engine, campaign, labeler, [(images[i], res)], source=source)
-                progress.advance(task)
+                progress.advance()
 
             labeler.label_many([images[i] for i in todo], workers=workers, on_result=on_result)
 

@@ -11,12 +11,12 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from bayesal.cli._app import (
+    Reporter,
     app,
     atomic_output,
     check_method,
     console,
     err_console,
-    progress_bar,
     read_frames,
     user_errors,
 )
@@ -306,15 +306,14 @@ def md(
                        friction_per_fs=friction, rng=np.random.default_rng(seed))
         output.parent.mkdir(parents=True, exist_ok=True)
         stopped = None
-        with open(output, "w") as fh, progress_bar("steps") as progress:
+        with open(output, "w") as fh, Reporter(f"MD {temperature:g} K", "steps",
+                                               total=steps) as progress:
             write_frame = attach_uncertainty_log(dyn, fh, interval=interval)
-            task = progress.add_task(f"MD {temperature:g} K", total=steps)
             for step in range(1, steps + 1):
                 dyn.run(1)
                 sigma = atoms.calc.results["max_force_std_epistemic"]
-                progress.update(task, completed=step,
-                                description=f"MD {temperature:g} K, max σ_F,epi "
-                                            f"{sigma:.3f} eV/Å")
+                progress.describe(f"MD {temperature:g} K, max σ_F,epi {sigma:.3f} eV/Å")
+                progress.update(step)
                 if stop_above is not None and not sigma <= stop_above:
                     if step % interval:  # the frame that crossed is written too
                         write_frame()

@@ -12,12 +12,12 @@ from rich.table import Table
 
 from bayesal.bayes_model.acquisition import AcquisitionConfig
 from bayesal.cli._app import (
+    Reporter,
     app,
     atomic_output,
     check_method,
     console,
     iter_checked_frames,
-    progress_bar,
     settings,
     user_errors,
 )
@@ -72,6 +72,7 @@ def score(
     from bayesal.bayes_model.posterior import load_posterior
     from bayesal.bayes_model.scoring import score_pool
     from bayesal.db.export import atoms_extxyz
+    from bayesal.db.readers import count_frames
 
     with user_errors(options={"function": "acquisition"}):
         config = AcquisitionConfig(function=acquisition, n_select=n_select,
@@ -102,8 +103,8 @@ def score(
             writer = csv.writer(files.enter_context(scores_part.open("w", newline="")))
             writer.writerow(["index", "source_file", "source_frame", "structure_id",
                              "n_atoms", "score", *COMPONENTS])
-        with files, progress_bar("structures") as bar:
-            task = bar.add_task(f"scoring ({acquisition})", total=None)
+        total = None if pool_campaign else count_frames(pool or [])
+        with files, Reporter(f"scoring ({acquisition})", "structures", total=total) as bar:
 
             def on_scores(first: int, chunk, s) -> None:
                 if writer is not None:
@@ -114,7 +115,7 @@ def score(
                                          atoms.info.get("structure_id", ""), len(atoms),
                                          *(f"{values[c][j]:.8g}" for c in
                                            ("score", *COMPONENTS))])
-                bar.update(task, advance=len(chunk))
+                bar.advance(len(chunk))
 
             result = score_pool(posterior, frames, config, seed=seed, on_scores=on_scores)
             with open(selected_part, "w") as out:

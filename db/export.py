@@ -150,11 +150,14 @@ def export_campaign(
     energy_key: str = "REF_energy",
     forces_key: str = "REF_forces",
     on_row: Callable[[int], None] | None = None,
+    on_total: Callable[[int], None] | None = None,
 ) -> ExportReport:
     """Write a campaign's structures with their ok labels (one labeler setting) to a file.
 
     Reads through a read-only engine. ``energy_key``/``forces_key`` name the extxyz info and
     array keys (MACE's ``REF_*`` defaults; NequIP reads them via ``key_mapping``).
+    ``on_total`` gets the number of structures about to be written, ``on_row`` the number
+    written so far.
     """
     if fmt not in EXPORT_FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; use one of {', '.join(EXPORT_FORMATS)}")
@@ -163,7 +166,14 @@ def export_campaign(
         camp = get_campaign(session, campaign)
         if camp is None:
             raise DatabaseError(f"no campaign named {campaign!r} in the database")
-        chosen = _choose_level(label_levels(session, camp.id), settings_hash, campaign)
+        levels = label_levels(session, camp.id)
+        chosen = _choose_level(levels, settings_hash, campaign)
+        if on_total is not None:  # how many rows the export writes (a progress bar's total)
+            if include_unlabelled:
+                on_total(session.scalar(select(func.count()).select_from(Structure)
+                                        .where(Structure.campaign_id == camp.id)))
+            else:
+                on_total(next((lv["n"] for lv in levels if lv["settings_hash"] == chosen), 0))
         rows = _rows(session, camp.id, chosen, include_unlabelled)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".part")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +19,7 @@ __all__ = [
     "InputIssue",
     "check_distances",
     "check_files",
+    "count_frames",
     "iter_frames",
     "validate_frame",
 ]
@@ -207,6 +208,30 @@ def _xyz_frame_at_fault(path: str) -> int:
                     return k
             k += 1
     return 0
+
+
+def count_frames(paths: Sequence[str | Path]) -> int | None:
+    """Frames in (ext)xyz files, counted from their atom-count lines without parsing the
+    frames (a progress bar's total; ~10x faster than reading them). None when a file is of
+    another format or not plain xyz-shaped: the total is then unknown, not wrong."""
+    total = 0
+    for path in paths:
+        path = Path(path)
+        if path.suffix.lower() not in (".xyz", ".extxyz") or not path.is_file():
+            return None
+        try:
+            with open(path, errors="replace") as fh:
+                while header := fh.readline():
+                    if not header.strip():
+                        continue
+                    n = int(header)
+                    for _ in range(n + 1):
+                        if not fh.readline():
+                            return None
+                    total += 1
+        except (ValueError, OSError):
+            return None
+    return total
 
 
 def iter_frames(

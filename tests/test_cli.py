@@ -186,3 +186,34 @@ def test_the_learning_curve_verdict_says_whether_the_model_improved():
     rising = [{"round": 0, "val F MAE eV/Å": 0.1}, {"round": 1, "val F MAE eV/Å": 0.125}]
     assert learning_verdict(rising).startswith("validation force MAE rose 100 -> 125 meV/Å")
     assert learning_verdict(rows[:1]) is None  # one round: no curve yet
+
+
+def test_long_commands_log_progress_with_totals_when_stderr_is_a_file(shared_data, tmp_path):
+    """Batch jobs see progress: `bayesal import` and `export` with stderr redirected to a
+    file write lines with the count, the total (frames counted before parsing; rows to
+    export), the rate, the time left, and a last line when done (interval
+    BAYESAL_PROGRESS_SECONDS, here 0: every update)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import ase.io
+
+    frames = tmp_path / "frames.xyz"
+    ase.io.write(frames, ase.io.read(shared_data / "ethanol" / "train.xyz", ":120"))
+    url = f"sqlite:///{tmp_path / 'b.db'}"
+    exe = str(Path(sys.executable).with_name("bayesal"))
+    env = {**os.environ, "BAYESAL_PROGRESS_SECONDS": "0"}
+    for args, unit in ((["import", str(frames), "--campaign", "c", "--labelled"], "frames"),
+                       (["export", "--campaign", "c", "--output", str(tmp_path / "o.xyz")],
+                        "structures")):
+        with open(tmp_path / "stderr.txt", "w") as err:
+            out = subprocess.run([exe, "--database-url", url, *args], env=env, stderr=err,
+                                 stdout=subprocess.PIPE, text=True, timeout=300)
+        log = (tmp_path / "stderr.txt").read_text().splitlines()
+        assert out.returncode == 0, log
+        assert f"60 of 120 {unit} (50 %)" in "\n".join(log), log[:5]
+        assert any("/s, about" in line and "left" in line for line in log), log[:5]
+        assert log[-1].endswith(f"120 of 120 {unit} (100 %), " + log[-1].split(", ")[-2]
+                                + ", done"), log[-1]
