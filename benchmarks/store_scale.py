@@ -32,6 +32,7 @@ from pathlib import Path
 import ase.io
 import numpy as np
 from _common import REPO, shared_data
+from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
 
 from bayesal.db import make_engine, upgrade
@@ -46,13 +47,14 @@ def structures(n: int, seed: int = 0) -> Iterator:
     data = shared_data()
     base = ase.io.read(data / "ethanol" / "train.xyz", ":") + ase.io.read(
         data / "acac" / "train_300K.xyz", ":")
+    labels = [(a.get_potential_energy(), a.get_forces()) for a in base]  # read once
     rng = np.random.default_rng(seed)
     for k in range(n):
         ref = base[k % len(base)]
-        atoms = ref.copy()
-        atoms.positions += rng.normal(scale=0.01, size=atoms.positions.shape)
-        atoms.calc = SinglePointCalculator(atoms, energy=ref.get_potential_energy(),
-                                           forces=ref.get_forces())
+        atoms = Atoms(numbers=ref.numbers, positions=ref.positions
+                      + rng.normal(scale=0.01, size=ref.positions.shape))
+        energy, forces = labels[k % len(base)]
+        atoms.calc = SinglePointCalculator(atoms, energy=energy, forces=forces)
         yield atoms
 
 

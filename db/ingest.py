@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 from ase import Atoms
-from sqlalchemy import Engine, Table, bindparam, select
+from sqlalchemy import Engine, Table, bindparam, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
@@ -186,6 +186,19 @@ def structure_row(
     }
 
 
+# The ids of existing structures on PostgreSQL: one probe of the (campaign_id, hash) unique
+# index per hash, whatever the statistics say. `hash IN (...)` let the planner, with
+# statistics from before a large import committed (autovacuum had not analysed it yet),
+# scan the whole campaign through the index's campaign_id prefix and filter the hashes:
+# measured at 40,000 structures, "Rows Removed by Filter: 38000" for a batch of 2,000,
+# which made a re-import quadratic.
+PG_ID_LOOKUP = text(
+    "SELECT s.id, h.hash FROM unnest(CAST(:hashes AS varchar[])) AS h(hash) "
+    "CROSS JOIN LATERAL (SELECT id FROM structures "
+    "WHERE campaign_id = :campaign_id AND hash = h.hash LIMIT 1) AS s")  # LIMIT: kept apart,
+# not flattened into a join the planner could again cost from stale statistics
+
+
 def upsert_structures(session: Session, rows: Sequence[dict[str, Any]]) -> tuple[list[int], int]:
     """Insert structure rows that are not there yet (by campaign × hash).
 
@@ -218,13 +231,16 @@ def upsert_structures(session: Session, rows: Sequence[dict[str, Any]]) -> tuple
     for cid, h in unique:
         if (cid, h) not in ids:
             by_campaign.setdefault(cid, []).append(h)
+    postgres = session.get_bind().dialect.name == "postgresql"
     for cid, hashes in by_campaign.items():
         for start in range(0, len(hashes), 5000):
             chunk = hashes[start : start + 5000]
-            q = select(table.c.id, table.c.hash).where(
-                table.c.campaign_id == cid, table.c.hash.in_(chunk)
-            )
-            ids.update({(cid, h): i for i, h in session.execute(q)})
+            if postgres:
+                found = session.execute(PG_ID_LOOKUP, {"campaign_id": cid, "hashes": chunk})
+            else:
+                found = session.execute(select(table.c.id, table.c.hash).where(
+                    table.c.campaign_id == cid, table.c.hash.in_(chunk)))
+            ids.update({(cid, h): i for i, h in found})
     return [ids[(r["campaign_id"], r["hash"])] for r in rows], n_new
 
 

@@ -187,7 +187,12 @@ def test_postgres_import_lookups_stay_index_scans_in_one_long_transaction(pg_url
     from sqlalchemy import text
 
     from bayesal.db import ensure_schema, make_engine
-    from bayesal.db.ingest import get_or_create_campaign, structure_row, upsert_structures
+    from bayesal.db.ingest import (
+        PG_ID_LOOKUP,
+        get_or_create_campaign,
+        structure_row,
+        upsert_structures,
+    )
 
     rng = np.random.default_rng(0)
     base = rng.normal(scale=1.5, size=(5, 3))
@@ -207,7 +212,10 @@ def test_postgres_import_lookups_stay_index_scans_in_one_long_transaction(pg_url
         assert prepared == 0
         hashes = [row["hash"] for row in batches[-1]]
         plan = "\n".join(session.execute(
-            text("EXPLAIN SELECT id, hash FROM structures WHERE campaign_id = :c "
-                 "AND hash = ANY(:h)"), {"c": cid, "h": hashes}).scalars())
-        assert "Index" in plan and "Seq Scan" not in plan, plan
+            text("EXPLAIN ANALYZE " + PG_ID_LOOKUP.text),
+            {"campaign_id": cid, "hashes": hashes}).scalars())
+        # each hash one probe of the unique index on both columns, nothing filtered out
+        assert "Index Scan using uq_structures_campaign_id_hash" in plan, plan
+        assert "((hash)::text = (h.hash)::text)" in plan, plan  # both columns in the probe
+        assert "Rows Removed by Filter" not in plan and "Seq Scan on structures" not in plan
     engine.dispose()
