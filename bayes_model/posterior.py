@@ -253,16 +253,17 @@ def fit_posterior(
 
 
 # Share of a budget kept for the work after training: saving, the validation predictions of
-# the recalibration (1..30 s); and the Laplace fit (one pass over the training set) or the
+# the recalibration and the verdict on the model (bayes_model.quality) (5..30 s); and the
+# Laplace fit (one pass over the training set) or the
 # SWAG/IVON epochs after the model is trained.
-FINISH_SHARE, FINISH_MIN_S, FINISH_MAX_S = 0.04, 1.0, 30.0
+FINISH_SHARE, FINISH_MIN_S, FINISH_MAX_S = 0.04, 5.0, 30.0
 POSTERIOR_SHARE = {Method.LAPLACE: 0.1, Method.SWAG: 0.3, Method.IVON: 0.3}
 
 
 def budget_split(method: Method, deadline: Deadline | None,
                  ) -> tuple[Deadline | None, Deadline | None]:
     """(end of model training, end of posterior fitting) within ``deadline``: a reserve of
-    FINISH_SHARE of the time left (1-30 s) for saving and recalibration, and
+    FINISH_SHARE of the time left (5-30 s) for saving, recalibration and the verdict, and
     POSTERIOR_SHARE of the rest for the posterior fit after the model is trained."""
     if deadline is None:
         return None, None
@@ -296,7 +297,7 @@ def describe_budget(method: Method | str, minutes: float, members: int, processe
     text += f" ({', then '.join(parts)})" if parts else ""
     if method is not Method.ENSEMBLE:
         text += f", {method.value} {(posterior_end.remaining() - train_s) / 60:.2f} min"
-    return text + f", {finish_s:.0f} s kept for saving and calibration"
+    return text + f", {finish_s:.0f} s kept for saving, calibration and the check"
 
 
 def _recalibrate(out: Path, valid: Sequence[Atoms], settings: TrainingFile) -> None:
