@@ -156,22 +156,26 @@ UNCERTAINTY_KEYS = ("energy_std", "energy_std_epistemic", "energy_std_aleatoric"
 RAW_SUFFIX = "_raw"  # the same before recalibration
 
 
-def structure_results(pred: Prediction, k: int = 0) -> dict[str, float | np.ndarray]:
+def structure_results(pred: Prediction, k: int = 0, atoms: slice | None = None,
+                      ) -> dict[str, float | np.ndarray]:
     """Energy, forces and :data:`UNCERTAINTY_KEYS` of structure ``k`` of ``pred``: scalars
     as floats, per-atom quantities as (n, 3) / (n, 3, 3) arrays.
     ``max_force_std_epistemic`` is max over atoms of sqrt(trace Σ_epi,i), the committee
     force deviation of DP-GEN (:attr:`Prediction.atom_force_deviation`), which the
-    explorer's stop rule compares with its threshold."""
-    sl = pred.atom_slices()[k]
+    explorer's stop rule compares with its threshold. ``atoms``: the structure's atom
+    slice when the caller has it (``pred.atom_slices()[k]``; a loop over structures
+    passes it, so the work stays per structure, not per prediction)."""
+    sl = pred.atom_slices()[k] if atoms is None else atoms
     epi, ale = pred.forces_cov_epi[sl], pred.forces_cov_ale[sl]
+    deviation = np.sqrt(np.clip(np.trace(epi, axis1=1, axis2=2), 0, None))
     return {
         "energy": float(pred.energy[k]),
         "energy_std": float(pred.energy_std[k]),
         "energy_std_epistemic": float(np.sqrt(pred.energy_var_epi[k])),
         "energy_std_aleatoric": float(np.sqrt(pred.energy_var_ale[k])),
-        "max_force_std_epistemic": float(pred.atom_force_deviation[sl].max(initial=0.0)),
+        "max_force_std_epistemic": float(deviation.max(initial=0.0)),
         "forces": pred.forces[sl].copy(),
-        "forces_std": pred.forces_std[sl],
+        "forces_std": np.sqrt(np.diagonal(epi + ale, axis1=1, axis2=2)),
         "forces_std_epistemic": np.sqrt(np.diagonal(epi, axis1=1, axis2=2).clip(min=0)),
         "forces_std_aleatoric": np.sqrt(np.diagonal(ale, axis1=1, axis2=2).clip(min=0)),
         "forces_cov_epistemic": epi.copy(), "forces_cov_aleatoric": ale.copy(),

@@ -252,10 +252,10 @@ def predict(
         pred = predict_calibrated(posterior, images, batch_size=predict_batch,
                                   recalibrated=recalibrated)
         with atomic_output(output) as part, open(part, "w") as fh:
-            for k, atoms in enumerate(images):
+            for k, (atoms, sl) in enumerate(zip(images, pred.atom_slices(), strict=True)):
                 info = {key: v for key, v in atoms.info.items()
                         if isinstance(v, int | float | str)}
-                extra, arrays = file_fields(structure_results(pred, k))
+                extra, arrays = file_fields(structure_results(pred, k, sl))
                 fh.write(atoms_extxyz(atoms, {**info, **extra}, arrays))
         console.print(f"wrote predictions for {len(images)} structures to {output}")
 
