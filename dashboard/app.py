@@ -17,9 +17,12 @@ import pandas as pd
 import streamlit as st
 from sqlalchemy.exc import OperationalError
 
+from bayesal.contracts import LabelStatus
 from bayesal.dashboard import data, plots
 from bayesal.dashboard.data import md
 from bayesal.db import DatabaseError, ensure_schema, readonly_engine
+
+FAILED = [s.value for s in LabelStatus if s != LabelStatus.OK]
 
 
 def _args() -> argparse.Namespace:
@@ -55,8 +58,8 @@ def _fmt(df: pd.DataFrame, digits: int = 3) -> pd.DataFrame:
     return df.astype(object).map(lambda v: _cell(v, digits))
 
 
-def overview_tab(engine, name: str) -> None:
-    ov = data.overview(engine, name)
+def overview_tab(view: data.CampaignView) -> None:
+    ov = view(data.overview)
     state = {"new": "no round yet", "running": f"round {ov.running_round} running",
              "idle": "no round running"}[ov.state]
     st.subheader(f"Campaign {md(ov.name)}")
@@ -87,12 +90,11 @@ def overview_tab(engine, name: str) -> None:
                 "has trained its first model.")
         return
     st.markdown("#### Rounds")
-    st.table(_fmt(data.rounds_frame(engine, name).drop(columns=["started"])),
-             hide_index=True)
+    st.table(_fmt(view(data.rounds_frame).drop(columns=["started"])), hide_index=True)
 
 
-def curves_tab(engine, name: str) -> None:
-    curves = data.learning_curves(engine, name)
+def curves_tab(view: data.CampaignView) -> None:
+    curves = view(data.learning_curves)
     if curves.empty:
         st.info("No evaluated round yet: learning curves need a completed round with test "
                 "files (data.test_files in the campaign YAML).")
@@ -106,14 +108,14 @@ def curves_tab(engine, name: str) -> None:
     st.dataframe(wide.reset_index(), hide_index=True)
 
 
-def calibration_tab(engine, name: str) -> None:
-    cal = data.calibration_frame(engine, name)
+def calibration_tab(view: data.CampaignView) -> None:
+    cal = view(data.calibration_frame)
     if cal.empty:
         st.info("No evaluated round yet: calibration needs a completed round with test files.")
         return
     left, right = st.columns(2)
     with left:
-        rel = data.reliability_frame(engine, name)
+        rel = view(data.reliability_frame)
         if rel.empty:
             st.info("These rounds stored no reliability curves (evaluated before they were "
                     "recorded); the table shows their calibration metrics.")
@@ -139,45 +141,56 @@ def calibration_tab(engine, name: str) -> None:
     st.dataframe(cal, hide_index=True)
 
 
-def acquisition_tab(engine, name: str) -> None:
-    rounds = data.scored_rounds(engine, name)
+def acquisition_tab(view: data.CampaignView) -> None:
+    rounds = view(data.scored_rounds)
     if not rounds:
         st.info("No scores yet: a round stores every candidate's score when it selects.")
         return
     r = st.selectbox("round", rounds, index=len(rounds) - 1, key="acq_round")
-    scores = data.scores_frame(engine, name, r)
+    agg = view(data.score_overview, r)
+    scores = view(data.score_sample_frame, r)
     numeric = [c for c in scores.columns
                if c not in ("structure_id", "acquisition", "selected", "rank", "source")
                and pd.api.types.is_numeric_dtype(scores[c])]
     column = st.radio("quantity", numeric, horizontal=True, key="acq_column")
     cols = st.columns(4)
-    cols[0].metric("scored", len(scores))
-    cols[1].metric("selected", int(scores["selected"].sum()))
-    cols[2].metric("mean score (pool)", f"{scores['score'].mean():.3g}")
-    chosen = scores[scores["selected"]]
+    cols[0].metric("scored", f"{agg.n:,}")
+    cols[1].metric("selected", f"{agg.n_selected:,}")
+    cols[2].metric("mean score (pool)", "–" if agg.mean is None else f"{agg.mean:.3g}")
     cols[3].metric("mean score (selected)",
-                   f"{chosen['score'].mean():.3g}" if len(chosen) else "–")
-    st.plotly_chart(plots.score_figure(scores, column), key="scores")
+                   "–" if agg.mean_selected is None else f"{agg.mean_selected:.3g}")
+    st.plotly_chart(plots.score_figure(scores, column, total=agg.n), key="scores")
+    if agg.n > len(scores):
+        st.caption(f"The histogram shows {len(scores):,} of the round's {agg.n:,} candidates: "
+                   "the selected batch and an evenly spread sample of the rest. The counts "
+                   "and means above are over all of them.")
     st.markdown("#### Selected batch")
-    st.dataframe(chosen.sort_values("rank"), hide_index=True)
+    st.dataframe(scores[scores["selected"]].sort_values("rank"), hide_index=True)
 
 
-def labeling_tab(engine, name: str) -> None:
-    labels = data.labels_frame(engine, name)
-    if labels.empty:
+def labeling_tab(view: data.CampaignView) -> None:
+    stats = data.labeling_by_round(view(data.overview))
+    if stats.empty:
         st.info("No labels yet.")
         return
-    st.table(_fmt(data.labeling_by_round(labels)), hide_index=True)
-    st.plotly_chart(plots.labeling_figure(labels), key="labeling")
-    failed = labels[labels["status"] != "ok"]
-    if len(failed):
+    st.table(_fmt(stats), hide_index=True)
+    total = int(stats["labels"].sum())
+    recent = view(data.labels_timeline)
+    st.plotly_chart(plots.labeling_figure(recent, total=total), key="labeling")
+    n_failed = int(stats["failed"].sum())
+    if n_failed:
         st.markdown("#### Failed labels")
+        failed = view(data.labels_frame, status=FAILED, limit=data.PAGE_ROWS)
+        if n_failed > len(failed):
+            st.caption(f"the newest {len(failed):,} of {n_failed:,} (all of them: the "
+                       "`label_failures` view of `bayesal sql`)")
         st.dataframe(failed[["structure_id", "round", "status", "error", "wall s", "created"]],
                      hide_index=True)
 
 
-def data_tab(engine, name: str) -> None:
-    offer = data.label_filters(engine, name)
+def data_tab(view: data.CampaignView) -> None:
+    ov = view(data.overview)
+    offer = data.label_filters(ov)
     if not offer.total:
         st.info("No labelled data yet.")
         return
@@ -186,17 +199,29 @@ def data_tab(engine, name: str) -> None:
     source = c[1].multiselect("source", offer.source, key="f_source")
     rounds = c[2].multiselect("round", offer.rounds, key="f_round")
     formula = c[3].selectbox("formula", ["(any)", *offer.formula], key="f_formula")
-    df = data.labels_frame(engine, name, status=status or None, source=source or None,
-                           rounds=[int(r) for r in rounds] or None,
-                           formula=None if formula == "(any)" else formula)
-    st.caption(f"{len(df)} of {offer.total} labels")
+    filters = {"status": status or None, "source": source or None,
+               "rounds": [int(r) for r in rounds] or None,
+               "formula": None if formula == "(any)" else formula}
+    n = (ov.count_labels(filters["status"], filters["source"], filters["rounds"])
+         if filters["formula"] is None else view(data.label_count, **filters))
+    pages = max(1, -(-n // data.PAGE_ROWS))
+    page = int(st.number_input(f"page (of {pages:,})", min_value=1, max_value=pages, value=1,
+                               step=1, key="f_page"))
+    first = (page - 1) * data.PAGE_ROWS
+    df = view(data.labels_frame, limit=data.PAGE_ROWS, offset=first, **filters)
+    st.caption(f"labels {first + 1:,}-{first + len(df):,} of {n:,} matching "
+               f"({offer.total:,} in the campaign), newest first")
     st.dataframe(df, hide_index=True)
-    st.download_button("Download CSV", df.to_csv(index=False).encode(),
+    engine, name = view.engine, view.campaign
+    label = ("Download CSV" if n <= data.CSV_ROWS else
+             f"Download CSV (the newest {data.CSV_ROWS:,}; all: `bayesal sql --csv`)")
+    st.download_button(label, lambda: data.labels_csv(engine, name, **filters),
                        file_name=f"{name}-labels.csv", mime="text/csv")
 
 
-def structure_tab(engine, name: str) -> None:
-    labels = data.labels_frame(engine, name, limit=1)
+def structure_tab(view: data.CampaignView) -> None:
+    engine, name = view.engine, view.campaign
+    labels = view(data.labels_frame, limit=1)
     default = int(labels["structure_id"].iloc[0]) if len(labels) else 1
     sid = st.number_input("structure id", min_value=1, value=default, step=1, key="sid")
     try:
@@ -267,10 +292,18 @@ def main() -> None:
     st.sidebar.caption(f"database: {md(_masked(url))}")
 
     def body() -> None:
+        try:
+            view = data.CampaignView(engine, name)
+        except data.UnknownCampaign as exc:
+            st.error(md(exc))
+            return
+        except OperationalError as exc:
+            st.error(f"database error (retrying at the next refresh): {md(exc.orig)}")
+            return
         for tab, render in zip(st.tabs(list(TABS)), TABS.values(), strict=True):
             with tab:
                 try:
-                    render(engine, name)
+                    render(view)
                 except data.UnknownCampaign as exc:
                     st.error(md(exc))
                 except OperationalError as exc:

@@ -3,11 +3,23 @@
 The queries live in :mod:`bayesal.db.browse` (re-exported here for the app); this module
 turns their rows and the rounds' metrics into frames in display units: meV and meV/Å for
 errors, seconds for durations.
+
+Everything the app reads is bounded by what it shows, not by the campaign's size: counts and
+per-round statistics are SQL aggregates, plots get at most :data:`PLOT_POINTS` rows (the
+newest labels; an evenly spread sample of a round's candidates), tables are pages of
+:data:`PAGE_ROWS`. :class:`CampaignView` caches results between reruns until the campaign's
+version (:func:`db.browse.campaign_version`: newest label/score/structure, rounds) changes,
+so an idle refresh costs a few index lookups.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import re
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -25,13 +37,19 @@ from bayesal.db.browse import (
     LABEL_COLUMNS,
     LabelFilters,
     Overview,
+    ScoreOverview,
     UnknownCampaign,
     campaign_names,
+    campaign_version,
     check_campaign,
+    label_count,
     label_filters,
     label_rows,
+    label_timeline,
     overview,
+    score_overview,
     score_rows,
+    score_sample,
     scored_rounds,
     structure_detail,
 )
@@ -39,21 +57,31 @@ from bayesal.db.models import RoundStatus
 from bayesal.db.rounds import round_history
 
 __all__ = [
+    "CSV_ROWS",
     "CURVE_METRICS",
+    "PAGE_ROWS",
+    "PLOT_POINTS",
+    "CampaignView",
     "LabelFilters",
     "Overview",
+    "ScoreOverview",
     "UnknownCampaign",
     "calibration_frame",
     "campaign_names",
+    "label_count",
     "label_filters",
     "labeling_by_round",
+    "labels_csv",
     "labels_frame",
+    "labels_timeline",
     "learning_curves",
     "md",
     "overview",
     "prefect_run_url",
     "reliability_frame",
     "rounds_frame",
+    "score_overview",
+    "score_sample_frame",
     "scored_rounds",
     "scores_frame",
     "structure_detail",
@@ -68,6 +96,11 @@ CURVE_METRICS = {
     "force_nll": ("force NLL (nats)", 1.0),
     "energy_nll": ("energy NLL (nats)", 1.0),
 }
+PLOT_POINTS = 20_000  # rows behind one plot at most
+PAGE_ROWS = 500  # rows of one page of the Data tab
+CSV_ROWS = 100_000  # rows of the Data tab's CSV download at most (bayesal sql for more)
+_CACHE_ENTRIES = 128
+
 _REL_KEY = re.compile(r"^test_(?P<q>energy|force)_reliability_p(?P<p>\d\d)(?P<recal>_recal)?$")
 
 
@@ -182,33 +215,108 @@ def scores_frame(engine: Engine, campaign: str, round_index: int) -> pd.DataFram
     return pd.DataFrame(rows) if rows else pd.DataFrame(columns=base)
 
 
+def score_sample_frame(engine: Engine, campaign: str, round_index: int,
+                       max_rows: int = PLOT_POINTS) -> pd.DataFrame:
+    """:func:`scores_frame` bounded to ``max_rows`` candidates: the selected batch and an
+    evenly spread sample of the rest (:func:`db.browse.score_sample`)."""
+    rows = score_sample(engine, campaign, round_index, max_rows)
+    base = ["structure_id", "acquisition", "score", "selected", "rank", "source"]
+    return pd.DataFrame(rows) if rows else pd.DataFrame(columns=base)
+
+
 def labels_frame(engine: Engine, campaign: str, **filters: Any) -> pd.DataFrame:
     """:func:`db.browse.label_rows` as a frame (``filters``: status, source, rounds,
-    formula, limit); ``round`` is NaN for initial/test/imported labels."""
+    formula, limit, offset); ``round`` is NaN for initial/test/imported labels."""
     return pd.DataFrame(label_rows(engine, campaign, **filters), columns=LABEL_COLUMNS)
 
 
-def labeling_by_round(labels: pd.DataFrame) -> pd.DataFrame:
+def labels_timeline(engine: Engine, campaign: str, limit: int = PLOT_POINTS) -> pd.DataFrame:
+    """The newest ``limit`` labels' created, wall s, scf cycles and status (the Labeling
+    tab's plot), newest first."""
+    return pd.DataFrame(label_timeline(engine, campaign, limit),
+                        columns=["created", "wall s", "scf cycles", "status"])
+
+
+def labels_csv(engine: Engine, campaign: str, limit: int = CSV_ROWS, **filters: Any) -> bytes:
+    """The newest ``limit`` labels matching ``filters`` as CSV (the Data tab's download,
+    built only when asked for)."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(LABEL_COLUMNS)
+    writer.writerows(label_rows(engine, campaign, limit=limit, **filters))
+    return out.getvalue().encode()
+
+
+LABELING_COLUMNS = ["round", "labels", "ok", "failed", "failures", "mean wall s",
+                    "max wall s", "mean scf cycles"]
+
+
+def labeling_by_round(ov: Overview) -> pd.DataFrame:
     """Per round (``setup`` for labels no round requested): labels, ok, failed, failure
-    reasons, mean/max seconds and median SCF cycles."""
-    if labels.empty:
-        return pd.DataFrame(columns=["round", "labels", "ok", "failed", "failures",
-                                     "mean wall s", "max wall s", "median scf cycles"])
-    df = labels.assign(round=labels["round"].map(
-        lambda r: "setup" if pd.isna(r) else str(int(r))))
+    reasons, mean/max seconds and mean SCF cycles, from the overview's label groups (one SQL
+    GROUP BY, :func:`db.browse.overview`)."""
+    per_round: dict[Any, list] = {}
+    for g in ov.label_groups:
+        per_round.setdefault(g.round, []).append(g)
     rows = []
-    for name, g in df.groupby("round", sort=False):
-        failed = g[g["status"] != LabelStatus.OK.value]
-        reasons = failed["status"].value_counts().to_dict()
-        rows.append({"round": name, "labels": len(g),
-                     "ok": int((g["status"] == LabelStatus.OK.value).sum()),
-                     "failed": len(failed),
-                     "failures": ", ".join(f"{k} {v}" for k, v in sorted(reasons.items())),
-                     "mean wall s": g["wall s"].mean(), "max wall s": g["wall s"].max(),
-                     "median scf cycles": g["scf cycles"].median()})
-    out = pd.DataFrame(rows)
-    order = out["round"].map(lambda r: -1 if r == "setup" else int(r))
-    return out.iloc[np.argsort(order.to_numpy(), kind="stable")].reset_index(drop=True)
+    for r in sorted(per_round, key=lambda k: -1 if k is None else k):
+        groups = per_round[r]
+        n = sum(g.n for g in groups)
+        failed: dict[str, int] = {}
+        for g in groups:
+            if g.status != LabelStatus.OK.value:
+                failed[g.status] = failed.get(g.status, 0) + g.n
+        wall_n, scf_n = sum(g.wall_n for g in groups), sum(g.scf_n for g in groups)
+        tops = [g.wall_max for g in groups if g.wall_max is not None]
+        rows.append({"round": "setup" if r is None else str(r), "labels": n,
+                     "ok": n - sum(failed.values()), "failed": sum(failed.values()),
+                     "failures": ", ".join(f"{k} {v}" for k, v in sorted(failed.items())),
+                     "mean wall s": sum(g.wall_sum for g in groups) / wall_n if wall_n
+                     else np.nan,
+                     "max wall s": max(tops) if tops else np.nan,
+                     "mean scf cycles": sum(g.scf_sum for g in groups) / scf_n if scf_n
+                     else np.nan})
+    return pd.DataFrame(rows, columns=LABELING_COLUMNS)
+
+
+class CampaignView:
+    """One rerun's reads of a campaign, cached between reruns.
+
+    ``view(fn, *args, **kwargs)`` returns ``fn(engine, campaign, *args, **kwargs)``; the
+    result is kept (in a process-wide LRU of :data:`_CACHE_ENTRIES` results, each bounded by
+    what the dashboard shows) until :func:`db.browse.campaign_version` changes, which it
+    reads once, when the view is made. Results are shared: callers must not modify them.
+    """
+
+    _cache: OrderedDict[tuple, tuple[tuple, Any]] = OrderedDict()
+    _lock = threading.Lock()
+
+    def __init__(self, engine: Engine, campaign: str) -> None:
+        self.engine, self.campaign = engine, campaign
+        self.version = campaign_version(engine, campaign)
+        self.misses = 0
+
+    def __call__(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        key = (str(self.engine.url), self.campaign, fn.__module__, fn.__qualname__,
+               repr(args), repr(sorted(kwargs.items())))
+        with self._lock:
+            hit = self._cache.get(key)
+            if hit is not None and hit[0] == self.version:
+                self._cache.move_to_end(key)
+                return hit[1]
+        self.misses += 1
+        value = fn(self.engine, self.campaign, *args, **kwargs)
+        with self._lock:
+            self._cache[key] = (self.version, value)
+            self._cache.move_to_end(key)
+            while len(self._cache) > _CACHE_ENTRIES:
+                self._cache.popitem(last=False)
+        return value
+
+    @classmethod
+    def clear(cls) -> None:
+        with cls._lock:
+            cls._cache.clear()
 
 
 def structure_xyz(detail: dict[str, Any]) -> str:

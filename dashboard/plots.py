@@ -54,8 +54,10 @@ def reliability_figure(rel: pd.DataFrame, quantity: str, variant: str) -> go.Fig
     return fig
 
 
-def score_figure(scores: pd.DataFrame, column: str = "score", bins: int = 40) -> go.Figure:
-    """Histogram of ``column`` over the scored pool and over the selected batch."""
+def score_figure(scores: pd.DataFrame, column: str = "score", bins: int = 40,
+                 total: int | None = None) -> go.Figure:
+    """Histogram of ``column`` over the scored pool and over the selected batch; ``total``
+    (the round's candidates) states in the title when ``scores`` is a sample of them."""
     fig = go.Figure()
     values = scores[column].dropna()
     if values.empty:
@@ -67,14 +69,21 @@ def score_figure(scores: pd.DataFrame, column: str = "score", bins: int = 40) ->
         fig.add_trace(go.Histogram(x=part[column].dropna().tolist(), name=name,
                                    marker_color=color, opacity=0.8,
                                    xbins={"start": lo, "end": hi + size, "size": size}))
-    fig.update_layout(barmode="overlay", title=f"{column}: pool vs selected",
+    title = f"{column}: pool vs selected"
+    if total is not None and total > len(scores):
+        title += f" (a sample of {len(scores):,} of {total:,} candidates)"
+    fig.update_layout(barmode="overlay", title=title,
                       xaxis_title=column, yaxis_title="candidates", **_LAYOUT)
     return fig
 
 
-def labeling_figure(labels: pd.DataFrame) -> go.Figure:
-    """Seconds per label and SCF cycles in the order labels were made, failures marked."""
+def labeling_figure(labels: pd.DataFrame, total: int | None = None) -> go.Figure:
+    """Seconds per label and SCF cycles in the order labels were made, failures marked;
+    ``total`` (the campaign's labels) states in the title when ``labels`` are the newest of
+    them."""
     fig = make_subplots(rows=1, cols=2, subplot_titles=("seconds per label", "SCF cycles"))
+    if total is not None and total > len(labels):
+        fig.update_layout(title=f"the newest {len(labels):,} of {total:,} labels")
     df = labels.sort_values("created")
     for status, g in df.groupby("status", sort=True):
         x = g["created"].tolist()

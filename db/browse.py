@@ -12,23 +12,29 @@ from datetime import datetime
 from typing import Any
 
 import numpy as np
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, case, func, select
 
 from bayesal.db.ingest import run_transaction
 from bayesal.db.models import Campaign, Label, LabelStatus, Round, RoundStatus, Score, Structure
-from bayesal.db.queries import labels_by_status, structures_by_source
 
 __all__ = [
     "LABEL_COLUMNS",
     "LabelFilters",
+    "LabelGroup",
     "Overview",
+    "ScoreOverview",
     "UnknownCampaign",
     "campaign_names",
+    "campaign_version",
     "check_campaign",
+    "label_count",
     "label_filters",
     "label_rows",
+    "label_timeline",
     "overview",
+    "score_overview",
     "score_rows",
+    "score_sample",
     "scored_rounds",
     "structure_detail",
 ]
@@ -38,8 +44,28 @@ class UnknownCampaign(LookupError):
     """No campaign of that name; the message lists the existing ones."""
 
 
+@dataclass(frozen=True)
+class LabelGroup:
+    """A campaign's labels of one (requesting round, status, structure source): how many,
+    and the sums behind mean/max seconds and mean SCF cycles. ``round`` is None for labels
+    no round requested (initial, test, imported)."""
+
+    round: int | None
+    status: str
+    source: str
+    n: int
+    wall_sum: float = 0.0
+    wall_n: int = 0
+    wall_max: float | None = None
+    scf_sum: float = 0.0
+    scf_n: int = 0
+
+
 @dataclass
 class Overview:
+    """Everything the dashboard counts about a campaign, from two GROUP BY passes (its
+    structures by source and formula; its labels by round, status and source)."""
+
     name: str
     created_at: datetime
     config: dict[str, Any]
@@ -51,6 +77,15 @@ class Overview:
     last_round: dict[str, Any] = field(default_factory=dict)  # index, status, times, metrics
     label_budget: int | None = None
     labels_requested: int = 0  # labels made by rounds (ok + failed): what the budget counts
+    label_groups: list[LabelGroup] = field(default_factory=list)
+    formulas: list[str] = field(default_factory=list)  # of the campaign's structures
+
+    def count_labels(self, status: list[str] | None = None, source: list[str] | None = None,
+                     rounds: list[int] | None = None) -> int:
+        """Labels matching the Data tab's filters (but formula), from :attr:`label_groups`."""
+        return sum(g.n for g in self.label_groups
+                   if (not status or g.status in status) and (not source or g.source in source)
+                   and (not rounds or g.round in rounds))
 
     @property
     def n_ok(self) -> int:
@@ -88,22 +123,44 @@ def _rounds(session, campaign_id: int) -> list[Round]:
                                 .order_by(Round.round_index)))
 
 
+def _label_groups(session, campaign_id: int) -> list[LabelGroup]:
+    q = (select(Round.round_index, Label.status, Structure.source, func.count(),
+                func.sum(Label.wall_s), func.count(Label.wall_s), func.max(Label.wall_s),
+                func.sum(Label.n_scf_cycles), func.count(Label.n_scf_cycles))
+         .select_from(Label).join(Structure, Structure.id == Label.structure_id)
+         .outerjoin(Round, Round.id == Label.round_id)
+         .where(Structure.campaign_id == campaign_id)
+         .group_by(Round.round_index, Label.status, Structure.source))
+    return [LabelGroup(r, st, src, int(n), float(ws or 0.0), int(wn),
+                       None if wmax is None else float(wmax), float(ss or 0.0), int(sn))
+            for r, st, src, n, ws, wn, wmax, ss, sn in session.execute(q)]
+
+
 def overview(engine: Engine, campaign: str) -> Overview:
-    """Counts, budget and the state of the latest round of ``campaign``."""
+    """Counts, budget and the state of the latest round of ``campaign``; labels grouped by
+    round, status and source (:class:`LabelGroup`) and the formulas of its structures."""
 
     def work(session) -> Overview:
         camp = _campaign(session, campaign)
-        by_source = structures_by_source(session, camp.id).get(camp.id, {})
-        by_status = labels_by_status(session, camp.id).get(camp.id, {})
-        requested = session.scalar(
-            select(func.count()).select_from(Label).join(Round, Round.id == Label.round_id)
-            .where(Round.campaign_id == camp.id)) or 0
+        by_source: dict[str, int] = {}
+        formulas: set[str] = set()
+        for source, formula, n in session.execute(
+                select(Structure.source, Structure.formula, func.count())
+                .where(Structure.campaign_id == camp.id)
+                .group_by(Structure.source, Structure.formula)):
+            by_source[source] = by_source.get(source, 0) + int(n)
+            formulas.add(formula)
+        groups = _label_groups(session, camp.id)
+        by_status: dict[str, int] = {}
+        for g in groups:
+            by_status[g.status] = by_status.get(g.status, 0) + g.n
         rounds = _rounds(session, camp.id)
         config = dict(camp.config or {})
         out = Overview(name=camp.name, created_at=camp.created_at, config=config,
                        structures=by_source, labels=by_status, n_rounds=len(rounds),
-                       labels_requested=int(requested),
-                       label_budget=(config.get("stop") or {}).get("label_budget"))
+                       labels_requested=sum(g.n for g in groups if g.round is not None),
+                       label_budget=(config.get("stop") or {}).get("label_budget"),
+                       label_groups=groups, formulas=sorted(formulas))
         out.n_completed = sum(r.status == RoundStatus.COMPLETED.value for r in rounds)
         running = [r.round_index for r in rounds if r.status == RoundStatus.RUNNING.value]
         out.running_round = running[0] if running else None
@@ -154,39 +211,184 @@ def score_rows(engine: Engine, campaign: str, round_index: int) -> list[dict[str
     return run_transaction(engine, work)
 
 
+@dataclass(frozen=True)
+class ScoreOverview:
+    """Aggregates of one round's scores, computed in SQL (exact, whatever the pool size)."""
+
+    n: int
+    n_selected: int
+    mean: float | None
+    mean_selected: float | None
+    acquisition: str | None
+
+
+def _round_id(session, campaign: str, round_index: int) -> int | None:
+    camp = _campaign(session, campaign)
+    return session.scalar(select(Round.id).where(Round.campaign_id == camp.id,
+                                                 Round.round_index == round_index))
+
+
+def score_overview(engine: Engine, campaign: str, round_index: int) -> ScoreOverview:
+    """Candidates scored and selected in one round, mean score of the pool and of the
+    selected batch, by one aggregate query over the round's scores."""
+
+    def work(session) -> ScoreOverview:
+        rid = _round_id(session, campaign, round_index)
+        if rid is None:
+            return ScoreOverview(0, 0, None, None, None)
+        chosen = case((Score.selected, Score.score), else_=None)
+        n, n_sel, mean, mean_sel, acq = session.execute(
+            select(func.count(), func.count(chosen), func.avg(Score.score), func.avg(chosen),
+                   func.max(Score.acquisition)).where(Score.round_id == rid)).one()
+        return ScoreOverview(int(n), int(n_sel), None if mean is None else float(mean),
+                             None if mean_sel is None else float(mean_sel), acq)
+
+    return run_transaction(engine, work)
+
+
+def score_sample(engine: Engine, campaign: str, round_index: int,
+                 max_rows: int = 20_000) -> list[dict[str, Any]]:
+    """At most ``max_rows`` candidates of one round, as :func:`score_rows` returns them (best
+    first): every selected one (up to ``max_rows``) and an evenly spread sample of the others
+    (every k-th score id, k chosen from their count), so that a plot of a 100,000-candidate
+    pool costs 20,000 rows."""
+
+    def work(session) -> list[dict[str, Any]]:
+        rid = _round_id(session, campaign, round_index)
+        if rid is None:
+            return []
+        n_other = session.scalar(select(func.count()).select_from(Score).where(
+            Score.round_id == rid, Score.selected.is_(False))) or 0
+        cols = (Score.structure_id, Score.acquisition, Score.score, Score.selected,
+                Score.rank, Score.components, Structure.source)
+        base = (select(*cols).join(Structure, Structure.id == Score.structure_id)
+                .where(Score.round_id == rid))
+        chosen = list(session.execute(base.where(Score.selected.is_(True))
+                                      .order_by(Score.rank).limit(max_rows)))
+        room = max_rows - len(chosen)
+        others = []
+        if room > 0 and n_other:
+            stride = -(-n_other // room)  # ceil
+            q = base.where(Score.selected.is_(False))
+            if stride > 1:
+                q = q.where(Score.id % stride == 0)
+            others = list(session.execute(q.limit(room)))
+        rows = sorted(chosen + others, key=lambda r: -r[2])
+        return [{"structure_id": sid, "acquisition": acq, "score": score,
+                 "selected": bool(sel), "rank": rank, "source": source, **(comp or {})}
+                for sid, acq, score, sel, rank, comp, source in rows]
+
+    return run_transaction(engine, work)
+
+
+def campaign_version(engine: Engine, campaign: str) -> tuple:
+    """A token that changes whenever what the dashboard shows of ``campaign`` can change:
+    the newest label, structure and score ids (database-wide, by their primary keys), the
+    number of labels that are not ok (a retry overwrites a failed label in place), the
+    campaign's rounds (status, labels, finish time) and how many candidates the newest round
+    has selected. A handful of index lookups, whatever the campaign's size."""
+
+    def work(session) -> tuple:
+        camp = _campaign(session, campaign)
+        failed = [s.value for s in LabelStatus if s != LabelStatus.OK]
+        newest = session.execute(select(
+            select(func.max(Label.id)).scalar_subquery(),
+            select(func.max(Structure.id)).scalar_subquery(),
+            select(func.max(Score.id)).scalar_subquery(),
+            select(func.count()).select_from(Label)
+            .where(Label.status.in_(failed)).scalar_subquery())).one()
+        rounds = tuple(session.execute(
+            select(Round.id, Round.status, Round.n_labelled, Round.finished_at)
+            .where(Round.campaign_id == camp.id).order_by(Round.round_index)))
+        n_selected = 0 if not rounds else session.scalar(
+            select(func.count()).select_from(Score)
+            .where(Score.round_id == rounds[-1][0], Score.selected.is_(True)))
+        return (camp.id, tuple(newest), rounds, n_selected)
+
+    return run_transaction(engine, work)
+
+
 LABEL_COLUMNS = ["label_id", "structure_id", "formula", "n_atoms", "source", "round",
                   "status", "energy (eV)", "energy/atom (eV)", "max |F| (eV/Å)", "scf cycles",
                   "wall s", "error", "labeler", "method", "basis", "created"]
 
 
+def _filtered_labels(q, campaign_id: int, *, status: list[str] | None,
+                     source: list[str] | None, rounds: list[int] | None,
+                     formula: str | None, newest_first: bool = False):
+    """``q`` (selecting from labels) joined to its structures (and rounds) and restricted to
+    one campaign and the Data tab's filters. ``newest_first`` orders by the labels'
+    ``(created_at, id)`` index and keeps the campaign test out of any index (``+ 0``), so
+    that SQLite reads labels from the newest down and stops at the page's end, where it
+    would otherwise start from the campaign's structures and sort all of its labels."""
+    campaign = Structure.campaign_id + 0 if newest_first else Structure.campaign_id
+    q = (q.join(Structure, Structure.id == Label.structure_id)
+         .outerjoin(Round, Round.id == Label.round_id)
+         .where(campaign == campaign_id))
+    if newest_first:
+        q = q.order_by(Label.created_at.desc(), Label.id.desc())
+    if status:
+        q = q.where(Label.status.in_(status))
+    if source:
+        q = q.where(Structure.source.in_(source))
+    if rounds:
+        q = q.where(Round.round_index.in_(rounds))
+    if formula:
+        q = q.where(Structure.formula == formula)
+    return q
+
+
 def label_rows(engine: Engine, campaign: str, *, status: list[str] | None = None,
                source: list[str] | None = None, rounds: list[int] | None = None,
-               formula: str | None = None, limit: int | None = None) -> list[tuple]:
+               formula: str | None = None, limit: int | None = None,
+               offset: int = 0) -> list[tuple]:
     """Labels of a campaign's structures (tuples in :data:`LABEL_COLUMNS` order), newest
-    first, with optional filters; ``round`` is the round that requested the label (None:
-    initial/test/imported labels)."""
+    first (by the ``ix_labels_created_at_id`` index: a page costs its own rows), with optional
+    filters; ``round`` is the round that requested the label (None: initial/test/imported
+    labels). ``limit``/``offset`` page through them."""
 
     def work(session) -> list[tuple]:
         camp = _campaign(session, campaign)
-        q = (select(Label.id, Label.structure_id, Structure.formula, Structure.n_atoms,
-                    Structure.source, Round.round_index, Label.status, Label.energy,
-                    Label.energy_per_atom, Label.max_force, Label.n_scf_cycles, Label.wall_s,
-                    Label.error, Label.labeler, Label.method, Label.basis, Label.created_at)
-             .join(Structure, Structure.id == Label.structure_id)
-             .outerjoin(Round, Round.id == Label.round_id)
-             .where(Structure.campaign_id == camp.id)
-             .order_by(Label.created_at.desc(), Label.id.desc()))
-        if status:
-            q = q.where(Label.status.in_(status))
-        if source:
-            q = q.where(Structure.source.in_(source))
-        if rounds:
-            q = q.where(Round.round_index.in_(rounds))
-        if formula:
-            q = q.where(Structure.formula == formula)
+        q = _filtered_labels(
+            select(Label.id, Label.structure_id, Structure.formula, Structure.n_atoms,
+                   Structure.source, Round.round_index, Label.status, Label.energy,
+                   Label.energy_per_atom, Label.max_force, Label.n_scf_cycles, Label.wall_s,
+                   Label.error, Label.labeler, Label.method, Label.basis, Label.created_at),
+            camp.id, status=status, source=source, rounds=rounds, formula=formula,
+            newest_first=True)
         if limit:
             q = q.limit(limit)
+        if offset:
+            q = q.offset(offset)
         return [tuple(r) for r in session.execute(q)]
+
+    return run_transaction(engine, work)
+
+
+def label_timeline(engine: Engine, campaign: str, limit: int) -> list[tuple]:
+    """(created_at, wall_s, n_scf_cycles, status) of the campaign's newest ``limit`` labels,
+    newest first (the Labeling tab's plot; read from the end of ``ix_labels_created_at_id``)."""
+
+    def work(session) -> list[tuple]:
+        camp = _campaign(session, campaign)
+        q = _filtered_labels(select(Label.created_at, Label.wall_s, Label.n_scf_cycles,
+                                    Label.status), camp.id, status=None, source=None,
+                             rounds=None, formula=None, newest_first=True).limit(limit)
+        return [tuple(r) for r in session.execute(q)]
+
+    return run_transaction(engine, work)
+
+
+def label_count(engine: Engine, campaign: str, *, status: list[str] | None = None,
+                source: list[str] | None = None, rounds: list[int] | None = None,
+                formula: str | None = None) -> int:
+    """How many labels :func:`label_rows` would return without a limit (one COUNT)."""
+
+    def work(session) -> int:
+        camp = _campaign(session, campaign)
+        q = _filtered_labels(select(func.count()).select_from(Label), camp.id, status=status,
+                             source=source, rounds=rounds, formula=formula)
+        return int(session.scalar(q) or 0)
 
     return run_transaction(engine, work)
 
@@ -202,29 +404,15 @@ class LabelFilters:
     formula: list[str]
 
 
-def label_filters(engine: Engine, campaign: str) -> LabelFilters:
-    """Distinct status/source/round/formula values of a campaign's labels and their count,
-    by DISTINCT queries (the labels themselves are not read)."""
-
-    def work(session) -> LabelFilters:
-        camp = _campaign(session, campaign)
-        by_status = labels_by_status(session, camp.id).get(camp.id, {})
-
-        def distinct(column, join_round: bool = False) -> list:
-            q = (select(column).distinct().select_from(Label)
-                 .join(Structure, Structure.id == Label.structure_id)
-                 .where(Structure.campaign_id == camp.id))
-            if join_round:  # labels requested by a round (not initial/test/imported)
-                q = q.join(Round, Round.id == Label.round_id)
-            return sorted(session.scalars(q))
-
-        return LabelFilters(
-            total=sum(by_status.values()), status=sorted(by_status),
-            source=distinct(Structure.source),
-            rounds=distinct(Round.round_index, join_round=True),
-            formula=distinct(Structure.formula))
-
-    return run_transaction(engine, work)
+def label_filters(ov: Overview) -> LabelFilters:
+    """What the Data tab's filters offer, from an :class:`Overview` (no query): the statuses,
+    sources and requesting rounds among the campaign's labels, its structures' formulas."""
+    groups = ov.label_groups
+    return LabelFilters(total=sum(g.n for g in groups),
+                        status=sorted({g.status for g in groups}),
+                        source=sorted({g.source for g in groups}),
+                        rounds=sorted({g.round for g in groups if g.round is not None}),
+                        formula=list(ov.formulas))
 
 
 def structure_detail(engine: Engine, campaign: str, structure_id: int) -> dict[str, Any]:

@@ -113,6 +113,7 @@ class Structure(Base):
         UniqueConstraint("campaign_id", "hash"),
         CheckConstraint(_in("source", StructureSource), name="source"),
         CheckConstraint("n_atoms > 0", name="n_atoms_positive"),
+        Index("ix_structures_campaign_id_source_formula", "campaign_id", "source", "formula"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -157,6 +158,8 @@ class Label(Base):
         CheckConstraint(_in("status", LabelStatus), name="status"),
         CheckConstraint("status <> 'ok' OR energy IS NOT NULL", name="ok_has_energy"),
         Index("ix_labels_status", "status"),
+        Index("ix_labels_created_at_id", "created_at", "id"),  # the newest labels
+        Index("ix_labels_settings_hash", "settings_hash"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -193,6 +196,7 @@ class Round(Base):
     __table_args__ = (
         UniqueConstraint("campaign_id", "round_index"),
         CheckConstraint(_in("status", RoundStatus), name="status"),
+        Index("ix_rounds_round_index", "round_index"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)

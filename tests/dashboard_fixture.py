@@ -8,6 +8,8 @@ one of the two fails (``scf_failed``). Metrics of round k are given below. Campa
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 from sqlalchemy import Engine
 
@@ -108,3 +110,72 @@ def build_demo(engine: Engine) -> dict:
                       for p, v in zip(range(10, 100, 10), RELIABILITY[k], strict=True)}}
         finish_round(engine, info.id, metrics=metrics, n_labelled=metrics["n_ok"])
     return {"initial": initial, "test": test, "pool": pool, "selected": selected}
+
+
+def build_big(engine: Engine, n_labels: int, n_rounds: int, scores_per_round: int,
+              name: str = "big") -> None:
+    """A campaign of ``n_labels`` labelled water structures (every 50th label failed; 1 in
+    200 requested by each of ``n_rounds`` completed rounds, the rest imported) whose rounds
+    each scored
+    ``scores_per_round`` candidates (every 50,000th selected), generated set-based inside
+    the database (INSERT ... SELECT over a recursive counter): a million rows in seconds, on
+    SQLite and PostgreSQL alike. For the dashboard's size tests and benchmarks/store_scale."""
+    from datetime import UTC, datetime
+
+    from ase.build import molecule
+    from sqlalchemy import text
+
+    from bayesal.db import encode_array
+    from bayesal.db.ingest import get_or_create_campaign
+
+    water = molecule("H2O")
+    now = datetime.now(UTC)
+    cid = run_transaction(engine, lambda s: get_or_create_campaign(s, name).id)
+    pg = engine.dialect.name == "postgresql"
+    counter = "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < :n) "
+    components = ("json_build_object('bald_f', s.id % 997 / 997.0, 'max_force_std', "
+                  "s.id % 89 / 89.0)" if pg else
+                  "json_object('bald_f', s.id % 997 / 997.0, 'max_force_std', "
+                  "s.id % 89 / 89.0)")
+    params = {"cid": cid, "now": now, "numbers": encode_array(water.numbers),
+              "positions": encode_array(water.positions), "cell": encode_array(np.zeros((3, 3))),
+              "forces": encode_array(np.full((3, 3), 0.1)), "h": HASH}
+    with engine.begin() as conn:
+        conn.execute(text(
+            counter + "INSERT INTO structures (campaign_id, hash, numbers, positions, cell, pbc,"
+            " n_atoms, formula, source, info, created_at) SELECT :cid, 'big' || i, :numbers, "
+            ":positions, :cell, 'FFF', 3, 'H2O', 'pool', '{}', :now FROM n"),
+            {**params, "n": n_labels})
+        conn.execute(text(
+            "INSERT INTO labeler_settings (settings_hash, labeler, method, basis, settings, "
+            "created_at) VALUES (:h, 'replay', 'pbe', 'def2-svp', '{}', :now) "
+            "ON CONFLICT DO NOTHING"), params)
+        for k in range(n_rounds):
+            metrics = json.dumps({"n_train_labels": (k + 1) * n_labels // n_rounds,
+                                  "test_force_mae": 0.3 / (k + 1)})
+            conn.execute(text(
+                "INSERT INTO rounds (campaign_id, round_index, status, started_at, finished_at,"
+                " n_labelled, metrics) VALUES (:cid, :k, 'completed', :now, :now, 0, "
+                + ("CAST(:m AS JSONB))" if pg else ":m)")), {**params, "k": k, "m": metrics})
+        first = conn.scalar(text("SELECT min(id) FROM rounds WHERE campaign_id = :cid"), params)
+        conn.execute(text(
+            "INSERT INTO labels (structure_id, settings_hash, labeler, method, basis, status, "
+            "energy, forces, energy_per_atom, max_force, n_scf_cycles, wall_s, error, "
+            "provenance, round_id, created_at) SELECT s.id, :h, 'replay', 'pbe', 'def2-svp', "
+            "CASE WHEN s.id % 50 = 0 THEN 'scf_failed' ELSE 'ok' END, "
+            "CASE WHEN s.id % 50 = 0 THEN NULL ELSE -2000.0 - s.id % 100 / 100.0 END, "
+            ":forces, -666.0, 0.17, 10 + s.id % 7, 1.0 + s.id % 13 / 10.0, "
+            "CASE WHEN s.id % 50 = 0 THEN 'SCF not converged' END, '{}', "
+            f"CASE WHEN s.id % 200 BETWEEN 1 AND {n_rounds} THEN :first + s.id % 200 - 1 END, "
+            ":now "
+            "FROM structures s WHERE s.campaign_id = :cid"), {**params, "first": first})
+        for k in range(n_rounds):
+            conn.execute(text(
+                "INSERT INTO scores (round_id, structure_id, acquisition, score, components, "
+                "selected, rank) SELECT :rid, s.id, 'bald-ef', s.id % 1009 / 1009.0, "
+                f"{components}, s.id % 50000 = 0, "
+                "CASE WHEN s.id % 50000 = 0 THEN s.id / 50000 END "
+                "FROM structures s WHERE s.campaign_id = :cid ORDER BY s.id LIMIT :n"),
+                {**params, "rid": first + k, "n": scores_per_round})
+        if pg:
+            conn.execute(text("ANALYZE"))

@@ -178,7 +178,7 @@ def test_round_table_learning_curve_and_every_view(serve, browser):
         page.get_by_role("tab", name=tab).click()
         page.wait_for_timeout(1500)
         if tab == "Data":  # unfiltered: every label of the campaign, counted by the database
-            page.get_by_text("13 of 13 labels").wait_for(timeout=30_000)
+            page.get_by_text("of 13 matching").wait_for(timeout=30_000)
         _no_exception(page)
         shots.append(_shot(page, tab.lower().replace(" ", "-")))
     body = page.inner_text("body")

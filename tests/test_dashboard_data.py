@@ -8,6 +8,7 @@ import io
 
 import dashboard_fixture as fx
 import numpy as np
+import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
@@ -44,7 +45,7 @@ def test_overview_counts_budget_and_state(demo):
     assert data.reliability_frame(ro, "fresh").empty
     assert data.scored_rounds(ro, "fresh") == []
     assert data.labels_frame(ro, "fresh").empty
-    assert data.labeling_by_round(data.labels_frame(ro, "fresh")).empty
+    assert data.labeling_by_round(data.overview(ro, "fresh")).empty
 
 
 def test_unknown_campaign_lists_existing(demo):
@@ -127,6 +128,19 @@ def test_scores_pool_vs_selected(demo):
         assert chosen["score"].min() > s[~s["selected"]]["score"].max()
         assert {"bald_e", "bald_f", "energy_std", "max_force_std"} <= set(s.columns)
     assert data.scores_frame(ro, "demo", 7).empty
+    # aggregates in SQL; a bounded sample keeps the selected batch and spreads over the rest
+    agg = data.score_overview(ro, "demo", 0)
+    full = data.scores_frame(ro, "demo", 0)
+    assert (agg.n, agg.n_selected, agg.acquisition) == (12, 2, "bald-ef")
+    assert agg.mean == pytest.approx(full["score"].mean())
+    assert agg.mean_selected == pytest.approx(full[full["selected"]]["score"].mean())
+    sample = data.score_sample_frame(ro, "demo", 0, max_rows=6)
+    assert len(sample) <= 6 and sample["selected"].sum() == 2
+    assert set(sample["structure_id"]) <= set(full["structure_id"])
+    assert sample["score"].is_monotonic_decreasing
+    assert data.score_sample_frame(ro, "demo", 0, max_rows=100).shape == full.shape
+    assert data.score_overview(ro, "demo", 7).n == 0 and data.score_sample_frame(
+        ro, "demo", 7).empty
     s = data.scores_frame(ro, "demo", 2)
     fig = plots.score_figure(s, "bald_f")
     assert [len(t.x) for t in fig.data] == [6, 2]  # pool (not selected), selected
@@ -145,27 +159,48 @@ def test_labels_table_filters_and_labeling_stats(demo):
     assert len(data.labels_frame(ro, "demo", formula="H2O")) == 13
     assert data.labels_frame(ro, "demo", formula="CH4").empty
     assert len(data.labels_frame(ro, "demo", limit=2)) == 2
-    # the Data tab's filters offer exactly the values present, without reading the labels
-    offer = data.label_filters(ro, "demo")
+    # the Data tab's filters offer exactly the values present, from the overview's groups
+    offer = data.label_filters(data.overview(ro, "demo"))
     assert offer.total == len(everything)
     assert offer.status == sorted(everything["status"].unique())
     assert offer.source == sorted(everything["source"].unique())
     assert offer.rounds == sorted(everything["round"].dropna().astype(int).unique()) == [0, 1, 2]
     assert offer.formula == ["H2O"]
-    assert data.label_filters(ro, "fresh").total == 0
+    assert data.label_filters(data.overview(ro, "fresh")).total == 0
     setup = everything[everything["round"].isna()]
     assert sorted(setup["structure_id"]) == sorted(ids["initial"] + ids["test"])
     csv = everything.to_csv(index=False)
     assert csv.count("\n") == 14  # header + 13 rows
-    stats = data.labeling_by_round(everything)
+    stats = data.labeling_by_round(data.overview(ro, "demo"))
     assert stats["round"].tolist() == ["setup", "0", "1", "2"]
     assert stats["labels"].tolist() == [7, 2, 2, 2]
     assert stats["failed"].tolist() == [0, 0, 1, 0]
     assert stats.loc[2, "failures"] == "scf_failed 1"
     assert stats.loc[2, "mean wall s"] == pytest.approx((fx.WALL + 3.0) / 2)
-    fig = plots.labeling_figure(everything)
+    assert stats.loc[2, "max wall s"] == pytest.approx(3.0)
+    assert stats.loc[1, "mean scf cycles"] == pytest.approx(fx.SCF)
+    assert stats.loc[2, "mean scf cycles"] == pytest.approx((fx.SCF + 50) / 2)
+    # pages: newest first, no row twice, together all of them; the count agrees
+    pages = [data.labels_frame(ro, "demo", limit=5, offset=o) for o in (0, 5, 10)]
+    assert [len(p) for p in pages] == [5, 5, 3]
+    assert pd.concat(pages)["label_id"].tolist() == everything["label_id"].tolist()
+    assert data.label_count(ro, "demo") == 13
+    assert data.label_count(ro, "demo", status=["scf_failed"], rounds=[1]) == 1
+    assert data.label_count(ro, "demo", formula="CH4") == 0
+    ov = data.overview(ro, "demo")
+    for filters in ({}, {"status": ["scf_failed"]}, {"source": ["test", "pool"]},
+                    {"rounds": [0, 2]}, {"status": ["ok"], "rounds": [1]}):
+        assert ov.count_labels(**filters) == data.label_count(ro, "demo", **filters) == len(
+            data.labels_frame(ro, "demo", **filters)), filters
+    lines = data.labels_csv(ro, "demo", limit=4, source=["test"]).decode().splitlines()
+    assert lines[0].split(",") == data.LABEL_COLUMNS and len(lines) == 1 + 3
+    fig = plots.labeling_figure(data.labels_timeline(ro, "demo"))
     points = {(t.name, t.xaxis): len(t.y) for t in fig.data}
     assert points[("ok", "x")] == 12 and points[("scf_failed", "x")] == 1
+    newest = data.labels_timeline(ro, "demo", limit=4)
+    assert newest["created"].tolist() == everything["created"].head(4).tolist()
+    fig = plots.labeling_figure(newest, total=13)
+    assert "newest 4 of 13 labels" in fig.layout.title.text
 
 
 def test_structure_detail_and_xyz(demo):
