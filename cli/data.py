@@ -230,41 +230,69 @@ def _cell(value, for_csv: bool):
 def sql(
     query: Annotated[str, typer.Argument(help="One read-only SQL query.", show_default=False)],
     csv: Annotated[bool, typer.Option("--csv", help="Print CSV instead of a table.")] = False,
+    parquet: Annotated[Path | None, typer.Option(
+        "--parquet", help="Write the rows to this Parquet file (arrays as lists of numbers).",
+        show_default=False)] = None,
     max_rows: Annotated[int, typer.Option(help="Most rows shown in a table (0: all).")] = 200,
 ) -> None:
     """Run a read-only SQL query (writes are refused by the database itself).
 
     Views for everyday questions: labelled_data, round_summary, label_failures; tables:
     campaigns, structures, labels, rounds, models, scores. Arrays print as shapes, or as
-    JSON lists with --csv.
+    JSON lists with --csv. Rows stream from the database a thousand at a time, so --csv,
+    --parquet and --max-rows 0 (tables of 1,000 rows each) use the same memory for a
+    million rows as for ten.
     """
     import csv as csv_mod
 
     from bayesal.db.engine import ensure_schema, readonly_engine
-    from bayesal.db.queries import run_readonly_sql
+    from bayesal.db.queries import stream_readonly_sql, write_parquet
 
     with user_errors():
+        if csv and parquet is not None:
+            raise ValueError("choose one of --csv and --parquet")
         url = settings().database_url
         engine = readonly_engine(url)
         try:
             ensure_schema(engine)
         finally:
             engine.dispose()
-        result = run_readonly_sql(url, query, max_rows=None if csv or max_rows == 0
-                                  else max_rows + 1)
-        if csv:
-            writer = csv_mod.writer(sys.stdout)
-            writer.writerow(result.columns)
-            for row in result.rows:
-                writer.writerow([_cell(v, True) for v in row])
-            return
+        with stream_readonly_sql(url, query) as (columns, batches):
+            if parquet is not None:
+                n = write_parquet(columns, batches, parquet)
+                console.print(f"{n} row{'s' if n != 1 else ''} written to {parquet}")
+                return
+            if csv:
+                writer = csv_mod.writer(sys.stdout)
+                writer.writerow(columns)
+                for batch in batches:
+                    writer.writerows([_cell(v, True) for v in row] for row in batch)
+                return
+            _print_tables(columns, batches, max_rows)
+
+
+def _print_tables(columns: list[str], batches, max_rows: int) -> None:
+    """Rows as tables of one streamed batch each (one table when they fit), at most
+    ``max_rows`` (0: all), then the count."""
+
+    def table_of(rows) -> Table:
         table = Table()
-        for col in result.columns:
+        for col in columns:
             table.add_column(col)
-        shown = result.rows[:max_rows] if max_rows else result.rows
-        for row in shown:
+        for row in rows:
             table.add_row(*(_cell(v, False) for v in row))
-        console.print(table)
-        more = len(result.rows) > len(shown)
-        console.print(f"{len(shown)} row{'s' if len(shown) != 1 else ''}"
-                      + (" shown (more exist; raise --max-rows or use --csv)" if more else ""))
+        return table
+
+    shown, more = 0, False
+    for batch in batches:
+        if max_rows and shown + len(batch) > max_rows:
+            batch, more = batch[:max_rows - shown], True
+        if batch:
+            console.print(table_of(batch))
+            shown += len(batch)
+        if more:
+            break
+    if not shown and columns:
+        console.print(table_of([]))
+    console.print(f"{shown} row{'s' if shown != 1 else ''}"
+                  + (" shown (more exist; raise --max-rows or use --csv)" if more else ""))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -23,7 +25,9 @@ __all__ = [
     "labels_by_status",
     "round_table",
     "run_readonly_sql",
+    "stream_readonly_sql",
     "structures_by_source",
+    "write_parquet",
 ]
 
 # Statements the console accepts; the database's own read-only mode is the real guard.
@@ -69,36 +73,75 @@ def check_readonly_sql(sql: str) -> str:
     return stmt
 
 
-def run_readonly_sql(url: str, sql: str, *, max_rows: int | None = None) -> QueryResult:
-    """Run one query on a read-only connection (the database refuses any write).
+CHUNK_ROWS = 1000  # rows fetched from the database at a time by stream_readonly_sql
+
+
+@contextmanager
+def stream_readonly_sql(url: str, sql: str, *,
+                        chunk: int = CHUNK_ROWS) -> Iterator[tuple[list[str], Iterator[list]]]:
+    """Run one query on a read-only connection and stream its rows: yields ``(columns,
+    batches)``, where ``batches`` gives lists of at most ``chunk`` rows as the database
+    sends them, so memory stays flat whatever the result's size.
 
     The text check above is a courtesy; the guards are the database's: SQLite connections
-    with ``query_only``, which run one statement per call; on PostgreSQL a transaction that
-    starts READ ONLY and a statement sent through the extended protocol (prepared), which
-    refuses a second statement, so nothing can end the read-only transaction and start
-    another (``...; COMMIT; BEGIN READ WRITE; ...``)."""
+    with ``query_only``, which run one statement per call (rows are stepped through the
+    cursor, never all fetched); on PostgreSQL a transaction that starts READ ONLY and the
+    statement sent through the extended protocol, which refuses a second statement, so
+    nothing can end the read-only transaction and start another (``...; COMMIT; BEGIN READ
+    WRITE; ...``); its rows arrive in libpq's chunked-rows mode (``Cursor.stream``), a chunk
+    at a time."""
     stmt = check_readonly_sql(sql)
     engine = readonly_engine(url)
     try:
-        with engine.connect() as conn:
-            try:
-                if engine.dialect.name == "postgresql":
-                    columns, rows = _postgres_one_statement(conn, stmt, max_rows)
-                else:
-                    result = conn.execute(text(stmt))
-                    columns = list(result.keys())
-                    rows = result.fetchmany(max_rows) if max_rows else result.fetchall()
-            except DBAPIError as exc:
-                msg = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
-                _raise_refusal(msg)
-            except Exception as exc:  # psycopg's own errors on the raw connection
-                if type(exc).__module__.split(".")[0] != "psycopg":
-                    raise
-                _raise_refusal(str(exc).strip().splitlines()[0])
+        with engine.connect() as conn, _refusals():
+            if engine.dialect.name == "postgresql":
+                with _postgres_stream(conn, stmt, chunk) as (columns, batches):
+                    yield columns, _guarded(batches)
+            else:
+                result = conn.execute(text(stmt))
+                columns = list(result.keys()) if result.returns_rows else []
+                yield columns, _guarded(_sqlite_batches(result, chunk) if columns else iter(()))
             conn.rollback()
     finally:
         engine.dispose()
-    return QueryResult(columns, [tuple(r) for r in rows])
+
+
+def run_readonly_sql(url: str, sql: str, *, max_rows: int | None = None) -> QueryResult:
+    """:func:`stream_readonly_sql` collected: at most ``max_rows`` rows (all with None)."""
+    rows: list[tuple[Any, ...]] = []
+    with stream_readonly_sql(url, sql) as (columns, batches):
+        for batch in batches:
+            rows.extend(tuple(r) for r in batch)
+            if max_rows is not None and len(rows) >= max_rows:
+                del rows[max_rows:]
+                break
+    return QueryResult(columns, rows)
+
+
+def _sqlite_batches(result, chunk: int) -> Iterator[list]:
+    while batch := result.fetchmany(chunk):
+        yield batch
+
+
+def _guarded(batches: Iterator[list]) -> Iterator[list]:
+    """``batches`` with the database's errors met while streaming (a bad cast in row 10^6)
+    turned into the same clear errors as at the start."""
+    with _refusals():
+        yield from batches
+
+
+@contextmanager
+def _refusals() -> Iterator[None]:
+    """The database's errors as :class:`ReadOnlyViolation` / :class:`DatabaseError`."""
+    try:
+        yield
+    except DBAPIError as exc:
+        msg = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
+        _raise_refusal(msg)
+    except Exception as exc:  # psycopg's own errors on the raw connection
+        if type(exc).__module__.split(".")[0] != "psycopg":
+            raise
+        _raise_refusal(str(exc).strip().splitlines()[0])
 
 
 def _raise_refusal(msg: str) -> None:
@@ -109,21 +152,40 @@ def _raise_refusal(msg: str) -> None:
     raise DatabaseError(f"query failed: {msg}") from None
 
 
-def _postgres_one_statement(conn, stmt: str, max_rows: int | None):
-    """One statement, prepared (extended protocol), in the connection's READ ONLY
-    transaction (``default_transaction_read_only`` of :func:`readonly_engine`)."""
+@contextmanager
+def _postgres_stream(conn, stmt: str, chunk: int) -> Iterator[tuple[list[str], Iterator[list]]]:
+    """One statement through the extended protocol (one statement only), in the
+    connection's READ ONLY transaction (``default_transaction_read_only`` of
+    :func:`readonly_engine`), streamed ``chunk`` rows at a time."""
+    from psycopg import capabilities
+
     raw = conn.connection.driver_connection  # psycopg 3
-    threshold = raw.prepare_threshold  # None (make_engine) disables even prepare=True
-    raw.prepare_threshold = 5
-    try:
-        with raw.cursor() as cur:
-            cur.execute("SET TRANSACTION READ ONLY", prepare=False)
-            cur.execute(stmt, prepare=True)
-            columns = [d.name for d in cur.description or []]
-            rows = (cur.fetchmany(max_rows) if max_rows else cur.fetchall()) if columns else []
-    finally:
-        raw.prepare_threshold = threshold
-    return columns, rows
+    size = chunk if capabilities.has_stream_chunked() else 1  # libpq >= 17: chunks
+    with raw.cursor() as cur:
+        cur.execute("SET TRANSACTION READ ONLY", prepare=False)
+        rows = cur.stream(stmt, size=size)
+        try:
+            first = next(rows)
+        except StopIteration:
+            first = None
+        columns = [d.name for d in cur.description or []]
+
+        def batches() -> Iterator[list]:
+            if first is None:
+                return
+            batch = [first]
+            for row in rows:
+                batch.append(row)
+                if len(batch) >= chunk:
+                    yield batch
+                    batch = []
+            if batch:
+                yield batch
+
+        try:
+            yield columns, batches()
+        finally:
+            rows.close()
 
 
 def _per_campaign(session: Session, query, campaign_id: int | None) -> dict[int, dict[str, int]]:
@@ -199,3 +261,59 @@ def label_failures(session: Session, campaign: str) -> list[dict[str, Any]]:
         .order_by(func.count().desc())
     )
     return [r._asdict() for r in session.execute(q)]
+
+
+def _parquet_value(value: Any) -> Any:
+    """A query cell for Parquet: bayesal arrays as (nested) lists of numbers, JSON as text."""
+    from bayesal.db.arrays import ArrayEncodingError, decode_array
+
+    if isinstance(value, bytes | memoryview):
+        try:
+            return decode_array(value).tolist()
+        except ArrayEncodingError:
+            return bytes(value)
+    if isinstance(value, dict):
+        import json
+
+        return json.dumps(value)
+    return value
+
+
+def write_parquet(columns: list[str], batches: Iterator[list], path: Any) -> int:
+    """Write streamed query rows to a Parquet file a row group per batch (flat memory);
+    returns the row count. Column types come from the first batch (a column empty there is
+    text); arrays become lists of numbers."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    writer = None
+    schema = None
+    n = 0
+    try:
+        for batch in batches:
+            cols = {c: [_parquet_value(row[i]) for row in batch] for i, c in enumerate(columns)}
+            if schema is None:
+                fields = []
+                for c, values in cols.items():
+                    kind = pa.array(values).type
+                    fields.append(pa.field(c, pa.string() if pa.types.is_null(kind) else kind))
+                schema = pa.schema(fields)
+                writer = pq.ParquetWriter(path, schema)
+            for field in schema:
+                if pa.types.is_string(field.type):
+                    cols[field.name] = [None if v is None else str(v) for v in cols[field.name]]
+            try:
+                table = pa.Table.from_pydict(cols, schema=schema)
+            except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+                raise DatabaseError(f"cannot write rows {n + 1}-{n + len(batch)} to Parquet: "
+                                    f"{exc}. Cast the column to one type in the query "
+                                    "(CAST(x AS TEXT)), or use --csv.") from None
+            writer.write_table(table)
+            n += len(batch)
+        if writer is None:  # no rows: an empty file with text columns
+            schema = pa.schema([pa.field(c, pa.string()) for c in columns])
+            writer = pq.ParquetWriter(path, schema)
+    finally:
+        if writer is not None:
+            writer.close()
+    return n

@@ -224,3 +224,38 @@ def test_the_page_never_shows_the_database_password(pg_url, browser, tmp_path):
     finally:
         _stop(proc)
     assert secret not in (tmp_path / "dashboard.log").read_text()
+
+
+def test_a_big_campaign_opens_with_bounded_views(browser, tmp_path_factory):
+    """200,000 labels and 1,000,000 scores (tests/dashboard_fixture.build_big): every view
+    renders, the plots say they show a sample, the Data tab pages through the count."""
+    from bayesal.db import make_engine, upgrade
+
+    url = f"sqlite:///{tmp_path_factory.mktemp('bigdash') / 'big.db'}"
+    engine = make_engine(url)
+    upgrade(engine)
+    fx.build_big(engine, 200_000, 5, 200_000)
+    engine.dispose()
+    proc, page_url = _launch(url, ("--campaign", "big"),
+                             tmp_path_factory.mktemp("log") / "dashboard.log")
+    try:
+        page = _open(browser, page_url)
+        page.get_by_text("Campaign big").wait_for(timeout=90_000)
+        body = page.inner_text("body")
+        assert "196000" in body.replace(",", "")  # ok labels, counted in SQL
+        _no_exception(page)
+        page.get_by_role("tab", name="Acquisition").click()
+        page.get_by_text("The histogram shows").wait_for(timeout=60_000)
+        caption = page.get_by_text("The histogram shows").inner_text()
+        assert "of the round's 200,000 candidates" in caption
+        page.get_by_role("tab", name="Labeling").click()
+        page.get_by_text("the newest 500 of 4,000").wait_for(timeout=60_000)
+        page.get_by_role("tab", name="Data").click()
+        page.get_by_text("labels 1-500 of 200,000 matching").wait_for(timeout=60_000)
+        for tab in TABS:
+            page.get_by_role("tab", name=tab).click()
+            page.wait_for_timeout(500)
+            _no_exception(page)
+        _shot(page, "big-campaign")
+    finally:
+        _stop(proc)

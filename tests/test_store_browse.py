@@ -177,3 +177,46 @@ def test_view_filters_are_index_scans(big, name):
         assert f"Seq Scan on {table}" not in plan, plan
         assert not any(line.strip() in (f"SCAN {alias}", f"SCAN {table}")
                        for line in plan.splitlines()), plan
+
+
+def _peak_rss_mb(args: list[str], env: dict) -> float:
+    """Peak RSS (MB) of ``bayesal ARGS`` with stdout to /dev/null, from a fresh parent whose
+    only child it is."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    exe = str(Path(sys.executable).with_name("bayesal"))
+    code = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, "
+            "stdout=subprocess.DEVNULL); "
+            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+    out = subprocess.run([sys.executable, "-c", code, exe, *args], env=env, check=True,
+                         capture_output=True, text=True, timeout=600)
+    return json.loads(out.stdout.strip().splitlines()[-1]) / 1024
+
+
+def test_sql_streams_a_big_result_in_flat_memory(big, tmp_path):
+    """`bayesal sql` of every label's forces (200,000 rows) as CSV and Parquet, and of 20,000
+    as tables (rich renders slowly), takes no more memory than 1,000 rows of it in the same
+    format (within 25 MB)."""
+    import os
+
+    import pyarrow.parquet as pq
+
+    engine, _ = big
+    url = engine.url.render_as_string(hide_password=False)
+    env = {**os.environ, "BAYESAL_DATABASE_URL": url}
+    query = "SELECT id, forces FROM labels"
+    for fmt, limit in ((["--csv"], ""), (["--parquet", str(tmp_path / "f.parquet")], ""),
+                       (["--max-rows", "0"], " LIMIT 20000")):
+        small = _peak_rss_mb(["sql", *fmt, query + " ORDER BY id LIMIT 1000"], env)
+        peak = _peak_rss_mb(["sql", *fmt, query + limit], env)
+        assert peak - small < 25, (fmt, peak, small)
+    table = pq.read_table(tmp_path / "f.parquet")
+    with engine.connect() as conn:
+        counts = conn.execute(text("SELECT COUNT(*), COUNT(forces) FROM labels")).one()
+    assert table.num_rows == counts[0] > N_LABELS
+    forces = table.column("forces").to_pylist()
+    assert sum(f is not None for f in forces) == counts[1]
+    assert next(f for f in forces if f is not None) == [[0.1] * 3] * 3
