@@ -6,7 +6,7 @@ mean and its epistemic and aleatoric 3x3 covariance ((eV/Å)²). Batched, bounde
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -129,12 +129,35 @@ def predict_members(models: Sequence[MVEPotential], images: Sequence[Atoms], *,
     return Prediction.concatenate(parts)
 
 
+PROGRESS_CHUNK = 256  # structures per progress step of predict_in_chunks
+
+
+def predict_in_chunks(posterior, images: Sequence[Atoms], *, batch_size: int = 32,
+                      chunk: int = PROGRESS_CHUNK,
+                      on_progress: Callable[[int], None] | None = None) -> Prediction:
+    """``posterior.predict(images)``, ``chunk`` structures at a time, calling
+    ``on_progress(done)`` after each: the same numbers (a posterior's members or samples are
+    fixed when it is loaded), with progress for long files."""
+    if on_progress is None or len(images) <= chunk:
+        pred = posterior.predict(images, batch_size=batch_size)
+        if on_progress is not None:
+            on_progress(len(images))
+        return pred
+    parts = []
+    for first in range(0, len(images), chunk):
+        parts.append(posterior.predict(images[first:first + chunk], batch_size=batch_size))
+        on_progress(min(first + chunk, len(images)))
+    return Prediction.concatenate(parts)
+
+
 def predict_calibrated(posterior, images: Sequence[Atoms], *, batch_size: int = 32,
-                       recalibrated: bool = True) -> Prediction:
+                       recalibrated: bool = True,
+                       on_progress: Callable[[int], None] | None = None) -> Prediction:
     """The prediction every consumer uses (``bayesal predict``, scoring, the ASE calculator,
     the explorer): the posterior's, with its validation recalibration applied (variance
-    scales from ``calibration.json``) unless ``recalibrated`` is False or none was fitted."""
-    pred = posterior.predict(images, batch_size=batch_size)
+    scales from ``calibration.json``) unless ``recalibrated`` is False or none was fitted.
+    ``on_progress(done)``: see :func:`predict_in_chunks`."""
+    pred = predict_in_chunks(posterior, images, batch_size=batch_size, on_progress=on_progress)
     return calibrate(posterior, pred) if recalibrated else pred
 
 

@@ -249,8 +249,9 @@ def predict(
         check_method(method, model)
         posterior = load_posterior(model)
         images = read_frames([input])
-        pred = predict_calibrated(posterior, images, batch_size=predict_batch,
-                                  recalibrated=recalibrated)
+        with Reporter("predicting", "structures", total=len(images)) as progress:
+            pred = predict_calibrated(posterior, images, batch_size=predict_batch,
+                                      recalibrated=recalibrated, on_progress=progress.update)
         with atomic_output(output) as part, open(part, "w") as fh:
             for k, (atoms, sl) in enumerate(zip(images, pred.atom_slices(), strict=True)):
                 info = {key: v for key, v in atoms.info.items()
@@ -362,14 +363,21 @@ def evaluate(
         plot_calibration,
     )
     from bayesal.bayes_model.posterior import load_posterior
+    from bayesal.bayes_model.predict import predict_in_chunks
 
     with user_errors():
         check_method(method, model)
         posterior = load_posterior(model)
+
+        def predict(images, what: str):
+            with Reporter(f"predicting {what}", "structures", total=len(images)) as progress:
+                return predict_in_chunks(posterior, images, on_progress=progress.update)
+
         if recalibrate_on is not None:
             images = _read_labelled([recalibrate_on])
             prior = {} if prior_weight is None else {"prior_weight": prior_weight}
-            recal = fit_recalibration(posterior.predict(images), images, isotonic=isotonic,
+            recal = fit_recalibration(predict(images, recalibrate_on.name), images,
+                                      isotonic=isotonic,
                                       **prior)
             recal.save(model)
             posterior.recalibration = recal
@@ -378,11 +386,11 @@ def evaluate(
         recal = posterior.recalibration
         ood_preds = {}
         for path in ood or []:
-            ood_preds[str(path)] = posterior.predict(read_frames([path]))
+            ood_preds[str(path)] = predict(read_frames([path]), path.name)
         results = {}
         for path in test:
             images = _read_labelled([path])
-            pred = posterior.predict(images)
+            pred = predict(images, path.name)
             metrics = evaluate_prediction(pred, images, recalibration=recal)
             for name, ood_pred in ood_preds.items():
                 for k, v in ood_auroc(pred, ood_pred).items():

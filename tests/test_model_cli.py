@@ -147,3 +147,40 @@ def test_train_refuses_an_undertrained_model_unless_allowed(trained, tmp_path):
     res = runner.invoke(app, [*args, "--out", str(tmp_path / "b"), "--allow-undertrained"])
     assert res.exit_code == 0, res.output
     assert "warning: model" in res.output and (tmp_path / "b" / "manifest.json").is_file()
+
+
+def test_evaluate_logs_progress_with_a_total_and_chunks_change_no_number(trained, shared_data,
+                                                                         tmp_path):
+    """`bayesal evaluate` with stderr to a file writes progress lines with the total; the
+    chunked prediction behind it equals one prediction of the whole file."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from bayesal.bayes_model.posterior import load_posterior
+    from bayesal.bayes_model.predict import predict_in_chunks
+
+    test = tmp_path / "test.xyz"
+    ase.io.write(test, ase.io.read(shared_data / "ethanol" / "test_MD.xyz", ":300"),
+                 format="extxyz")
+    env = {**os.environ, "BAYESAL_PROGRESS_SECONDS": "0"}
+    exe = str(Path(sys.executable).with_name("bayesal"))
+    with open(tmp_path / "stderr.txt", "w") as err:
+        out = subprocess.run([exe, "evaluate", "--model", str(trained / "m"), "--test",
+                              str(test)], env=env, stderr=err, stdout=subprocess.PIPE,
+                             text=True, timeout=600)
+    log = (tmp_path / "stderr.txt").read_text()
+    assert out.returncode == 0, log
+    assert "256 of 300 structures" in log and "300 of 300 structures (100 %)" in log, log
+
+    posterior = load_posterior(trained / "m")
+    images = ase.io.read(test, ":12")
+    whole = posterior.predict(images)
+    seen = []
+    parts = predict_in_chunks(posterior, images, chunk=5, on_progress=seen.append)
+    assert seen == [5, 10, 12]
+    for field in ("energy", "energy_var_epi", "energy_var_ale", "forces", "forces_cov_epi"):
+        # float32 sums over differently composed batches: equal to ~1e-8 eV/Å
+        np.testing.assert_allclose(getattr(parts, field), getattr(whole, field), rtol=1e-5,
+                                   atol=1e-6)
