@@ -1,5 +1,5 @@
-"""Benchmark: does the store stay linear as a campaign grows? Import and re-import rates at
-several sizes, SQLite and PostgreSQL (issue 25).
+"""Benchmark: does the store stay linear as a campaign grows? Import, re-import, export,
+`bayesal sql` and dashboard refreshes at several sizes, SQLite and PostgreSQL (issue 25).
 
 For each backend and size N, in a fresh database: N labelled structures (acac/ethanol frames
 of the packaged reference data, each rattled so every one has its own hash; generated
@@ -10,12 +10,23 @@ both and the *growth ratio*: the rate at the smallest size over the rate at this
 linear; the issue's target is <= 1.5 at 1,000,000). PostgreSQL runs a private durable server
 (Debian's binaries, default settings: fsync on).
 
-Results go to --out (JSON) as each (backend, size) finishes; a rerun skips those already
-there, so the 1,000,000 step can run in a later session. Absolute rates depend on the
-machine's load; the ratios are what to compare (each run prints the load average).
+Then, on the imported campaign: export to extxyz (structures/s), `bayesal sql --csv` of
+every label's forces (rows/s and the command's peak RSS against the same query with LIMIT
+1000: flat memory means equal), and the database's size per structure.
+
+Dashboard (``--steps dashboard``): a separate campaign of N labels whose 5 rounds scored N
+candidates each (5N score rows; tests/dashboard_fixture.build_big, generated in the
+database), rendered by the real Streamlit script (streamlit.testing AppTest, every tab) in
+a child process: the first render (cold cache), an idle rerun, a rerun after a new label
+(invalidated cache) and the child's peak RSS.
+
+Results go to --out (JSON) as each (backend, size, step) finishes; a rerun skips those
+already there, so the 1,000,000 step can run in a later session. Absolute rates depend on
+the machine's load; the ratios are what to compare (each run prints the load average).
 
     python benchmarks/store_scale.py --sizes 10000 100000
     python benchmarks/store_scale.py --sizes 10000 100000 1000000 --backends postgresql
+    python benchmarks/store_scale.py --sizes 1000000 --steps dashboard
 """
 
 from __future__ import annotations
@@ -23,6 +34,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -58,7 +71,37 @@ def structures(n: int, seed: int = 0) -> Iterator:
         yield atoms
 
 
-def measure(url: str, n: int) -> dict:
+BAYESAL = str(Path(sys.executable).with_name("bayesal"))
+
+
+def _peak_rss(cmd: list[str], env: dict) -> tuple[float, float]:
+    """(seconds, peak RSS in MB) of ``cmd`` with stdout to /dev/null, measured from a fresh
+    parent whose only child it is."""
+    code = ("import resource, subprocess, sys, time; t = time.perf_counter(); "
+            "subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL); "
+            "print(time.perf_counter() - t, "
+            "resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)")
+    out = subprocess.run([sys.executable, "-c", code, *cmd], env=env, check=True,
+                         capture_output=True, text=True)
+    wall, rss = out.stdout.split()[-2:]
+    return float(wall), float(rss)
+
+
+def _db_bytes(url: str) -> int:
+    engine = make_engine(url)
+    try:
+        if engine.dialect.name == "sqlite":
+            return Path(engine.url.database).stat().st_size
+        with engine.connect() as conn:
+            return int(conn.exec_driver_sql("SELECT pg_database_size(current_database())")
+                       .scalar())
+    finally:
+        engine.dispose()
+
+
+def measure(url: str, n: int, tmp: str) -> dict:
+    from bayesal.db.export import export_campaign
+
     engine = make_engine(url)
     upgrade(engine)
     level = ReferenceLevel("pbe", "def2-svp")
@@ -69,16 +112,87 @@ def measure(url: str, n: int) -> dict:
     t2 = time.perf_counter()
     engine.dispose()
     assert first.n_structures_new == n and again.n_structures_new == 0, (first, again)
-    return {"import_rate": n / (t1 - t0), "reimport_rate": n / (t2 - t1),
-            "import_s": t1 - t0, "reimport_s": t2 - t1, "load": os.getloadavg()[0]}
+    out = {"import_rate": n / (t1 - t0), "reimport_rate": n / (t2 - t1),
+           "import_s": t1 - t0, "reimport_s": t2 - t1, "load": os.getloadavg()[0]}
+    t0 = time.perf_counter()
+    report = export_campaign(url, "scale", Path(tmp) / f"export-{n}.xyz")
+    out["export_rate"] = report.n_structures / (time.perf_counter() - t0)
+    (Path(tmp) / f"export-{n}.xyz").unlink()
+    env = {**os.environ, "BAYESAL_DATABASE_URL": url}
+    query = "SELECT id, forces FROM labels"
+    wall, rss = _peak_rss([BAYESAL, "sql", "--csv", query], env)
+    _, rss_small = _peak_rss([BAYESAL, "sql", "--csv", query + " LIMIT 1000"], env)
+    out.update(sql_rate=n / wall, sql_rss_mb=rss, sql_rss_1000_mb=rss_small,
+               bytes_per_structure=_db_bytes(url) / n)
+    return out
+
+
+def dashboard_child(url: str) -> None:
+    """Render the dashboard script (every tab) on ``url``'s campaign ``big``: the first
+    render, an idle rerun, a rerun after a new label; prints JSON with seconds and RSS."""
+    import dataclasses
+
+    sys.path.insert(0, str(REPO / "tests"))
+    import dashboard_fixture as fx
+    from streamlit.testing.v1 import AppTest
+
+    from bayesal.db.ingest import run_transaction, upsert_labels
+    from bayesal.db.pool import ids_by_source
+
+    os.environ["BAYESAL_DATABASE_URL"] = url
+    sys.argv = ["app", "--campaign", "big", "--refresh", "0"]
+    at = AppTest.from_file(str(REPO / "dashboard" / "app.py"), default_timeout=600)
+
+    def render() -> float:
+        t = time.perf_counter()
+        at.run()
+        assert not at.exception, at.exception
+        return time.perf_counter() - t
+
+    out = {"first_s": render(), "idle_s": min(render() for _ in range(3))}
+    engine = make_engine(url)
+    sid = ids_by_source(engine, "big", fx.StructureSource.POOL)[0]
+    changed = []
+    for k in range(3):
+        record = dataclasses.replace(fx._record(-2002.0), settings_hash=f"{k:064d}",
+                                     settings={**fx.SETTINGS, "method": f"m{k}"})
+        run_transaction(engine, lambda s, r=record: upsert_labels(s, [(sid, r)]))
+        changed.append(render())
+    engine.dispose()
+    out["new_label_s"] = sorted(changed)[1]  # the median of 3
+    out["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps(out))
+
+
+def measure_dashboard(url: str, n: int) -> dict:
+    sys.path.insert(0, str(REPO / "tests"))
+    import dashboard_fixture as fx
+
+    engine = make_engine(url)
+    upgrade(engine)
+    t0 = time.perf_counter()
+    fx.build_big(engine, n, 5, n)
+    built = time.perf_counter() - t0
+    engine.dispose()
+    child = subprocess.run([sys.executable, __file__, "--dashboard-child", url],
+                           capture_output=True, text=True)
+    if child.returncode:
+        raise RuntimeError(child.stderr[-3000:])
+    return {**json.loads(child.stdout.strip().splitlines()[-1]), "build_s": built,
+            "scores": 5 * n, "load": os.getloadavg()[0]}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
     ap.add_argument("--backends", nargs="+", default=["sqlite", "postgresql"])
+    ap.add_argument("--steps", nargs="+", default=["store"], choices=["store", "dashboard"])
     ap.add_argument("--out", type=Path, default=REPO / "artifacts" / "store_scale.json")
+    ap.add_argument("--dashboard-child", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.dashboard_child:
+        dashboard_child(args.dashboard_child)
+        return
     results = json.loads(args.out.read_text()) if args.out.is_file() else {}
 
     def save() -> None:
@@ -87,35 +201,67 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         for backend in args.backends:
-            todo = [n for n in args.sizes if f"{backend}/{n}" not in results]
+            todo = [(step, n) for step in args.steps for n in args.sizes
+                    if _key(backend, n, step) not in results]
             if not todo:
                 continue
             pg = TemporaryPostgres(durable=True).start() if backend == "postgresql" else None
             try:
-                for n in todo:
+                for step, n in todo:
                     url = (create_database(pg.url) if pg is not None
-                           else f"sqlite:///{tmp}/scale-{n}.db")
-                    print(f"{backend}: {n:,} structures ...", flush=True)
-                    results[f"{backend}/{n}"] = measure(url, n)
+                           else f"sqlite:///{tmp}/{step}-{n}.db")
+                    print(f"{backend}: {step}, {n:,} structures ...", flush=True)
+                    work = measure_dashboard if step == "dashboard" else measure
+                    results[_key(backend, n, step)] = (work(url, n) if step == "dashboard"
+                                                       else work(url, n, tmp))
                     save()
+                    if pg is None:
+                        Path(f"{tmp}/{step}-{n}.db").unlink()
             finally:
                 if pg is not None:
                     pg.stop()
 
+    _report(results, args.backends)
+
+
+def _key(backend: str, n: int, step: str) -> str:
+    return f"{backend}/{n}" if step == "store" else f"{backend}/{n}/{step}"
+
+
+def _report(results: dict, backends: list[str]) -> None:
     print(f"\n{'backend':<11} {'N':>10} {'import/s':>10} {'growth':>7} {'re-import/s':>12} "
-          f"{'growth':>7} {'load':>5}")
-    for backend in args.backends:
-        sizes = sorted(int(k.split("/")[1]) for k in results if k.startswith(backend + "/"))
+          f"{'growth':>7} {'export/s':>9} {'sql rows/s':>10} {'sql MB':>7} {'(1000)':>7} "
+          f"{'B/struct':>8} {'load':>5}")
+    for backend in backends:
+        sizes = sorted(int(k.split("/")[1]) for k in results
+                       if k.startswith(backend + "/") and k.count("/") == 1)
         if not sizes:
             continue
         ref = results[f"{backend}/{sizes[0]}"]
         for n in sizes:
             r = results[f"{backend}/{n}"]
+            extra = (f"{r['export_rate']:>9,.0f} {r['sql_rate']:>10,.0f} {r['sql_rss_mb']:>7.0f} "
+                     f"{r['sql_rss_1000_mb']:>7.0f} {r['bytes_per_structure']:>8,.0f}"
+                     if "export_rate" in r else f"{'-':>9} {'-':>10} {'-':>7} {'-':>7} {'-':>8}")
             print(f"{backend:<11} {n:>10,} {r['import_rate']:>10,.0f} "
                   f"{ref['import_rate'] / r['import_rate']:>7.2f} {r['reimport_rate']:>12,.0f} "
-                  f"{ref['reimport_rate'] / r['reimport_rate']:>7.2f} {r['load']:>5.1f}")
+                  f"{ref['reimport_rate'] / r['reimport_rate']:>7.2f} {extra} {r['load']:>5.1f}")
     print("\ngrowth: rate at the smallest size / rate at this size (1.0 = linear; target <= 1.5 "
-          "at 1,000,000). One transaction per import; re-import: every structure a duplicate.")
+          "at 1,000,000). One transaction per import; re-import: every structure a duplicate.\n"
+          "sql MB: peak RSS of `bayesal sql --csv` of every label's forces; (1000): the same "
+          "query with LIMIT 1000 (flat memory: equal).")
+    rows = [(k, r) for k, r in results.items() if k.endswith("/dashboard")]
+    if rows:
+        print(f"\n{'dashboard':<11} {'labels':>10} {'scores':>10} {'first s':>8} {'idle s':>7} "
+              f"{'new label s':>11} {'RSS MB':>7} {'load':>5}")
+        for k, r in sorted(rows, key=lambda kr: (kr[0].split("/")[0], int(kr[0].split("/")[1]))):
+            backend, n, _ = k.split("/")
+            print(f"{backend:<11} {int(n):>10,} {r['scores']:>10,} {r['first_s']:>8.2f} "
+                  f"{r['idle_s']:>7.2f} {r['new_label_s']:>11.2f} {r['rss_mb']:>7.0f} "
+                  f"{r['load']:>5.1f}")
+        print("\nfirst: the first render (every tab, cold cache); idle: a rerun with nothing "
+              "new; new label: a rerun after a label was added (cache invalidated). Targets at "
+              "1,000,000 labels / 5,000,000 scores: <= 1.5 s, idle <= 0.2 s, <= 300 MB.")
 
 
 if __name__ == "__main__":

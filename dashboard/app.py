@@ -101,7 +101,9 @@ def curves_tab(view: data.CampaignView) -> None:
         return
     metrics = [m for m, _ in data.CURVE_METRICS.values() if m in set(curves["metric"])]
     metric = st.radio("metric", metrics, horizontal=True, key="curve_metric")
-    st.plotly_chart(plots.learning_curve_figure(curves, metric), key="learning_curve")
+    st.plotly_chart(view.memo(("curve", metric),
+                              lambda: plots.learning_curve_figure(curves, metric)),
+                    key="learning_curve")
     wide = curves.pivot_table(index=["round", "labels"], columns=["metric", "test_set"],
                               values="value")
     wide.columns = [f"{m} [{t}]" for m, t in wide.columns]
@@ -124,7 +126,8 @@ def calibration_tab(view: data.CampaignView) -> None:
                                 horizontal=True, key="rel_quantity")
             variant = st.radio("variances", sorted(rel["variant"].unique(), reverse=True),
                                horizontal=True, key="rel_variant")
-            st.plotly_chart(plots.reliability_figure(rel, quantity, variant),
+            st.plotly_chart(view.memo(("reliability", quantity, variant),
+                                      lambda: plots.reliability_figure(rel, quantity, variant)),
                             key="reliability")
     with right:
         long = cal.melt(id_vars=["round", "labels"],
@@ -137,7 +140,9 @@ def calibration_tab(view: data.CampaignView) -> None:
         long["metric"] = long["metric"].map(
             lambda m: "Spearman ρ(|error|, σ)" if "spearman" in m else "miscalibration area")
         for metric in ("miscalibration area", "Spearman ρ(|error|, σ)"):
-            st.plotly_chart(plots.learning_curve_figure(long, metric), key=f"cal_{metric}")
+            st.plotly_chart(view.memo(("calibration", metric),
+                                      lambda m=metric: plots.learning_curve_figure(long, m)),
+                            key=f"cal_{metric}")
     st.dataframe(cal, hide_index=True)
 
 
@@ -159,7 +164,9 @@ def acquisition_tab(view: data.CampaignView) -> None:
     cols[2].metric("mean score (pool)", "–" if agg.mean is None else f"{agg.mean:.3g}")
     cols[3].metric("mean score (selected)",
                    "–" if agg.mean_selected is None else f"{agg.mean_selected:.3g}")
-    st.plotly_chart(plots.score_figure(scores, column, total=agg.n), key="scores")
+    st.plotly_chart(view.memo(("scores", r, column),
+                              lambda: plots.score_figure(scores, column, total=agg.n)),
+                    key="scores")
     if agg.n > len(scores):
         st.caption(f"The histogram shows {len(scores):,} of the round's {agg.n:,} candidates: "
                    "the selected batch and an evenly spread sample of the rest. The counts "
@@ -176,7 +183,9 @@ def labeling_tab(view: data.CampaignView) -> None:
     st.table(_fmt(stats), hide_index=True)
     total = int(stats["labels"].sum())
     recent = view(data.labels_timeline)
-    st.plotly_chart(plots.labeling_figure(recent, total=total), key="labeling")
+    st.plotly_chart(view.memo(("labeling",),
+                              lambda: plots.labeling_figure(recent, total=total)),
+                    key="labeling")
     n_failed = int(stats["failed"].sum())
     if n_failed:
         st.markdown("#### Failed labels")
@@ -233,7 +242,9 @@ def structure_tab(view: data.CampaignView) -> None:
     left, right = st.columns([2, 1])
     with left:
         forces = ok[0]["forces"] if ok else None
-        st.plotly_chart(plots.structure_figure(detail, forces), key="structure")
+        st.plotly_chart(view.memo(("structure", detail["id"]),
+                                  lambda: plots.structure_figure(detail, forces)),
+                        key="structure")
     with right:
         st.markdown(f"**{md(detail['formula'])}**, {detail['n_atoms']} atoms, source "
                     f"{md(detail['source'])}" + (f", explored from structure {detail['parent_id']}"

@@ -297,15 +297,20 @@ class CampaignView:
         self.misses = 0
 
     def __call__(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        key = (str(self.engine.url), self.campaign, fn.__module__, fn.__qualname__,
-               repr(args), repr(sorted(kwargs.items())))
+        key = (fn.__module__, fn.__qualname__, repr(args), repr(sorted(kwargs.items())))
+        return self.memo(key, lambda: fn(self.engine, self.campaign, *args, **kwargs))
+
+    def memo(self, key: tuple, build: Callable[[], Any]) -> Any:
+        """``build()``, kept like a read under ``key`` (e.g. a figure built from cached
+        reads: plotly figures cost more to build than the reads behind them)."""
+        key = (str(self.engine.url), self.campaign, *key)
         with self._lock:
             hit = self._cache.get(key)
             if hit is not None and hit[0] == self.version:
                 self._cache.move_to_end(key)
                 return hit[1]
         self.misses += 1
-        value = fn(self.engine, self.campaign, *args, **kwargs)
+        value = build()
         with self._lock:
             self._cache[key] = (self.version, value)
             self._cache.move_to_end(key)

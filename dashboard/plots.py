@@ -66,7 +66,7 @@ def score_figure(scores: pd.DataFrame, column: str = "score", bins: int = 40,
     size = (hi - lo) / bins if hi > lo else 1.0
     for name, part, color in (("pool (not selected)", scores[~scores["selected"]], "#9ecae1"),
                               ("selected", scores[scores["selected"]], "#d62728")):
-        fig.add_trace(go.Histogram(x=part[column].dropna().tolist(), name=name,
+        fig.add_trace(go.Histogram(x=part[column].dropna().to_numpy(float), name=name,
                                    marker_color=color, opacity=0.8,
                                    xbins={"start": lo, "end": hi + size, "size": size}))
     title = f"{column}: pool vs selected"
@@ -77,6 +77,13 @@ def score_figure(scores: pd.DataFrame, column: str = "score", bins: int = 40,
     return fig
 
 
+def _naive_utc(times: pd.Series) -> pd.Series:
+    """Times as naive UTC datetime64 (numpy arrays of these serialise ~100x faster than
+    lists of Python datetimes; SQLite gives naive UTC, PostgreSQL aware)."""
+    times = pd.to_datetime(times, utc=True)
+    return times.dt.tz_convert(None)
+
+
 def labeling_figure(labels: pd.DataFrame, total: int | None = None) -> go.Figure:
     """Seconds per label and SCF cycles in the order labels were made, failures marked;
     ``total`` (the campaign's labels) states in the title when ``labels`` are the newest of
@@ -84,12 +91,12 @@ def labeling_figure(labels: pd.DataFrame, total: int | None = None) -> go.Figure
     fig = make_subplots(rows=1, cols=2, subplot_titles=("seconds per label", "SCF cycles"))
     if total is not None and total > len(labels):
         fig.update_layout(title=f"the newest {len(labels):,} of {total:,} labels")
-    df = labels.sort_values("created")
+    df = labels.assign(created=_naive_utc(labels["created"])).sort_values("created")
     for status, g in df.groupby("status", sort=True):
-        x = g["created"].tolist()
+        x = g["created"].to_numpy()
         color = "#2ca02c" if status == "ok" else "#d62728"
         for col, key in ((1, "wall s"), (2, "scf cycles")):
-            fig.add_trace(go.Scatter(x=x, y=g[key].tolist(), mode="markers",
+            fig.add_trace(go.Scattergl(x=x, y=g[key].to_numpy(float), mode="markers",
                                      name=str(status), legendgroup=str(status),
                                      showlegend=col == 1, marker={"color": color}),
                           row=1, col=col)

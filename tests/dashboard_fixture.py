@@ -129,9 +129,11 @@ def build_big(engine: Engine, n_labels: int, n_rounds: int, scores_per_round: in
     from bayesal.db.ingest import get_or_create_campaign
 
     water = molecule("H2O")
-    now = datetime.now(UTC)
-    cid = run_transaction(engine, lambda s: get_or_create_campaign(s, name).id)
     pg = engine.dialect.name == "postgresql"
+    now = datetime.now(UTC)
+    if not pg:  # stored as SQLAlchemy stores it on SQLite (naive UTC text), not "+00:00"
+        now = now.replace(tzinfo=None)
+    cid = run_transaction(engine, lambda s: get_or_create_campaign(s, name).id)
     counter = "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < :n) "
     components = ("json_build_object('bald_f', s.id % 997 / 997.0, 'max_force_std', "
                   "s.id % 89 / 89.0)" if pg else
