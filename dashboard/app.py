@@ -211,8 +211,9 @@ def data_tab(view: data.CampaignView) -> None:
     filters = {"status": status or None, "source": source or None,
                "rounds": [int(r) for r in rounds] or None,
                "formula": None if formula == "(any)" else formula}
-    n = (ov.count_labels(filters["status"], filters["source"], filters["rounds"])
-         if filters["formula"] is None else view(data.label_count, **filters))
+    n = (ov.count_labels(filters["status"], filters["rounds"])
+         if filters["formula"] is None and filters["source"] is None
+         else view(data.label_count, **filters))
     pages = max(1, -(-n // data.PAGE_ROWS))
     page = int(st.number_input(f"page (of {pages:,})", min_value=1, max_value=pages, value=1,
                                step=1, key="f_page"))

@@ -46,13 +46,12 @@ class UnknownCampaign(LookupError):
 
 @dataclass(frozen=True)
 class LabelGroup:
-    """A campaign's labels of one (requesting round, status, structure source): how many,
-    and the sums behind mean/max seconds and mean SCF cycles. ``round`` is None for labels
-    no round requested (initial, test, imported)."""
+    """A campaign's labels of one (requesting round, status): how many, and the sums behind
+    mean/max seconds and mean SCF cycles. ``round`` is None for labels no round requested
+    (initial, test, imported)."""
 
     round: int | None
     status: str
-    source: str
     n: int
     wall_sum: float = 0.0
     wall_n: int = 0
@@ -63,8 +62,9 @@ class LabelGroup:
 
 @dataclass
 class Overview:
-    """Everything the dashboard counts about a campaign, from two GROUP BY passes (its
-    structures by source and formula; its labels by round, status and source)."""
+    """Everything the dashboard counts about a campaign, from two GROUP BY passes over
+    covering indexes (its structures by source and formula; its labels by round and
+    status)."""
 
     name: str
     created_at: datetime
@@ -80,12 +80,12 @@ class Overview:
     label_groups: list[LabelGroup] = field(default_factory=list)
     formulas: list[str] = field(default_factory=list)  # of the campaign's structures
 
-    def count_labels(self, status: list[str] | None = None, source: list[str] | None = None,
+    def count_labels(self, status: list[str] | None = None,
                      rounds: list[int] | None = None) -> int:
-        """Labels matching the Data tab's filters (but formula), from :attr:`label_groups`."""
+        """Labels matching the Data tab's status and round filters, from
+        :attr:`label_groups` (with source or formula: :func:`label_count`)."""
         return sum(g.n for g in self.label_groups
-                   if (not status or g.status in status) and (not source or g.source in source)
-                   and (not rounds or g.round in rounds))
+                   if (not status or g.status in status) and (not rounds or g.round in rounds))
 
     @property
     def n_ok(self) -> int:
@@ -124,16 +124,19 @@ def _rounds(session, campaign_id: int) -> list[Round]:
 
 
 def _label_groups(session, campaign_id: int) -> list[LabelGroup]:
-    q = (select(Round.round_index, Label.status, Structure.source, func.count(),
-                func.sum(Label.wall_s), func.count(Label.wall_s), func.max(Label.wall_s),
-                func.sum(Label.n_scf_cycles), func.count(Label.n_scf_cycles))
-         .select_from(Label).join(Structure, Structure.id == Label.structure_id)
-         .outerjoin(Round, Round.id == Label.round_id)
-         .where(Structure.campaign_id == campaign_id)
-         .group_by(Round.round_index, Label.status, Structure.source))
-    return [LabelGroup(r, st, src, int(n), float(ws or 0.0), int(wn),
-                       None if wmax is None else float(wmax), float(ss or 0.0), int(sn))
-            for r, st, src, n, ws, wn, wmax, ss, sn in session.execute(q)]
+    """One pass over ``ix_labels_campaign_summary`` (index only, grouped in index order);
+    round ids become indices through the campaign's few rounds."""
+    q = (select(Label.round_id, Label.status, func.count(), func.sum(Label.wall_s),
+                func.count(Label.wall_s), func.max(Label.wall_s), func.sum(Label.n_scf_cycles),
+                func.count(Label.n_scf_cycles))
+         .where(Label.campaign_id == campaign_id).group_by(Label.round_id, Label.status))
+    rows = session.execute(q).all()
+    index_of = dict(session.execute(select(Round.id, Round.round_index)
+                                    .where(Round.campaign_id == campaign_id)).all())
+    return [LabelGroup(None if rid is None else index_of[rid], st, int(n), float(ws or 0.0),
+                       int(wn), None if wmax is None else float(wmax), float(ss or 0.0),
+                       int(sn))
+            for rid, st, n, ws, wn, wmax, ss, sn in rows]
 
 
 def overview(engine: Engine, campaign: str) -> Overview:
@@ -325,6 +328,8 @@ def _filtered_labels(q, campaign_id: int, *, status: list[str] | None,
     q = (q.join(Structure, Structure.id == Label.structure_id)
          .outerjoin(Round, Round.id == Label.round_id)
          .where(campaign == campaign_id))
+    # (Structure.campaign_id, not Label.campaign_id: SQLite would pick the summary index
+    # for it and sort the campaign's labels for a page)
     if newest_first:
         q = q.order_by(Label.created_at.desc(), Label.id.desc())
     if status:
@@ -405,12 +410,13 @@ class LabelFilters:
 
 
 def label_filters(ov: Overview) -> LabelFilters:
-    """What the Data tab's filters offer, from an :class:`Overview` (no query): the statuses,
-    sources and requesting rounds among the campaign's labels, its structures' formulas."""
+    """What the Data tab's filters offer, from an :class:`Overview` (no query): the statuses
+    and requesting rounds among the campaign's labels, its structures' sources and
+    formulas."""
     groups = ov.label_groups
     return LabelFilters(total=sum(g.n for g in groups),
                         status=sorted({g.status for g in groups}),
-                        source=sorted({g.source for g in groups}),
+                        source=sorted(ov.structures),
                         rounds=sorted({g.round for g in groups if g.round is not None}),
                         formula=list(ov.formulas))
 

@@ -312,11 +312,17 @@ def upsert_labels(
     upsert_labeler_settings(session, (rec for _, rec in items))
     table = Label.__table__
     now = _now()
+    sids = sorted({sid for sid, _ in items})
+    campaign_of = dict(session.execute(select(Structure.id, Structure.campaign_id)
+                                       .where(Structure.id.in_(sids))).all())
     unique: dict[tuple[int, str], dict[str, Any]] = {}
     for sid, rec in items:
         key = (sid, rec.settings_hash)
         if key not in unique:
-            unique[key] = label_row(sid, rec, round_id) | {"created_at": now}
+            if sid not in campaign_of:
+                raise ValueError(f"cannot label structure {sid}: no such structure")
+            unique[key] = label_row(sid, rec, round_id) | {"created_at": now,
+                                                            "campaign_id": campaign_of[sid]}
     stmt = _insert(session, table)
     keys = ["structure_id", "settings_hash"]
     if replace_failed:

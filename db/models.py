@@ -160,12 +160,18 @@ class Label(Base):
         Index("ix_labels_status", "status"),
         Index("ix_labels_created_at_id", "created_at", "id"),  # the newest labels
         Index("ix_labels_settings_hash", "settings_hash"),
+        # a campaign's labels counted by round and status from the index alone, in its order
+        Index("ix_labels_campaign_summary", "campaign_id", "round_id", "status", "wall_s",
+              "n_scf_cycles"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     structure_id: Mapped[int] = mapped_column(
         ForeignKey("structures.id", ondelete="CASCADE"), index=True
     )
+    # the structure's campaign, stored again so that a campaign's labels are found without
+    # a join (set by db.ingest.upsert_labels from the structure)
+    campaign_id: Mapped[int] = mapped_column(ForeignKey("campaigns.id", ondelete="CASCADE"))
     settings_hash: Mapped[str] = mapped_column(
         ForeignKey("labeler_settings.settings_hash")
     )  # what makes two labels comparable

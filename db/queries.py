@@ -208,9 +208,14 @@ def structures_by_source(session: Session,
 def labels_by_status(session: Session,
                      campaign_id: int | None = None) -> dict[int, dict[str, int]]:
     """Label counts by status (any labeler), per campaign id of the labelled structure."""
-    return _per_campaign(session, select(Structure.campaign_id, Label.status, func.count())
-                         .join(Structure, Structure.id == Label.structure_id)
-                         .group_by(Structure.campaign_id, Label.status), campaign_id)
+    query = select(Label.campaign_id, Label.status, func.count()).group_by(
+        Label.campaign_id, Label.status)  # from ix_labels_campaign_summary, no join
+    if campaign_id is not None:
+        query = query.where(Label.campaign_id == campaign_id)
+    out: dict[int, dict[str, int]] = {}
+    for cid, status, n in session.execute(query):
+        out.setdefault(cid, {})[status] = n
+    return out
 
 
 def campaign_overview(session: Session) -> list[dict[str, Any]]:

@@ -161,9 +161,10 @@ def build_big(engine: Engine, n_labels: int, n_rounds: int, scores_per_round: in
                 + ("CAST(:m AS JSONB))" if pg else ":m)")), {**params, "k": k, "m": metrics})
         first = conn.scalar(text("SELECT min(id) FROM rounds WHERE campaign_id = :cid"), params)
         conn.execute(text(
-            "INSERT INTO labels (structure_id, settings_hash, labeler, method, basis, status, "
-            "energy, forces, energy_per_atom, max_force, n_scf_cycles, wall_s, error, "
-            "provenance, round_id, created_at) SELECT s.id, :h, 'replay', 'pbe', 'def2-svp', "
+            "INSERT INTO labels (structure_id, campaign_id, settings_hash, labeler, method, "
+            "basis, status, energy, forces, energy_per_atom, max_force, n_scf_cycles, wall_s, "
+            "error, provenance, round_id, created_at) SELECT s.id, s.campaign_id, :h, "
+            "'replay', 'pbe', 'def2-svp', "
             "CASE WHEN s.id % 50 = 0 THEN 'scf_failed' ELSE 'ok' END, "
             "CASE WHEN s.id % 50 = 0 THEN NULL ELSE -2000.0 - s.id % 100 / 100.0 END, "
             ":forces, -666.0, 0.17, 10 + s.id % 7, 1.0 + s.id % 13 / 10.0, "

@@ -67,3 +67,36 @@ def test_missing_schema_names_the_command(sqlite_url):
         ensure_schema(engine)
     finally:
         engine.dispose()
+
+
+def test_0002_fills_labels_campaign_id_from_their_structures(db_url):
+    """A database with labels goes down to 0001 (no labels.campaign_id) and up again: every
+    label gets its structure's campaign, and the views return what they returned."""
+    import dashboard_fixture as fx
+    from alembic import command
+    from sqlalchemy import text
+
+    from bayesal.db.engine import alembic_config
+
+    engine = make_engine(db_url)
+    try:
+        upgrade(engine)
+        fx.build_demo(engine)
+        queries = ("SELECT campaign, label_id FROM labelled_data ORDER BY label_id",
+                   "SELECT label_id, status FROM label_failures ORDER BY label_id",
+                   "SELECT campaign, round_index, n_ok, n_failed FROM round_summary "
+                   "ORDER BY campaign, round_index")
+        with engine.connect() as conn:
+            before = [conn.execute(text(q)).all() for q in queries]
+        command.downgrade(alembic_config(engine), "0001")
+        assert "campaign_id" not in {c["name"] for c in inspect(engine).get_columns("labels")}
+        assert upgrade(engine) == head_revision()
+        with engine.connect() as conn:
+            wrong = conn.execute(text(
+                "SELECT COUNT(*) FROM labels l JOIN structures s ON s.id = l.structure_id "
+                "WHERE l.campaign_id IS NULL OR l.campaign_id <> s.campaign_id")).scalar()
+            after = [conn.execute(text(q)).all() for q in queries]
+            n = conn.execute(text("SELECT COUNT(*) FROM labels")).scalar()
+        assert wrong == 0 and n == 13 and after == before
+    finally:
+        engine.dispose()
