@@ -102,7 +102,7 @@ def curves_tab(view: data.CampaignView) -> None:
     metrics = [m for m, _ in data.CURVE_METRICS.values() if m in set(curves["metric"])]
     metric = st.radio("metric", metrics, horizontal=True, key="curve_metric")
     st.plotly_chart(view.memo(("curve", metric),
-                              lambda: plots.learning_curve_figure(curves, metric)),
+                              lambda: plots.learning_curve_figure(curves, metric), ("rounds",)),
                     key="learning_curve")
     wide = curves.pivot_table(index=["round", "labels"], columns=["metric", "test_set"],
                               values="value")
@@ -127,7 +127,8 @@ def calibration_tab(view: data.CampaignView) -> None:
             variant = st.radio("variances", sorted(rel["variant"].unique(), reverse=True),
                                horizontal=True, key="rel_variant")
             st.plotly_chart(view.memo(("reliability", quantity, variant),
-                                      lambda: plots.reliability_figure(rel, quantity, variant)),
+                                      lambda: plots.reliability_figure(rel, quantity, variant),
+                                      ("rounds",)),
                             key="reliability")
     with right:
         long = cal.melt(id_vars=["round", "labels"],
@@ -141,7 +142,8 @@ def calibration_tab(view: data.CampaignView) -> None:
             lambda m: "Spearman ρ(|error|, σ)" if "spearman" in m else "miscalibration area")
         for metric in ("miscalibration area", "Spearman ρ(|error|, σ)"):
             st.plotly_chart(view.memo(("calibration", metric),
-                                      lambda m=metric: plots.learning_curve_figure(long, m)),
+                                      lambda m=metric: plots.learning_curve_figure(long, m),
+                                      ("rounds",)),
                             key=f"cal_{metric}")
     st.dataframe(cal, hide_index=True)
 
@@ -165,7 +167,8 @@ def acquisition_tab(view: data.CampaignView) -> None:
     cols[3].metric("mean score (selected)",
                    "–" if agg.mean_selected is None else f"{agg.mean_selected:.3g}")
     st.plotly_chart(view.memo(("scores", r, column),
-                              lambda: plots.score_figure(scores, column, total=agg.n)),
+                              lambda: plots.score_figure(scores, column, total=agg.n),
+                              ("scores", "rounds")),
                     key="scores")
     if agg.n > len(scores):
         st.caption(f"The histogram shows {len(scores):,} of the round's {agg.n:,} candidates: "
@@ -184,7 +187,7 @@ def labeling_tab(view: data.CampaignView) -> None:
     total = int(stats["labels"].sum())
     recent = view(data.labels_timeline)
     st.plotly_chart(view.memo(("labeling",),
-                              lambda: plots.labeling_figure(recent, total=total)),
+                              lambda: plots.labeling_figure(recent, total=total), ("labels",)),
                     key="labeling")
     n_failed = int(stats["failed"].sum())
     if n_failed:
@@ -244,7 +247,7 @@ def structure_tab(view: data.CampaignView) -> None:
     with left:
         forces = ok[0]["forces"] if ok else None
         st.plotly_chart(view.memo(("structure", detail["id"]),
-                                  lambda: plots.structure_figure(detail, forces)),
+                                  lambda: plots.structure_figure(detail, forces), ("labels",)),
                         key="structure")
     with right:
         st.markdown(f"**{md(detail['formula'])}**, {detail['n_atoms']} atoms, source "

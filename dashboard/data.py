@@ -279,13 +279,27 @@ def labeling_by_round(ov: Overview) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=LABELING_COLUMNS)
 
 
+# What each cached read depends on (keys of db.browse.campaign_version); others: all.
+DEPENDS: dict[str, tuple[str, ...]] = {
+    "overview": ("labels", "structures", "rounds"),
+    "rounds_frame": ("rounds",), "learning_curves": ("rounds",),
+    "calibration_frame": ("rounds",), "reliability_frame": ("rounds",),
+    "scored_rounds": ("scores", "rounds"), "score_overview": ("scores", "rounds"),
+    "score_sample_frame": ("scores", "rounds"),
+    "labels_frame": ("labels",), "labels_timeline": ("labels",), "label_count": ("labels",),
+}
+ALL = ("labels", "structures", "scores", "rounds")
+
+
 class CampaignView:
     """One rerun's reads of a campaign, cached between reruns.
 
     ``view(fn, *args, **kwargs)`` returns ``fn(engine, campaign, *args, **kwargs)``; the
     result is kept (in a process-wide LRU of :data:`_CACHE_ENTRIES` results, each bounded by
-    what the dashboard shows) until :func:`db.browse.campaign_version` changes, which it
-    reads once, when the view is made. Results are shared: callers must not modify them.
+    what the dashboard shows) until the parts of :func:`db.browse.campaign_version` it
+    depends on (:data:`DEPENDS`) change: a new label re-reads the label views, not the
+    scores. The version is read once, when the view is made. Results are shared: callers
+    must not modify them.
     """
 
     _cache: OrderedDict[tuple, tuple[tuple, Any]] = OrderedDict()
@@ -298,21 +312,25 @@ class CampaignView:
 
     def __call__(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         key = (fn.__module__, fn.__qualname__, repr(args), repr(sorted(kwargs.items())))
-        return self.memo(key, lambda: fn(self.engine, self.campaign, *args, **kwargs))
+        return self.memo(key, lambda: fn(self.engine, self.campaign, *args, **kwargs),
+                         DEPENDS.get(fn.__name__, ALL))
 
-    def memo(self, key: tuple, build: Callable[[], Any]) -> Any:
-        """``build()``, kept like a read under ``key`` (e.g. a figure built from cached
-        reads: plotly figures cost more to build than the reads behind them)."""
+    def memo(self, key: tuple, build: Callable[[], Any],
+             depends: tuple[str, ...] = ALL) -> Any:
+        """``build()``, kept like a read under ``key`` until the version parts ``depends``
+        change (e.g. a figure built from cached reads: plotly figures cost more to build
+        than the reads behind them)."""
         key = (str(self.engine.url), self.campaign, *key)
+        version = (self.version["campaign"], *(self.version[d] for d in depends))
         with self._lock:
             hit = self._cache.get(key)
-            if hit is not None and hit[0] == self.version:
+            if hit is not None and hit[0] == version:
                 self._cache.move_to_end(key)
                 return hit[1]
         self.misses += 1
         value = build()
         with self._lock:
-            self._cache[key] = (self.version, value)
+            self._cache[key] = (version, value)
             self._cache.move_to_end(key)
             while len(self._cache) > _CACHE_ENTRIES:
                 self._cache.popitem(last=False)

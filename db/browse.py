@@ -284,29 +284,30 @@ def score_sample(engine: Engine, campaign: str, round_index: int,
     return run_transaction(engine, work)
 
 
-def campaign_version(engine: Engine, campaign: str) -> tuple:
-    """A token that changes whenever what the dashboard shows of ``campaign`` can change:
-    the newest label, structure and score ids (database-wide, by their primary keys), the
-    number of labels that are not ok (a retry overwrites a failed label in place), the
-    campaign's rounds (status, labels, finish time) and how many candidates the newest round
-    has selected. A handful of index lookups, whatever the campaign's size."""
+def campaign_version(engine: Engine, campaign: str) -> dict[str, tuple]:
+    """Tokens that change whenever what the dashboard shows of ``campaign`` can change, by
+    what it depends on: ``labels`` (the newest label id and ``created_at``: a retry
+    overwrites a failed label in place and stamps it anew), ``structures`` (the newest
+    id), ``scores`` (the newest id and how many candidates the newest round has selected)
+    and ``rounds`` (the campaign's rounds: status, labels, finish time). Ids are
+    database-wide. A handful of index lookups, whatever the campaign's size."""
 
-    def work(session) -> tuple:
+    def work(session) -> dict[str, tuple]:
         camp = _campaign(session, campaign)
-        failed = [s.value for s in LabelStatus if s != LabelStatus.OK]
-        newest = session.execute(select(
+        label_id, created, structure_id, score_id = session.execute(select(
             select(func.max(Label.id)).scalar_subquery(),
+            select(func.max(Label.created_at)).scalar_subquery(),
             select(func.max(Structure.id)).scalar_subquery(),
-            select(func.max(Score.id)).scalar_subquery(),
-            select(func.count()).select_from(Label)
-            .where(Label.status.in_(failed)).scalar_subquery())).one()
-        rounds = tuple(session.execute(
+            select(func.max(Score.id)).scalar_subquery())).one()
+        rounds = tuple(tuple(r) for r in session.execute(
             select(Round.id, Round.status, Round.n_labelled, Round.finished_at)
             .where(Round.campaign_id == camp.id).order_by(Round.round_index)))
         n_selected = 0 if not rounds else session.scalar(
             select(func.count()).select_from(Score)
             .where(Score.round_id == rounds[-1][0], Score.selected.is_(True)))
-        return (camp.id, tuple(newest), rounds, n_selected)
+        return {"campaign": (camp.id,), "labels": (label_id, created),
+                "structures": (structure_id,), "scores": (score_id, n_selected),
+                "rounds": rounds}
 
     return run_transaction(engine, work)
 

@@ -123,6 +123,10 @@ def test_an_idle_rerun_is_served_from_the_cache_and_a_new_label_invalidates_it(b
     ov = after(data.overview)
     assert after.misses == 1 and ov.n_ok == before["overview"].n_ok + 1
     assert after(data.labels_frame, limit=1)["structure_id"].item() == sid
+    # reads that do not depend on labels stay cached: the scores of the last round
+    last = after(data.scored_rounds)[-1]
+    assert after(data.score_sample_frame, last) is before["scores"]
+    assert after(data.rounds_frame) is before["rounds"]
     # the demo campaign beside it is untouched, but its cache key changes too (the newest
     # label id is database-wide): a conservative invalidation, never a stale page
     assert data.CampaignView(ro, "demo").version != data.CampaignView(ro, "big").version
