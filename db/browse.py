@@ -319,18 +319,26 @@ LABEL_COLUMNS = ["label_id", "structure_id", "formula", "n_atoms", "source", "ro
 
 def _filtered_labels(q, campaign_id: int, *, status: list[str] | None,
                      source: list[str] | None, rounds: list[int] | None,
-                     formula: str | None, newest_first: bool = False):
+                     formula: str | None, newest_first: str | None = None):
     """``q`` (selecting from labels) joined to its structures (and rounds) and restricted to
-    one campaign and the Data tab's filters. ``newest_first`` orders by the labels'
-    ``(created_at, id)`` index and keeps the campaign test out of any index (``+ 0``), so
-    that SQLite reads labels from the newest down and stops at the page's end, where it
-    would otherwise start from the campaign's structures and sort all of its labels."""
-    campaign = Structure.campaign_id + 0 if newest_first else Structure.campaign_id
+    one campaign and the Data tab's filters.
+
+    ``newest_first`` (the dialect's name) orders by the labels' ``(created_at, id)`` index so
+    that a page reads labels from the newest down and stops at its end. Each planner needs
+    its own campaign test for that: SQLite (no statistics) would start from any index on the
+    campaign column and sort the campaign's labels, so there the test is kept out of index
+    selection (``Structure.campaign_id + 0``); PostgreSQL would estimate such an expression
+    as selective and do the same, so there it is ``Label.campaign_id``, whose statistics say
+    how much of the table the campaign is."""
+    if newest_first == "sqlite":
+        campaign = Structure.campaign_id + 0
+    elif newest_first:
+        campaign = Label.campaign_id
+    else:
+        campaign = Structure.campaign_id
     q = (q.join(Structure, Structure.id == Label.structure_id)
          .outerjoin(Round, Round.id == Label.round_id)
          .where(campaign == campaign_id))
-    # (Structure.campaign_id, not Label.campaign_id: SQLite would pick the summary index
-    # for it and sort the campaign's labels for a page)
     if newest_first:
         q = q.order_by(Label.created_at.desc(), Label.id.desc())
     if status:
@@ -361,7 +369,7 @@ def label_rows(engine: Engine, campaign: str, *, status: list[str] | None = None
                    Label.energy_per_atom, Label.max_force, Label.n_scf_cycles, Label.wall_s,
                    Label.error, Label.labeler, Label.method, Label.basis, Label.created_at),
             camp.id, status=status, source=source, rounds=rounds, formula=formula,
-            newest_first=True)
+            newest_first=session.get_bind().dialect.name)
         if limit:
             q = q.limit(limit)
         if offset:
@@ -379,7 +387,8 @@ def label_timeline(engine: Engine, campaign: str, limit: int) -> list[tuple]:
         camp = _campaign(session, campaign)
         q = _filtered_labels(select(Label.created_at, Label.wall_s, Label.n_scf_cycles,
                                     Label.status), camp.id, status=None, source=None,
-                             rounds=None, formula=None, newest_first=True).limit(limit)
+                             rounds=None, formula=None,
+                             newest_first=session.get_bind().dialect.name).limit(limit)
         return [tuple(r) for r in session.execute(q)]
 
     return run_transaction(engine, work)
