@@ -29,10 +29,15 @@ def _read_labelled(paths: list[Path]):
 class _TrainingReport:
     """Training progress: on a terminal one bar per model (epoch, loss, running training
     and validation force MAE, time left of the budget); otherwise (a log file, a batch
-    job) a line per model at most every ``every_s`` seconds, from its first epoch on."""
+    job) a line per model at most every ``every_s`` seconds (``$BAYESAL_PROGRESS_SECONDS``,
+    default 10), from its first epoch on."""
 
     def __init__(self, members: int, max_epochs: int, deadline, method: str,
-                 every_s: float = 10.0) -> None:
+                 every_s: float | None = None) -> None:
+        import os
+
+        if every_s is None:  # the interval of every command's progress lines
+            every_s = float(os.environ.get("BAYESAL_PROGRESS_SECONDS", "10"))
         self.members, self.max_epochs, self.deadline = members, max_epochs, deadline
         self.method, self.every_s = method, every_s
         self.live = err_console.is_terminal
