@@ -241,8 +241,9 @@ def test_a_big_campaign_opens_with_bounded_views(browser, tmp_path_factory):
     try:
         page = _open(browser, page_url)
         page.get_by_text("Campaign big").wait_for(timeout=90_000)
-        body = page.inner_text("body")
-        assert "196000" in body.replace(",", "")  # ok labels, counted in SQL
+        # the metrics render after the heading: wait for the ok labels, counted in SQL
+        page.wait_for_function("""() => document.body.innerText.replaceAll(',', '')
+                                       .includes('196000')""", timeout=90_000)
         _no_exception(page)
         page.get_by_role("tab", name="Acquisition").click()
         page.get_by_text("The histogram shows").wait_for(timeout=60_000)
