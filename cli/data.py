@@ -14,6 +14,7 @@ from rich.table import Table
 from bayesal.cli._app import (
     Reporter,
     app,
+    atomic_output,
     console,
     db_app,
     settings,
@@ -258,8 +259,9 @@ def sql(
         finally:
             engine.dispose()
         with stream_readonly_sql(url, query) as (columns, batches):
-            if parquet is not None:
-                n = write_parquet(columns, batches, parquet)
+            if parquet is not None:  # written aside, renamed when complete
+                with atomic_output(parquet) as part:
+                    n = write_parquet(columns, batches, part)
                 console.print(f"{n} row{'s' if n != 1 else ''} written to {parquet}")
                 return
             if csv:

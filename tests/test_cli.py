@@ -217,3 +217,18 @@ def test_long_commands_log_progress_with_totals_when_stderr_is_a_file(shared_dat
         assert any("/s, about" in line and "left" in line for line in log), log[:5]
         assert log[-1].endswith(f"120 of 120 {unit} (100 %), " + log[-1].split(", ")[-2]
                                 + ", done"), log[-1]
+
+
+def test_sql_parquet_that_fails_midway_leaves_no_file(sqlite_url, tmp_path):
+    """Rows 1-1,000 are integers, later ones text: the second batch cannot join the file's
+    schema; the error says how to fix the query and no half-written file is left."""
+    out = tmp_path / "v.parquet"
+    query = ("WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 1500) "
+             "SELECT CASE WHEN i > 1200 THEN 'x' ELSE i END AS v FROM n")
+    res = bayesal(sqlite_url, "db", "upgrade")
+    res = bayesal(sqlite_url, "sql", "--parquet", str(out), query)
+    assert res.exit_code == 1 and "CAST(x AS TEXT)" in res.output, res.output
+    assert not out.exists() and not list(tmp_path.glob(".v.parquet.*"))
+    res = bayesal(sqlite_url, "sql", "--parquet", str(out), query.replace("> 1200", "> 2000"))
+    assert res.exit_code == 0 and "1500 rows written" in res.output, res.output
+    assert out.is_file()
