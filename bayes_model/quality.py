@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 from ase import Atoms
 
+from bayesal.bayes_model.errors import UndertrainedError
 from bayesal.bayes_model.metrics import reference_labels
 
 __all__ = ["MAX_CHECKED", "QUALITY_FILE", "TOLERANCE", "Quality", "UndertrainedError", "assess",
@@ -37,10 +38,6 @@ QUALITY_FILE = "quality.json"
 TOLERANCE = 1.2
 MAX_CHECKED = 64  # structures predicted for the verdict (validation first): enough to tell
 # a model worse than the trivial predictor, cheap within a tight time budget
-
-
-class UndertrainedError(RuntimeError):
-    """A model worse than the trivial predictor, or stopped by its budget too early."""
 
 
 @dataclass

@@ -98,7 +98,7 @@ def user_errors(options: dict[str, str] | None = None) -> Iterator[None]:
     from pydantic import ValidationError
     from sqlalchemy.exc import DBAPIError
 
-    from bayesal.bayes_model.quality import UndertrainedError
+    from bayesal.bayes_model.errors import UndertrainedError
     from bayesal.db import DatabaseError
     from bayesal.db.readers import InputError
     from bayesal.flows.run_lock import CampaignBusyError

@@ -232,3 +232,28 @@ def test_sql_parquet_that_fails_midway_leaves_no_file(sqlite_url, tmp_path):
     res = bayesal(sqlite_url, "sql", "--parquet", str(out), query.replace("> 1200", "> 2000"))
     assert res.exit_code == 0 and "1500 rows written" in res.output, res.output
     assert out.is_file()
+
+
+def test_store_commands_do_not_load_the_model_libraries(sqlite_url):
+    """`sql`, `status` and `db` never touch torch, e3nn or PySCF: the error handler every
+    command runs under must not import them either (they cost ~280 MB and seconds)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\n"
+        "from bayesal.cli import main\n"
+        "url = sys.argv[1]\n"
+        "for argv in (['db', 'upgrade'], ['status'],\n"
+        "             ['sql', 'SELECT COUNT(*) AS n FROM labels']):\n"
+        "    sys.argv = ['bayesal', '--database-url', url, *argv]\n"
+        "    try:\n"
+        "        main()\n"
+        "    except SystemExit as exc:\n"
+        "        assert not exc.code, (argv, exc.code)\n"
+        "print('LOADED', sorted(m for m in ('torch', 'e3nn', 'pyscf') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script, sqlite_url], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "LOADED []" in out.stdout, out.stdout

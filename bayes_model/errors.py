@@ -1,0 +1,13 @@
+"""Exceptions the model library raises for users' mistakes and verdicts.
+
+They live apart from the modules that raise them so that a caller catching them (the CLI's
+one-paragraph error handler) does not import torch and e3nn to do so.
+"""
+
+from __future__ import annotations
+
+__all__ = ["UndertrainedError"]
+
+
+class UndertrainedError(RuntimeError):
+    """A model worse than the trivial predictor, or stopped by its budget too early."""
