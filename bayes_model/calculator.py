@@ -33,18 +33,19 @@ class BayesalCalculator(Calculator):
     whether the model extrapolates (the total ``energy_std`` is dominated by the label noise
     the model expects and barely moves); ``energy_std`` / ``forces_std`` say how wrong the
     prediction may be. The same keys with the suffix ``_raw`` hold the values before
-    recalibration.
+    recalibration. ``device`` (auto, cpu, cuda, cuda:K) is where a model read from
+    ``model_dir`` runs; a ``posterior`` given ready runs where it was loaded.
     """
 
     implemented_properties = ["energy", "free_energy", "forces", *UNCERTAINTY_KEYS]
 
     def __init__(self, model_dir: str | Path | None = None, *, posterior=None,
-                 recalibrated: bool = True, **kwargs) -> None:
+                 recalibrated: bool = True, device: str = "cpu", **kwargs) -> None:
         super().__init__(**kwargs)
         if posterior is None:
             if model_dir is None:
                 raise ValueError("give a model directory or a posterior")
-            posterior = load_posterior(model_dir)
+            posterior = load_posterior(model_dir, device=device)
         self.posterior = posterior
         self.recalibrated = recalibrated
 

@@ -160,8 +160,11 @@ def _verified_load(path: Path, sha256: str, fix: str) -> Any:
         raise CheckpointError(f"{path} cannot be read: {exc}") from None
 
 
-def load_members(directory: str | Path) -> tuple[list[MVEPotential], Manifest]:
-    """Members of a model directory in eval mode; any mismatch raises CheckpointError."""
+def load_members(directory: str | Path, device: torch.device | str = "cpu",
+                 ) -> tuple[list[MVEPotential], Manifest]:
+    """Members of a model directory in eval mode on ``device`` (files are read onto the host
+    first, so a model trained on a GPU loads anywhere); any mismatch raises
+    CheckpointError."""
     manifest = read_manifest(directory)
     dtype = getattr(torch, manifest.dtype)
     models = []
@@ -176,7 +179,7 @@ def load_members(directory: str | Path) -> tuple[list[MVEPotential], Manifest]:
             first = str(exc).splitlines()[0]
             raise CheckpointError(f"{path} does not match the model its manifest describes "
                                   f"({first}...)") from None
-        models.append(model.eval())
+        models.append(model.to(device).eval())
     if not models:
         raise CheckpointError(f"{directory}: the manifest lists no members")
     return models, manifest

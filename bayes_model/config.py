@@ -10,6 +10,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from bayesal.bayes_model.calibration import PRIOR_WEIGHT
+from bayesal.bayes_model.device import DEVICE_HELP, DEVICE_PATTERN
 from bayesal.bayes_model.laplace import LaplaceConfig
 from bayesal.bayes_model.model import ModelConfig
 from bayesal.bayes_model.sampling import IVONConfig, SWAGConfig
@@ -36,10 +37,12 @@ class PosteriorSettings(BaseModel):
 
 
 class TrainingFile(BaseModel):
-    """``model:``, ``train:`` and ``posterior:`` sections of a model YAML file."""
+    """``device:`` and the ``model:``, ``train:`` and ``posterior:`` sections of a model YAML
+    file."""
 
     model_config = ConfigDict(extra="forbid")
 
+    device: str = Field("auto", pattern=DEVICE_PATTERN, description=DEVICE_HELP)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     posterior: PosteriorSettings = Field(default_factory=PosteriorSettings)

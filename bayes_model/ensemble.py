@@ -27,6 +27,7 @@ from bayesal.bayes_model.data import (
     energy_shifts_with_isolated,
     labels_of,
 )
+from bayesal.bayes_model.device import member_devices
 from bayesal.bayes_model.model import ModelConfig, MVEPotential
 from bayesal.bayes_model.resources import Deadline, plan_processes
 from bayesal.bayes_model.train import TrainConfig, build_model, train_model
@@ -108,7 +109,8 @@ def load_warm_start(directory: str | Path, model_config: ModelConfig,
 
 def _member_job(k: int, data: PreparedData, model_config: ModelConfig, train_config: TrainConfig,
                 work_dir: str, resume: bool, threads: int, events=None,
-                warm: WarmStart | None = None, deadline: Deadline | None = None):
+                warm: WarmStart | None = None, deadline: Deadline | None = None,
+                device: str = "cpu"):
     events = _EVENTS if events is None else events  # member processes: set by _init_member
     torch.set_num_threads(threads)
     config = train_config.model_copy(update={"seed": train_config.seed + k})
@@ -128,8 +130,8 @@ def _member_job(k: int, data: PreparedData, model_config: ModelConfig, train_con
             events.put((k, record))
 
     result = train_model(model, data.train, data.valid, config, work_dir=member_dir,
-                         resume=resume, on_epoch=report, deadline=deadline)
-    info = {"best_epoch": result.best_epoch, "stopped": result.stopped,
+                         resume=resume, on_epoch=report, deadline=deadline, device=device)
+    info = {"best_epoch": result.best_epoch, "stopped": result.stopped, "device": device,
             "epochs": len(result.history), "threads": torch.get_num_threads(),
             "curve": _curve(result.history),
             **{f"valid_{m}": v for m, v in result.best_metrics.items()}}
@@ -150,8 +152,12 @@ def train_ensemble(
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
     init_from: str | Path | None = None,
     deadline: Deadline | None = None,
+    device: str = "auto",
 ) -> Path:
     """Train ``members`` models and write a model directory (see bayes_model.checkpoint).
+
+    ``device`` (auto, cpu, cuda, cuda:K; see bayes_model.device): with ``auto`` or ``cuda``
+    member k trains on visible GPU k mod n, with ``cuda:K`` every member on GPU K.
 
     Member k uses seed ``train_config.seed + k`` for its weights and data order. Members
     train in parallel processes (spawned) within the CPU share of this process
@@ -167,6 +173,7 @@ def train_ensemble(
     train_config = train_config or TrainConfig()
     if members < 1:
         raise ValueError(f"members must be >= 1, got {members}")
+    devices = [str(d) for d in member_devices(device, members)]
     procs, threads = plan_processes(members, processes, train_config.threads)
     data = prepare_data(train, valid, model_config, isolated_atoms=isolated_atoms)
     waves, start = -(-members // procs), time.time()
@@ -184,13 +191,14 @@ def train_ensemble(
         # members continue from it (and the waves share what is left).
         warm, shared_info, train_config = _shared_start(
             data, model_config, train_config, work, resume, deadline, on_epoch,
-            plan_processes(1, 1, train_config.threads)[1])
+            plan_processes(1, 1, train_config.threads)[1], devices[0])
         start = time.time()
     results: dict[int, tuple[dict, dict]] = {}
     if procs == 1:
         for k in range(members):
             _, state, info = _member_job(k, data, model_config, train_config, str(work), resume,
-                                         threads, _Direct(on_epoch), warm, member_deadline(k))
+                                         threads, _Direct(on_epoch), warm, member_deadline(k),
+                                         devices[k])
             results[k] = (state, info)
     else:
         ctx = mp.get_context("spawn")
@@ -204,7 +212,8 @@ def train_ensemble(
                                    initializer=_init_member, initargs=(os.getpid(), events))
         try:
             futures = [pool.submit(_member_job, k, data, model_config, train_config,
-                                   str(work), resume, threads, None, warm, member_deadline(k))
+                                   str(work), resume, threads, None, warm, member_deadline(k),
+                                   devices[k])
                        for k in range(members)]
             for fut in futures:
                 k, state, info = fut.result()
@@ -254,7 +263,7 @@ SHARED_KEY = "start"  # ``on_epoch`` key of the shared start model's epochs
 
 def _shared_start(data: PreparedData, model_config: ModelConfig, train_config: TrainConfig,
                   work: Path, resume: bool, deadline: Deadline | None, on_epoch, threads: int,
-                  ) -> tuple[WarmStart, dict, TrainConfig]:
+                  device: str = "cpu") -> tuple[WarmStart, dict, TrainConfig]:
     """Train the model every member starts from (``train_config.shared_start`` of the time
     left, or of ``max_epochs``). Returns it as a :class:`WarmStart`, its training record
     and the members' config (the epochs left). Resumable: a finished start is kept in
@@ -268,7 +277,7 @@ def _shared_start(data: PreparedData, model_config: ModelConfig, train_config: T
     done = folder / "start.pt"
     if resume and done.exists():
         try:
-            saved = torch.load(done, weights_only=True)
+            saved = torch.load(done, weights_only=True, map_location="cpu")
             return WarmStart(**saved["warm"]), saved["info"], member_config
         except Exception as exc:
             raise CheckpointError(f"{done} cannot be resumed ({type(exc).__name__}); delete "
@@ -284,11 +293,12 @@ def _shared_start(data: PreparedData, model_config: ModelConfig, train_config: T
 
     result = train_model(model, data.train, data.valid,
                          train_config.model_copy(update={"max_epochs": epochs}),
-                         work_dir=folder, resume=resume, on_epoch=report, deadline=end)
+                         work_dir=folder, resume=resume, on_epoch=report, deadline=end,
+                         device=device)
     warm = WarmStart([{n: t.detach().cpu() for n, t in result.model.state_dict().items()}],
                      list(data.shifts), float(result.model.scale), result.model.avg_neighbors)
     info = {"epochs": len(result.history), "best_epoch": result.best_epoch,
-            "stopped": result.stopped, "threads": torch.get_num_threads(),
+            "stopped": result.stopped, "threads": torch.get_num_threads(), "device": device,
             "curve": _curve(result.history)}
     tmp = done.with_name(done.name + ".tmp")
     torch.save({"warm": vars(warm), "info": info}, tmp)

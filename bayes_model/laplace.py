@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from bayesal.bayes_model import _keys as K
 from bayesal.bayes_model.data import Graph, atoms_to_graph, batch_graphs, iter_batches
+from bayesal.bayes_model.device import host, model_device, split_on_oom
 from bayesal.bayes_model.model import MVEPotential
 from bayesal.bayes_model.predict import OneModelProperties, Prediction, structure_features
 
@@ -132,18 +133,18 @@ class LastLayerLaplace(OneModelProperties):
         """G over labelled or unlabelled graphs (only inputs are used), memory O(D²)."""
         model.eval()
         d = model.n_features
-        dtype = next(model.parameters()).dtype
-        eye = torch.eye(d, dtype=torch.float64)
-        ggn = torch.zeros(d, d, dtype=torch.float64)
+        dtype, device = next(model.parameters()).dtype, model_device(model)
+        eye = torch.eye(d, dtype=torch.float64, device=device)
+        ggn = torch.zeros(d, d, dtype=torch.float64, device=device)
         for idx in iter_batches(graphs, batch_size=batch_size):
-            batch = batch_graphs([graphs[i] for i in idx], dtype=dtype)
+            batch = batch_graphs([graphs[i] for i in idx], dtype=dtype, device=device)
             out, j_e, j_f = _jacobians(model, batch, eye)
             j_e, j_f = j_e.double(), j_f.double()
             prec_e = 1.0 / out["energy_var"].detach().double()
             prec_f = torch.linalg.inv(out["forces_cov"].detach().double())
             ggn += torch.einsum("sd,s,se->de", j_e, prec_e, j_e)
             ggn += torch.einsum("nid,nij,nje->de", j_f, prec_f, j_f)
-        return 0.5 * (ggn + ggn.T).numpy()
+        return host(0.5 * (ggn + ggn.T))
 
     @classmethod
     def fit(cls, model: MVEPotential, train: Sequence[Graph], *,
@@ -154,7 +155,7 @@ class LastLayerLaplace(OneModelProperties):
         d = model.n_features
         structure = config.structure or (Structure.FULL if d <= 4096 else Structure.DIAG)
         ggn = cls.accumulate_ggn(model, train, batch_size=config.batch_size)
-        w = model.energy_head.weight.detach().double().numpy().ravel()
+        w = host(model.energy_head.weight).ravel()
         grid = np.logspace(-8, 8, 321)
         diagnostics = {"n_train": len(train), "weight_norm2": float(w @ w)}
         if config.prior_precision is not None:
@@ -180,16 +181,15 @@ class LastLayerLaplace(OneModelProperties):
                           batch_size: int) -> float:
         """Prior precision on ``grid`` with the lowest validation NLL (energies + forces)."""
         d = self.ggn.shape[0]
-        eye = torch.eye(d, dtype=torch.float64)
-        dtype = next(self.model.parameters()).dtype
+        dtype, device = next(self.model.parameters()).dtype, model_device(self.model)
+        eye = torch.eye(d, dtype=torch.float64, device=device)
         parts = []
         for idx in iter_batches(valid, batch_size=batch_size):
-            batch = batch_graphs([valid[i] for i in idx], dtype=dtype)
+            batch = batch_graphs([valid[i] for i in idx], dtype=dtype, device=device)
             out, j_e, j_f = _jacobians(self.model, batch, eye)
-            parts.append(((batch[K.ENERGY] - out["energy"]).detach().double().numpy(),
-                          out["energy_var"].detach().double().numpy(), j_e.double().numpy(),
-                          (batch[K.FORCES] - out["forces"]).detach().double().numpy(),
-                          out["forces_cov"].detach().double().numpy(), j_f.double().numpy()))
+            parts.append((host(batch[K.ENERGY] - out["energy"]), host(out["energy_var"]),
+                          host(j_e), host(batch[K.FORCES] - out["forces"]),
+                          host(out["forces_cov"]), host(j_f)))
         best, best_nll = float(grid[0]), math.inf
         for g in grid:
             cov = self._covariance(float(g))
@@ -207,24 +207,26 @@ class LastLayerLaplace(OneModelProperties):
     # -- prediction ----------------------------------------------------------------------
     def predict_graphs(self, graphs: Sequence[Graph], *, batch_size: int = 32,
                        max_atoms: int = 4096) -> Prediction:
-        dtype = next(self.model.parameters()).dtype
-        chol = torch.as_tensor(self._chol)
-        dirs = torch.as_tensor(self._force_dirs)
-        parts = []
-        for idx in iter_batches(graphs, batch_size=batch_size, max_atoms=max_atoms):
-            batch = batch_graphs([graphs[i] for i in idx], dtype=dtype)
+        dtype, device = next(self.model.parameters()).dtype, model_device(self.model)
+        chol = torch.as_tensor(self._chol, device=device)
+        dirs = torch.as_tensor(self._force_dirs, device=device)
+
+        def one_batch(idx: Sequence[int]) -> Prediction:
+            batch = batch_graphs([graphs[i] for i in idx], dtype=dtype, device=device)
             out, j_e, j_f = _jacobians(self.model, batch, dirs)
             feats = j_e.double() @ chol  # (S, D): dot products = posterior covariances
             jv = j_f.double()
-            parts.append(Prediction(
-                energy=out["energy"].detach().double().numpy(),
-                energy_var_epi=(feats**2).sum(1).numpy(),
-                energy_var_ale=out["energy_var"].detach().double().numpy(),
-                forces=out["forces"].detach().double().numpy(),
-                forces_cov_epi=torch.einsum("nir,njr->nij", jv, jv).numpy(),
-                forces_cov_ale=out["forces_cov"].detach().double().numpy(),
+            return Prediction(
+                energy=host(out["energy"]), energy_var_epi=host((feats**2).sum(1)),
+                energy_var_ale=host(out["energy_var"]), forces=host(out["forces"]),
+                forces_cov_epi=host(torch.einsum("nir,njr->nij", jv, jv)),
+                forces_cov_ale=host(out["forces_cov"]),
                 n_atoms=np.array([graphs[i].n_atoms for i in idx]),
-                features=feats.numpy(), features_metric=True))
+                features=host(feats), features_metric=True)
+
+        parts = []
+        for idx in iter_batches(graphs, batch_size=batch_size, max_atoms=max_atoms):
+            parts.extend(split_on_oom(one_batch, idx))
         return Prediction.concatenate(parts)
 
     def predict(self, images: Sequence[Atoms], *, batch_size: int = 32,

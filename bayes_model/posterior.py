@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from ase import Atoms
 
 from bayesal.bayes_model.calibration import Recalibration, fit_recalibration
@@ -29,6 +30,7 @@ from bayesal.bayes_model.checkpoint import (
 )
 from bayesal.bayes_model.config import TrainingFile
 from bayesal.bayes_model.data import atoms_to_graph
+from bayesal.bayes_model.device import check_device, resolve_device
 from bayesal.bayes_model.ensemble import train_ensemble
 from bayesal.bayes_model.laplace import LastLayerLaplace
 from bayesal.bayes_model.model import MVEPotential
@@ -58,8 +60,9 @@ class EnsemblePosterior:
         self.manifest = manifest
 
     @classmethod
-    def load(cls, directory: str | Path) -> EnsemblePosterior:
-        models, manifest = load_members(directory)
+    def load(cls, directory: str | Path, device: torch.device | str = "cpu",
+             ) -> EnsemblePosterior:
+        models, manifest = load_members(directory, device)
         return cls(models, manifest)
 
     @property
@@ -97,10 +100,11 @@ class TrainingPlan:
 
 
 def plan_training(method: Method | str, members: int, settings: TrainingFile | None = None,
-                  *, processes: int | None = None, seed: int | None = None) -> TrainingPlan:
+                  *, processes: int | None = None, seed: int | None = None,
+                  device: str | None = None) -> TrainingPlan:
     """One setup for every entry point (``bayesal train``, a campaign round): the number of
-    models for ``method``, the processes x threads that fit the CPU share, and ``seed``
-    (when given) as the training seed."""
+    models for ``method``, the processes x threads that fit the CPU share, ``seed`` (when
+    given) as the training seed and ``device`` (when given) instead of the settings'."""
     method = Method(method)
     settings = settings or TrainingFile()
     n_models = members if method is Method.ENSEMBLE else 1
@@ -109,13 +113,16 @@ def plan_training(method: Method | str, members: int, settings: TrainingFile | N
     if seed is not None:
         settings = settings.model_copy(update={
             "train": settings.train.model_copy(update={"seed": seed})})
+    if device is not None:
+        settings = settings.model_copy(update={"device": check_device(device, "--device")})
     procs, threads = plan_processes(n_models, processes, settings.train.threads)
     return TrainingPlan(method, n_models, procs, threads, settings)
 
 
 def load_posterior(directory: str | Path, *, samples: int | None = None,
-                   seed: int = 0) -> Posterior:
-    """The posterior stored in a model directory (its manifest says which method).
+                   seed: int = 0, device: torch.device | str = "cpu") -> Posterior:
+    """The posterior stored in a model directory (its manifest says which method), on
+    ``device`` (a torch device or a setting such as ``auto``: see bayes_model.device).
 
     The returned object has ``predict(images) -> Prediction`` (raw variances),
     ``manifest`` and ``recalibration`` (None when none was fitted). ``samples`` overrides
@@ -127,11 +134,13 @@ def load_posterior(directory: str | Path, *, samples: int | None = None,
     except ValueError:
         raise CheckpointError(f"{directory}: posterior method {manifest.method!r} is not "
                               f"supported by this bayesal (known: {', '.join(Method)})") from None
+    if isinstance(device, str):
+        device = resolve_device(device)
     posterior: Any
     if method is Method.ENSEMBLE:
-        posterior = EnsemblePosterior.load(directory)
+        posterior = EnsemblePosterior.load(directory, device)
     else:
-        models, _ = load_members(directory)
+        models, _ = load_members(directory, device)
         state = load_state_file(directory, manifest.posterior)
         try:
             if method is Method.LAPLACE:
@@ -182,13 +191,14 @@ def train_posterior(
     train_ensemble(train, valid, out, members=members if method is Method.ENSEMBLE else 1,
                    model_config=settings.model, train_config=settings.train,
                    isolated_atoms=isolated_atoms, processes=processes, resume=resume,
-                   on_epoch=on_epoch, init_from=init_from, deadline=train_end)
+                   on_epoch=on_epoch, init_from=init_from, deadline=train_end,
+                   device=settings.device)
     if method is not Method.ENSEMBLE:
         fit_posterior(method, out, train, valid, out, settings=settings,
                       on_posterior=on_posterior, recalibrate=False, deadline=posterior_end)
     if recalibrate:
         _recalibrate(out, valid, settings)
-    posterior = load_posterior(out)
+    posterior = load_posterior(out, device=settings.device)
     assess(posterior, train, valid, members=posterior.manifest.members,
            min_epochs=settings.train.min_epochs).save(out)
     if settings.train.keep_train_state == "none":
@@ -214,7 +224,7 @@ def fit_posterior(
     if method is Method.ENSEMBLE:
         raise ValueError("an ensemble is trained, not fitted: use train_posterior")
     settings = settings or TrainingFile()
-    models, manifest = load_members(map_dir)
+    models, manifest = load_members(map_dir, resolve_device(settings.device))
     if len(models) != 1:
         raise ValueError(f"{map_dir} holds {len(models)} models; {method} starts from one "
                          "trained model (train with --members 1)")
@@ -301,7 +311,7 @@ def describe_budget(method: Method | str, minutes: float, members: int, processe
 
 
 def _recalibrate(out: Path, valid: Sequence[Atoms], settings: TrainingFile) -> None:
-    posterior = load_posterior(out)
+    posterior = load_posterior(out, device=settings.device)
     recal = fit_recalibration(posterior.predict(valid), valid,
                               isotonic=settings.posterior.isotonic,
                               prior_weight=settings.posterior.recal_prior_weight)

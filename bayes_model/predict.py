@@ -15,6 +15,7 @@ from ase import Atoms
 
 from bayesal.bayes_model import _keys as K
 from bayesal.bayes_model.data import atoms_to_graph, batch_graphs, iter_batches
+from bayesal.bayes_model.device import host, model_device, split_on_oom
 from bayesal.bayes_model.model import MVEPotential
 
 __all__ = ["RAW_SUFFIX", "UNCERTAINTY_KEYS", "OneModelProperties", "Prediction", "calibrate",
@@ -107,25 +108,28 @@ def structure_features(phi: torch.Tensor, batch: dict[str, torch.Tensor]) -> tor
 
 def predict_members(models: Sequence[MVEPotential], images: Sequence[Atoms], *,
                     batch_size: int = 32, max_atoms: int = 4096) -> Prediction:
-    """Ensemble prediction (members as samples), batch by batch."""
+    """Ensemble prediction (members as samples), batch by batch on the members' device
+    (a batch that does not fit a GPU's memory is split)."""
     first = models[0]
     graphs = [atoms_to_graph(a, first.species, first.config.cutoff, with_labels=False)
               for a in images]
-    dtype = next(first.parameters()).dtype
-    parts = []
-    for idx in iter_batches(graphs, batch_size=batch_size, max_atoms=max_atoms):
-        batch = batch_graphs([graphs[i] for i in idx], dtype=dtype)  # shared by members
+    dtype, device = next(first.parameters()).dtype, model_device(first)
+
+    def one_batch(idx: Sequence[int]) -> Prediction:
+        batch = batch_graphs([graphs[i] for i in idx], dtype=dtype, device=device)
         outs = []
-        for model in models:
+        for model in models:  # members share the batch (and its device)
             out = model(batch)
             out["features"] = structure_features(out["features"], batch)
-            outs.append({k: v.detach().to(torch.float64).numpy() for k, v in out.items()
-                         if k != "atomic_energies"})
+            outs.append({k: host(v) for k, v in out.items() if k != "atomic_energies"})
         stack = {k: np.stack([o[k] for o in outs]) for k in outs[0]}
-        parts.append(combine_samples(stack["energy"], stack["energy_var"], stack["forces"],
-                                     stack["forces_cov"],
-                                     np.array([graphs[i].n_atoms for i in idx]),
-                                     features=stack["features"]))
+        return combine_samples(stack["energy"], stack["energy_var"], stack["forces"],
+                               stack["forces_cov"], np.array([graphs[i].n_atoms for i in idx]),
+                               features=stack["features"])
+
+    parts = []
+    for idx in iter_batches(graphs, batch_size=batch_size, max_atoms=max_atoms):
+        parts.extend(split_on_oom(one_batch, idx))
     return Prediction.concatenate(parts)
 
 

@@ -95,10 +95,11 @@ def load_flat(model: torch.nn.Module, theta: torch.Tensor) -> None:
 class SWAGCollector:
     """Running first/second moments and the last K deviation columns."""
 
-    def __init__(self, n_params: int, max_rank: int) -> None:
-        self.n = 0
-        self.mean = torch.zeros(n_params, dtype=torch.float64)
-        self.sq_mean = torch.zeros(n_params, dtype=torch.float64)
+    def __init__(self, n_params: int, max_rank: int,
+                 device: torch.device | str = "cpu") -> None:
+        self.n = 0  # moments live where the model trains (bayes_model.device)
+        self.mean = torch.zeros(n_params, dtype=torch.float64, device=device)
+        self.sq_mean = torch.zeros(n_params, dtype=torch.float64, device=device)
         self.deviations: deque[torch.Tensor] = deque(maxlen=max_rank)
 
     def collect(self, theta: torch.Tensor) -> None:
@@ -114,7 +115,8 @@ class SWAGCollector:
 
     def state(self, diagonal: bool) -> dict:
         dev = (torch.stack(list(self.deviations)) if self.deviations
-               else torch.zeros(0, self.mean.numel(), dtype=torch.float64))
+               else torch.zeros(0, self.mean.numel(), dtype=torch.float64,
+                                device=self.mean.device))
         return {"kind": "swag", "n": self.n, "mean": self.mean, "sq_mean": self.sq_mean,
                 "deviations": dev, "diagonal": diagonal}
 
@@ -148,7 +150,8 @@ def collect_swag(model: MVEPotential, train: Sequence[Graph], train_config: Trai
         def lr_at(frac: float) -> float:
             return config.lr / 10 + 0.5 * (config.lr - config.lr / 10) * (
                 1 + math.cos(math.pi * frac))
-    collector = SWAGCollector(sum(p.numel() for p in model.parameters()), config.max_rank)
+    collector = SWAGCollector(sum(p.numel() for p in model.parameters()), config.max_rank,
+                              device=next(model.parameters()).device)
     start, epoch_s = time.perf_counter(), 0.0
     for epoch in range(config.burn_in_epochs + config.epochs):
         if collector.n >= 2 and (
@@ -247,7 +250,10 @@ class SampledPosterior(OneModelProperties):
     def __init__(self, method: str, mean_model: MVEPotential, state: dict, *,
                  samples: int = 8, seed: int = 0) -> None:
         self.method, self.model, self.state = method, mean_model.eval(), state
-        mean = flat_params(mean_model)
+        # Weights are drawn on the host with a CPU generator (states load onto the host),
+        # so a posterior draws the same samples on every device.
+        mean = flat_params(mean_model).cpu()
+        state = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
         if method == "swag":
             if state["mean"].numel() != mean.numel():
                 raise ValueError(f"SWAG state has {state['mean'].numel()} weights, the model "

@@ -19,6 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from bayesal.bayes_model import _keys as K
 from bayesal.bayes_model.data import Graph, batch_graphs, iter_batches
+from bayesal.bayes_model.device import model_device
+from bayesal.bayes_model.errors import DeviceError
 from bayesal.bayes_model.losses import (
     LossKind,
     NLLMode,
@@ -117,7 +119,9 @@ class EMA:
     def load(self, state: dict) -> None:
         if "shadow" not in state:  # saved before the warm-up existed: past it
             state = {"shadow": state, "updates": 10**9}
-        self.shadow, self.updates = state["shadow"], int(state["updates"])
+        device = next(iter(self.shadow.values())).device if self.shadow else None
+        self.shadow = {n: t.to(device) for n, t in state["shadow"].items()}
+        self.updates = int(state["updates"])
 
     @contextlib.contextmanager
     def applied(self, model: torch.nn.Module):
@@ -137,11 +141,11 @@ class EMA:
 def evaluate_graphs(model: MVEPotential, graphs: Sequence[Graph], *, batch_size: int = 32,
                     ) -> dict[str, float]:
     """Energy/force MAE and Gaussian NLL of a model on labelled graphs."""
-    dtype = next(model.parameters()).dtype
+    dtype, device = next(model.parameters()).dtype, model_device(model)
     e_err, f_err, e_nll, f_nll, n_atoms = [], [], [], [], []
     model.eval()
     for idx in iter_batches(graphs, batch_size=batch_size):
-        batch = batch_graphs([graphs[i] for i in idx], dtype=dtype)
+        batch = batch_graphs([graphs[i] for i in idx], dtype=dtype, device=device)
         out = model(batch)
         e_err.append((out["energy"] - batch[K.ENERGY]).detach())
         f_err.append((out["forces"] - batch[K.FORCES]).detach())
@@ -178,8 +182,10 @@ def train_model(
     sample_context: Callable[[], contextlib.AbstractContextManager] | None = None,
     keep_best: bool = True,
     deadline: Deadline | None = None,
+    device: torch.device | str | None = None,
 ) -> TrainResult:
-    """Train ``model`` (already initialised) on labelled graphs.
+    """Train ``model`` (already initialised) on labelled graphs, on ``device`` (default:
+    where the model is; see bayes_model.device).
 
     With ``work_dir`` the full training state is written there after every epoch
     (atomically), and ``resume=True`` continues from it. ``on_epoch`` receives a dict with
@@ -197,7 +203,7 @@ def train_model(
     if config.threads:
         torch.set_num_threads(config.threads)
     dtype = torch.float64 if config.float64 else torch.float32
-    model = model.to(dtype)
+    model = model.to(dtype=dtype, device=device)
     if optimizer is None:
         optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, amsgrad=True,
                                      weight_decay=config.weight_decay)
@@ -210,7 +216,9 @@ def train_model(
     path = Path(work_dir) / STATE_FILE if work_dir is not None else None
     if resume and path is not None and path.exists():
         try:
-            saved = torch.load(path, weights_only=True)
+            # On the host first: the generator state must stay a CPU tensor, and a state
+            # written on a GPU resumes on the CPU (and the other way round).
+            saved = torch.load(path, weights_only=True, map_location="cpu")
             model.load_state_dict(saved["model"])
             optimizer.load_state_dict(saved["optimizer"])
             scheduler.load_state_dict(saved["scheduler"])
@@ -238,10 +246,17 @@ def train_model(
         epoch = state["epoch"]
         kind = LossKind.MSE if epoch < config.warmup_epochs else config.loss
         force_error = [0.0, 0]
-        losses, skipped = train_epoch(model, train, optimizer, config, kind=kind,
-                                      generator=generator, ema=ema,
-                                      sample_context=sample_context, clock=clock,
-                                      force_error=force_error)
+        try:
+            losses, skipped = train_epoch(model, train, optimizer, config, kind=kind,
+                                          generator=generator, ema=ema,
+                                          sample_context=sample_context, clock=clock,
+                                          force_error=force_error)
+        except torch.cuda.OutOfMemoryError:
+            largest = max(g.n_atoms for g in train)
+            raise DeviceError(
+                f"out of GPU memory on {model_device(model)} training batches of "
+                f"{config.batch_size} structures (up to {largest} atoms each): lower "
+                "train.batch_size, or put fewer members on each GPU") from None
         t_eval = time.perf_counter()
         with ema.applied(model) if ema is not None else contextlib.nullcontext(model):
             metrics = evaluate_graphs(model, valid)
@@ -306,11 +321,11 @@ def refit_energy_shifts(model: MVEPotential, graphs: Sequence[Graph], *,
     if len(labelled) > REFIT_MAX:  # a constant offset needs few structures: keep it cheap
         labelled = [labelled[i] for i in np.linspace(0, len(labelled) - 1, REFIT_MAX,
                                                       dtype=int)]
-    dtype = next(model.parameters()).dtype
+    dtype, device = next(model.parameters()).dtype, model_device(model)
     model.eval()
     residual = []
     for idx in iter_batches(labelled, batch_size=batch_size):
-        batch = batch_graphs([labelled[i] for i in idx], dtype=dtype)
+        batch = batch_graphs([labelled[i] for i in idx], dtype=dtype, device=device)
         residual.append((batch[K.ENERGY] - model(batch, forces=False)["energy"]).cpu())
     r = torch.cat(residual).numpy()
     counts = np.stack([np.bincount(g.species, minlength=len(model.species)) for g in labelled])
@@ -331,19 +346,26 @@ def train_epoch(model: MVEPotential, train: Sequence[Graph], optimizer: torch.op
     per step (cyclic schedules); ``clock`` ends the pass early when its time is up;
     ``force_error`` ([sum, count]) accumulates the absolute force errors of the batches as
     they were trained (the epoch's running training force MAE, at no extra cost)."""
-    dtype = next(model.parameters()).dtype
+    dtype, device = next(model.parameters()).dtype, model_device(model)
     model.train()
     order = torch.randperm(len(train), generator=generator).tolist()
     batches = list(iter_batches(train, batch_size=config.batch_size, order=order))
+
+    def prepare(step: int) -> dict[str, torch.Tensor] | None:
+        if step >= len(batches):
+            return None
+        return batch_graphs([train[i] for i in batches[step]], dtype=dtype, device=device)
+
     losses, skipped = [], 0
-    for step, idx in enumerate(batches):
+    upcoming = prepare(0)
+    for step in range(len(batches)):
         if clock is not None and clock.no_time_for_a_step():
             break
         t_step = time.perf_counter()
         if lr_at is not None:
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step / len(batches))
-        batch = batch_graphs([train[i] for i in idx], dtype=dtype)
+        batch = upcoming
         with sample_context() if sample_context is not None else contextlib.nullcontext():
             separate = config.nll_mode is NLLMode.SEPARATE
             out = model(batch, training=True, detach_variance=separate)
@@ -351,6 +373,9 @@ def train_epoch(model: MVEPotential, train: Sequence[Graph], optimizer: torch.op
                                    lambda_f=config.lambda_f, beta=config.nll_beta,
                                    separate=separate)
             optimizer.zero_grad(set_to_none=True)
+            # The next batch is built on the host while a GPU still computes this one (the
+            # finiteness check below is the step's only wait for the device).
+            upcoming = prepare(step + 1)
             if not torch.isfinite(loss):
                 skipped += 1  # a bad batch must not poison the weights
                 continue
@@ -362,10 +387,10 @@ def train_epoch(model: MVEPotential, train: Sequence[Graph], optimizer: torch.op
         optimizer.step()
         if ema is not None:
             ema.update(model)
-        losses.append(loss.item())
+        losses.append(loss.detach())
         if clock is not None:
             clock.step_seconds = time.perf_counter() - t_step
-    return losses, skipped
+    return (torch.stack(losses).tolist() if losses else []), skipped
 
 
 class _StepClock:

@@ -98,7 +98,7 @@ def user_errors(options: dict[str, str] | None = None) -> Iterator[None]:
     from pydantic import ValidationError
     from sqlalchemy.exc import DBAPIError
 
-    from bayesal.bayes_model.errors import UndertrainedError
+    from bayesal.bayes_model.errors import DeviceError, UndertrainedError
     from bayesal.db import DatabaseError
     from bayesal.db.readers import InputError
     from bayesal.flows.run_lock import CampaignBusyError
@@ -115,7 +115,7 @@ def user_errors(options: dict[str, str] | None = None) -> Iterator[None]:
             f"--{names.get(str(e['loc'][-1]), str(e['loc'][-1])).replace('_', '-')} "
             f"{e.get('input')!r}: {e['msg']}" for e in exc.errors()))
     except (InputError, LabelerInputError, DatabaseError, SettingsError, ValueError,
-            OSError, CampaignError, CampaignBusyError, UndertrainedError) as exc:
+            OSError, CampaignError, CampaignBusyError, UndertrainedError, DeviceError) as exc:
         _fail(str(exc))  # OSError: missing files, permissions, disk full
     except DBAPIError as exc:  # cannot connect, not a database file, ...
         msg = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
@@ -303,6 +303,32 @@ def writer_engine(cfg: Settings):
     from bayesal.db import make_engine
 
     return make_engine(cfg.database_url)
+
+
+DEVICE_OPTION_HELP = ("Where the model runs: auto (the first visible CUDA GPU, else the CPU), "
+                      "cpu, cuda or cuda:K (the K-th visible GPU; CUDA_VISIBLE_DEVICES pins "
+                      "which).")
+DeviceOption = Annotated[str, typer.Option("--device", help=DEVICE_OPTION_HELP)]
+
+
+def load_model_on(model_dir: Path, device: str, method: str | None = None):
+    """``--method`` checked against the model, ``--device`` resolved (one line when this
+    machine cannot honour it), and the model directory's posterior loaded there."""
+    from bayesal.bayes_model.device import resolve_device
+    from bayesal.bayes_model.posterior import load_posterior
+
+    check_method(method, model_dir)
+    where = resolve_device(device, what="--device")
+    posterior = load_posterior(model_dir, device=where)
+    if where.type != "cpu":
+        err_console.print(f"model on {where} ({_gpu_name(where)})")
+    return posterior
+
+
+def _gpu_name(device) -> str:
+    import torch
+
+    return torch.cuda.get_device_name(device)
 
 
 def check_method(value: str | None, model_dir: Path | None = None):

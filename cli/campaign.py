@@ -57,6 +57,9 @@ def run(
             d = cfg.data
             check_files([*d.pool_files, *d.initial_files, *d.test_files])
         cfg.labeler.build()  # an unknown functional or basis: one line, before Prefect starts
+        from bayesal.bayes_model.device import resolve_device
+
+        resolve_device(cfg.device, what=f"{config}: device")  # no GPU: before any work
         _check_new(cfg, resume)
         _check_not_running(cfg.name)
         _exit_on_sigterm(config)

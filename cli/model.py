@@ -11,12 +11,15 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from bayesal.cli._app import (
+    DEVICE_OPTION_HELP,
+    DeviceOption,
     Reporter,
     app,
     atomic_output,
     check_method,
     console,
     err_console,
+    load_model_on,
     read_frames,
     user_errors,
 )
@@ -140,6 +143,10 @@ def train(
              "SLURM_CPUS_PER_TASK, OMP_NUM_THREADS).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue interrupted training in "
                                          "OUT/work.")] = False,
+    device: Annotated[str | None, typer.Option(
+        help=DEVICE_OPTION_HELP + " Ensemble members spread over the visible GPUs (member "
+        "k on GPU k mod n). Default: the --config file's device, else auto.",
+        show_default=False)] = None,
     allow_undertrained: Annotated[bool, typer.Option(
         "--allow-undertrained", help="Keep a model no better than the trivial predictor, or "
         "stopped by --max-minutes before train.min_epochs, with a warning instead of an "
@@ -155,6 +162,7 @@ def train(
     SWAG or IVON posterior. Variance scales are fitted on the validation data
     (OUT/calibration.json)."""
     from bayesal.bayes_model.config import load_training_file
+    from bayesal.bayes_model.device import describe_devices, member_devices
     from bayesal.bayes_model.ensemble import split_validation
     from bayesal.bayes_model.posterior import describe_budget, plan_training
     from bayesal.bayes_model.resources import Deadline, cpu_share
@@ -163,8 +171,10 @@ def train(
     with user_errors():
         plan = plan_training(check_method(method), members,
                              load_training_file(config) if config else None,
-                             processes=processes, seed=seed)
+                             processes=processes, seed=seed, device=device)
         method, members, train_cfg = plan.method, plan.members, plan.settings.train
+        devices = member_devices(plan.settings.device, members,
+                                 what="--device" if device else f"{config}: device")
         images = _read_labelled(train_files)
         if valid:
             train_images, valid_images = images, _read_labelled(valid)
@@ -175,7 +185,7 @@ def train(
         console.print(f"training {method} ({members} model{'s' * (members > 1)}) on "
                       f"{len(train_images)} structures (validation {len(valid_images)}), "
                       f"{plan.processes} at a time x {plan.threads} thread(s) (CPU share {share}, "
-                      f"set by {limit})")
+                      f"set by {limit}), {describe_devices(devices)}")
         if deadline is not None:
             console.print(describe_budget(method, max_minutes, members, plan.processes,
                                           train_cfg.shared_start))
@@ -236,6 +246,7 @@ def predict(
         help="Expected posterior method (checked against the model).")] = None,
     recalibrated: Annotated[bool, typer.Option(
         help="Apply the model's validation variance scales.")] = True,
+    device: DeviceOption = "auto",
 ) -> None:
     """Predict energies, forces and their uncertainties.
 
@@ -246,13 +257,11 @@ def predict(
     Standard deviations are recalibrated with the model's calibration.json unless
     --no-recalibrated.
     """
-    from bayesal.bayes_model.posterior import load_posterior
     from bayesal.bayes_model.predict import file_fields, predict_calibrated, structure_results
     from bayesal.db.export import atoms_extxyz
 
     with user_errors():
-        check_method(method, model)
-        posterior = load_posterior(model)
+        posterior = load_model_on(model, device, method)
         images = read_frames([input])
         with Reporter("predicting", "structures", total=len(images)) as progress:
             pred = predict_calibrated(posterior, images, batch_size=predict_batch,
@@ -284,6 +293,7 @@ def md(
              "extrapolates (that frame is written too).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the velocities and Langevin noise.")
                     ] = 0,
+    device: DeviceOption = "auto",
 ) -> None:
     """Run Langevin MD with the model and write a trajectory with its uncertainties.
 
@@ -298,11 +308,10 @@ def md(
 
     from bayesal.bayes_model.calculator import attach_uncertainty_log
     from bayesal.bayes_model.explore import langevin
-    from bayesal.bayes_model.posterior import load_posterior
     from bayesal.bayes_model.resources import cpu_share
 
     with user_errors():
-        posterior = load_posterior(model)
+        posterior = load_model_on(model, device)
         images = read_frames([input])
         if not -len(images) <= frame < len(images):
             raise ValueError(f"--frame {frame}: {input} has {len(images)} frame(s)")
@@ -354,6 +363,7 @@ def evaluate(
              "(default 0.25 as in training; 0 = maximum likelihood s² = mean(z²)).")] = None,
     method: Annotated[str | None, typer.Option(
         help="Expected posterior method (checked against the model).")] = None,
+    device: DeviceOption = "auto",
 ) -> None:
     """Accuracy, NLL, calibration and OOD detection per test file.
 
@@ -367,12 +377,10 @@ def evaluate(
         ood_auroc,
         plot_calibration,
     )
-    from bayesal.bayes_model.posterior import load_posterior
     from bayesal.bayes_model.predict import predict_in_chunks
 
     with user_errors():
-        check_method(method, model)
-        posterior = load_posterior(model)
+        posterior = load_model_on(model, device, method)
 
         def predict(images, what: str):
             with Reporter(f"predicting {what}", "structures", total=len(images)) as progress:

@@ -12,12 +12,13 @@ from rich.table import Table
 
 from bayesal.bayes_model.acquisition import AcquisitionConfig
 from bayesal.cli._app import (
+    DeviceOption,
     Reporter,
     app,
     atomic_output,
-    check_method,
     console,
     iter_checked_frames,
+    load_model_on,
     settings,
     user_errors,
 )
@@ -60,6 +61,7 @@ def score(
     seed: Annotated[int, typer.Option(help="Seed of the random acquisition.")] = 0,
     method: Annotated[str | None, typer.Option(
         help="Expected posterior method (checked against the model).")] = None,
+    device: DeviceOption = "auto",
 ) -> None:
     """Score a pool by BALD (energy + forces) or a baseline and select a batch to label.
 
@@ -69,7 +71,6 @@ def score(
     import itertools
 
     from bayesal.bayes_model.acquisition import COMPONENTS
-    from bayesal.bayes_model.posterior import load_posterior
     from bayesal.bayes_model.scoring import score_pool
     from bayesal.db.export import atoms_extxyz
     from bayesal.db.readers import count_frames
@@ -85,8 +86,7 @@ def score(
         for path in pool or []:
             if not path.is_file():
                 raise FileNotFoundError(f"pool file {path} does not exist")
-        check_method(method, model)
-        posterior = load_posterior(model)
+        posterior = load_model_on(model, device, method)
         frames = iter_checked_frames(pool or [])  # a bad frame stops before any output
         if pool_campaign:
             from bayesal.db import make_engine

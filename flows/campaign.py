@@ -26,6 +26,7 @@ from prefect.artifacts import (
 from prefect.runtime import deployment as prefect_deployment
 from prefect.runtime import flow_run as prefect_flow_run
 
+from bayesal.bayes_model.device import resolve_device
 from bayesal.contracts import STEP_SECONDS
 from bayesal.contracts import RoundMetric as M
 from bayesal.db import ensure_schema
@@ -168,7 +169,8 @@ def campaign_round(config: str, round_id: int, round_index: int,
                               valid_fraction=cfg.data.valid_fraction, seed=cfg.seed,
                               max_minutes=cfg.max_train_minutes,
                               **_finetune(ctx, round_index)))
-    metrics.update(evaluate_task(url, name, round_index, shash, model_dir, test_sets))
+    metrics.update(evaluate_task(url, name, round_index, shash, model_dir, test_sets,
+                                 device=cfg.device))
     n_select = policy.round_n_select(cfg.acquisition.n_select, ctx.label_budget_left())
     if not policy.target_reached(policy.round_force_mae(metrics),
                                  cfg.stop.target_force_mae) and n_select > 0:
@@ -180,11 +182,12 @@ def campaign_round(config: str, round_id: int, round_index: int,
                                         friction_per_fs=e.friction_per_fs,
                                         max_force_std=e.max_force_std,
                                         record_every=e.record_every,
-                                        seeds_per_round=e.seeds_per_round, seed=cfg.seed))
+                                        seeds_per_round=e.seeds_per_round, seed=cfg.seed,
+                                        device=cfg.device))
         a = cfg.acquisition
         selected, stats = select_task(url, name, round_id, round_index, shash, model_dir,
                                       a.model_copy(update={"n_select": n_select}),
-                                      seed=cfg.seed + round_index)
+                                      seed=cfg.seed + round_index, device=cfg.device)
         metrics.update(stats)
         metrics[M.N_SELECTED] = len(selected)
         if a.threshold is not None:
@@ -223,7 +226,8 @@ def cfg_training(cfg: CampaignConfig):
     """The model/train/posterior sections as the TrainingFile that bayes_model expects."""
     from bayesal.bayes_model.config import TrainingFile
 
-    return TrainingFile(model=cfg.model, train=cfg.train, posterior=cfg.posterior)
+    return TrainingFile(device=cfg.device, model=cfg.model, train=cfg.train,
+                        posterior=cfg.posterior)
 
 
 def _slug(name: str) -> str:
@@ -280,6 +284,7 @@ def campaign(config: str, resume: bool = True) -> dict[str, Any]:
 
 def _campaign(ctx: _Context, config: str, resume: bool) -> dict[str, Any]:
     cfg, logger = ctx.cfg, get_run_logger()
+    resolve_device(cfg.device, what="device")  # a worker without the GPU: before any work
     ensure_schema(ctx.engine, create=True)
     policy.check_new_campaign(ctx.engine, cfg.name, resume)
     sources = campaign_setup.with_options(flow_run_name=f"{cfg.name}-setup",

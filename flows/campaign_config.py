@@ -29,6 +29,7 @@ from pydantic import (
 
 from bayesal.bayes_model.acquisition import AcquisitionConfig
 from bayesal.bayes_model.config import PosteriorSettings, load_yaml_model
+from bayesal.bayes_model.device import DEVICE_HELP, DEVICE_PATTERN
 from bayesal.bayes_model.model import ModelConfig
 from bayesal.bayes_model.posterior import Method
 from bayesal.bayes_model.train import TrainConfig
@@ -155,6 +156,9 @@ class CampaignConfig(_Strict):
     method: Method = Method.ENSEMBLE
     members: int = Field(4, ge=1)
     max_train_minutes: float | None = Field(None, gt=0)
+    device: str = Field("auto", pattern=DEVICE_PATTERN, description=DEVICE_HELP + " Training "
+                        "(members over the visible GPUs), evaluation, exploration and scoring "
+                        "run there; labeling does not (see labeler.backend).")
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     finetune: FinetuneConfig | None = Field(None, description="Warm-start rounds from the "

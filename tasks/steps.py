@@ -241,16 +241,18 @@ def _train_summary(manifest, n_labelled: int, *, reused: bool, seconds: float) -
 
 
 def evaluate_model(engine: Engine, campaign: str, settings_hash: str, model_dir: Path,
-                   test_sets: dict[str, list[int]]) -> dict[str, float]:
+                   test_sets: dict[str, list[int]], *, device: str = "auto",
+                   ) -> dict[str, float]:
     """Accuracy, NLL and calibration of the round's model on the labelled test structures:
-    ``test_*`` over all of them, ``test_<name>_*`` per test file (eV, eV/Å, nats)."""
+    ``test_*`` over all of them, ``test_<name>_*`` per test file (eV, eV/Å, nats); the model
+    runs on ``device`` (auto, cpu, cuda, cuda:K)."""
     from bayesal.bayes_model.calibration import evaluate_prediction
     from bayesal.bayes_model.posterior import load_posterior
 
     images = labelled_atoms(engine, campaign, settings_hash, test=True)
     if not images:
         return {}
-    posterior = load_posterior(model_dir)
+    posterior = load_posterior(model_dir, device=device)
     pred = posterior.predict(images)
     recal = posterior.recalibration
     out: dict[str, float] = {}
@@ -274,9 +276,11 @@ def evaluate_model(engine: Engine, campaign: str, settings_hash: str, model_dir:
 def explore_round(engine: Engine, campaign: str, round_index: int, settings_hash: str,
                   model_dir: Path, *, temperatures_K: Sequence[float], steps: int,
                   timestep_fs: float, friction_per_fs: float, max_force_std: float,
-                  record_every: int, seeds_per_round: int, seed: int) -> dict[str, float]:
-    """Langevin MD with the round's model from labelled structures; the frames become
-    candidates (source ``explored``). Done once per round (all frames in one transaction)."""
+                  record_every: int, seeds_per_round: int, seed: int,
+                  device: str = "auto") -> dict[str, float]:
+    """Langevin MD with the round's model (on ``device``) from labelled structures; the
+    frames become candidates (source ``explored``). Done once per round (all frames in one
+    transaction)."""
     from bayesal.bayes_model.explore import explore
     from bayesal.bayes_model.posterior import load_posterior
 
@@ -287,7 +291,8 @@ def explore_round(engine: Engine, campaign: str, round_index: int, settings_hash
     rng = np.random.default_rng(seed + round_index)
     picks = rng.choice(len(labelled), size=min(seeds_per_round, len(labelled)), replace=False)
     seeds = [labelled[i] for i in sorted(picks)]
-    trajectories = explore(load_posterior(model_dir), seeds, temperatures_K=temperatures_K,
+    trajectories = explore(load_posterior(model_dir, device=device), seeds,
+                           temperatures_K=temperatures_K,
                            steps=steps, timestep_fs=timestep_fs,
                            friction_per_fs=friction_per_fs,
                            max_force_std_threshold=max_force_std, record_every=record_every,
@@ -305,10 +310,11 @@ def explore_round(engine: Engine, campaign: str, round_index: int, settings_hash
 def select_batch(engine: Engine, campaign: str, round_id: int, settings_hash: str,
                  model_dir: Path, acquisition: AcquisitionConfig | dict[str, Any], *,
                  seed: int,
-                 on_chunk: Callable[[int], None] | None = None,
+                 on_chunk: Callable[[int], None] | None = None, device: str = "auto",
                  ) -> tuple[list[int], dict[str, float]]:
-    """Score every unlabelled candidate with the round's model, store the scores chunk by
-    chunk and mark the selected batch. A round whose selection is stored returns it."""
+    """Score every unlabelled candidate with the round's model (on ``device``), store the
+    scores chunk by chunk and mark the selected batch. A round whose selection is stored
+    returns it."""
     from bayesal.bayes_model.acquisition import AcquisitionConfig
     from bayesal.bayes_model.posterior import load_posterior
     from bayesal.bayes_model.scoring import score_pool
@@ -318,7 +324,7 @@ def select_batch(engine: Engine, campaign: str, round_id: int, settings_hash: st
     if stored:
         return stored, {**score_summary(engine, round_id), "selection_reused": True}
     t0 = time.perf_counter()
-    posterior = load_posterior(model_dir)
+    posterior = load_posterior(model_dir, device=device)
     frames = (a for _, a in iter_unlabelled(engine, campaign, settings_hash=settings_hash,
                                             chunk_size=acquisition.chunk_size))
 
