@@ -76,7 +76,8 @@ def add_nequip_option(parser) -> None:
                         help="python with nequip 0.19.1 (default: this one)")
 
 
-def run_nequip(python: str, work: Path, minutes: float, threads: int) -> dict:
+def run_nequip(python: str, work: Path, minutes: float, threads: int,
+               accelerator: str = "cpu") -> dict:
     """Train and test NequIP (benchmarks/_nequip_driver.py) on ``work``/{train,val,test}.xyz
     for ``minutes`` with ``threads``: the driver's results plus ``wall_s`` and ``curve``,
     [[training seconds, validation force MAE, energy MAE], ...] per epoch (NequIP logs no
@@ -87,7 +88,8 @@ def run_nequip(python: str, work: Path, minutes: float, threads: int) -> dict:
 
     t0 = time.perf_counter()
     proc = subprocess.run([python, str(REPO / "benchmarks" / "_nequip_driver.py"), str(work),
-                           str(minutes), str(threads)], capture_output=True, text=True)
+                           str(minutes), str(threads), accelerator],
+                          capture_output=True, text=True)
     wall = time.perf_counter() - t0
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:

@@ -1,10 +1,10 @@
 """Train and evaluate NequIP (its own virtualenv) for benchmarks/model_accuracy.py.
 
 Run with the NequIP environment's python:
-    python _nequip_driver.py WORKDIR MINUTES THREADS
+    python _nequip_driver.py WORKDIR MINUTES THREADS [cpu|gpu]
 WORKDIR holds train.xyz, val.xyz, test.xyz; prints one JSON line with the results.
 The NequIP settings follow its tutorial config (4 layers, l_max 1, 32 features, EMA, Adam
-lr 0.01 with plateau schedule), on the CPU, without torch.compile.
+lr 0.01 with plateau schedule), on the CPU (or the first GPU), without torch.compile.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ data:
     type_names: ${{model_type_names}}
 trainer:
   _target_: lightning.Trainer
-  accelerator: cpu
+  accelerator: {accelerator}
   devices: 1
   enable_checkpointing: true
   max_epochs: 100000
@@ -121,9 +121,11 @@ global_options:
 
 def main() -> None:
     work, minutes, threads = Path(sys.argv[1]).resolve(), float(sys.argv[2]), sys.argv[3]
+    accelerator = sys.argv[4] if len(sys.argv) > 4 else "cpu"
     seconds = int(minutes * 60)
     max_time = f"00:{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
-    (work / "nequip.yaml").write_text(CONFIG.format(work=work, max_time=max_time))
+    (work / "nequip.yaml").write_text(CONFIG.format(work=work, max_time=max_time,
+                                                    accelerator=accelerator))
     env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
     t0 = time.perf_counter()
     train = subprocess.run(
@@ -134,10 +136,10 @@ def main() -> None:
     if train.returncode != 0:
         print(json.dumps({"error": train.stderr[-3000:]}))
         sys.exit(1)
-    print(json.dumps(evaluate(work, train_s)))
+    print(json.dumps(evaluate(work, train_s, "cuda" if accelerator == "gpu" else "cpu")))
 
 
-def evaluate(work: Path, train_s: float) -> dict:
+def evaluate(work: Path, train_s: float, device: str = "cpu") -> dict:
     import ase.io
     import numpy as np
     import torch
@@ -155,7 +157,7 @@ def evaluate(work: Path, train_s: float) -> dict:
     meta = model.metadata if hasattr(model, "metadata") else {}
     transforms = basic_transforms(meta, model.metadata[graph_model.R_MAX_KEY] if meta else 5.0,
                                   ["H", "C", "O"], {s: s for s in ("H", "C", "O")})
-    calc = NequIPCalculator(model, device="cpu", transforms=transforms)
+    calc = NequIPCalculator(model.to(device), device=device, transforms=transforms)
     test = ase.io.read(work / "test.xyz", ":")
     de, df = [], []
     t0 = time.perf_counter()
