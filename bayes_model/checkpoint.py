@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from bayesal.bayes_model.kernels import use_kernels
 from bayesal.bayes_model.model import ModelConfig, MVEPotential
 
 __all__ = ["FORMAT_VERSION", "CheckpointError", "Manifest", "load_members", "load_state_file",
@@ -161,10 +162,10 @@ def _verified_load(path: Path, sha256: str, fix: str) -> Any:
 
 
 def load_members(directory: str | Path, device: torch.device | str = "cpu",
-                 ) -> tuple[list[MVEPotential], Manifest]:
+                 kernels: str = "e3nn") -> tuple[list[MVEPotential], Manifest]:
     """Members of a model directory in eval mode on ``device`` (files are read onto the host
-    first, so a model trained on a GPU loads anywhere); any mismatch raises
-    CheckpointError."""
+    first, so a model trained on a GPU loads anywhere), their tensor products computed by
+    ``kernels`` (bayes_model.kernels); any mismatch raises CheckpointError."""
     manifest = read_manifest(directory)
     dtype = getattr(torch, manifest.dtype)
     models = []
@@ -179,7 +180,7 @@ def load_members(directory: str | Path, device: torch.device | str = "cpu",
             first = str(exc).splitlines()[0]
             raise CheckpointError(f"{path} does not match the model its manifest describes "
                                   f"({first}...)") from None
-        models.append(model.to(device).eval())
+        models.append(use_kernels(model.to(device), kernels).eval())
     if not models:
         raise CheckpointError(f"{directory}: the manifest lists no members")
     return models, manifest

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import textwrap
 from pathlib import Path
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from bayesal.bayes_model.calibration import PRIOR_WEIGHT
 from bayesal.bayes_model.device import DEVICE_HELP, DEVICE_PATTERN
+from bayesal.bayes_model.kernels import KERNELS_HELP
 from bayesal.bayes_model.laplace import LaplaceConfig
 from bayesal.bayes_model.model import ModelConfig
 from bayesal.bayes_model.sampling import IVONConfig, SWAGConfig
@@ -37,12 +38,13 @@ class PosteriorSettings(BaseModel):
 
 
 class TrainingFile(BaseModel):
-    """``device:`` and the ``model:``, ``train:`` and ``posterior:`` sections of a model YAML
-    file."""
+    """``device:``, ``kernels:`` and the ``model:``, ``train:`` and ``posterior:`` sections of
+    a model YAML file."""
 
     model_config = ConfigDict(extra="forbid")
 
     device: str = Field("auto", pattern=DEVICE_PATTERN, description=DEVICE_HELP)
+    kernels: Literal["e3nn", "cueq"] = Field("e3nn", description=KERNELS_HELP)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     posterior: PosteriorSettings = Field(default_factory=PosteriorSettings)

@@ -28,6 +28,7 @@ from bayesal.bayes_model.data import (
     labels_of,
 )
 from bayesal.bayes_model.device import member_devices
+from bayesal.bayes_model.kernels import use_kernels
 from bayesal.bayes_model.model import ModelConfig, MVEPotential
 from bayesal.bayes_model.resources import Deadline, plan_processes
 from bayesal.bayes_model.train import TrainConfig, build_model, train_model
@@ -110,7 +111,7 @@ def load_warm_start(directory: str | Path, model_config: ModelConfig,
 def _member_job(k: int, data: PreparedData, model_config: ModelConfig, train_config: TrainConfig,
                 work_dir: str, resume: bool, threads: int, events=None,
                 warm: WarmStart | None = None, deadline: Deadline | None = None,
-                device: str = "cpu"):
+                device: str = "cpu", kernels: str = "e3nn"):
     events = _EVENTS if events is None else events  # member processes: set by _init_member
     torch.set_num_threads(threads)
     config = train_config.model_copy(update={"seed": train_config.seed + k})
@@ -122,6 +123,7 @@ def _member_job(k: int, data: PreparedData, model_config: ModelConfig, train_con
         model = MVEPotential(model_config, data.species, warm.shifts, scale=warm.scale,
                              avg_neighbors=warm.avg_neighbors)
         model.load_state_dict(warm.states[k % len(warm.states)])
+    model = use_kernels(model.to(device), kernels)
     member_dir = Path(work_dir) / f"member_{k}"
     member_dir.mkdir(parents=True, exist_ok=True)
 
@@ -153,11 +155,13 @@ def train_ensemble(
     init_from: str | Path | None = None,
     deadline: Deadline | None = None,
     device: str = "auto",
+    kernels: str = "e3nn",
 ) -> Path:
     """Train ``members`` models and write a model directory (see bayes_model.checkpoint).
 
     ``device`` (auto, cpu, cuda, cuda:K; see bayes_model.device): with ``auto`` or ``cuda``
     member k trains on visible GPU k mod n, with ``cuda:K`` every member on GPU K.
+    ``kernels``: the code of the tensor products (bayes_model.kernels).
 
     Member k uses seed ``train_config.seed + k`` for its weights and data order. Members
     train in parallel processes (spawned) within the CPU share of this process
@@ -191,14 +195,14 @@ def train_ensemble(
         # members continue from it (and the waves share what is left).
         warm, shared_info, train_config = _shared_start(
             data, model_config, train_config, work, resume, deadline, on_epoch,
-            plan_processes(1, 1, train_config.threads)[1], devices[0])
+            plan_processes(1, 1, train_config.threads)[1], devices[0], kernels)
         start = time.time()
     results: dict[int, tuple[dict, dict]] = {}
     if procs == 1:
         for k in range(members):
             _, state, info = _member_job(k, data, model_config, train_config, str(work), resume,
                                          threads, _Direct(on_epoch), warm, member_deadline(k),
-                                         devices[k])
+                                         devices[k], kernels)
             results[k] = (state, info)
     else:
         ctx = mp.get_context("spawn")
@@ -213,7 +217,7 @@ def train_ensemble(
         try:
             futures = [pool.submit(_member_job, k, data, model_config, train_config,
                                    str(work), resume, threads, None, warm, member_deadline(k),
-                                   devices[k])
+                                   devices[k], kernels)
                        for k in range(members)]
             for fut in futures:
                 k, state, info = fut.result()
@@ -263,7 +267,8 @@ SHARED_KEY = "start"  # ``on_epoch`` key of the shared start model's epochs
 
 def _shared_start(data: PreparedData, model_config: ModelConfig, train_config: TrainConfig,
                   work: Path, resume: bool, deadline: Deadline | None, on_epoch, threads: int,
-                  device: str = "cpu") -> tuple[WarmStart, dict, TrainConfig]:
+                  device: str = "cpu", kernels: str = "e3nn",
+                  ) -> tuple[WarmStart, dict, TrainConfig]:
     """Train the model every member starts from (``train_config.shared_start`` of the time
     left, or of ``max_epochs``). Returns it as a :class:`WarmStart`, its training record
     and the members' config (the epochs left). Resumable: a finished start is kept in
@@ -285,6 +290,7 @@ def _shared_start(data: PreparedData, model_config: ModelConfig, train_config: T
     torch.set_num_threads(threads)
     model = build_model(model_config, data.species, data.shifts, data.train,
                         seed=train_config.seed)
+    model = use_kernels(model.to(device), kernels)
     end = None if deadline is None else Deadline(time.time() + share * deadline.remaining())
 
     def report(record: dict[str, float]) -> None:

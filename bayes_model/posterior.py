@@ -32,6 +32,7 @@ from bayesal.bayes_model.config import TrainingFile
 from bayesal.bayes_model.data import atoms_to_graph
 from bayesal.bayes_model.device import check_device, resolve_device
 from bayesal.bayes_model.ensemble import train_ensemble
+from bayesal.bayes_model.kernels import check_kernels
 from bayesal.bayes_model.laplace import LastLayerLaplace
 from bayesal.bayes_model.model import MVEPotential
 from bayesal.bayes_model.predict import Prediction, predict_members
@@ -61,8 +62,8 @@ class EnsemblePosterior:
 
     @classmethod
     def load(cls, directory: str | Path, device: torch.device | str = "cpu",
-             ) -> EnsemblePosterior:
-        models, manifest = load_members(directory, device)
+             kernels: str = "e3nn") -> EnsemblePosterior:
+        models, manifest = load_members(directory, device, kernels)
         return cls(models, manifest)
 
     @property
@@ -101,7 +102,7 @@ class TrainingPlan:
 
 def plan_training(method: Method | str, members: int, settings: TrainingFile | None = None,
                   *, processes: int | None = None, seed: int | None = None,
-                  device: str | None = None) -> TrainingPlan:
+                  device: str | None = None, kernels: str | None = None) -> TrainingPlan:
     """One setup for every entry point (``bayesal train``, a campaign round): the number of
     models for ``method``, the processes x threads that fit the CPU share, ``seed`` (when
     given) as the training seed and ``device`` (when given) instead of the settings'."""
@@ -115,14 +116,18 @@ def plan_training(method: Method | str, members: int, settings: TrainingFile | N
             "train": settings.train.model_copy(update={"seed": seed})})
     if device is not None:
         settings = settings.model_copy(update={"device": check_device(device, "--device")})
+    if kernels is not None:
+        settings = settings.model_copy(update={"kernels": check_kernels(kernels)})
     procs, threads = plan_processes(n_models, processes, settings.train.threads)
     return TrainingPlan(method, n_models, procs, threads, settings)
 
 
 def load_posterior(directory: str | Path, *, samples: int | None = None,
-                   seed: int = 0, device: torch.device | str = "cpu") -> Posterior:
+                   seed: int = 0, device: torch.device | str = "cpu",
+                   kernels: str = "e3nn") -> Posterior:
     """The posterior stored in a model directory (its manifest says which method), on
-    ``device`` (a torch device or a setting such as ``auto``: see bayes_model.device).
+    ``device`` (a torch device or a setting such as ``auto``: see bayes_model.device), its
+    tensor products computed by ``kernels`` (bayes_model.kernels).
 
     The returned object has ``predict(images) -> Prediction`` (raw variances),
     ``manifest`` and ``recalibration`` (None when none was fitted). ``samples`` overrides
@@ -138,9 +143,9 @@ def load_posterior(directory: str | Path, *, samples: int | None = None,
         device = resolve_device(device)
     posterior: Any
     if method is Method.ENSEMBLE:
-        posterior = EnsemblePosterior.load(directory, device)
+        posterior = EnsemblePosterior.load(directory, device, kernels)
     else:
-        models, _ = load_members(directory, device)
+        models, _ = load_members(directory, device, kernels)
         state = load_state_file(directory, manifest.posterior)
         try:
             if method is Method.LAPLACE:
@@ -192,13 +197,13 @@ def train_posterior(
                    model_config=settings.model, train_config=settings.train,
                    isolated_atoms=isolated_atoms, processes=processes, resume=resume,
                    on_epoch=on_epoch, init_from=init_from, deadline=train_end,
-                   device=settings.device)
+                   device=settings.device, kernels=settings.kernels)
     if method is not Method.ENSEMBLE:
         fit_posterior(method, out, train, valid, out, settings=settings,
                       on_posterior=on_posterior, recalibrate=False, deadline=posterior_end)
     if recalibrate:
         _recalibrate(out, valid, settings)
-    posterior = load_posterior(out, device=settings.device)
+    posterior = load_posterior(out, device=settings.device, kernels=settings.kernels)
     assess(posterior, train, valid, members=posterior.manifest.members,
            min_epochs=settings.train.min_epochs).save(out)
     if settings.train.keep_train_state == "none":
@@ -224,7 +229,7 @@ def fit_posterior(
     if method is Method.ENSEMBLE:
         raise ValueError("an ensemble is trained, not fitted: use train_posterior")
     settings = settings or TrainingFile()
-    models, manifest = load_members(map_dir, resolve_device(settings.device))
+    models, manifest = load_members(map_dir, resolve_device(settings.device), settings.kernels)
     if len(models) != 1:
         raise ValueError(f"{map_dir} holds {len(models)} models; {method} starts from one "
                          "trained model (train with --members 1)")
@@ -311,7 +316,7 @@ def describe_budget(method: Method | str, minutes: float, members: int, processe
 
 
 def _recalibrate(out: Path, valid: Sequence[Atoms], settings: TrainingFile) -> None:
-    posterior = load_posterior(out, device=settings.device)
+    posterior = load_posterior(out, device=settings.device, kernels=settings.kernels)
     recal = fit_recalibration(posterior.predict(valid), valid,
                               isotonic=settings.posterior.isotonic,
                               prior_weight=settings.posterior.recal_prior_weight)

@@ -55,7 +55,8 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def train_point(molecule: str, device: str, batch: int, seconds: float, threads: int) -> dict:
+def train_point(molecule: str, device: str, batch: int, seconds: float, threads: int,
+                kernels: str = "e3nn") -> dict:
     """One member (default model and loss) trained in whole epochs for about ``seconds``
     after a warm-up epoch: structures/s and epochs/s of the training steps (validation
     excluded)."""
@@ -63,6 +64,7 @@ def train_point(molecule: str, device: str, batch: int, seconds: float, threads:
 
     from bayesal.bayes_model.device import resolve_device
     from bayesal.bayes_model.ensemble import prepare_data
+    from bayesal.bayes_model.kernels import use_kernels
     from bayesal.bayes_model.model import ModelConfig
     from bayesal.bayes_model.train import TrainConfig, build_model, train_epoch
 
@@ -72,6 +74,7 @@ def train_point(molecule: str, device: str, batch: int, seconds: float, threads:
     data = prepare_data(train, valid, config)
     where = resolve_device(device)
     model = build_model(config, data.species, data.shifts, data.train).to(where)
+    use_kernels(model, kernels)
     cfg = TrainConfig(batch_size=batch)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, amsgrad=True)
     generator = torch.Generator().manual_seed(0)
@@ -88,18 +91,20 @@ def train_point(molecule: str, device: str, batch: int, seconds: float, threads:
         epochs += 1
     _sync(where)
     train_s = time.perf_counter() - t0
-    return {"device": str(where), "batch_size": batch, "threads": threads,
+    return {"device": str(where), "kernels": kernels, "batch_size": batch, "threads": threads,
             "epochs": epochs, "seconds": train_s, "epochs_per_s": epochs / train_s,
             "structures_per_s": epochs * len(data.train) / train_s,
             "last_loss": float(sum(losses) / max(len(losses), 1))}
 
 
-def infer_point(molecule: str, device: str, batch: int, n: int, threads: int) -> dict:
+def infer_point(molecule: str, device: str, batch: int, n: int, threads: int,
+                kernels: str = "e3nn") -> dict:
     """A 4-member ensemble (default model) predicting ``n`` structures: structures/s."""
     import torch
 
     from bayesal.bayes_model.device import resolve_device
     from bayesal.bayes_model.ensemble import prepare_data
+    from bayesal.bayes_model.kernels import use_kernels
     from bayesal.bayes_model.model import ModelConfig
     from bayesal.bayes_model.predict import predict_members
     from bayesal.bayes_model.train import build_model
@@ -109,8 +114,8 @@ def infer_point(molecule: str, device: str, batch: int, n: int, threads: int) ->
     config = ModelConfig()
     data = prepare_data(train, valid, config)
     where = resolve_device(device)
-    models = [build_model(config, data.species, data.shifts, data.train, seed=k).to(where)
-              .eval() for k in range(4)]
+    models = [use_kernels(build_model(config, data.species, data.shifts, data.train, seed=k)
+                          .to(where), kernels).eval() for k in range(4)]
     images = (test * (n // len(test) + 1))[:n]
     predict_members(models, images[: min(n, 2 * batch)], batch_size=batch)  # warm-up
     _sync(where)
@@ -118,7 +123,8 @@ def infer_point(molecule: str, device: str, batch: int, n: int, threads: int) ->
     pred = predict_members(models, images, batch_size=batch, max_atoms=batch * 64)
     _sync(where)
     seconds = time.perf_counter() - t0
-    return {"device": str(where), "batch_size": batch, "threads": threads, "structures": n,
+    return {"device": str(where), "kernels": kernels, "batch_size": batch, "threads": threads,
+            "structures": n,
             "atoms_per_structure": float(pred.n_atoms.mean()), "seconds": seconds,
             "structures_per_s": n / seconds}
 
@@ -179,7 +185,8 @@ def report(results: dict) -> None:
               "epochs/s)")
         for key, p in points.items():
             if key != "cpu":
-                print(f"  GPU batch {p['batch_size']:>3}: {p['structures_per_s']:8.1f} "
+                print(f"  GPU batch {p['batch_size']:>3} {p.get('kernels', 'e3nn'):>4}: "
+                      f"{p['structures_per_s']:8.1f} "
                       f"structures/s = {p['structures_per_s'] / cpu['structures_per_s']:.1f}x "
                       "the CPU (target >= 20x)")
     for molecule, points in results.get("infer", {}).items():
@@ -200,6 +207,8 @@ def report(results: dict) -> None:
         else:
             line += "; NequIP not run (not importable)"
         print(line)
+    if isinstance(results.get("cueq"), str):
+        print(f"cueq: {results['cueq']}")
     if "label" in results:
         lab = results["label"]
         if "skipped" in lab:
@@ -233,27 +242,35 @@ def main() -> None:
     import torch
 
     gpu_threads = torch.get_num_threads()
+    try:  # the fused cuEquivariance kernels (kernels: cueq) where installed
+        import cuequivariance_ops_torch  # noqa: F401
+        kernel_sets = ["e3nn", "cueq"]
+    except ImportError:
+        kernel_sets = ["e3nn"]
+        results["cueq"] = "not run: cuequivariance-ops-torch is not installed"
     if not torch.cuda.is_available():
         sys.exit("benchmarks/gpu.py needs a CUDA GPU (torch sees none)")
     results["gpu"] = torch.cuda.get_device_name(0)
     for molecule in args.molecules:
         if "train" in args.steps:
             points = results.setdefault("train", {}).setdefault(molecule, {})
-            todo = [("cpu", "cpu", 5, args.cpu_threads)] + [
-                (f"cuda-b{b}", "cuda", b, gpu_threads) for b in args.batches]
-            for key, device, batch, threads in todo:
+            todo = [("cpu", "cpu", 5, args.cpu_threads, "e3nn")] + [
+                (f"cuda-b{b}" + ("" if k == "e3nn" else f"-{k}"), "cuda", b, gpu_threads, k)
+                for k in kernel_sets for b in args.batches]
+            for key, device, batch, threads, kernels in todo:
                 if key not in points:
-                    points[key] = train_point(molecule, device, batch, args.seconds, threads)
+                    points[key] = train_point(molecule, device, batch, args.seconds, threads,
+                                              kernels)
                     _save(args.out, results)
                     print(molecule, key, points[key], flush=True)
         if "infer" in args.steps:
             points = results.setdefault("infer", {}).setdefault(molecule, {})
-            todo = [("cpu", "cpu", 32, args.cpu_threads, 200)] + [
-                (f"cuda-b{b}", "cuda", b, gpu_threads, args.infer_structures)
-                for b in args.infer_batches]
-            for key, device, batch, threads, n in todo:
+            todo = [("cpu", "cpu", 32, args.cpu_threads, 200, "e3nn")] + [
+                (f"cuda-b{b}" + ("" if k == "e3nn" else f"-{k}"), "cuda", b, gpu_threads,
+                 args.infer_structures, k) for k in kernel_sets for b in args.infer_batches]
+            for key, device, batch, threads, n, kernels in todo:
                 if key not in points:
-                    points[key] = infer_point(molecule, device, batch, n, threads)
+                    points[key] = infer_point(molecule, device, batch, n, threads, kernels)
                     _save(args.out, results)
                     print(molecule, key, points[key], flush=True)
     if "accuracy" in args.steps:

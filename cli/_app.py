@@ -309,17 +309,22 @@ DEVICE_OPTION_HELP = ("Where the model runs: auto (the first visible CUDA GPU, e
                       "cpu, cuda or cuda:K (the K-th visible GPU; CUDA_VISIBLE_DEVICES pins "
                       "which).")
 DeviceOption = Annotated[str, typer.Option("--device", help=DEVICE_OPTION_HELP)]
+KERNELS_OPTION_HELP = ("Code of the message tensor products: e3nn, or cueq (NVIDIA "
+                       "cuEquivariance; fused CUDA kernels on a GPU; the same numbers).")
+KernelsOption = Annotated[str, typer.Option("--kernels", help=KERNELS_OPTION_HELP)]
 
 
-def load_model_on(model_dir: Path, device: str, method: str | None = None):
+def load_model_on(model_dir: Path, device: str, method: str | None = None,
+                  kernels: str = "e3nn"):
     """``--method`` checked against the model, ``--device`` resolved (one line when this
     machine cannot honour it), and the model directory's posterior loaded there."""
     from bayesal.bayes_model.device import resolve_device
+    from bayesal.bayes_model.kernels import check_kernels
     from bayesal.bayes_model.posterior import load_posterior
 
     check_method(method, model_dir)
     where = resolve_device(device, what="--device")
-    posterior = load_posterior(model_dir, device=where)
+    posterior = load_posterior(model_dir, device=where, kernels=check_kernels(kernels))
     if where.type != "cpu":
         err_console.print(f"model on {where} ({_gpu_name(where)})")
     return posterior

@@ -12,7 +12,9 @@ from rich.table import Table
 
 from bayesal.cli._app import (
     DEVICE_OPTION_HELP,
+    KERNELS_OPTION_HELP,
     DeviceOption,
+    KernelsOption,
     Reporter,
     app,
     atomic_output,
@@ -147,6 +149,9 @@ def train(
         help=DEVICE_OPTION_HELP + " Ensemble members spread over the visible GPUs (member "
         "k on GPU k mod n). Default: the --config file's device, else auto.",
         show_default=False)] = None,
+    kernels: Annotated[str | None, typer.Option(
+        help=KERNELS_OPTION_HELP + " Default: the --config file's kernels, else e3nn.",
+        show_default=False)] = None,
     allow_undertrained: Annotated[bool, typer.Option(
         "--allow-undertrained", help="Keep a model no better than the trivial predictor, or "
         "stopped by --max-minutes before train.min_epochs, with a warning instead of an "
@@ -171,7 +176,7 @@ def train(
     with user_errors():
         plan = plan_training(check_method(method), members,
                              load_training_file(config) if config else None,
-                             processes=processes, seed=seed, device=device)
+                             processes=processes, seed=seed, device=device, kernels=kernels)
         method, members, train_cfg = plan.method, plan.members, plan.settings.train
         devices = member_devices(plan.settings.device, members,
                                  what="--device" if device else f"{config}: device")
@@ -247,6 +252,7 @@ def predict(
     recalibrated: Annotated[bool, typer.Option(
         help="Apply the model's validation variance scales.")] = True,
     device: DeviceOption = "auto",
+    kernels: KernelsOption = "e3nn",
 ) -> None:
     """Predict energies, forces and their uncertainties.
 
@@ -261,7 +267,7 @@ def predict(
     from bayesal.db.export import atoms_extxyz
 
     with user_errors():
-        posterior = load_model_on(model, device, method)
+        posterior = load_model_on(model, device, method, kernels)
         images = read_frames([input])
         with Reporter("predicting", "structures", total=len(images)) as progress:
             pred = predict_calibrated(posterior, images, batch_size=predict_batch,
@@ -294,6 +300,7 @@ def md(
     seed: Annotated[int, typer.Option(help="Seed of the velocities and Langevin noise.")
                     ] = 0,
     device: DeviceOption = "auto",
+    kernels: KernelsOption = "e3nn",
 ) -> None:
     """Run Langevin MD with the model and write a trajectory with its uncertainties.
 
@@ -311,7 +318,7 @@ def md(
     from bayesal.bayes_model.resources import cpu_share
 
     with user_errors():
-        posterior = load_model_on(model, device)
+        posterior = load_model_on(model, device, kernels=kernels)
         images = read_frames([input])
         if not -len(images) <= frame < len(images):
             raise ValueError(f"--frame {frame}: {input} has {len(images)} frame(s)")
@@ -364,6 +371,7 @@ def evaluate(
     method: Annotated[str | None, typer.Option(
         help="Expected posterior method (checked against the model).")] = None,
     device: DeviceOption = "auto",
+    kernels: KernelsOption = "e3nn",
 ) -> None:
     """Accuracy, NLL, calibration and OOD detection per test file.
 
@@ -380,7 +388,7 @@ def evaluate(
     from bayesal.bayes_model.predict import predict_in_chunks
 
     with user_errors():
-        posterior = load_model_on(model, device, method)
+        posterior = load_model_on(model, device, method, kernels)
 
         def predict(images, what: str):
             with Reporter(f"predicting {what}", "structures", total=len(images)) as progress:

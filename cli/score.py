@@ -13,6 +13,7 @@ from rich.table import Table
 from bayesal.bayes_model.acquisition import AcquisitionConfig
 from bayesal.cli._app import (
     DeviceOption,
+    KernelsOption,
     Reporter,
     app,
     atomic_output,
@@ -62,6 +63,7 @@ def score(
     method: Annotated[str | None, typer.Option(
         help="Expected posterior method (checked against the model).")] = None,
     device: DeviceOption = "auto",
+    kernels: KernelsOption = "e3nn",
 ) -> None:
     """Score a pool by BALD (energy + forces) or a baseline and select a batch to label.
 
@@ -86,7 +88,7 @@ def score(
         for path in pool or []:
             if not path.is_file():
                 raise FileNotFoundError(f"pool file {path} does not exist")
-        posterior = load_model_on(model, device, method)
+        posterior = load_model_on(model, device, method, kernels)
         frames = iter_checked_frames(pool or [])  # a bad frame stops before any output
         if pool_campaign:
             from bayesal.db import make_engine

@@ -170,7 +170,7 @@ def campaign_round(config: str, round_id: int, round_index: int,
                               max_minutes=cfg.max_train_minutes,
                               **_finetune(ctx, round_index)))
     metrics.update(evaluate_task(url, name, round_index, shash, model_dir, test_sets,
-                                 device=cfg.device))
+                                 device=cfg.device, kernels=cfg.kernels))
     n_select = policy.round_n_select(cfg.acquisition.n_select, ctx.label_budget_left())
     if not policy.target_reached(policy.round_force_mae(metrics),
                                  cfg.stop.target_force_mae) and n_select > 0:
@@ -183,11 +183,12 @@ def campaign_round(config: str, round_id: int, round_index: int,
                                         max_force_std=e.max_force_std,
                                         record_every=e.record_every,
                                         seeds_per_round=e.seeds_per_round, seed=cfg.seed,
-                                        device=cfg.device))
+                                        device=cfg.device, kernels=cfg.kernels))
         a = cfg.acquisition
         selected, stats = select_task(url, name, round_id, round_index, shash, model_dir,
                                       a.model_copy(update={"n_select": n_select}),
-                                      seed=cfg.seed + round_index, device=cfg.device)
+                                      seed=cfg.seed + round_index, device=cfg.device,
+                                      kernels=cfg.kernels)
         metrics.update(stats)
         metrics[M.N_SELECTED] = len(selected)
         if a.threshold is not None:
@@ -226,8 +227,8 @@ def cfg_training(cfg: CampaignConfig):
     """The model/train/posterior sections as the TrainingFile that bayes_model expects."""
     from bayesal.bayes_model.config import TrainingFile
 
-    return TrainingFile(device=cfg.device, model=cfg.model, train=cfg.train,
-                        posterior=cfg.posterior)
+    return TrainingFile(device=cfg.device, kernels=cfg.kernels, model=cfg.model,
+                        train=cfg.train, posterior=cfg.posterior)
 
 
 def _slug(name: str) -> str:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import enum
 from pathlib import Path
+from typing import Literal
 
 from pydantic import (
     BaseModel,
@@ -30,6 +31,7 @@ from pydantic import (
 from bayesal.bayes_model.acquisition import AcquisitionConfig
 from bayesal.bayes_model.config import PosteriorSettings, load_yaml_model
 from bayesal.bayes_model.device import DEVICE_HELP, DEVICE_PATTERN
+from bayesal.bayes_model.kernels import KERNELS_HELP
 from bayesal.bayes_model.model import ModelConfig
 from bayesal.bayes_model.posterior import Method
 from bayesal.bayes_model.train import TrainConfig
@@ -159,6 +161,7 @@ class CampaignConfig(_Strict):
     device: str = Field("auto", pattern=DEVICE_PATTERN, description=DEVICE_HELP + " Training "
                         "(members over the visible GPUs), evaluation, exploration and scoring "
                         "run there; labeling does not (see labeler.backend).")
+    kernels: Literal["e3nn", "cueq"] = Field("e3nn", description=KERNELS_HELP)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     finetune: FinetuneConfig | None = Field(None, description="Warm-start rounds from the "

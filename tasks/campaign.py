@@ -83,10 +83,10 @@ def train_task(url: str, campaign: str, round_id: int, round_index: int, setting
 @task(name="evaluate", cache_policy=NONE, task_run_name="evaluate-round-{round_index}")
 def evaluate_task(url: str, campaign: str, round_index: int, settings_hash: str,
                   model_dir: Path, test_sets: dict[str, list[int]], *, device: str = "auto",
-                  ) -> dict[str, float]:
+                  kernels: str = "e3nn") -> dict[str, float]:
     t0 = time.perf_counter()
     metrics = steps.evaluate_model(steps.engine_for(url), campaign, settings_hash, model_dir,
-                                   test_sets, device=device)
+                                   test_sets, device=device, kernels=kernels)
     if metrics:
         get_run_logger().info("test: force MAE %.4f eV/Å, energy MAE %.4f eV, force NLL %.3f",
                               metrics[M.TEST_FORCE_MAE], metrics[M.TEST_ENERGY_MAE],
@@ -106,7 +106,8 @@ def explore_task(url: str, campaign: str, round_index: int, settings_hash: str,
 @task(name="score-select", cache_policy=NONE, task_run_name="score-select-round-{round_index}")
 def select_task(url: str, campaign: str, round_id: int, round_index: int,
                 settings_hash: str, model_dir: Path, acquisition: AcquisitionConfig,
-                *, seed: int, device: str = "auto") -> tuple[list[int], dict[str, float]]:
+                *, seed: int, device: str = "auto", kernels: str = "e3nn",
+                ) -> tuple[list[int], dict[str, float]]:
     logger = get_run_logger()
     last = [time.monotonic()]
 
@@ -117,7 +118,7 @@ def select_task(url: str, campaign: str, round_id: int, round_index: int,
 
     ids, stats = steps.select_batch(steps.engine_for(url), campaign, round_id, settings_hash,
                                     model_dir, acquisition, seed=seed, on_chunk=on_chunk,
-                                    device=device)
+                                    device=device, kernels=kernels)
     logger.info("selected %d of %d candidates%s", len(ids), stats.get(M.N_SCORED, 0),
                 " (stored selection reused)" if stats.get("selection_reused") else "")
     return ids, stats

@@ -242,7 +242,7 @@ def _train_summary(manifest, n_labelled: int, *, reused: bool, seconds: float) -
 
 def evaluate_model(engine: Engine, campaign: str, settings_hash: str, model_dir: Path,
                    test_sets: dict[str, list[int]], *, device: str = "auto",
-                   ) -> dict[str, float]:
+                   kernels: str = "e3nn") -> dict[str, float]:
     """Accuracy, NLL and calibration of the round's model on the labelled test structures:
     ``test_*`` over all of them, ``test_<name>_*`` per test file (eV, eV/Å, nats); the model
     runs on ``device`` (auto, cpu, cuda, cuda:K)."""
@@ -252,7 +252,7 @@ def evaluate_model(engine: Engine, campaign: str, settings_hash: str, model_dir:
     images = labelled_atoms(engine, campaign, settings_hash, test=True)
     if not images:
         return {}
-    posterior = load_posterior(model_dir, device=device)
+    posterior = load_posterior(model_dir, device=device, kernels=kernels)
     pred = posterior.predict(images)
     recal = posterior.recalibration
     out: dict[str, float] = {}
@@ -277,7 +277,7 @@ def explore_round(engine: Engine, campaign: str, round_index: int, settings_hash
                   model_dir: Path, *, temperatures_K: Sequence[float], steps: int,
                   timestep_fs: float, friction_per_fs: float, max_force_std: float,
                   record_every: int, seeds_per_round: int, seed: int,
-                  device: str = "auto") -> dict[str, float]:
+                  device: str = "auto", kernels: str = "e3nn") -> dict[str, float]:
     """Langevin MD with the round's model (on ``device``) from labelled structures; the
     frames become candidates (source ``explored``). Done once per round (all frames in one
     transaction)."""
@@ -291,7 +291,7 @@ def explore_round(engine: Engine, campaign: str, round_index: int, settings_hash
     rng = np.random.default_rng(seed + round_index)
     picks = rng.choice(len(labelled), size=min(seeds_per_round, len(labelled)), replace=False)
     seeds = [labelled[i] for i in sorted(picks)]
-    trajectories = explore(load_posterior(model_dir, device=device), seeds,
+    trajectories = explore(load_posterior(model_dir, device=device, kernels=kernels), seeds,
                            temperatures_K=temperatures_K,
                            steps=steps, timestep_fs=timestep_fs,
                            friction_per_fs=friction_per_fs,
@@ -311,7 +311,7 @@ def select_batch(engine: Engine, campaign: str, round_id: int, settings_hash: st
                  model_dir: Path, acquisition: AcquisitionConfig | dict[str, Any], *,
                  seed: int,
                  on_chunk: Callable[[int], None] | None = None, device: str = "auto",
-                 ) -> tuple[list[int], dict[str, float]]:
+                 kernels: str = "e3nn") -> tuple[list[int], dict[str, float]]:
     """Score every unlabelled candidate with the round's model (on ``device``), store the
     scores chunk by chunk and mark the selected batch. A round whose selection is stored
     returns it."""
@@ -324,7 +324,7 @@ def select_batch(engine: Engine, campaign: str, round_id: int, settings_hash: st
     if stored:
         return stored, {**score_summary(engine, round_id), "selection_reused": True}
     t0 = time.perf_counter()
-    posterior = load_posterior(model_dir, device=device)
+    posterior = load_posterior(model_dir, device=device, kernels=kernels)
     frames = (a for _, a in iter_unlabelled(engine, campaign, settings_hash=settings_hash,
                                             chunk_size=acquisition.chunk_size))
 

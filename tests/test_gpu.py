@@ -121,3 +121,36 @@ def test_a_member_trained_on_cuda_resumes_on_the_cpu(ethanol, tmp_path):
                           resume=True, device="cpu")
     assert [h["epoch"] for h in resumed.history] == [0, 1, 2]
     assert {p.device.type for p in resumed.model.parameters()} == {"cpu"}
+
+
+def test_fused_cueq_kernels_equal_e3nn_on_cuda(ethanol):
+    """kernels: cueq with cuEquivariance's fused CUDA kernels: the same energies, forces and
+    uncertainties as e3nn on the same GPU (float32), and the same training gradients."""
+    pytest.importorskip("cuequivariance_ops_torch")
+    from bayesal.bayes_model.data import batch_graphs
+    from bayesal.bayes_model.kernels import use_kernels
+    from bayesal.bayes_model.losses import LossKind, compute_loss
+    from bayesal.bayes_model.predict import predict_members
+
+    config = ModelConfig(channels=32, n_layers=2, l_max=2)
+    data = prepare_data(ethanol[:16], ethanol[16:20], config)
+    models = []
+    for seed in (0, 1):
+        m = build_model(config, data.species, data.shifts, data.train, seed=seed)
+        with torch.no_grad():
+            m.energy_head.weight.normal_(0, 0.5)
+        models.append(m.to("cuda").eval())
+    ref = predict_members(models, ethanol[20:30])
+    grads = {}
+    for kernels in ("e3nn", "cueq"):
+        model = use_kernels(models[0], kernels).train()
+        model.zero_grad()
+        batch = batch_graphs(data.train[:8], device="cuda")
+        out = model(batch, training=True, detach_variance=True)
+        compute_loss(out, batch, LossKind.NLL_JEF, separate=True)[0].backward()
+        grads[kernels] = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    for a, b in zip(grads["e3nn"], grads["cueq"], strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-5)
+    for m in models:
+        use_kernels(m.eval(), "cueq")
+    _close(predict_members(models, ethanol[20:30]), ref)
