@@ -55,6 +55,22 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _peak_mb(device) -> float | None:
+    """Peak GPU memory torch allocated since the last reset, MB (None on the CPU)."""
+    import torch
+
+    if device.type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(device) / 2**20
+
+
+def _reset_peak(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
 def train_point(molecule: str, device: str, batch: int, seconds: float, threads: int,
                 kernels: str = "e3nn") -> dict:
     """One member (default model and loss) trained in whole epochs for about ``seconds``
@@ -83,6 +99,7 @@ def train_point(molecule: str, device: str, batch: int, seconds: float, threads:
         return train_epoch(model, data.train, optimizer, cfg, kind=cfg.loss,
                            generator=generator)[0]
 
+    _reset_peak(where)
     epoch()  # warm-up: CUDA context, kernels, allocator
     _sync(where)
     t0, epochs, losses = time.perf_counter(), 0, []
@@ -94,6 +111,7 @@ def train_point(molecule: str, device: str, batch: int, seconds: float, threads:
     return {"device": str(where), "kernels": kernels, "batch_size": batch, "threads": threads,
             "epochs": epochs, "seconds": train_s, "epochs_per_s": epochs / train_s,
             "structures_per_s": epochs * len(data.train) / train_s,
+            "peak_gpu_mb": _peak_mb(where),
             "last_loss": float(sum(losses) / max(len(losses), 1))}
 
 
@@ -117,6 +135,7 @@ def infer_point(molecule: str, device: str, batch: int, n: int, threads: int,
     models = [use_kernels(build_model(config, data.species, data.shifts, data.train, seed=k)
                           .to(where), kernels).eval() for k in range(4)]
     images = (test * (n // len(test) + 1))[:n]
+    _reset_peak(where)
     predict_members(models, images[: min(n, 2 * batch)], batch_size=batch)  # warm-up
     _sync(where)
     t0 = time.perf_counter()
@@ -126,7 +145,7 @@ def infer_point(molecule: str, device: str, batch: int, n: int, threads: int,
     return {"device": str(where), "kernels": kernels, "batch_size": batch, "threads": threads,
             "structures": n,
             "atoms_per_structure": float(pred.n_atoms.mean()), "seconds": seconds,
-            "structures_per_s": n / seconds}
+            "structures_per_s": n / seconds, "peak_gpu_mb": _peak_mb(where)}
 
 
 def accuracy_point(molecule: str, minutes: float, nequip: bool) -> dict:
