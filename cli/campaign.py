@@ -10,7 +10,15 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from bayesal.cli._app import app, console, settings, user_errors, writer_engine
+from bayesal.cli._app import (
+    DEVICE_OPTION_HELP,
+    KERNELS_OPTION_HELP,
+    app,
+    console,
+    settings,
+    user_errors,
+    writer_engine,
+)
 
 
 def _prefect_defaults() -> None:
@@ -39,6 +47,12 @@ def run(
     resume: Annotated[bool, typer.Option(
         "--resume", help="Continue a campaign that is already in the database (after a "
                          "crash, or with a raised max_rounds/label_budget).")] = False,
+    device: Annotated[str | None, typer.Option(
+        help=DEVICE_OPTION_HELP + " Default: the campaign's device (auto).",
+        show_default=False)] = None,
+    kernels: Annotated[str | None, typer.Option(
+        help=KERNELS_OPTION_HELP + " Default: the campaign's kernels (e3nn).",
+        show_default=False)] = None,
 ) -> None:
     """Run an active-learning campaign until one of its stopping rules holds.
 
@@ -59,7 +73,14 @@ def run(
         cfg.labeler.build()  # an unknown functional or basis: one line, before Prefect starts
         from bayesal.bayes_model.device import resolve_device
 
-        resolve_device(cfg.device, what=f"{config}: device")  # no GPU: before any work
+        if device is not None or kernels is not None:  # validated like the YAML's values
+            from bayesal.bayes_model.device import check_device
+            from bayesal.bayes_model.kernels import check_kernels
+
+            cfg = cfg.model_copy(update={"device": check_device(device or cfg.device,
+                                                                "--device"),
+                                         "kernels": check_kernels(kernels or cfg.kernels)})
+        resolve_device(cfg.device, what="--device" if device else f"{config}: device")
         _check_new(cfg, resume)
         _check_not_running(cfg.name)
         _exit_on_sigterm(config)
@@ -67,7 +88,8 @@ def run(
         _temporary_api_dies_with_us()
         from bayesal.flows.campaign import campaign
 
-        result = campaign(str(config.resolve()), resume=True)
+        result = campaign(str(config.resolve()), resume=True, device=device,
+                          kernels=kernels)
         console.print(f"campaign {cfg.name} stopped after {result['rounds']} "
                       f"round(s): {result['stop_reason']}")
         print_round_metrics(cfg.name)

@@ -60,8 +60,13 @@ __all__ = ["campaign", "campaign_round", "campaign_setup", "make_task_runner"]
 class _Context:
     """What every step of a campaign needs, derived once from the config and settings."""
 
-    def __init__(self, config_path: str | Path) -> None:
-        self.cfg: CampaignConfig = load_campaign_config(config_path)
+    def __init__(self, config_path: str | Path, *, device: str | None = None,
+                 kernels: str | None = None) -> None:
+        cfg = load_campaign_config(config_path)
+        overrides = {k: v for k, v in (("device", device), ("kernels", kernels)) if v}
+        # `bayesal run --device/--kernels`: validated like the YAML's own values
+        self.cfg: CampaignConfig = (CampaignConfig.model_validate(
+            {**cfg.model_dump(mode="json"), **overrides}) if overrides else cfg)
         settings = load_settings()
         self.url = settings.database_url
         self.engine = steps.engine_for(self.url)
@@ -152,10 +157,12 @@ def campaign_setup(config: str) -> steps.Sources:
 
 @flow(name="campaign-round", log_prints=True)
 def campaign_round(config: str, round_id: int, round_index: int,
-                   test_sets: dict[str, list[int]]) -> dict[str, Any]:
-    """One round: train -> evaluate -> (explore) -> score/select -> label -> store."""
+                   test_sets: dict[str, list[int]], device: str | None = None,
+                   kernels: str | None = None) -> dict[str, Any]:
+    """One round: train -> evaluate -> (explore) -> score/select -> label -> store
+    (``device``/``kernels``: instead of the config's)."""
     t_round = time.perf_counter()
-    ctx = _Context(config)
+    ctx = _Context(config, device=device, kernels=kernels)
     cfg, name, url, shash = ctx.cfg, ctx.cfg.name, ctx.url, ctx.settings_hash
     model_dir = ctx.model_dir(round_index)
     logger = get_run_logger()
@@ -274,16 +281,19 @@ def _run_name() -> str:
 
 
 @flow(name="campaign", flow_run_name=_run_name, log_prints=True)
-def campaign(config: str, resume: bool = True) -> dict[str, Any]:
-    """Run (or continue) the active-learning campaign described by the YAML ``config``."""
+def campaign(config: str, resume: bool = True, device: str | None = None,
+             kernels: str | None = None) -> dict[str, Any]:
+    """Run (or continue) the active-learning campaign described by the YAML ``config``;
+    ``device``/``kernels`` replace the config's (``bayesal run --device``)."""
     if prefect_deployment.id is not None:  # a worker's child: not to outlive the worker
         end_with_parent()
-    ctx = _Context(config)
+    ctx = _Context(config, device=device, kernels=kernels)
     with run_lock(ctx.root, ctx.cfg.name):  # released by the kernel however we end
-        return _campaign(ctx, config, resume)
+        return _campaign(ctx, config, resume, device, kernels)
 
 
-def _campaign(ctx: _Context, config: str, resume: bool) -> dict[str, Any]:
+def _campaign(ctx: _Context, config: str, resume: bool, device: str | None = None,
+              kernels: str | None = None) -> dict[str, Any]:
     cfg, logger = ctx.cfg, get_run_logger()
     resolve_device(cfg.device, what="device")  # a worker without the GPU: before any work
     ensure_schema(ctx.engine, create=True)
@@ -310,7 +320,7 @@ def _campaign(ctx: _Context, config: str, resume: bool) -> dict[str, Any]:
         info = open_round_task(ctx.url, cfg.name)
         round_flow = campaign_round.with_options(
             flow_run_name=f"{cfg.name}-round-{info.index}", task_runner=make_task_runner(cfg))
-        round_flow(str(config), info.id, info.index, sources.test)
+        round_flow(str(config), info.id, info.index, sources.test, device, kernels)
     history = [r for r in round_history(ctx.engine, cfg.name) if r["status"] == "completed"]
     counts = label_counts(ctx.engine, cfg.name, ctx.settings_hash, test=None)
     logger.info("campaign %s stopped: %s (%d rounds, labels %s)", cfg.name, reason,

@@ -249,3 +249,36 @@ def test_a_campaign_asking_for_a_gpu_stops_before_any_work(tmp_path, shared_data
     assert res.exit_code == 1, res.output
     assert "campaign.yaml: device: 'cuda:0' asks for a CUDA GPU" in _plain(res.output)
     assert not (tmp_path / "bayesal.db").exists()  # nothing imported, nothing labelled
+
+
+@pytest.mark.skipif(not NO_CUDA, reason="needs a machine without CUDA")
+def test_run_device_overrides_the_campaign_yaml(tmp_path, shared_data, prefect_api):
+    """`bayesal run --device cuda` stops before any work where there is no GPU, whatever the
+    YAML says; `--device cpu` runs a campaign whose YAML asks for a GPU, on the CPU (the
+    round's members record it)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from helpers import ethanol_campaign
+
+    db = tmp_path / "bayesal.db"
+    env = {**os.environ, "BAYESAL_DATABASE_URL": f"sqlite:///{db}",
+           "BAYESAL_DATA_DIR": str(tmp_path / "data"), "PREFECT_API_URL": prefect_api}
+    bayesal = str(Path(sys.executable).with_name("bayesal"))
+    config = ethanol_campaign(tmp_path, shared_data, stop={"max_rounds": 1})
+    out = subprocess.run([bayesal, "run", str(config), "--device", "cuda"], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1
+    assert "error: --device: 'cuda' asks for a CUDA GPU" in _plain(out.stderr), out.stderr
+    assert not db.exists()
+
+    config = ethanol_campaign(tmp_path, shared_data, device="cuda:0", stop={"max_rounds": 1})
+    out = subprocess.run([bayesal, "run", str(config), "--device", "cpu"], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    manifests = list((tmp_path / "data").rglob("round-*/model/manifest.json"))
+    assert manifests
+    for path in manifests:
+        assert {m["device"] for m in json.loads(path.read_text())["members"]} == {"cpu"}
