@@ -41,7 +41,13 @@ from ase import Atoms
 from scipy.special import ndtr
 from scipy.stats import rankdata
 
-from bayesal.bayes_model.metrics import accuracy_metrics, reference_labels
+from bayesal.bayes_model.metrics import (
+    accuracy_metrics,
+    profile_metrics,
+    reference_energies,
+    reference_labels,
+    with_forces,
+)
 from bayesal.bayes_model.predict import Prediction
 
 __all__ = ["RELIABILITY_LEVELS", "Recalibration", "auroc", "calibration_metrics", "coverage",
@@ -135,13 +141,19 @@ class Recalibration:
 
 
 def _pit(pred: Prediction, images: Sequence[Atoms]):
-    """Errors, σ and PIT values of energies (S,) and force components (3N,)."""
-    e_ref, f_ref = reference_labels(images)
-    e_err = e_ref - pred.energy
+    """Errors, σ and PIT values of energies (S,) and force components (3N,) of the images
+    that carry forces (empty force arrays when none does)."""
+    e_err = reference_energies(images) - pred.energy
     e_std = np.sqrt(pred.energy_var_epi + pred.energy_var_ale)
-    f_err = (f_ref - pred.forces).ravel()
-    f_std = np.sqrt(np.diagonal(pred.forces_cov_epi + pred.forces_cov_ale, axis1=1,
-                                axis2=2)).ravel()
+    forced = with_forces(images)
+    if forced:
+        sub = pred if len(forced) == len(images) else pred.subset(forced)
+        _, f_ref = reference_labels([images[k] for k in forced])
+        f_err = (f_ref - sub.forces).ravel()
+        f_std = np.sqrt(np.diagonal(sub.forces_cov_epi + sub.forces_cov_ale, axis1=1,
+                                    axis2=2)).ravel()
+    else:
+        f_err = f_std = np.zeros(0)
     return e_err, e_std, ndtr(e_err / e_std), f_err, f_std, ndtr(f_err / f_std)
 
 
@@ -170,6 +182,9 @@ def fit_recalibration(pred: Prediction, images: Sequence[Atoms], *,
     e_err, e_std, _, f_err, f_std, _ = _pit(pred, images)
     if len(e_err) == 0:
         raise ValueError("recalibration needs at least one labelled validation structure")
+    if len(f_err) == 0:
+        raise ValueError("recalibration needs structures with forces (energy and force "
+                         "variances are scaled together); these carry energies only")
 
     def scale(z2: np.ndarray, pseudo: float) -> float:
         return float((pseudo + z2.sum()) / (pseudo + len(z2)))
@@ -201,6 +216,8 @@ def calibration_metrics(pred: Prediction, images: Sequence[Atoms], *,
         e_err, e_std, e_pit, f_err, f_std, f_pit = _pit(p, images)
         for name, err, std, pit, mapping in (("energy", e_err, e_std, e_pit, e_map),
                                              ("force", f_err, f_std, f_pit, f_map)):
+            if not len(err):  # no forces in these images: no force calibration
+                continue
             pit = _apply_isotonic(pit, mapping)
             out[f"{name}_miscal_area{suffix}"] = miscalibration_area(pit)
             out[f"{name}_ence{suffix}"] = ence(err, std)
@@ -214,12 +231,16 @@ def calibration_metrics(pred: Prediction, images: Sequence[Atoms], *,
 
 def evaluate_prediction(pred: Prediction, images: Sequence[Atoms], *,
                         recalibration: Recalibration | None = None,
-                        reliability: bool = False) -> dict[str, float]:
+                        reliability: bool = False, profile: bool = False) -> dict[str, float]:
     """Accuracy, NLL and calibration of a prediction on labelled structures: the
     :func:`bayesal.bayes_model.metrics.accuracy_metrics`, the :func:`calibration_metrics`
-    (after ``recalibration`` too) and the NLLs after it (``*_nll_recal``). One
+    (after ``recalibration`` too) and the NLLs after it (``*_nll_recal``); with
+    ``profile`` the :func:`bayesal.bayes_model.metrics.profile_metrics` of the structures
+    in their order. Force metrics only where the structures carry forces. One
     implementation for ``bayesal evaluate`` and a campaign round's evaluation."""
     out = accuracy_metrics(pred, images)
+    if profile:
+        out.update(profile_metrics(pred, images))
     out.update(calibration_metrics(pred, images, recalibration=recalibration,
                                    reliability=reliability))
     if recalibration is not None:

@@ -17,6 +17,7 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from typer.core import TyperCommand
 
 from bayesal.contracts import strip_control
 from bayesal.flows.settings import Settings, SettingsError, load_settings
@@ -134,16 +135,18 @@ def _fail(message: str) -> None:
     raise typer.Exit(1) from None
 
 
-def read_frames(paths: list[Path], *, labelled: bool = False) -> list:
+def read_frames(paths: list[Path], *, labelled: bool = False,
+                forces_optional: bool = False) -> list:
     """Every frame of ``paths`` through the import checks (file, frame and field named in
-    the error; every problem listed); labelled frames carry their energy and forces."""
+    the error; every problem listed); labelled frames carry their energy and forces (with
+    ``forces_optional`` their energy alone where the file has no forces)."""
     from ase.calculators.singlepoint import SinglePointCalculator
 
     from bayesal.db.readers import InputError, InputIssue, iter_frames
 
     frames, issues = [], []
     for path in paths:
-        for item in iter_frames(path, labelled=labelled):
+        for item in iter_frames(path, labelled=labelled, forces_optional=forces_optional):
             (issues if isinstance(item, InputIssue) else frames).append(item)
     if issues:
         raise InputError(issues)
@@ -168,6 +171,28 @@ def iter_checked_frames(paths: list[Path]) -> Iterator:
                 raise InputError([item])
             item.atoms.info.update(source_file=str(path), source_frame=item.index)
             yield item.atoms
+
+
+class SeveralAfterOneFlag(TyperCommand):
+    """A command whose repeatable options also take several values after one flag:
+    ``--test a.xyz b.xyz`` reads as ``--test a.xyz --test b.xyz`` (every value up to the next
+    option)."""
+
+    def parse_args(self, ctx, args):
+        several = {name for p in self.params
+                   if p.param_type_name == "option" and getattr(p, "multiple", False)
+                   for name in p.opts}
+        out, flag, seen = [], None, 0
+        for token in args:
+            if token.startswith("-"):
+                flag, seen = (token if token in several else None), 0
+                out.append(token)
+                continue
+            if flag is not None and seen:
+                out.append(flag)  # a second, third ... value after the same flag
+            seen += 1
+            out.append(token)
+        return super().parse_args(ctx, out)
 
 
 @contextlib.contextmanager

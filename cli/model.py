@@ -16,6 +16,7 @@ from bayesal.cli._app import (
     DeviceOption,
     KernelsOption,
     Reporter,
+    SeveralAfterOneFlag,
     app,
     atomic_output,
     check_method,
@@ -117,7 +118,7 @@ def _print_default_config(value: bool) -> None:
         raise typer.Exit()
 
 
-@app.command("train")
+@app.command("train", cls=SeveralAfterOneFlag)
 def train(
     train_files: Annotated[list[Path], typer.Option("--train", help="Labelled training data "
                                                    "(energies and forces).")],
@@ -348,10 +349,12 @@ def md(
                       f"{interval}th)")
 
 
-@app.command("evaluate")
+@app.command("evaluate", cls=SeveralAfterOneFlag)
 def evaluate(
     model: Annotated[Path, typer.Option(help="Model directory from `bayesal train`.")],
-    test: Annotated[list[Path], typer.Option(help="Labelled test files (repeatable).")],
+    test: Annotated[list[Path], typer.Option(
+        help="Labelled test files (several after one flag, or the flag repeated). Files "
+             "with energies alone (reaction paths, scans) get energy and profile metrics.")],
     json_out: Annotated[Path | None, typer.Option("--json", help="Write metrics as JSON.")
                         ] = None,
     ood: Annotated[list[Path] | None, typer.Option(
@@ -395,7 +398,7 @@ def evaluate(
                 return predict_in_chunks(posterior, images, on_progress=progress.update)
 
         if recalibrate_on is not None:
-            images = _read_labelled([recalibrate_on])
+            images = read_frames([recalibrate_on], labelled=True, forces_optional=True)
             prior = {} if prior_weight is None else {"prior_weight": prior_weight}
             recal = fit_recalibration(predict(images, recalibrate_on.name), images,
                                       isotonic=isotonic,
@@ -410,9 +413,9 @@ def evaluate(
             ood_preds[str(path)] = predict(read_frames([path]), path.name)
         results = {}
         for path in test:
-            images = _read_labelled([path])
+            images = read_frames([path], labelled=True, forces_optional=True)
             pred = predict(images, path.name)
-            metrics = evaluate_prediction(pred, images, recalibration=recal)
+            metrics = evaluate_prediction(pred, images, recalibration=recal, profile=True)
             for name, ood_pred in ood_preds.items():
                 for k, v in ood_auroc(pred, ood_pred).items():
                     metrics[k if len(ood_preds) == 1 else f"{k}:{Path(name).name}"] = v
@@ -422,7 +425,9 @@ def evaluate(
                     console.print(f"plot: {png}")
             results[str(path)] = metrics
         units = {"energy_mae": "eV", "energy_mae_per_atom": "eV", "energy_rmse": "eV",
-                 "force_mae": "eV/Å", "force_rmse": "eV/Å"}
+                 "force_mae": "eV/Å", "force_rmse": "eV/Å", "energy_profile_mae": "eV",
+                 "energy_profile_rmse": "eV", "energy_range_error": "eV",
+                 "energy_barrier_error": "eV"}
         keys = list(dict.fromkeys(k for r in results.values() for k in r
                                   if k not in ("n_structures", "n_atoms")))
         table = Table(title=f"evaluation of {model} ({posterior.manifest.method})")
@@ -431,7 +436,7 @@ def evaluate(
             table.add_column(Path(path).name, justify="right")
         for key in keys:
             table.add_row(f"{key} {units.get(key, '')}".strip(),
-                          *(f"{r.get(key, float('nan')):.4g}" for r in results.values()))
+                          *(f"{r[key]:.4g}" if key in r else "-" for r in results.values()))
         console.print(table)
         if json_out is not None:
             json_out.write_text(json.dumps(results, indent=2))

@@ -15,6 +15,7 @@ from bayesal.cli._app import (
     DeviceOption,
     KernelsOption,
     Reporter,
+    SeveralAfterOneFlag,
     app,
     atomic_output,
     console,
@@ -27,7 +28,7 @@ from bayesal.cli._app import (
 _D = {name: f.default for name, f in AcquisitionConfig.model_fields.items()}
 
 
-@app.command("score")
+@app.command("score", cls=SeveralAfterOneFlag)
 def score(
     model: Annotated[Path, typer.Option(help="Model directory from `bayesal train`.")],
     output: Annotated[Path, typer.Option(help="extxyz of the selected structures (with their "

@@ -95,11 +95,14 @@ def validate_frame(
     energy_key: str | None = None,
     forces_key: str | None = None,
     check_distances: bool = True,
+    forces_optional: bool = False,
 ) -> tuple[Frame | None, list[InputIssue]]:
     """Check one frame; returns the frame (with its label) or the list of issues.
 
     ``check_distances=False`` skips the too-close-atoms check, for callers that run it on
-    a whole batch at once (:func:`check_distances`).
+    a whole batch at once (:func:`check_distances`). ``forces_optional``: a labelled frame
+    may carry its energy alone (test sets of reaction paths and scans); its forces are then
+    None.
     """
 
     def issue(field: str | None, message: str) -> InputIssue:
@@ -145,6 +148,8 @@ def validate_frame(
                     issues.append(issue(e_keys[0], f"energy is {energy}"))
         if raw_f is None and n == 1 and not atoms.pbc.any():
             forces = np.zeros((1, 3))  # an isolated atom feels no force
+        elif raw_f is None and forces_optional:
+            forces = None
         elif raw_f is None:
             issues.append(issue(f_keys[0], f"no forces (looked for {', '.join(f_keys)}); "
                                 "import without --labelled or name the key with --forces-key"))
@@ -242,12 +247,13 @@ def iter_frames(
     forces_key: str | None = None,
     format: str | None = None,
     distances: bool = True,
+    forces_optional: bool = False,
 ) -> Iterator[Frame | InputIssue]:
     """Yield validated frames of a file, or the issues of frames that fail validation.
 
     A file that cannot be parsed yields one issue naming the frame where parsing stopped
     and ends there. ``distances=False`` leaves the too-close-atoms check to the caller
-    (:func:`check_distances` on batches).
+    (:func:`check_distances` on batches); ``forces_optional``: see :func:`validate_frame`.
     """
     name = str(path)
     if not Path(path).is_file():
@@ -258,7 +264,8 @@ def iter_frames(
         for atoms in ase.io.iread(name, index=":", format=format):
             frame, issues = validate_frame(name, index, atoms, labelled=labelled,
                                            energy_key=energy_key, forces_key=forces_key,
-                                           check_distances=distances)
+                                           check_distances=distances,
+                                           forces_optional=forces_optional)
             if frame is not None:
                 yield frame
             yield from issues

@@ -184,3 +184,67 @@ def test_evaluate_logs_progress_with_a_total_and_chunks_change_no_number(trained
         # float32 sums over differently composed batches: equal to ~1e-8 eV/Å
         np.testing.assert_allclose(getattr(parts, field), getattr(whole, field), rtol=1e-5,
                                    atol=1e-6)
+
+
+def _energy_only(frames, path):
+    """Frames written with their energies and no forces (a scan or a path as codes write
+    them)."""
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    out = []
+    for a in frames:
+        b = a.copy()
+        b.calc = SinglePointCalculator(b, energy=a.get_potential_energy())
+        out.append(b)
+    ase.io.write(path, out, format="extxyz")
+    assert "forces" not in path.read_text().splitlines()[1]
+    return path
+
+
+def test_evaluate_energy_only_files_and_several_after_one_flag(trained, shared_data, tmp_path):
+    """A file with energies alone (a bond-stretch curve here: ethanol's O-H pulled out) gets
+    energy and profile metrics and no force metrics; a file with forces gets both; several
+    files follow one --test."""
+    frames = ase.io.read(shared_data / "ethanol" / "test_MD.xyz", ":6")
+    md = tmp_path / "md.xyz"
+    ase.io.write(md, frames, format="extxyz")
+    scan = _energy_only(frames[:4], tmp_path / "scan.xyz")
+    out = tmp_path / "m.json"
+    res = runner.invoke(app, ["evaluate", "--model", str(trained / "m"), "--test", str(md),
+                              str(scan), "--json", str(out)], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    metrics = json.loads(out.read_text())
+    with_f, only_e = metrics[str(md)], metrics[str(scan)]
+    assert {"force_mae", "force_nll", "force_miscal_area", "energy_profile_mae"} <= set(with_f)
+    assert not [k for k in only_e if k.startswith("force")], only_e
+    for key in ("energy_mae", "energy_nll", "energy_spearman", "energy_profile_mae",
+                "energy_range_error", "energy_barrier_error", "energy_miscal_area"):
+        assert np.isfinite(only_e[key]), key
+    assert only_e["n_structures"] == 4 and with_f["n_structures"] == 6
+    assert "-" in res.output  # the table leaves the scan's force rows empty
+    res = runner.invoke(app, ["evaluate", "--model", str(trained / "m"), "--test", str(scan),
+                              "--recalibrate-on", str(scan)])
+    assert res.exit_code == 1 and "recalibration needs structures with forces" in res.output
+
+
+def test_several_values_after_one_flag_read_like_repeated_flags():
+    """`--test a b --ood c d` = `--test a --test b --ood c --ood d`; a one-value option
+    after them keeps its value; a stray value where no repeatable flag precedes is still an
+    error."""
+    from pathlib import Path
+
+    import typer.main
+
+    commands = typer.main.get_command(app).commands
+    ctx = commands["evaluate"].make_context("evaluate", [
+        "--model", "m", "--test", "a.xyz", "b.xyz", "--ood", "c.xyz", "d.xyz", "--json", "j"])
+    assert ctx.params["test"] == [Path("a.xyz"), Path("b.xyz")]
+    assert ctx.params["ood"] == [Path("c.xyz"), Path("d.xyz")]
+    assert ctx.params["json_out"] == Path("j")
+    ctx = commands["train"].make_context("train", ["--train", "a", "b", "--out", "o"])
+    assert ctx.params["train_files"] == [Path("a"), Path("b")] and ctx.params["out"] == Path("o")
+    ctx = commands["score"].make_context("score", ["--model", "m", "--pool", "a", "b",
+                                                   "--output", "o"])
+    assert ctx.params["pool"] == [Path("a"), Path("b")]
+    res = runner.invoke(app, ["evaluate", "--model", "m", "--test", "t", "--json", "j", "stray"])
+    assert res.exit_code == 2 and "unexpected extra argument" in " ".join(res.output.split())
