@@ -8,7 +8,10 @@ Moment-matched Gaussian BALD (mutual information between a label and the paramet
 * joint (default): BALD_EF = BALD_E + reduce_i BALD_F,i (reduce: sum, mean or max).
 
 Baselines: ``energy-std`` (epistemic energy std, eV), ``max-force-std`` (the committee rule of
-DP-GEN / aims-PAX: max_i ‖std f_i‖ = max_i sqrt(tr Σ_epi,i), eV/Å) and ``random``.
+DP-GEN / aims-PAX: max_i ‖std f_i‖ = max_i sqrt(tr Σ_epi,i), eV/Å, highest first),
+``trust-window`` (DP-GEN's selection as it runs: candidates whose max-force-std lies in the
+trust window [trust_lo, trust_hi) eV/Å, chosen at random among them; below the window the
+model is trusted, above it the frame is taken as unphysical) and ``random``.
 
 Batch selection: ``top-k`` or ``diverse``: greedy maximisation of the joint information
 ½ log det(I + K_B) of the batch, with K(s, t) = a_s a_t C(s, t), a_s² = exp(2 score_s) − 1 (so a
@@ -24,7 +27,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 
 from bayesal.contracts import ACQUISITION_COMPONENTS
 
@@ -43,6 +46,7 @@ class Acquisition(enum.StrEnum):
     BALD_F = "bald-f"
     ENERGY_STD = "energy-std"
     MAX_FORCE_STD = "max-force-std"
+    TRUST_WINDOW = "trust-window"
     RANDOM = "random"
 
 
@@ -79,6 +83,17 @@ class AcquisitionConfig(BaseModel):
                              "selection (None: max(10 n_select, 100)).")
     chunk_size: int = Field(256, ge=1, description="Candidates read and scored at once.")
     predict_batch: int = Field(32, ge=1, description="Structures per forward pass.")
+    trust_lo: float = Field(0.05, ge=0, description="trust-window: lower bound of "
+                            "max-force-std, eV/Å (DP-GEN's model_devi_f_trust_lo).")
+    trust_hi: float = Field(0.15, gt=0, description="trust-window: upper bound of "
+                            "max-force-std, eV/Å (DP-GEN's model_devi_f_trust_hi).")
+
+    @model_validator(mode="after")
+    def _window(self) -> AcquisitionConfig:
+        if self.trust_lo >= self.trust_hi:
+            raise ValueError(f"trust_lo ({self.trust_lo}) must be below trust_hi "
+                             f"({self.trust_hi})")
+        return self
 
     @property
     def n_keep(self) -> int:
@@ -127,13 +142,19 @@ def _reduce(per_atom: np.ndarray, n_atoms: np.ndarray, how: Reduction) -> np.nda
     return total / n_atoms if how is Reduction.MEAN else total
 
 
+OUTSIDE_WINDOW = -1.0  # trust-window score of a candidate outside the window
+
+
 def score(pred: Prediction, acquisition: Acquisition | str = Acquisition.BALD_EF, *,
           reduction: Reduction | str = Reduction.SUM, seed: int = 0,
-          rng: np.random.Generator | None = None) -> Scores:
+          rng: np.random.Generator | None = None,
+          trust: tuple[float, float] = (0.05, 0.15)) -> Scores:
     """Scores of every structure in ``pred`` (components are returned for all methods).
 
-    ``random`` draws from ``rng`` if given (for streaming: one generator across chunks),
-    otherwise from ``np.random.default_rng(seed)``.
+    ``random`` and ``trust-window`` draw from ``rng`` if given (for streaming: one generator
+    across chunks), otherwise from ``np.random.default_rng(seed)``. ``trust-window`` scores
+    a structure whose max-force-std lies in ``trust`` = [lo, hi) eV/Å with a uniform draw in
+    [0, 1) and every other one :data:`OUTSIDE_WINDOW` (never selected).
     """
     acquisition, reduction = Acquisition(acquisition), Reduction(reduction)
     bald_e = bald_energy(pred.energy_var_epi, pred.energy_var_ale)
@@ -141,8 +162,11 @@ def score(pred: Prediction, acquisition: Acquisition | str = Acquisition.BALD_EF
     bald_f = _reduce(bald_f_atom, pred.n_atoms, reduction)
     energy_std = np.sqrt(np.clip(pred.energy_var_epi, 0, None))
     max_force_std = _reduce(pred.atom_force_deviation, pred.n_atoms, Reduction.MAX)
-    if acquisition is Acquisition.RANDOM:
+    if acquisition in (Acquisition.RANDOM, Acquisition.TRUST_WINDOW):
         value = (rng or np.random.default_rng(seed)).random(len(pred.n_atoms))
+        if acquisition is Acquisition.TRUST_WINDOW:
+            inside = (max_force_std >= trust[0]) & (max_force_std < trust[1])
+            value = np.where(inside, value, OUTSIDE_WINDOW)
     else:
         value = {Acquisition.BALD_EF: bald_e + bald_f, Acquisition.BALD_E: bald_e,
                  Acquisition.BALD_F: bald_f, Acquisition.ENERGY_STD: energy_std,

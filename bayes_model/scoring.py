@@ -20,6 +20,7 @@ from bayesal.bayes_model.acquisition import (
     Acquisition,
     AcquisitionConfig,
     Scores,
+    Selection,
     score,
     select,
 )
@@ -62,7 +63,8 @@ def iter_scores(posterior, frames: Iterable[Atoms], config: AcquisitionConfig, *
     for chunk in _chunks(frames, config.chunk_size):
         pred = predict_calibrated(posterior, chunk, batch_size=config.predict_batch,
                                   recalibrated=recalibrated)
-        yield chunk, pred, score(pred, config.function, reduction=config.reduction, rng=rng)
+        yield chunk, pred, score(pred, config.function, reduction=config.reduction, rng=rng,
+                                 trust=(config.trust_lo, config.trust_hi))
 
 
 def score_pool(posterior, frames: Iterable[Atoms], config: AcquisitionConfig, *,
@@ -75,7 +77,9 @@ def score_pool(posterior, frames: Iterable[Atoms], config: AcquisitionConfig, *,
     (``diverse`` chooses among them). ``on_scores(first_index, chunk, scores)`` is called
     per chunk.
     """
-    acquisition, threshold = config.function, config.threshold
+    acquisition, threshold, mode = config.function, config.threshold, config.selection
+    if acquisition is Acquisition.TRUST_WINDOW:  # DP-GEN: at random inside the window only
+        threshold, mode = max(threshold or 0.0, 0.0), Selection.TOP_K
     keep = config.n_keep
     heap: list[Candidate] = []  # min-heap of the best ``keep``
     n = 0
@@ -107,7 +111,7 @@ def score_pool(posterior, frames: Iterable[Atoms], config: AcquisitionConfig, *,
     features = (np.stack([c.features for c in pool]) if all(c.features is not None
                                                             for c in pool) else None)
     chosen = select(np.array([c.score for c in pool]), config.n_select,
-                    mode=config.selection, features=features,
+                    mode=mode, features=features,
                     center_features=not metric,
                     information=np.array([c.information for c in pool]))
     return PoolSelection([pool[i] for i in chosen], n, metric)

@@ -38,7 +38,9 @@ def score(
     pool_campaign: Annotated[str | None, typer.Option(
         help="Use the unlabelled structures of this database campaign as the pool.")] = None,
     acquisition: Annotated[str, typer.Option(
-        help="bald-ef, bald-e, bald-f, energy-std, max-force-std or random.")
+        help="bald-ef, bald-e, bald-f, energy-std, max-force-std, trust-window (DP-GEN: at "
+             "random among candidates with max-force-std in [--trust-lo, --trust-hi)) or "
+             "random.")
     ] = _D["function"].value,
     n_select: Annotated[int, typer.Option(
         "--n-select", "--batch-size", help="Structures to select (--batch-size: the old "
@@ -60,7 +62,12 @@ def score(
     keep: Annotated[int | None, typer.Option(
         help="Best candidates kept for the selection (default max(10 x n-select, 100)).")
     ] = None,
-    seed: Annotated[int, typer.Option(help="Seed of the random acquisition.")] = 0,
+    trust_lo: Annotated[float, typer.Option(
+        help="trust-window: lower bound of max-force-std, eV/Å.")] = _D["trust_lo"],
+    trust_hi: Annotated[float, typer.Option(
+        help="trust-window: upper bound of max-force-std, eV/Å.")] = _D["trust_hi"],
+    seed: Annotated[int, typer.Option(help="Seed of the random and trust-window "
+                                            "acquisitions.")] = 0,
     method: Annotated[str | None, typer.Option(
         help="Expected posterior method (checked against the model).")] = None,
     device: DeviceOption = "auto",
@@ -82,7 +89,8 @@ def score(
         config = AcquisitionConfig(function=acquisition, n_select=n_select,
                                    selection=selection, reduction=reduction,
                                    threshold=threshold, keep=keep, chunk_size=chunk_size,
-                                   predict_batch=predict_batch)
+                                   predict_batch=predict_batch, trust_lo=trust_lo,
+                                   trust_hi=trust_hi)
         if not pool and not pool_campaign:
             raise ValueError("give candidate files with --pool or a campaign with "
                              "--pool-campaign")
