@@ -1,0 +1,137 @@
+"""MD stability: how long a model keeps a molecule physical in hot MD.
+
+A frame is broken when, against the starting structure's covalent bonds (pairs closer than
+``bond_scale`` x the sum of their covalent radii):
+
+* a bond is stretched beyond ``stretch_factor`` x its starting length ("bond broken");
+* two atoms come closer than ``close_factor`` x the sum of their covalent radii ("atoms too
+  close"), or a position is not finite;
+* the potential energy per atom moved more than ``max_energy_per_atom`` eV from the first
+  frame's, or is not finite ("energy blew up").
+
+:func:`first_break` finds the first broken frame of a trajectory; :func:`time_to_break`
+runs Langevin MD with a posterior's mean forces until the first broken frame (or the end)
+and says when. A model that stays physical for longer at 1000 K has learnt the repulsive
+walls and the bond stretches, not just the frames near equilibrium.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from ase import Atoms
+from ase.data import covalent_radii
+
+__all__ = ["Break", "StabilityRule", "first_break", "time_to_break"]
+
+
+@dataclass(frozen=True)
+class StabilityRule:
+    stretch_factor: float = 1.5  # a bond longer than this x its starting length is broken
+    close_factor: float = 0.5  # closer than this x the sum of covalent radii: too close
+    bond_scale: float = 1.2  # bonded: closer than this x the sum of covalent radii
+    max_energy_per_atom: float = 1.0  # eV per atom away from the first frame
+
+
+@dataclass(frozen=True)
+class Break:
+    frame: int  # the first broken frame's index (time_to_break: its MD step); -1: none
+    reason: str  # "" when none
+    time_fs: float | None = None  # with time_to_break: MD time of that frame (or run length)
+
+    @property
+    def broken(self) -> bool:
+        return self.frame >= 0
+
+
+def _radii_sum(numbers: np.ndarray) -> np.ndarray:
+    r = covalent_radii[numbers]
+    return r[:, None] + r[None, :]
+
+
+def _distances(positions: np.ndarray) -> np.ndarray:
+    return np.linalg.norm(positions[:, None, :] - positions[None, :, :], axis=-1)
+
+
+def bonds_of(atoms: Atoms, rule: StabilityRule = StabilityRule()) -> np.ndarray:
+    """(i, j) pairs (i < j) bonded in ``atoms``: closer than bond_scale x radii sum."""
+    d = _distances(atoms.positions)
+    i, j = np.nonzero(np.triu(d < rule.bond_scale * _radii_sum(atoms.numbers), k=1))
+    return np.stack([i, j], axis=1)
+
+
+def check_frame(reference: Atoms, bonds: np.ndarray, frame: Atoms, energy0: float | None,
+                energy: float | None, rule: StabilityRule = StabilityRule()) -> str:
+    """Why ``frame`` is broken against ``reference`` ("" when it is not)."""
+    pos = frame.positions
+    if not np.isfinite(pos).all():
+        return "positions not finite"
+    d = _distances(pos)
+    n = len(frame)
+    close = d < rule.close_factor * _radii_sum(frame.numbers)
+    close[np.arange(n), np.arange(n)] = False
+    if close.any():
+        i, j = np.argwhere(close)[0]
+        return f"atoms {i} and {j} too close ({d[i, j]:.2f} Å)"
+    if len(bonds):
+        ref = _distances(reference.positions)[bonds[:, 0], bonds[:, 1]]
+        now = d[bonds[:, 0], bonds[:, 1]]
+        over = now > rule.stretch_factor * ref
+        if over.any():
+            k = int(np.argmax(now / ref))
+            i, j = bonds[k]
+            return (f"bond {i}-{j} broken ({now[k]:.2f} Å, {now[k] / ref[k]:.2f}x its "
+                    f"{ref[k]:.2f} Å)")
+    if energy is not None:
+        if not np.isfinite(energy):
+            return "energy not finite"
+        if energy0 is not None and abs(energy - energy0) / n > rule.max_energy_per_atom:
+            return (f"energy blew up ({(energy - energy0) / n:+.2f} eV/atom from the first "
+                    "frame)")
+    return ""
+
+
+def first_break(frames: Sequence[Atoms], energies: Sequence[float] | None = None, *,
+                rule: StabilityRule = StabilityRule()) -> Break:
+    """The first broken frame of a trajectory (bonds and distances judged against frame 0;
+    energies, when given, against the first one)."""
+    if not frames:
+        return Break(-1, "")
+    bonds = bonds_of(frames[0], rule)
+    e0 = None if energies is None else float(energies[0])
+    for k, frame in enumerate(frames):
+        reason = check_frame(frames[0], bonds, frame, e0,
+                             None if energies is None else float(energies[k]), rule)
+        if reason:
+            return Break(k, reason)
+    return Break(-1, "")
+
+
+def time_to_break(posterior, start: Atoms, *, temperature_K: float = 1000.0,
+                  steps: int = 2000, timestep_fs: float = 0.5, friction_per_fs: float = 0.01,
+                  check_every: int = 10, seed: int = 0,
+                  rule: StabilityRule = StabilityRule()) -> Break:
+    """Langevin MD from ``start`` with the posterior's mean forces, checked every
+    ``check_every`` steps; the first broken frame's MD time (``time_fs``), or the whole
+    run's when none broke (``frame`` -1)."""
+    from bayesal.bayes_model.explore import langevin
+
+    atoms = Atoms(numbers=start.numbers, positions=start.positions, cell=start.cell,
+                  pbc=start.pbc)
+    reference = atoms.copy()
+    bonds = bonds_of(reference, rule)
+    dyn = langevin(atoms, posterior, temperature_K=temperature_K, timestep_fs=timestep_fs,
+                   friction_per_fs=friction_per_fs, rng=np.random.default_rng(seed))
+    e0 = float(atoms.get_potential_energy())
+    for step in range(check_every, steps + 1, check_every):
+        try:
+            dyn.run(check_every)
+            energy = float(atoms.get_potential_energy())
+        except (ValueError, FloatingPointError, np.linalg.LinAlgError) as exc:
+            return Break(step, f"MD failed ({type(exc).__name__})", step * timestep_fs)
+        reason = check_frame(reference, bonds, atoms, e0, energy, rule)
+        if reason:
+            return Break(step, reason, step * timestep_fs)
+    return Break(-1, "", steps * timestep_fs)
