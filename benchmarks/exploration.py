@@ -1,0 +1,419 @@
+"""Benchmark: active learning as a real campaign runs it, on structures it explores itself.
+
+Per molecule (ethanol, acetylacetone), strategy and seed, a campaign starts from
+``--initial`` (8) structures of the 300 K reference data and runs ``--rounds`` rounds of:
+
+1. train the default 4-member ensemble: round 0 ``--epochs`` epochs from scratch, later
+   rounds ``--finetune-epochs`` epochs warm-started from the previous round (a compute
+   budget that does not depend on how busy the machine is);
+2. evaluate it on the test sets (below);
+3. explore: Langevin MD with the model from ``--md-seeds`` labelled structures at the
+   round's temperature (``--temperatures``, rising: 300, 600, 900 K, then the last), every
+   10th frame a candidate, a trajectory stopped where max-force-std passes ``--stop-above``
+   (1.0 eV/Å: far enough to leave frames above DP-GEN's trust window too);
+4. select ``--n-select`` of this round's explored frames by the strategy;
+5. label them with a real labeler (PySCF, ``--method``/``--basis``, default HF/STO-3G: a
+   real method cheap enough for hours on 2 cores) and add them to the training set.
+
+Strategies: bald-ef (top-k), bald-ef-diverse, bald-f, trust-window (DP-GEN: random within
+max-force-std in [0.05, 0.15) eV/Å) and random over the explored frames.
+
+Test sets, labelled once with the same method and never seen by a campaign:
+``hot``: 60 frames of high-temperature reference MD (ethanol rMD17; acac 600 K);
+``torsion``: a methyl rotation in 15° steps (energies and forces); ``stretch``: an O-H
+stretch (ethanol) or the enol proton moved to the other oxygen (acac), energies alone (as
+codes write such paths). After the last round, MD stability: the time until a 1000 K MD
+with the final model breaks (bonds, distances, energy; bayes_model.stability), over
+``--stability-seeds`` seeds.
+
+Everything is written under ``--out`` as it goes (labelled sets, per-round metrics); a rerun
+resumes at the first unfinished round of each campaign. ``--report-only`` prints the
+comparison: labels each strategy needs to reach random's final hot-MD force MAE, errors at
+equal labels (mean ± sd over seeds), bald-ef against trust-window per (seed, round), MD
+stability, and writes exploration.png.
+
+    nice python benchmarks/exploration.py --out /work/bench-explore            # hours
+    python benchmarks/exploration.py --out /tmp/x --molecules ethanol --seeds 1 \\
+        --rounds 2 --epochs 20 --finetune-epochs 5 --strategies random        # minutes
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from _common import shared_data
+
+STRATEGIES = {  # name -> (acquisition function, selection)
+    "bald-ef": ("bald-ef", "top-k"),
+    "bald-ef-diverse": ("bald-ef", "diverse"),
+    "bald-f": ("bald-f", "top-k"),
+    "trust-window": ("trust-window", "top-k"),
+    "random": ("random", "top-k"),
+}
+SOURCES = {  # molecule -> (300 K start frames, high-temperature test frames)
+    "ethanol": ("ethanol/train.xyz", "ethanol/test_MD.xyz"),
+    "acac": ("acac/train_300K.xyz", "acac/train_600K.xyz"),
+}
+
+
+def _labeler(args):
+    from bayesal.labelers import PySCFLabeler
+
+    return PySCFLabeler(args.method, args.basis, threads=args.threads, timeout_s=600)
+
+
+def _label(images, args, *, forces: bool = True):
+    """Labelled copies of ``images`` (failed labels dropped, their count returned)."""
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    results = _labeler(args).label_many(images, workers=1)
+    out, failed = [], 0
+    for atoms, res in zip(images, results, strict=True):
+        if not res.ok:
+            failed += 1
+            continue
+        a = atoms.copy()
+        a.calc = SinglePointCalculator(a, energy=res.energy,
+                                       **({"forces": res.forces} if forces else {}))
+        out.append(a)
+    return out, failed
+
+
+def _bonded(atoms):
+    from bayesal.bayes_model.stability import bonds_of
+
+    nbrs: dict[int, set[int]] = {i: set() for i in range(len(atoms))}
+    for i, j in bonds_of(atoms):
+        nbrs[int(i)].add(int(j))
+        nbrs[int(j)].add(int(i))
+    return nbrs
+
+
+def torsion_scan(atoms, steps: int = 24):
+    """A methyl group rotated about its bond in ``360/steps``° steps."""
+    nbrs = _bonded(atoms)
+    z = atoms.numbers
+    cm = next(i for i in nbrs if z[i] == 6 and sum(z[j] == 1 for j in nbrs[i]) == 3)
+    hs = sorted(j for j in nbrs[cm] if z[j] == 1)
+    x = next(j for j in nbrs[cm] if z[j] != 1)
+    y = next(j for j in nbrs[x] if j != cm and z[j] != 1)
+    start = atoms.get_dihedral(y, x, cm, hs[0])
+    out = []
+    for k in range(steps):
+        a = atoms.copy()
+        a.set_dihedral(y, x, cm, hs[0], start + 360.0 * k / steps,
+                       mask=[i in hs for i in range(len(a))])
+        out.append(a)
+    return out
+
+
+def stretch_path(atoms, points: int = 14):
+    """The hydroxyl H moved to the nearest other oxygen within 3.5 Å (a proton transfer),
+    else pulled along its O-H bond to 2.2 Å (a dissociation)."""
+    nbrs = _bonded(atoms)
+    z = atoms.numbers
+    o = next(i for i in nbrs if z[i] == 8 and any(z[j] == 1 for j in nbrs[i]))
+    h = next(j for j in nbrs[o] if z[j] == 1)
+    others = [i for i in range(len(atoms)) if z[i] == 8 and i != o
+              and atoms.get_distance(o, i) < 3.5]
+    p_o, p_h = atoms.positions[o], atoms.positions[h]
+    if others:
+        p_o2 = atoms.positions[others[0]]
+        d0 = np.linalg.norm(p_h - p_o)
+        u = (p_o2 - p_o) / np.linalg.norm(p_o2 - p_o)
+        end = p_o2 - d0 * u
+        targets = [p_h + t * (end - p_h) for t in np.linspace(0, 1, points)]
+    else:
+        u = (p_h - p_o) / np.linalg.norm(p_h - p_o)
+        targets = [p_o + r * u for r in np.linspace(0.85, 2.2, points)]
+    out = []
+    for t in targets:
+        a = atoms.copy()
+        a.positions[h] = t
+        out.append(a)
+    return out
+
+
+def prepare(molecule: str, folder: Path, args) -> dict[str, Path]:
+    """Start frames and test sets, labelled once with the benchmark's method (cached)."""
+    import ase.io
+
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {k: folder / f"{k}.xyz" for k in ("start", "hot", "torsion", "stretch")}
+    if all(p.is_file() for p in files.values()):
+        return files
+    start_file, hot_file = SOURCES[molecule]
+    frames = ase.io.read(shared_data() / start_file, ":")
+    rng = np.random.default_rng(7)
+    pick = sorted(rng.choice(len(frames), size=40, replace=False))
+    start = [frames[i] for i in pick]
+    hot = ase.io.read(shared_data() / hot_file, ":")
+    hot = [hot[i] for i in sorted(np.random.default_rng(8).choice(len(hot), 60,
+                                                                   replace=False))]
+    sets = {"start": (start, True), "hot": (hot, True),
+            "torsion": (torsion_scan(start[0]), True),
+            "stretch": (stretch_path(start[0]), False)}
+    for name, (images, forces) in sets.items():
+        if files[name].is_file():
+            continue
+        t0 = time.perf_counter()
+        labelled, failed = _label([_bare(a) for a in images], args, forces=forces)
+        ase.io.write(files[name], labelled, format="extxyz")
+        print(f"{molecule} {name}: {len(labelled)} labels ({failed} failed) in "
+              f"{time.perf_counter() - t0:.0f} s", flush=True)
+    return files
+
+
+def _bare(atoms):
+    from ase import Atoms
+
+    return Atoms(numbers=atoms.numbers, positions=atoms.positions, cell=atoms.cell,
+                 pbc=atoms.pbc)
+
+
+def run_campaign(molecule: str, strategy: str, seed: int, files: dict[str, Path],
+                 folder: Path, args) -> None:
+    import ase.io
+
+    from bayesal.bayes_model.acquisition import AcquisitionConfig
+    from bayesal.bayes_model.calibration import evaluate_prediction
+    from bayesal.bayes_model.config import TrainingFile
+    from bayesal.bayes_model.ensemble import split_validation_stable
+    from bayesal.bayes_model.explore import explore
+    from bayesal.bayes_model.posterior import load_posterior, train_posterior
+    from bayesal.bayes_model.scoring import score_pool
+    from bayesal.bayes_model.stability import time_to_break
+    from bayesal.bayes_model.train import TrainConfig
+
+    folder.mkdir(parents=True, exist_ok=True)
+    state_file = folder / "state.json"
+    state = json.loads(state_file.read_text()) if state_file.is_file() else {"rounds": []}
+    train_file = folder / "train.xyz"
+    if not train_file.is_file():
+        start = ase.io.read(files["start"], ":")
+        picks = np.random.default_rng(seed).choice(len(start), size=args.initial,
+                                                   replace=False)
+        ase.io.write(train_file, [start[i] for i in sorted(picks)], format="extxyz")
+    tests = {k: ase.io.read(files[k], ":") for k in ("hot", "torsion", "stretch")}
+    function, selection = STRATEGIES[strategy]
+    temps = args.temperatures
+    while len(state["rounds"]) < args.rounds:
+        r = len(state["rounds"])
+        t0 = time.perf_counter()
+        labelled = ase.io.read(train_file, ":")
+        train, valid = split_validation_stable(labelled, [str(i) for i in range(len(labelled))],
+                                               0.1, seed=seed)
+        previous = folder / f"round-{r - 1}" if r > 0 else None
+        epochs = args.epochs if previous is None else args.finetune_epochs
+        settings = TrainingFile(device="cpu", train=TrainConfig(
+            max_epochs=epochs, seed=seed + 1000 * r, patience=10**6,
+            allow_undertrained=True, keep_train_state="none"))
+        model_dir = folder / f"round-{r}"
+        train_posterior("ensemble", train, valid, model_dir, settings=settings,
+                        members=args.members, init_from=previous)
+        posterior = load_posterior(model_dir)
+        record = {"round": r, "n_labels": len(labelled), "train_s": time.perf_counter() - t0}
+        for name, images in tests.items():
+            metrics = evaluate_prediction(posterior.predict(images), images, profile=True)
+            record.update({f"{name}_{k}": v for k, v in metrics.items()
+                           if isinstance(v, float)})
+        temperature = temps[min(r, len(temps) - 1)]
+        rng = np.random.default_rng(seed + 7 * r)
+        md_seeds = [labelled[i] for i in rng.choice(len(labelled), size=min(args.md_seeds,
+                                                                              len(labelled)),
+                                                     replace=False)]
+        trajectories = explore(posterior, md_seeds, temperatures_K=[temperature],
+                               steps=args.md_steps, record_every=10,
+                               max_force_std_threshold=args.stop_above, seed=seed + r)
+        pool = [f for t in trajectories for f in t.frames]
+        config = AcquisitionConfig(function=function, selection=selection,
+                                   n_select=args.n_select)
+        chosen = [c.atoms for c in score_pool(posterior, pool, config,
+                                              seed=seed + r).selected]
+        new, failed = _label([_bare(a) for a in chosen], args)
+        ase.io.write(train_file, labelled + new, format="extxyz")
+        record.update(temperature_K=temperature, n_explored=len(pool),
+                      n_selected=len(chosen), n_failed=failed,
+                      picked_max_force_std=[float(a.info.get("max_force_std", np.nan))
+                                            for a in chosen],
+                      round_s=time.perf_counter() - t0)
+        if previous is not None and previous.is_dir():
+            import shutil
+
+            shutil.rmtree(previous)  # only the newest model is needed (warm start)
+        state["rounds"].append(record)
+        state_file.write_text(json.dumps(state, indent=1))
+        print(f"{molecule} {strategy} s{seed} round {r}: {len(labelled)} labels, hot force "
+              f"MAE {record.get('hot_force_mae', float('nan')):.4f} eV/Å, {len(pool)} "
+              f"explored at {temperature:g} K, {record['round_s']:.0f} s", flush=True)
+    if "stability" not in state:
+        last = folder / f"round-{args.rounds - 1}"
+        posterior = load_posterior(last)
+        start = ase.io.read(files["start"], "0")
+        breaks = [time_to_break(posterior, start, temperature_K=1000.0,
+                                steps=args.stability_steps, seed=k)
+                  for k in range(args.stability_seeds)]
+        state["stability"] = [{"time_fs": b.time_fs, "broken": b.broken, "reason": b.reason}
+                              for b in breaks]
+        state_file.write_text(json.dumps(state, indent=1))
+
+
+def _labels_to_reach(curve, target: float) -> float | None:
+    """Labels at which a (labels, error) curve first reaches ``target`` (interpolated)."""
+    for (n0, e0), (n1, e1) in itertools.pairwise(curve):
+        if e0 <= target:
+            return n0
+        if e1 <= target:
+            return n0 + (n1 - n0) * (e0 - target) / (e0 - e1)
+    if curve and curve[-1][1] <= target:
+        return curve[-1][0]
+    return None
+
+
+def report(out: Path, args) -> None:
+    results = {}
+    for molecule in args.molecules:
+        for strategy in args.strategies:
+            for seed in range(args.seeds):
+                f = out / molecule / f"{strategy}-s{seed}" / "state.json"
+                if f.is_file():
+                    results[(molecule, strategy, seed)] = json.loads(f.read_text())
+    if not results:
+        print("no results yet")
+        return
+    key = "hot_force_mae"
+    for molecule in args.molecules:
+        print(f"\n{molecule}: hot-MD force MAE (meV/Å) by round, mean ± sd over seeds")
+        curves = {}
+        for strategy in args.strategies:
+            runs = [results[(molecule, strategy, s)]["rounds"] for s in range(args.seeds)
+                    if (molecule, strategy, s) in results]
+            if not runs:
+                continue
+            n = min(len(r) for r in runs)
+            errs = np.array([[1000 * r[k][key] for k in range(n)] for r in runs])
+            labels = [runs[0][k]["n_labels"] for k in range(n)]
+            curves[strategy] = (labels, errs)
+            cells = [f"{m:.1f} ± {s:.1f}" for m, s in zip(errs.mean(0), errs.std(0),
+                                                          strict=True)]
+            stab = [b["time_fs"] for s in range(args.seeds)
+                    for b in results.get((molecule, strategy, s), {}).get("stability", [])]
+            print(f"  {strategy:16s} " + " | ".join(cells)
+                  + (f"  | 1000 K MD stable {np.mean(stab):.0f} fs (n={len(stab)})"
+                     if stab else ""))
+        if "random" in curves:
+            labels, errs = curves["random"]
+            target = errs.mean(0)[-1]
+            base = labels[-1]
+            for strategy, (lab, e) in curves.items():
+                need = _labels_to_reach(list(zip(lab, e.mean(0), strict=True)), target)
+                share = "not reached" if need is None else f"{100 * need / base:.0f} %"
+                print(f"  {strategy:16s} labels to reach random's final {target:.1f} meV/Å: "
+                      f"{share} of random's {base}")
+        _versus(results, args, molecule, "bald-ef", "trust-window")
+    _plot(results, args, out)
+
+
+def _versus(results, args, molecule: str, a: str, b: str) -> None:
+    """Per seed and round after the first (round 0 is the same for every strategy): is
+    ``a``'s hot-MD force MAE below ``b``'s at ``a``'s label count (``b``'s curve
+    interpolated; ``b`` may have labelled fewer: DP-GEN labels only what its window holds)?"""
+    wins = pairs = 0
+    for seed in range(args.seeds):
+        ra = results.get((molecule, a, seed), {}).get("rounds", [])
+        rb = results.get((molecule, b, seed), {}).get("rounds", [])
+        if len(ra) < 2 or len(rb) < 2:
+            continue
+        lb = [r["n_labels"] for r in rb]
+        eb = [r["hot_force_mae"] for r in rb]
+        for r in ra[1:]:
+            n = r["n_labels"]
+            if not lb[0] <= n <= lb[-1]:
+                continue
+            pairs += 1
+            wins += r["hot_force_mae"] < float(np.interp(n, lb, eb))
+    if pairs:
+        print(f"  {a} below {b} at equal labels in {wins} of {pairs} (seed, round) pairs "
+              f"({100 * wins / pairs:.0f} %)")
+
+
+def _plot(results, args, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(args.molecules), figsize=(6 * len(args.molecules), 4),
+                             squeeze=False)
+    for ax, molecule in zip(axes[0], args.molecules, strict=True):
+        for strategy in args.strategies:
+            runs = [results[(molecule, strategy, s)]["rounds"] for s in range(args.seeds)
+                    if (molecule, strategy, s) in results]
+            if not runs:
+                continue
+            n = min(len(r) for r in runs)
+            labels = [runs[0][k]["n_labels"] for k in range(n)]
+            errs = np.array([[1000 * r[k]["hot_force_mae"] for k in range(n)] for r in runs])
+            ax.plot(labels, errs.mean(0), marker="o", label=strategy)
+            ax.fill_between(labels, errs.min(0), errs.max(0), alpha=0.15)
+        ax.set(xlabel="labels", ylabel="hot-MD force MAE (meV/Å)", title=molecule)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "exploration.png", dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--molecules", nargs="+", default=list(SOURCES))
+    parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES),
+                        choices=list(STRATEGIES))
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--initial", type=int, default=8)
+    parser.add_argument("--n-select", type=int, default=8)
+    parser.add_argument("--members", type=int, default=4)
+    parser.add_argument("--epochs", type=int, default=150)
+    parser.add_argument("--finetune-epochs", type=int, default=40)
+    parser.add_argument("--temperatures", type=float, nargs="+", default=[300, 600, 900])
+    parser.add_argument("--md-seeds", type=int, default=4)
+    parser.add_argument("--md-steps", type=int, default=400)
+    parser.add_argument("--stop-above", type=float, default=1.0,
+                        help="stop a trajectory where max-force-std passes this, eV/Å")
+    parser.add_argument("--stability-seeds", type=int, default=3)
+    parser.add_argument("--stability-steps", type=int, default=2000)
+    parser.add_argument("--method", default="hf")
+    parser.add_argument("--basis", default="sto-3g")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--report-only", action="store_true")
+    args = parser.parse_args()
+    if not args.report_only:
+        import torch
+
+        # Everything a campaign uses, imported now: a long run is not changed by edits to
+        # the checkout while it goes.
+        import bayesal.bayes_model.calibration
+        import bayesal.bayes_model.explore
+        import bayesal.bayes_model.posterior
+        import bayesal.bayes_model.scoring
+        import bayesal.bayes_model.stability
+        import bayesal.labelers  # noqa: F401
+
+        torch.set_num_threads(args.threads)
+        files = {m: prepare(m, args.out / m / "tests", args) for m in args.molecules}
+        for seed in range(args.seeds):  # seeds outermost: every molecule and strategy gets
+            for molecule in args.molecules:  # seed 0 before any gets seed 1
+                for strategy in args.strategies:
+                    run_campaign(molecule, strategy, seed, files[molecule],
+                                 args.out / molecule / f"{strategy}-s{seed}", args)
+    report(args.out, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
