@@ -287,19 +287,13 @@ def report(out: Path, args) -> None:
     if not results:
         print("no results yet")
         return
-    key = "hot_force_mae"
     for molecule in args.molecules:
         print(f"\n{molecule}: hot-MD force MAE (meV/Å) by round, mean ± sd over seeds")
         curves = {}
         for strategy in args.strategies:
-            runs = [results[(molecule, strategy, s)]["rounds"] for s in range(args.seeds)
-                    if (molecule, strategy, s) in results]
-            if not runs:
+            if (curve := _curve(results, args, molecule, strategy)) is None:
                 continue
-            n = min(len(r) for r in runs)
-            errs = np.array([[1000 * r[k][key] for k in range(n)] for r in runs])
-            labels = [runs[0][k]["n_labels"] for k in range(n)]
-            curves[strategy] = (labels, errs)
+            labels, errs = curves[strategy] = curve
             cells = [f"{m:.1f} ± {s:.1f}" for m, s in zip(errs.mean(0), errs.std(0),
                                                           strict=True)]
             stab = [b["time_fs"] for s in range(args.seeds)
@@ -318,6 +312,18 @@ def report(out: Path, args) -> None:
                       f"{share} of random's {base}")
         _versus(results, args, molecule, "bald-ef", "trust-window")
     _plot(results, args, out)
+
+
+def _curve(results, args, molecule: str, strategy: str):
+    """(labels, hot-MD force MAE in meV/Å per seed x round) over the rounds every seed of
+    ``strategy`` has finished; None before any."""
+    runs = [results[(molecule, strategy, s)]["rounds"] for s in range(args.seeds)
+            if (molecule, strategy, s) in results]
+    if not runs:
+        return None
+    n = min(len(r) for r in runs)
+    labels = [runs[0][k]["n_labels"] for k in range(n)]
+    return labels, np.array([[1000 * r[k]["hot_force_mae"] for k in range(n)] for r in runs])
 
 
 def _versus(results, args, molecule: str, a: str, b: str) -> None:
@@ -353,13 +359,9 @@ def _plot(results, args, out: Path) -> None:
                              squeeze=False)
     for ax, molecule in zip(axes[0], args.molecules, strict=True):
         for strategy in args.strategies:
-            runs = [results[(molecule, strategy, s)]["rounds"] for s in range(args.seeds)
-                    if (molecule, strategy, s) in results]
-            if not runs:
+            if (curve := _curve(results, args, molecule, strategy)) is None:
                 continue
-            n = min(len(r) for r in runs)
-            labels = [runs[0][k]["n_labels"] for k in range(n)]
-            errs = np.array([[1000 * r[k]["hot_force_mae"] for k in range(n)] for r in runs])
+            labels, errs = curve
             ax.plot(labels, errs.mean(0), marker="o", label=strategy)
             ax.fill_between(labels, errs.min(0), errs.max(0), alpha=0.15)
         ax.set(xlabel="labels", ylabel="hot-MD force MAE (meV/Å)", title=molecule)
