@@ -30,7 +30,10 @@ def bayesal_train(work: Path, out: Path, minutes: float, threads: int, *extra: s
 
     from bayesal.bayes_model.checkpoint import read_manifest
 
-    cmd = [str(Path(sys.executable).with_name("bayesal")), "train",
+    script = Path(sys.executable).with_name("bayesal")
+    launcher = ([str(script)] if script.exists() else  # installed with --target: no script
+                [sys.executable, "-c", "from bayesal.cli import main; main()"])
+    cmd = [*launcher, "train",
            "--train", str(work / "train.xyz"), "--valid", str(work / "val.xyz"),
            "--isolated-atoms", str(isolated or work / "isolated.xyz"), "--out", str(out),
            "--max-minutes", str(minutes), *extra]
