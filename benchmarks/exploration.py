@@ -370,6 +370,26 @@ def _plot(results, args, out: Path) -> None:
     fig.savefig(out / "exploration.png", dpi=120)
 
 
+SETTINGS = ("rounds", "initial", "n_select", "members", "epochs", "finetune_epochs",
+            "temperatures", "md_seeds", "md_steps", "stop_above", "stability_seeds",
+            "stability_steps", "method", "basis")
+
+
+def _same_settings(args) -> None:
+    """A results folder holds one experiment: its settings are written on the first run
+    and a resume with others is refused (campaigns must be comparable)."""
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "settings.json"
+    mine = {k: getattr(args, k) for k in SETTINGS}
+    if path.is_file():
+        theirs = json.loads(path.read_text())
+        if diff := {k: (theirs.get(k), v) for k, v in mine.items() if theirs.get(k) != v}:
+            sys.exit(f"{args.out} was run with other settings {diff} (saved, given); use "
+                     "those or another --out")
+    else:
+        path.write_text(json.dumps(mine, indent=1))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True)
@@ -408,6 +428,7 @@ def main() -> None:
         import bayesal.labelers  # noqa: F401
 
         torch.set_num_threads(args.threads)
+        _same_settings(args)
         files = {m: prepare(m, args.out / m / "tests", args) for m in args.molecules}
         for seed in range(args.seeds):  # seeds outermost: every molecule and strategy gets
             for molecule in args.molecules:  # seed 0 before any gets seed 1
