@@ -145,16 +145,30 @@ def _reduce(per_atom: np.ndarray, n_atoms: np.ndarray, how: Reduction) -> np.nda
 OUTSIDE_WINDOW = -1.0  # trust-window score of a candidate outside the window
 
 
+def uniform_draws(seed: int, index: np.ndarray) -> np.ndarray:
+    """A uniform [0, 1) number per structure index, a hash (splitmix64) of (seed, index):
+    the same for a structure whichever chunk, order or process scores it."""
+    mask = (1 << 64) - 1
+    with np.errstate(over="ignore"):
+        z = (np.uint64((seed * 0x9E3779B97F4A7C15) & mask)
+             + np.asarray(index, dtype=np.uint64) * np.uint64(0xD1B54A32D192ED03)
+             + np.uint64(0x632BE59BD9B4E019))
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+
 def score(pred: Prediction, acquisition: Acquisition | str = Acquisition.BALD_EF, *,
-          reduction: Reduction | str = Reduction.SUM, seed: int = 0,
-          rng: np.random.Generator | None = None,
+          reduction: Reduction | str = Reduction.SUM, seed: int = 0, first_index: int = 0,
           trust: tuple[float, float] = (0.05, 0.15)) -> Scores:
     """Scores of every structure in ``pred`` (components are returned for all methods).
 
-    ``random`` and ``trust-window`` draw from ``rng`` if given (for streaming: one generator
-    across chunks), otherwise from ``np.random.default_rng(seed)``. ``trust-window`` scores
-    a structure whose max-force-std lies in ``trust`` = [lo, hi) eV/Å with a uniform draw in
-    [0, 1) and every other one :data:`OUTSIDE_WINDOW` (never selected).
+    ``random`` and ``trust-window`` give structure ``first_index + k`` of a pool the draw
+    :func:`uniform_draws` (seed, that index): the same scores however the pool is chunked
+    or spread over processes. ``trust-window`` scores a structure whose max-force-std lies
+    in ``trust`` = [lo, hi) eV/Å with its draw and every other one :data:`OUTSIDE_WINDOW`
+    (never selected).
     """
     acquisition, reduction = Acquisition(acquisition), Reduction(reduction)
     bald_e = bald_energy(pred.energy_var_epi, pred.energy_var_ale)
@@ -163,7 +177,7 @@ def score(pred: Prediction, acquisition: Acquisition | str = Acquisition.BALD_EF
     energy_std = np.sqrt(np.clip(pred.energy_var_epi, 0, None))
     max_force_std = _reduce(pred.atom_force_deviation, pred.n_atoms, Reduction.MAX)
     if acquisition in (Acquisition.RANDOM, Acquisition.TRUST_WINDOW):
-        value = (rng or np.random.default_rng(seed)).random(len(pred.n_atoms))
+        value = uniform_draws(seed, first_index + np.arange(len(pred.n_atoms)))
         if acquisition is Acquisition.TRUST_WINDOW:
             inside = (max_force_std >= trust[0]) & (max_force_std < trust[1])
             value = np.where(inside, value, OUTSIDE_WINDOW)

@@ -57,14 +57,66 @@ def _chunks(frames: Iterable[Atoms], size: int) -> Iterator[list[Atoms]]:
 def iter_scores(posterior, frames: Iterable[Atoms], config: AcquisitionConfig, *,
                 seed: int = 0, recalibrated: bool = True,
                 ) -> Iterator[tuple[list[Atoms], Prediction, Scores]]:
-    """Chunks of (structures, prediction, scores); one random generator across chunks, so
-    ``random`` gives the same scores as scoring everything at once with the same seed."""
-    rng = np.random.default_rng(seed)
+    """Chunks of (structures, prediction, scores); ``random`` draws are per structure index
+    (:func:`bayes_model.acquisition.uniform_draws`), so any chunking gives the same
+    scores as scoring everything at once with the same seed."""
+    first = 0
     for chunk in _chunks(frames, config.chunk_size):
         pred = predict_calibrated(posterior, chunk, batch_size=config.predict_batch,
                                   recalibrated=recalibrated)
-        yield chunk, pred, score(pred, config.function, reduction=config.reduction, rng=rng,
+        yield chunk, pred, score(pred, config.function, reduction=config.reduction,
+                                 seed=seed, first_index=first,
                                  trust=(config.trust_lo, config.trust_hi))
+        first += len(chunk)
+
+
+def best_candidates(chunk: list[Atoms], pred: Prediction, scores: Scores, first_index: int,
+                    config: AcquisitionConfig) -> list[Candidate]:
+    """The chunk's candidates that can be selected (above the threshold), best ``keep``
+    first; each carries what the selection needs (components, information, features)."""
+    acquisition, threshold = config.function, _threshold(config)
+    info = scores.score if acquisition in BALD_FAMILY else scores.bald_e + scores.bald_f
+    comps = scores.as_dict()
+    out = [Candidate(float(scores.score[j]), -(first_index + j), atoms,
+                     {c: float(v[j]) for c, v in comps.items()}, float(info[j]),
+                     None if pred.features is None else pred.features[j].copy())
+           for j, atoms in enumerate(chunk)
+           if threshold is None or scores.score[j] >= threshold]
+    return heapq.nlargest(config.n_keep, out)
+
+
+def _threshold(config: AcquisitionConfig) -> float | None:
+    if config.function is Acquisition.TRUST_WINDOW:  # DP-GEN: inside the window only
+        return max(config.threshold or 0.0, 0.0)
+    return config.threshold
+
+
+def merge_selection(parts: Iterable[list[Candidate]], n_scored: int, features_metric: bool,
+                    config: AcquisitionConfig) -> PoolSelection:
+    """The selection from every chunk's :func:`best_candidates`, wherever they were
+    computed (this process or a worker each): the same as scoring the pool in one go."""
+    heap: list[Candidate] = []  # min-heap of the best ``keep``
+    for part in parts:
+        for cand in part:
+            if len(heap) < config.n_keep:
+                heapq.heappush(heap, cand)
+            elif cand > heap[0]:
+                heapq.heapreplace(heap, cand)
+    # earlier structures win ties: the index is stored negated for the min-heap
+    pool = sorted(heap, key=lambda c: (-c.score, -c.index))
+    for c in pool:
+        c.index = -c.index
+    if not pool:
+        return PoolSelection([], n_scored, features_metric)
+    features = (np.stack([c.features for c in pool]) if all(c.features is not None
+                                                            for c in pool) else None)
+    mode = (Selection.TOP_K if config.function is Acquisition.TRUST_WINDOW
+            else config.selection)  # DP-GEN: at random within the window
+    chosen = select(np.array([c.score for c in pool]), config.n_select,
+                    mode=mode, features=features,
+                    center_features=not features_metric,
+                    information=np.array([c.information for c in pool]))
+    return PoolSelection([pool[i] for i in chosen], n_scored, features_metric)
 
 
 def score_pool(posterior, frames: Iterable[Atoms], config: AcquisitionConfig, *,
@@ -75,43 +127,17 @@ def score_pool(posterior, frames: Iterable[Atoms], config: AcquisitionConfig, *,
 
     The ``config.n_keep`` candidates with the best scores are retained for the selection
     (``diverse`` chooses among them). ``on_scores(first_index, chunk, scores)`` is called
-    per chunk.
+    per chunk. Chunks scored elsewhere (workers) merge the same way: each gives
+    :func:`best_candidates`, :func:`merge_selection` chooses.
     """
-    acquisition, threshold, mode = config.function, config.threshold, config.selection
-    if acquisition is Acquisition.TRUST_WINDOW:  # DP-GEN: at random inside the window only
-        threshold, mode = max(threshold or 0.0, 0.0), Selection.TOP_K
-    keep = config.n_keep
-    heap: list[Candidate] = []  # min-heap of the best ``keep``
-    n = 0
-    metric = False
+    n, metric = 0, False
+    parts: list[list[Candidate]] = []
     for chunk, pred, scores in iter_scores(posterior, frames, config, seed=seed):
         if on_scores is not None:
             on_scores(n, chunk, scores)
         metric = pred.features_metric
-        info = scores.score if acquisition in BALD_FAMILY else scores.bald_e + scores.bald_f
-        comps = scores.as_dict()
-        for j, atoms in enumerate(chunk):
-            s = float(scores.score[j])
-            if threshold is not None and s < threshold:
-                continue
-            cand = Candidate(s, -(n + j), atoms, {c: float(v[j]) for c, v in comps.items()},
-                             float(info[j]), None if pred.features is None
-                             else pred.features[j].copy())
-            if len(heap) < keep:
-                heapq.heappush(heap, cand)
-            elif cand > heap[0]:
-                heapq.heapreplace(heap, cand)
+        best = best_candidates(chunk, pred, scores, n, config)
+        # keep memory flat: fold into one list of at most ``keep`` as we go
+        parts = [heapq.nlargest(config.n_keep, [c for p in parts for c in p] + best)]
         n += len(chunk)
-    # earlier structures win ties: the index is stored negated for the min-heap
-    pool = sorted(heap, key=lambda c: (-c.score, -c.index))
-    for c in pool:
-        c.index = -c.index
-    if not pool:
-        return PoolSelection([], n, metric)
-    features = (np.stack([c.features for c in pool]) if all(c.features is not None
-                                                            for c in pool) else None)
-    chosen = select(np.array([c.score for c in pool]), config.n_select,
-                    mode=mode, features=features,
-                    center_features=not metric,
-                    information=np.array([c.information for c in pool]))
-    return PoolSelection([pool[i] for i in chosen], n, metric)
+    return merge_selection(parts, n, metric, config)

@@ -202,3 +202,41 @@ def test_streaming_keeps_memory_bounded_by_keep_and_chunk(posterior):
     gc.collect()
     assert result.n_scored == 120 and len(result.selected) == 3
     assert sum(r() is not None for r in refs) <= 5
+
+
+def test_random_draws_are_uniform_and_belong_to_the_structure_not_the_chunk():
+    from bayesal.bayes_model.acquisition import uniform_draws
+
+    u = uniform_draws(3, np.arange(200_000))
+    assert u.min() >= 0 and u.max() < 1
+    assert abs(u.mean() - 0.5) < 0.003 and abs(u.var() - 1 / 12) < 0.002
+    assert np.histogram(u, bins=10, range=(0, 1))[0].min() > 19_500  # flat
+    assert abs(np.corrcoef(u[:-1], u[1:])[0, 1]) < 0.01  # neighbours independent
+    np.testing.assert_array_equal(uniform_draws(3, np.arange(5, 9)), u[5:9])
+    assert not np.array_equal(uniform_draws(4, np.arange(10)), u[:10])
+
+
+@pytest.mark.parametrize("acq", ["random", "trust-window", "bald-ef"])
+def test_chunks_scored_apart_merge_to_the_selection_of_one_pass(posterior, acq):
+    """What a fan-out over workers does: every chunk scored on its own (its own index
+    range), its best candidates merged; the same scores and the same selection as one
+    pass, whatever the chunk size."""
+    from bayesal.bayes_model.scoring import best_candidates, merge_selection
+
+    post, frames = posterior
+    config = AcquisitionConfig(function=acq, n_select=4, chunk_size=7, keep=9,
+                               trust_lo=0.0, trust_hi=10.0)
+    one = score_pool(post, iter(frames), config, seed=11)
+    other = score_pool(post, iter(frames), config.model_copy(update={"chunk_size": 3}),
+                       seed=11)
+    assert [c.index for c in other.selected] == [c.index for c in one.selected]
+    parts = []
+    for first in (0, 10, 20):  # three "workers", in any order
+        chunk = frames[first:first + 10]
+        pred = post.predict(chunk)
+        s = score(pred, acq, seed=11, first_index=first, trust=(0.0, 10.0))
+        parts.append(best_candidates(chunk, pred, s, first, config))
+    merged = merge_selection(reversed(parts), len(frames), False, config)
+    assert [c.index for c in merged.selected] == [c.index for c in one.selected]
+    assert [c.score for c in merged.selected] == pytest.approx([c.score for c in one.selected],
+                                                               rel=1e-9)
