@@ -24,7 +24,7 @@ import numpy as np
 from ase import Atoms
 from ase.data import covalent_radii
 
-__all__ = ["Break", "StabilityRule", "first_break", "time_to_break"]
+__all__ = ["Break", "StabilityRule", "first_break", "time_to_break", "times_to_break"]
 
 
 @dataclass(frozen=True)
@@ -116,22 +116,40 @@ def time_to_break(posterior, start: Atoms, *, temperature_K: float = 1000.0,
     """Langevin MD from ``start`` with the posterior's mean forces, checked every
     ``check_every`` steps; the first broken frame's MD time (``time_fs``), or the whole
     run's when none broke (``frame`` -1)."""
-    from bayesal.bayes_model.explore import langevin
+    (out,) = times_to_break(posterior, start, seeds=[seed], temperature_K=temperature_K,
+                            steps=steps, timestep_fs=timestep_fs,
+                            friction_per_fs=friction_per_fs, check_every=check_every,
+                            rule=rule)
+    return out
 
-    atoms = Atoms(numbers=start.numbers, positions=start.positions, cell=start.cell,
-                  pbc=start.pbc)
-    reference = atoms.copy()
+
+def times_to_break(posterior, start: Atoms, *, seeds: Sequence[int],
+                   temperature_K: float = 1000.0, steps: int = 2000, timestep_fs: float = 0.5,
+                   friction_per_fs: float = 0.01, check_every: int = 10,
+                   rule: StabilityRule = StabilityRule()) -> list[Break]:
+    """:func:`time_to_break` for each of ``seeds`` (the Langevin generator's seed), the
+    trajectories run together (one model call per step for all of them); each is the one
+    ``time_to_break`` runs alone with that seed."""
+    from bayesal.bayes_model.explore import Replicas
+
+    reference = Atoms(numbers=start.numbers, positions=start.positions, cell=start.cell,
+                      pbc=start.pbc)
     bonds = bonds_of(reference, rule)
-    dyn = langevin(atoms, posterior, temperature_K=temperature_K, timestep_fs=timestep_fs,
-                   friction_per_fs=friction_per_fs, rng=np.random.default_rng(seed))
-    e0 = float(atoms.get_potential_energy())
+    md = Replicas(posterior, [reference] * len(seeds), [temperature_K] * len(seeds),
+                  [np.random.default_rng(s) for s in seeds], timestep_fs=timestep_fs,
+                  friction_per_fs=friction_per_fs)
+    e0 = [r.get("energy") for r in md.results]
+    out: dict[int, Break] = {}
     for step in range(check_every, steps + 1, check_every):
-        try:
-            dyn.run(check_every)
-            energy = float(atoms.get_potential_energy())
-        except (ValueError, FloatingPointError, np.linalg.LinAlgError) as exc:
-            return Break(step, f"MD failed ({type(exc).__name__})", step * timestep_fs)
-        reason = check_frame(reference, bonds, atoms, e0, energy, rule)
-        if reason:
-            return Break(step, reason, step * timestep_fs)
-    return Break(-1, "", steps * timestep_fs)
+        active = [k for k in range(len(seeds)) if k not in out]
+        if not active:
+            break
+        for _ in range(check_every):
+            md.step(active)
+        for k in active:
+            if md.failed[k]:
+                out[k] = Break(step, md.failed[k], step * timestep_fs)
+            elif reason := check_frame(reference, bonds, md.atoms[k], e0[k],
+                                       float(md.results[k]["energy"]), rule):
+                out[k] = Break(step, reason, step * timestep_fs)
+    return [out.get(k, Break(-1, "", steps * timestep_fs)) for k in range(len(seeds))]

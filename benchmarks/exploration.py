@@ -26,13 +26,16 @@ codes write such paths). After the last round, MD stability: the time until a 10
 with the final model breaks (bonds, distances, energy; bayes_model.stability), over
 ``--stability-seeds`` seeds.
 
-Everything is written under ``--out`` as it goes (labelled sets, per-round metrics); a rerun
-resumes at the first unfinished round of each campaign. ``--report-only`` prints the
-comparison: labels each strategy needs to reach random's final hot-MD force MAE, errors at
-equal labels (mean ± sd over seeds), bald-ef against trust-window per (seed, round), MD
-stability, and writes exploration.png.
+Everything is written under ``--out`` as it goes (labelled sets, per-round metrics), by
+default into ``benchmarks/results/exploration`` in the repository, so that sessions add up:
+commit it. A rerun resumes at the first unfinished round of each campaign; a campaign whose
+newest model is gone (models are not committed) starts again. ``--until HH:MM`` starts no
+campaign that would not end by then. ``--report-only`` prints the comparison: labels each
+strategy needs to reach random's final hot-MD force MAE, errors at equal labels (mean ± sd
+over seeds), bald-ef against trust-window per (seed, round), MD stability, and writes
+exploration.png.
 
-    nice python benchmarks/exploration.py --out /work/bench-explore            # hours
+    nice python benchmarks/exploration.py --until 17:30                         # hours
     python benchmarks/exploration.py --out /tmp/x --molecules ethanol --seeds 1 \\
         --rounds 2 --epochs 20 --finetune-epochs 5 --strategies random        # minutes
 """
@@ -47,7 +50,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _common import shared_data
+from _common import REPO, shared_data
+
+RESULTS = REPO / "benchmarks" / "results" / "exploration"
 
 STRATEGIES = {  # name -> (acquisition function, selection)
     "bald-ef": ("bald-ef", "top-k"),
@@ -188,12 +193,24 @@ def run_campaign(molecule: str, strategy: str, seed: int, files: dict[str, Path]
     from bayesal.bayes_model.explore import explore
     from bayesal.bayes_model.posterior import load_posterior, train_posterior
     from bayesal.bayes_model.scoring import score_pool
-    from bayesal.bayes_model.stability import time_to_break
+    from bayesal.bayes_model.stability import times_to_break
     from bayesal.bayes_model.train import TrainConfig
 
-    folder.mkdir(parents=True, exist_ok=True)
     state_file = folder / "state.json"
     state = json.loads(state_file.read_text()) if state_file.is_file() else {"rounds": []}
+    if "stability" in state:
+        return
+    last = len(state["rounds"]) - 1
+    if last >= 0 and not (folder / f"round-{last}").is_dir():
+        # a campaign cut off mid-way in an earlier session (its newest model, which the next
+        # round warm-starts from, is not kept in the repository): it starts again
+        print(f"{folder}: restarting (round-{last} model missing)", flush=True)
+        import shutil
+
+        shutil.rmtree(folder)
+        state = {"rounds": []}
+    folder.mkdir(parents=True, exist_ok=True)
+    state.setdefault("code", _revision())
     train_file = folder / "train.xyz"
     if not train_file.is_file():
         start = ase.io.read(files["start"], ":")
@@ -253,15 +270,35 @@ def run_campaign(molecule: str, strategy: str, seed: int, files: dict[str, Path]
               f"MAE {record.get('hot_force_mae', float('nan')):.4f} eV/Å, {len(pool)} "
               f"explored at {temperature:g} K, {record['round_s']:.0f} s", flush=True)
     if "stability" not in state:
+        t_stab = time.perf_counter()
         last = folder / f"round-{args.rounds - 1}"
         posterior = load_posterior(last)
         start = ase.io.read(files["start"], "0")
-        breaks = [time_to_break(posterior, start, temperature_K=1000.0,
-                                steps=args.stability_steps, seed=k)
-                  for k in range(args.stability_seeds)]
+        breaks = times_to_break(posterior, start, seeds=range(args.stability_seeds),
+                                temperature_K=1000.0, steps=args.stability_steps)
         state["stability"] = [{"time_fs": b.time_fs, "broken": b.broken, "reason": b.reason}
                               for b in breaks]
+        state["wall_s"] = sum(r["round_s"] for r in state["rounds"]) + (
+            time.perf_counter() - t_stab)
         state_file.write_text(json.dumps(state, indent=1))
+        import shutil
+
+        shutil.rmtree(last)  # the campaign is done: its models are not kept
+
+
+def _revision() -> str:
+    import subprocess
+
+    proc = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True, cwd=Path(__file__).parent)
+    return proc.stdout.strip() or "unknown"
+
+
+def _campaign_minutes(out: Path) -> float:
+    """What a campaign has taken here (median of the finished ones; 15 before any)."""
+    walls = [json.loads(f.read_text()).get("wall_s") for f in out.glob("*/*/state.json")]
+    walls = [w for w in walls if w]
+    return float(np.median(walls)) / 60 if walls else 15.0
 
 
 def _labels_to_reach(curve, target: float) -> float | None:
@@ -392,7 +429,11 @@ def _same_settings(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--out", type=Path, default=RESULTS,
+                        help="results folder (default: the one kept in the repository)")
+    parser.add_argument("--until", default=None,
+                        help="HH:MM (today, local time): start no campaign that would not "
+                             "end by then (a cut-off one starts again on the next run)")
     parser.add_argument("--molecules", nargs="+", default=list(SOURCES))
     parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES),
                         choices=list(STRATEGIES))
@@ -404,11 +445,11 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=150)
     parser.add_argument("--finetune-epochs", type=int, default=40)
     parser.add_argument("--temperatures", type=float, nargs="+", default=[300, 600, 900])
-    parser.add_argument("--md-seeds", type=int, default=4)
-    parser.add_argument("--md-steps", type=int, default=400)
+    parser.add_argument("--md-seeds", type=int, default=8)
+    parser.add_argument("--md-steps", type=int, default=200)
     parser.add_argument("--stop-above", type=float, default=1.0,
                         help="stop a trajectory where max-force-std passes this, eV/Å")
-    parser.add_argument("--stability-seeds", type=int, default=3)
+    parser.add_argument("--stability-seeds", type=int, default=6)
     parser.add_argument("--stability-steps", type=int, default=2000)
     parser.add_argument("--method", default="hf")
     parser.add_argument("--basis", default="sto-3g")
@@ -430,11 +471,25 @@ def main() -> None:
         torch.set_num_threads(args.threads)
         _same_settings(args)
         files = {m: prepare(m, args.out / m / "tests", args) for m in args.molecules}
+        deadline = None
+        if args.until:
+            import datetime as dt
+
+            deadline = dt.datetime.combine(dt.date.today(),
+                                           dt.time.fromisoformat(args.until)).timestamp()
         for seed in range(args.seeds):  # seeds outermost: every molecule and strategy gets
             for molecule in args.molecules:  # seed 0 before any gets seed 1
                 for strategy in args.strategies:
-                    run_campaign(molecule, strategy, seed, files[molecule],
-                                 args.out / molecule / f"{strategy}-s{seed}", args)
+                    folder = args.out / molecule / f"{strategy}-s{seed}"
+                    done = (folder / "state.json").is_file() and "stability" in json.loads(
+                        (folder / "state.json").read_text())
+                    if (not done and deadline is not None
+                            and time.time() + 60 * _campaign_minutes(args.out) > deadline):
+                        print(f"stopping before {folder.name} of {molecule}: it would not "
+                              f"end by {args.until}", flush=True)
+                        report(args.out, args)
+                        return
+                    run_campaign(molecule, strategy, seed, files[molecule], folder, args)
     report(args.out, args)
 
 

@@ -76,6 +76,50 @@ def test_explorer_stops_where_the_committee_disagrees(committee):
     assert len(t.frames) == 1 and t.frames[0].info["max_force_std"] > 1e-9
 
 
+def test_replicas_step_as_ase_langevin_does_each_with_its_own_generator(committee):
+    """Replicas batch the model calls of several trajectories; each must still be exactly
+    the trajectory ASE's Langevin (with FixCom, as ``langevin`` sets it up) runs with the
+    same generator, whatever its neighbours do, and stepping some leaves the others be."""
+    from bayesal.bayes_model.explore import Replicas, langevin
+
+    posterior, ethanol = committee
+    starts, temps, seeds = [ethanol[0], ethanol[1], ethanol[0]], [300.0, 600.0, 900.0], [1, 2, 3]
+    md = Replicas(posterior, starts, temps, [np.random.default_rng(s) for s in seeds])
+    for _ in range(15):
+        md.step()
+    held = md.atoms[2].positions.copy()
+    md.step([0, 1])  # replica 2 waits: its positions and its generator stay as they were
+    assert np.array_equal(md.atoms[2].positions, held)
+    for k, (start, temperature, seed) in enumerate(zip(starts, temps, seeds, strict=True)):
+        atoms = ase.Atoms(numbers=start.numbers, positions=start.positions)
+        dyn = langevin(atoms, posterior, temperature_K=temperature,
+                       rng=np.random.default_rng(seed))
+        dyn.run(15 if k == 2 else 16)
+        assert np.allclose(md.atoms[k].positions, atoms.positions, rtol=0, atol=1e-9)
+        assert np.allclose(md.atoms[k].get_momenta(), atoms.get_momenta(), rtol=0, atol=1e-9)
+        assert md.results[k]["energy"] == pytest.approx(atoms.get_potential_energy(), abs=1e-9)
+        assert md.results[k]["max_force_std_epistemic"] == pytest.approx(
+            atoms.calc.results["max_force_std_epistemic"], abs=1e-9)
+
+
+def test_explorer_stops_only_the_trajectory_the_model_fails_on(committee):
+    posterior, ethanol = committee
+
+    class FailsOnWater:  # a model that cannot evaluate one of the structures
+        recalibration = None
+
+        def predict(self, images):
+            if any(len(a) == 3 for a in images):
+                raise ValueError("cannot evaluate a water")
+            return posterior.predict(images)
+
+    water = rattled_waters(1)[0]
+    trajs = explore(FailsOnWater(), [ethanol[0], water], temperatures_K=[300.0], steps=8,
+                    record_every=4, max_force_std_threshold=1e6, seed=0)
+    assert [(t.stopped, t.steps_run, len(t.frames)) for t in trajs] == [
+        ("steps", 8, 2), ("failed", 1, 0)]
+
+
 def test_prediction_subset_equals_predicting_the_subset(committee):
     posterior, ethanol = committee
     images = [*ethanol[:3], *rattled_waters(2)]

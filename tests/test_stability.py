@@ -73,3 +73,37 @@ def test_non_finite_positions_break_the_trajectory():
     frames = _healthy(3)
     frames[1].positions[0, 0] = np.nan
     assert first_break(frames).reason == "positions not finite"
+
+
+class _SpringsTo:
+    """A stand-in posterior (the MD is under test, not a model): every atom tied to its
+    place in ``reference`` by a spring of ``k`` eV/Å² (k = 0: no forces at all)."""
+
+    recalibration = None
+
+    def __init__(self, reference, k):
+        self.reference, self.k = reference.positions.copy(), k
+
+    def predict(self, images):
+        from bayesal.bayes_model.predict import Prediction
+
+        forces = np.concatenate([-self.k * (a.positions - self.reference) for a in images])
+        energy = np.array([0.5 * self.k * ((a.positions - self.reference) ** 2).sum()
+                           for a in images])
+        n, s = len(forces), len(images)
+        return Prediction(energy, np.zeros(s), np.zeros(s), forces, np.zeros((n, 3, 3)),
+                          np.zeros((n, 3, 3)), np.array([len(a) for a in images]))
+
+
+def test_time_to_break_tells_a_stable_model_from_one_without_walls():
+    """Hot MD without forces flies apart (a bond breaks); with stiff springs to the start it
+    stays whole for the whole run; seeds run together give what each gives alone."""
+    from bayesal.bayes_model.stability import time_to_break, times_to_break
+
+    start = molecule("CH3CH2OH")
+    loose = times_to_break(_SpringsTo(start, 0.0), start, seeds=[0, 1, 2], steps=600)
+    assert all(b.broken and ("broken" in b.reason or "too close" in b.reason) for b in loose)
+    assert all(0 < b.time_fs < 300 for b in loose)
+    assert loose[1] == time_to_break(_SpringsTo(start, 0.0), start, seed=1, steps=600)
+    stiff = times_to_break(_SpringsTo(start, 50.0), start, seeds=[0, 1], steps=300)
+    assert [(b.broken, b.time_fs) for b in stiff] == [(False, 150.0), (False, 150.0)]
