@@ -68,7 +68,8 @@ class AcquisitionConfig(BaseModel):
     One name per meaning: ``n_select`` structures are chosen (``batch_size`` is accepted in
     YAML for configs written before the name changed); ``chunk_size`` candidates are read
     and scored at once (memory); ``predict_batch`` structures go through the model per
-    forward pass (speed)."""
+    forward pass (speed); ``shard_size`` candidates make one scoring task of a campaign
+    (fan-out)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -83,6 +84,10 @@ class AcquisitionConfig(BaseModel):
                              "selection (None: max(10 n_select, 100)).")
     chunk_size: int = Field(256, ge=1, description="Candidates read and scored at once.")
     predict_batch: int = Field(32, ge=1, description="Structures per forward pass.")
+    shard_size: int = Field(20_000, ge=1, description="Campaigns: candidates per scoring "
+                            "task; a larger pool is scored by several tasks on the "
+                            "campaign's task runner (Dask workers on a cluster), with the "
+                            "same scores and selection.")
     trust_lo: float = Field(0.05, ge=0, description="trust-window: lower bound of "
                             "max-force-std, eV/Å (DP-GEN's model_devi_f_trust_lo).")
     trust_hi: float = Field(0.15, gt=0, description="trust-window: upper bound of "

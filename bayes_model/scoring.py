@@ -55,12 +55,13 @@ def _chunks(frames: Iterable[Atoms], size: int) -> Iterator[list[Atoms]]:
 
 
 def iter_scores(posterior, frames: Iterable[Atoms], config: AcquisitionConfig, *,
-                seed: int = 0, recalibrated: bool = True,
+                seed: int = 0, recalibrated: bool = True, first_index: int = 0,
                 ) -> Iterator[tuple[list[Atoms], Prediction, Scores]]:
     """Chunks of (structures, prediction, scores); ``random`` draws are per structure index
-    (:func:`bayes_model.acquisition.uniform_draws`), so any chunking gives the same
-    scores as scoring everything at once with the same seed."""
-    first = 0
+    (:func:`bayes_model.acquisition.uniform_draws`; ``frames`` start at pool index
+    ``first_index``), so any chunking or sharding gives the same scores as scoring
+    everything at once with the same seed."""
+    first = first_index
     for chunk in _chunks(frames, config.chunk_size):
         pred = predict_calibrated(posterior, chunk, batch_size=config.predict_batch,
                                   recalibrated=recalibrated)

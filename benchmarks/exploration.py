@@ -333,10 +333,12 @@ def report(out: Path, args) -> None:
             labels, errs = curves[strategy] = curve
             cells = [f"{m:.1f} ± {s:.1f}" for m, s in zip(errs.mean(0), errs.std(0),
                                                           strict=True)]
-            stab = [b["time_fs"] for s in range(args.seeds)
+            runs = [b for s in range(args.seeds)
                     for b in results.get((molecule, strategy, s), {}).get("stability", [])]
+            stab = [b["time_fs"] for b in runs]
             print(f"  {strategy:16s} " + " | ".join(cells)
-                  + (f"  | 1000 K MD stable {np.mean(stab):.0f} fs (n={len(stab)})"
+                  + (f"  | 1000 K MD: {np.mean(stab):.0f} fs to break on average, "
+                     f"{sum(b['broken'] for b in runs)} of {len(runs)} broke"
                      if stab else ""))
         if "random" in curves:
             labels, errs = curves["random"]

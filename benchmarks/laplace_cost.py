@@ -1,5 +1,6 @@
 """Benchmark: cost and quality of last-layer Laplace scoring vs the 4-member ensemble, by
-``force_rank`` (the number of posterior eigen-directions used for force covariances).
+``force_rank`` (the number of posterior eigen-directions used for force covariances) and
+with ``force_variance: local`` (scaled local-energy variances: no force Jacobians).
 
 Reuses the model directories written by ``benchmarks/uncertainty.py --out DIR`` (``plain``
 and ``ensemble``); fits Laplace from ``plain`` in this run and times scoring (predict +
@@ -38,6 +39,8 @@ def main() -> None:
     t0 = time.perf_counter()
     score(ensemble.predict(ood), "bald-ef")
     ens_s = time.perf_counter() - t0
+    ens_auc = ood_auroc(ensemble.predict(test), ensemble.predict(ood))["ood_auroc_force"]
+    ens_rho = accuracy_metrics(ensemble.predict(test), test)["force_spearman"]
 
     (model,), _ = load_members(args.models / "plain")
     graphs = [atoms_to_graph(a, model.species, model.config.cutoff) for a in train]
@@ -48,10 +51,14 @@ def main() -> None:
           f"({model.n_features} last-layer weights, prior precision {exact.prior_precision:.3g})")
     print(f"{'force_rank':<11}{'score s':>8}{'ens/lap':>8}{'trace %':>8}{'ρ_F ID':>7}"
           f"{'AUROC F':>8}{'ρ(score, exact)':>16}")
-    print(f"{'ensemble':<11}{ens_s:>8.1f}{1.0:>8.2f}")
+    print(f"{'ensemble':<11}{ens_s:>8.1f}{1.0:>8.2f}{'':>8}{ens_rho:>7.2f}{ens_auc:>8.3f}")
     reference = None
-    for rank in [None, *map(int, args.ranks.split(","))]:
-        lap = LastLayerLaplace(model, exact.ggn, exact.prior_precision, force_rank=rank)
+    kappa = exact.fit_local_scale(graphs[:64])
+    for rank in [None, *map(int, args.ranks.split(",")), "local"]:
+        lap = (LastLayerLaplace(model, exact.ggn, exact.prior_precision,
+                                force_variance="local", local_scale=kappa)
+               if rank == "local" else
+               LastLayerLaplace(model, exact.ggn, exact.prior_precision, force_rank=rank))
         t0 = time.perf_counter()
         scores = score(lap.predict(ood), "bald-ef").score
         lap_s = time.perf_counter() - t0

@@ -24,7 +24,8 @@ from bayesal.db.models import Campaign, Label, LabelStatus, Round, Structure, St
 
 __all__ = ["add_explored", "campaign_activity", "campaign_id", "draw_structures", "existing_labels",
            "explored_count", "ids_by_source", "iter_unlabelled", "label_counts",
-           "labelled_atoms", "load_atoms", "set_campaign_config", "unlabelled_ids"]
+           "labelled_atoms", "load_atoms", "set_campaign_config", "unlabelled_ids",
+           "unlabelled_runs"]
 
 _NOT_CANDIDATES = (StructureSource.TEST.value,)
 
@@ -48,11 +49,22 @@ _COLUMNS = (Structure.id, Structure.numbers, Structure.positions, Structure.cell
             Structure.pbc, Structure.info)
 
 
+def _unlabelled(cid: int, settings_hash: str | None):
+    """The condition "a candidate of campaign ``cid`` without a label" (see iter_unlabelled)."""
+    labelled = select(Label.id).where(Label.structure_id == Structure.id)
+    if settings_hash is not None:
+        labelled = labelled.where(Label.settings_hash == settings_hash)
+    return (Structure.campaign_id == cid, Structure.source.not_in(_NOT_CANDIDATES),
+            ~exists(labelled))
+
+
 def iter_unlabelled(engine: Engine, campaign: str, *, settings_hash: str | None = None,
-                    chunk_size: int = 500) -> Iterator[tuple[int, Atoms]]:
+                    chunk_size: int = 500, first_id: int | None = None,
+                    last_id: int | None = None) -> Iterator[tuple[int, Atoms]]:
     """(structure id, Atoms) of the campaign's candidate structures without a label (under
-    ``settings_hash``, or under any settings when None), in id order. Test structures are
-    never candidates.
+    ``settings_hash``, or under any settings when None), in id order; with ``first_id`` /
+    ``last_id``, those with ids in that range (inclusive). Test structures are never
+    candidates.
 
     Failed labels count as labels: a structure whose SCF failed is not offered again. Each
     chunk is read in its own short transaction, so writers are never blocked for long and
@@ -60,22 +72,53 @@ def iter_unlabelled(engine: Engine, campaign: str, *, settings_hash: str | None 
     """
     with session_scope(engine) as session:
         cid = campaign_id(session, campaign)
-    labelled = select(Label.id).where(Label.structure_id == Structure.id)
-    if settings_hash is not None:
-        labelled = labelled.where(Label.settings_hash == settings_hash)
-    last = -1
+    where = _unlabelled(cid, settings_hash)
+    if last_id is not None:
+        where = (*where, Structure.id <= last_id)
+    last = -1 if first_id is None else first_id - 1
     while True:
         with session_scope(engine) as session:
             rows = session.execute(
-                select(*_COLUMNS)
-                .where(Structure.campaign_id == cid, Structure.id > last,
-                       Structure.source.not_in(_NOT_CANDIDATES), ~exists(labelled))
+                select(*_COLUMNS).where(*where, Structure.id > last)
                 .order_by(Structure.id).limit(chunk_size)).all()
         if not rows:
             return
         for row in rows:
             yield row[0], _atoms(*row)
         last = rows[-1][0]
+
+
+def unlabelled_runs(engine: Engine, campaign: str, size: int, *,
+                    settings_hash: str | None = None, chunk_size: int = 50_000,
+                    ) -> list[tuple[int, int, int]]:
+    """The candidates :func:`iter_unlabelled` yields, cut in id order into consecutive runs
+    of ``size`` (the last may be shorter): (first id, last id, count) each. Reads ids only,
+    ``chunk_size`` at a time (memory: the runs, not the pool)."""
+    if size < 1:
+        raise ValueError("size must be >= 1")
+    with session_scope(engine) as session:
+        cid = campaign_id(session, campaign)
+    where = _unlabelled(cid, settings_hash)
+    runs: list[tuple[int, int, int]] = []
+    first = count = 0
+    last = -1
+    while True:
+        with session_scope(engine) as session:
+            ids = session.scalars(select(Structure.id).where(*where, Structure.id > last)
+                                  .order_by(Structure.id).limit(chunk_size)).all()
+        for sid in ids:
+            if count == 0:
+                first = sid
+            count += 1
+            if count == size:
+                runs.append((first, sid, count))
+                count = 0
+        if not ids:
+            break
+        last = ids[-1]
+    if count:
+        runs.append((first, last, count))
+    return runs
 
 
 def labelled_atoms(engine: Engine, campaign: str, settings_hash: str, *,

@@ -46,10 +46,13 @@ from bayesal.tasks import policy, steps
 from bayesal.tasks.campaign import (
     evaluate_task,
     explore_task,
+    finish_selection_task,
     import_task,
     label_task,
     open_round_task,
-    select_task,
+    plan_scoring_task,
+    score_shard_task,
+    stored_selection_task,
     train_task,
     unlabelled_task,
 )
@@ -140,6 +143,30 @@ def _label(ctx: _Context, ids: list[int], round_id: int | None) -> dict[str, Any
             "label_mean_s": sum(walls) / len(walls) if walls else 0.0}
 
 
+def _select(ctx: _Context, round_id: int, round_index: int, model_dir: Path,
+            acquisition) -> tuple[list[int], dict[str, Any]]:
+    """Score the candidates in shards fanned out over the task runner (as labels are), then
+    merge their best into the round's selection: the same as one process scoring all."""
+    t0 = time.perf_counter()
+    url, name, shash, cfg = ctx.url, ctx.cfg.name, ctx.settings_hash, ctx.cfg
+    shards = plan_scoring_task(url, name, round_id, round_index, shash, acquisition)
+    if shards is None:
+        return stored_selection_task(url, round_id)
+    futures = score_shard_task.map(
+        unmapped(url), unmapped(name), unmapped(round_id), unmapped(round_index),
+        unmapped(shash), unmapped(model_dir), unmapped(acquisition), shards,
+        seed=unmapped(cfg.seed + round_index), device=unmapped(cfg.device),
+        kernels=unmapped(cfg.kernels))
+    futures.wait()
+    failed = [f.state for f in futures if not f.state.is_completed()]
+    if failed:
+        raise policy.CampaignError(f"{len(failed)} of {len(shards)} scoring task(s) failed, "
+                                  f"first: {failed[0].message}; run the campaign again (the "
+                                  "scores stored are kept)")
+    return finish_selection_task(url, round_id, round_index, acquisition,
+                                 [f.result() for f in futures], time.perf_counter() - t0)
+
+
 @flow(name="campaign-setup", log_prints=True)
 def campaign_setup(config: str) -> steps.Sources:
     """Import the campaign's files and label its initial and test structures."""
@@ -192,10 +219,8 @@ def campaign_round(config: str, round_id: int, round_index: int,
                                         seeds_per_round=e.seeds_per_round, seed=cfg.seed,
                                         device=cfg.device, kernels=cfg.kernels))
         a = cfg.acquisition
-        selected, stats = select_task(url, name, round_id, round_index, shash, model_dir,
-                                      a.model_copy(update={"n_select": n_select}),
-                                      seed=cfg.seed + round_index, device=cfg.device,
-                                      kernels=cfg.kernels)
+        selected, stats = _select(ctx, round_id, round_index, model_dir,
+                                  a.model_copy(update={"n_select": n_select}))
         metrics.update(stats)
         metrics[M.N_SELECTED] = len(selected)
         if a.threshold is not None:

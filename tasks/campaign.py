@@ -17,7 +17,7 @@ from prefect.runtime import task_run
 
 from bayesal.contracts import RoundMetric as M
 from bayesal.db.pool import load_atoms, unlabelled_ids
-from bayesal.db.rounds import RoundInfo, open_round
+from bayesal.db.rounds import RoundInfo, open_round, score_summary, selected_structure_ids
 from bayesal.tasks import steps
 from bayesal.tasks.labeling import build_labeler, compute_label, store_results
 
@@ -25,8 +25,9 @@ if TYPE_CHECKING:
     from bayesal.bayes_model.acquisition import AcquisitionConfig
     from bayesal.labelers import LabelerConfig
 
-__all__ = ["evaluate_task", "explore_task", "import_task", "label_task", "open_round_task",
-           "select_task", "train_task", "unlabelled_task"]
+__all__ = ["evaluate_task", "explore_task", "finish_selection_task", "import_task",
+           "label_task", "open_round_task", "plan_scoring_task", "score_shard_task",
+           "stored_selection_task", "train_task", "unlabelled_task"]
 
 
 class RetryableLabelError(RuntimeError):
@@ -103,25 +104,55 @@ def explore_task(url: str, campaign: str, round_index: int, settings_hash: str,
     return out
 
 
-@task(name="score-select", cache_policy=NONE, task_run_name="score-select-round-{round_index}")
-def select_task(url: str, campaign: str, round_id: int, round_index: int,
-                settings_hash: str, model_dir: Path, acquisition: AcquisitionConfig,
-                *, seed: int, device: str = "auto", kernels: str = "e3nn",
-                ) -> tuple[list[int], dict[str, float]]:
+@task(name="plan-scoring", cache_policy=NONE, task_run_name="plan-scoring-round-{round_index}")
+def plan_scoring_task(url: str, campaign: str, round_id: int, round_index: int,
+                      settings_hash: str, acquisition: AcquisitionConfig,
+                      ) -> list[steps.ScoringShard] | None:
+    shards = steps.plan_scoring(steps.engine_for(url), campaign, round_id, settings_hash,
+                                acquisition)
+    if shards is None:
+        get_run_logger().info("round %d: stored selection reused", round_index)
+    else:
+        get_run_logger().info("round %d: %d candidates to score in %d task(s)", round_index,
+                              sum(s.n for s in shards), len(shards))
+    return shards
+
+
+@task(name="score", cache_policy=NONE,
+      task_run_name="score-round-{round_index}-from-{shard.first_index}")
+def score_shard_task(url: str, campaign: str, round_id: int, round_index: int,
+                     settings_hash: str, model_dir: Path, acquisition: AcquisitionConfig,
+                     shard: steps.ScoringShard, *, seed: int, device: str = "auto",
+                     kernels: str = "e3nn") -> steps.ShardResult:
     logger = get_run_logger()
     last = [time.monotonic()]
 
     def on_chunk(n: int) -> None:
         if time.monotonic() - last[0] > 10:
             last[0] = time.monotonic()
-            logger.info("scored %d candidates", n)
+            logger.info("scored %d of %d candidates", n, shard.n)
 
-    ids, stats = steps.select_batch(steps.engine_for(url), campaign, round_id, settings_hash,
-                                    model_dir, acquisition, seed=seed, on_chunk=on_chunk,
-                                    device=device, kernels=kernels)
-    logger.info("selected %d of %d candidates%s", len(ids), stats.get(M.N_SCORED, 0),
-                " (stored selection reused)" if stats.get("selection_reused") else "")
+    with steps.SCORING_LOCK:  # (a module attribute: tasks are pickled by value)
+        return steps.score_shard(steps.engine_for(url), campaign, round_id, settings_hash,
+                                 model_dir, acquisition, shard, seed=seed, device=device,
+                                 kernels=kernels, on_chunk=on_chunk)
+
+
+@task(name="select", cache_policy=NONE, task_run_name="select-round-{round_index}")
+def finish_selection_task(url: str, round_id: int, round_index: int,
+                          acquisition: AcquisitionConfig, results: list[steps.ShardResult],
+                          score_s: float) -> tuple[list[int], dict[str, float]]:
+    ids, stats = steps.finish_selection(steps.engine_for(url), round_id, acquisition,
+                                        results, score_s)
+    get_run_logger().info("selected %d of %d candidates", len(ids), stats.get(M.N_SCORED, 0))
     return ids, stats
+
+
+@task(name="stored-selection", cache_policy=NONE)
+def stored_selection_task(url: str, round_id: int) -> tuple[list[int], dict[str, float]]:
+    engine = steps.engine_for(url)
+    return (selected_structure_ids(engine, round_id),
+            {**score_summary(engine, round_id), "selection_reused": True})
 
 
 @task(name="label", cache_policy=NONE, task_run_name="label-structure-{structure_id}")

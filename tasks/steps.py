@@ -19,8 +19,10 @@ and the libraries' config objects (`AcquisitionConfig`, `TrainingFile`).
 from __future__ import annotations
 
 import functools
+import heapq
 import logging
 import re
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -60,8 +62,9 @@ from bayesal.tasks.policy import CampaignError
 if TYPE_CHECKING:
     from bayesal.bayes_model.acquisition import AcquisitionConfig
 
-__all__ = ["Sources", "engine_for", "evaluate_model", "explore_round", "import_sources",
-           "select_batch", "test_set_name", "train_round"]
+__all__ = ["ScoringShard", "ShardResult", "Sources", "engine_for", "evaluate_model",
+           "explore_round", "finish_selection", "import_sources", "plan_scoring",
+           "score_shard", "select_batch", "test_set_name", "train_round"]
 
 log = logging.getLogger("bayesal.campaign")
 
@@ -307,41 +310,136 @@ def explore_round(engine: Engine, campaign: str, round_index: int, settings_hash
             M.EXPLORE_S: time.perf_counter() - t0}
 
 
+# Shards scored in one process run one at a time: torch already uses the process's cores
+# (the local thread runner would otherwise multiply them); separate Dask worker processes
+# score in parallel.
+SCORING_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True)
+class ScoringShard:
+    """A run of consecutive candidates (in id order) scored by one task."""
+
+    first_index: int  # pool index of its first candidate (random draws, ties)
+    first_id: int
+    last_id: int
+    n: int
+
+
+@dataclass
+class ShardResult:
+    """What a scoring task returns: its best candidates (structures dropped, their ids in
+    ``structure_ids``), how many it scored, and whether the features are a metric."""
+
+    candidates: list  # scoring.Candidate, atoms None
+    structure_ids: list[int]
+    n_scored: int
+    features_metric: bool
+
+
+def plan_scoring(engine: Engine, campaign: str, round_id: int, settings_hash: str,
+                 acquisition: AcquisitionConfig | dict[str, Any]) -> list[ScoringShard] | None:
+    """The round's unlabelled candidates cut into shards of ``acquisition.shard_size``;
+    None when the round's selection is stored already (a resumed round)."""
+    from bayesal.bayes_model.acquisition import AcquisitionConfig
+    from bayesal.db.pool import unlabelled_runs
+
+    acquisition = AcquisitionConfig.model_validate(acquisition)
+    if selected_structure_ids(engine, round_id):
+        return None
+    shards, first = [], 0
+    for lo, hi, n in unlabelled_runs(engine, campaign, acquisition.shard_size,
+                                     settings_hash=settings_hash):
+        shards.append(ScoringShard(first, lo, hi, n))
+        first += n
+    return shards
+
+
+def score_shard(engine: Engine, campaign: str, round_id: int, settings_hash: str,
+                model_dir: Path, acquisition: AcquisitionConfig | dict[str, Any],
+                shard: ScoringShard, *, seed: int, device: str = "auto",
+                kernels: str = "e3nn", posterior=None,
+                on_chunk: Callable[[int], None] | None = None) -> ShardResult:
+    """Score one shard with the round's model (on ``device``; ``posterior``: one loaded
+    already), store its scores chunk by chunk (a rerun keeps those stored) and return its
+    best candidates, as :func:`bayes_model.scoring.best_candidates` keeps them."""
+    from bayesal.bayes_model.acquisition import AcquisitionConfig
+    from bayesal.bayes_model.posterior import load_posterior
+    from bayesal.bayes_model.scoring import best_candidates, iter_scores
+
+    acquisition = AcquisitionConfig.model_validate(acquisition)  # a dict when serialised
+    if posterior is None:
+        posterior = load_posterior(model_dir, device=device, kernels=kernels)
+    frames = (a for _, a in iter_unlabelled(engine, campaign, settings_hash=settings_hash,
+                                            chunk_size=acquisition.chunk_size,
+                                            first_id=shard.first_id, last_id=shard.last_id))
+    best: list = []
+    n, metric = 0, False
+    for chunk, pred, scores in iter_scores(posterior, frames, acquisition, seed=seed,
+                                           first_index=shard.first_index):
+        values = scores.as_dict()
+        record_scores(engine, round_id, acquisition.function.value, [
+            ScoreRow(a.info["structure_id"], float(values["score"][j]),
+                     {c: float(v[j]) for c, v in values.items() if c != "score"})
+            for j, a in enumerate(chunk)])
+        metric = pred.features_metric
+        best = heapq.nlargest(acquisition.n_keep, best + best_candidates(
+            chunk, pred, scores, shard.first_index + n, acquisition))
+        n += len(chunk)
+        if on_chunk is not None:
+            on_chunk(n)
+    ids = [c.atoms.info["structure_id"] for c in best]
+    for c in best:
+        c.atoms = None  # the flow needs the ids, not the structures
+    return ShardResult(best, ids, n, metric)
+
+
+def finish_selection(engine: Engine, round_id: int,
+                     acquisition: AcquisitionConfig | dict[str, Any],
+                     results: Sequence[ShardResult], score_s: float,
+                     ) -> tuple[list[int], dict[str, float]]:
+    """Merge the shards' best candidates into the round's selection (the same as scoring
+    the pool in one pass) and mark it."""
+    from bayesal.bayes_model.acquisition import AcquisitionConfig
+    from bayesal.bayes_model.scoring import merge_selection
+
+    acquisition = AcquisitionConfig.model_validate(acquisition)
+    sid = {c.index: i for r in results
+           for c, i in zip(r.candidates, r.structure_ids, strict=True)}
+    merged = merge_selection((r.candidates for r in results),
+                             sum(r.n_scored for r in results),
+                             any(r.features_metric for r in results), acquisition)
+    chosen = [ScoreRow(sid[-c.index], c.score, c.components, rank)
+              for rank, c in enumerate(merged.selected)]
+    mark_selected(engine, round_id, acquisition.function.value, chosen)
+    return ([r.structure_id for r in chosen],
+            {**score_summary(engine, round_id), M.SCORE_S: score_s})
+
+
 def select_batch(engine: Engine, campaign: str, round_id: int, settings_hash: str,
                  model_dir: Path, acquisition: AcquisitionConfig | dict[str, Any], *,
                  seed: int,
                  on_chunk: Callable[[int], None] | None = None, device: str = "auto",
                  kernels: str = "e3nn") -> tuple[list[int], dict[str, float]]:
     """Score every unlabelled candidate with the round's model (on ``device``), store the
-    scores chunk by chunk and mark the selected batch. A round whose selection is stored
-    returns it."""
-    from bayesal.bayes_model.acquisition import AcquisitionConfig
+    scores chunk by chunk and mark the selected batch, in this process (the campaign flow
+    fans the shards out instead). A round whose selection is stored returns it."""
     from bayesal.bayes_model.posterior import load_posterior
-    from bayesal.bayes_model.scoring import score_pool
 
-    acquisition = AcquisitionConfig.model_validate(acquisition)  # a dict when serialised
-    stored = selected_structure_ids(engine, round_id)
-    if stored:
-        return stored, {**score_summary(engine, round_id), "selection_reused": True}
     t0 = time.perf_counter()
+    shards = plan_scoring(engine, campaign, round_id, settings_hash, acquisition)
+    if shards is None:
+        return (selected_structure_ids(engine, round_id),
+                {**score_summary(engine, round_id), "selection_reused": True})
     posterior = load_posterior(model_dir, device=device, kernels=kernels)
-    frames = (a for _, a in iter_unlabelled(engine, campaign, settings_hash=settings_hash,
-                                            chunk_size=acquisition.chunk_size))
-
-    def on_scores(first: int, chunk, scores) -> None:
-        values = scores.as_dict()
-        record_scores(engine, round_id, acquisition.function.value, [
-            ScoreRow(a.info["structure_id"], float(values["score"][j]),
-                     {c: float(v[j]) for c, v in values.items() if c != "score"})
-            for j, a in enumerate(chunk)])
-        if on_chunk is not None:
-            on_chunk(first + len(chunk))
-
-    result = score_pool(posterior, frames, acquisition, seed=seed, on_scores=on_scores)
-    chosen = [ScoreRow(c.atoms.info["structure_id"], c.score, c.components, rank)
-              for rank, c in enumerate(result.selected)]
-    mark_selected(engine, round_id, acquisition.function.value, chosen)
-    return ([r.structure_id for r in chosen],
-            {**score_summary(engine, round_id), M.SCORE_S: time.perf_counter() - t0})
+    results, done = [], 0
+    for shard in shards:
+        results.append(score_shard(
+            engine, campaign, round_id, settings_hash, model_dir, acquisition, shard,
+            seed=seed, posterior=posterior,
+            on_chunk=None if on_chunk is None else (lambda n, d=done: on_chunk(d + n))))
+        done += shard.n
+    return finish_selection(engine, round_id, acquisition, results,
+                            time.perf_counter() - t0)
 
 

@@ -342,13 +342,20 @@ def test_a_local_dask_cluster_listens_on_loopback_only(tls, shared_data, tmp_pat
 
 
 @pytest.mark.slow
-def test_labels_fan_out_over_a_local_dask_cluster(prefect_api, shared_data, sqlite_url,
-                                                  tmp_path, monkeypatch):
-    from bayesal.db import Label, Round, make_engine
+def test_scoring_and_labels_fan_out_over_a_local_dask_cluster(prefect_api, shared_data,
+                                                              sqlite_url, tmp_path,
+                                                              monkeypatch):
+    """Scoring shards and labels both run as tasks on the Dask workers; every candidate is
+    scored once and the selection is whole."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName
+
+    from bayesal.db import Label, Round, Score, make_engine
     from bayesal.flows.campaign import campaign
 
     _use_db(monkeypatch, sqlite_url, tmp_path / "data")
     config = ethanol_campaign(tmp_path, shared_data, name="dask", stop={"max_rounds": 1},
+                              acquisition={"shard_size": 10},
                               runner={"kind": "dask", "dask": {"cluster": "local",
                                                                "jobs": 2, "cores": 1}})
     assert campaign(str(config), resume=False)["rounds"] == 1
@@ -356,5 +363,14 @@ def test_labels_fan_out_over_a_local_dask_cluster(prefect_api, shared_data, sqli
     with engine.connect() as conn:
         (rid,) = conn.scalars(select(Round.id).where(Round.status == "completed")).all()
         provenance = conn.scalars(select(Label.provenance).where(Label.round_id == rid)).all()
+        scored = conn.scalars(select(Score.structure_id).where(Score.round_id == rid)).all()
+        ranks = conn.scalars(select(Score.rank).where(Score.round_id == rid,
+                                                      Score.selected)).all()
     engine.dispose()
     assert len(provenance) == 4
+    assert len(scored) == len(set(scored)) == 34 and sorted(ranks) == [0, 1, 2, 3]
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(task_run_filter=TaskRunFilter(
+            name=TaskRunFilterName(like_="score-round-0-from-")))
+    names = {r.name for r in runs if r.state.is_completed()}  # (the API is shared by tests)
+    assert {f"score-round-0-from-{k}" for k in (0, 10, 20, 30)} <= names
