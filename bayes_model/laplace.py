@@ -17,14 +17,6 @@ aleatoric parts from the heads.
 
 ``force_rank`` r (optional) keeps the r leading eigen-directions of Σ for the force
 covariances (r backward directions instead of D); energies always use the full Σ.
-
-``force_variance: local`` replaces the force covariances by a proxy that needs no backward
-pass beyond the mean forces: the epistemic variance of each atom's local energy,
-v_a = c² φ_a Σ φ_aᵀ, times a scale κ (1/Å²) fitted when the posterior is fitted, so that on
-the training structures the proxy's trace 3 κ v_a matches the exact tr Σ_epi,a summed over
-atoms: Σ_epi,a ≈ κ v_a I₃. Isotropic and approximate (benchmarks/laplace_cost.py measures
-how its OOD ranking compares); a prediction then costs one forward and one backward pass,
-about a quarter of a 4-member ensemble's.
 """
 
 from __future__ import annotations
@@ -44,9 +36,7 @@ from bayesal.bayes_model.device import host, model_device, split_on_oom
 from bayesal.bayes_model.model import MVEPotential
 from bayesal.bayes_model.predict import OneModelProperties, Prediction, structure_features
 
-__all__ = ["ForceVariance", "LaplaceConfig", "LastLayerLaplace", "PriorMethod", "Structure"]
-
-_LOCAL_FIT_STRUCTURES = 64  # training structures the local scale κ is fitted on
+__all__ = ["LaplaceConfig", "LastLayerLaplace", "PriorMethod", "Structure"]
 
 
 class PriorMethod(enum.StrEnum):
@@ -57,11 +47,6 @@ class PriorMethod(enum.StrEnum):
 class Structure(enum.StrEnum):
     FULL = "full"
     DIAG = "diag"
-
-
-class ForceVariance(enum.StrEnum):
-    EXACT = "exact"
-    LOCAL = "local"
 
 
 class LaplaceConfig(BaseModel):
@@ -77,36 +62,35 @@ class LaplaceConfig(BaseModel):
                                         "full up to 4096 weights, else diag).")
     force_rank: int | None = Field(None, ge=1, description="Leading eigen-directions of Σ "
                                    "used for force covariances (None: exact).")
-    force_variance: ForceVariance = Field(ForceVariance.EXACT, description="exact: force "
-                                          "covariances from the force Jacobians (one "
-                                          "backward pass per direction); local: a scaled "
-                                          "per-atom local-energy variance (one pass, "
-                                          "approximate).")
     batch_size: int = Field(16, ge=1, description="Structures per Jacobian batch.")
 
 
 def _jacobians(model: MVEPotential, batch: dict[str, torch.Tensor],
-               directions: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor,
-                                                  torch.Tensor]:
+               directions: torch.Tensor, *, mean_forces: bool = True,
+               ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
     """Model outputs (forces included), J_E (S, D) and J_F·V (N, 3, r) for direction columns
     V (D, r): one forward pass and one backward pass per direction plus one for the weight
-    vector itself (which gives the forces). A loop of backward passes over the retained
-    graph measured 1.7x faster on CPU than one vmapped (is_grads_batched) pass."""
+    vector itself (which gives the forces; ``mean_forces=False`` skips it and the forces are
+    NaN). A loop of backward passes over the retained graph measured 1.7x faster on CPU
+    than one vmapped (is_grads_batched) pass."""
     pos = batch[K.POSITIONS]
     pos.requires_grad_(True)
     out = model(batch, forces=False)
     phi = out["features"]
     scale = model.scale.to(phi.dtype)
     phi_s = structure_features(phi, batch)
-    w = model.energy_head.weight.reshape(-1, 1).to(phi.dtype)
-    cols = torch.cat([directions.to(phi.dtype), w], dim=1)
-    targets = (phi_s @ cols).sum(0)  # (r + 1,): Σ_s Φ_s·v over structures
+    cols = [directions.to(phi.dtype)]
+    if mean_forces:
+        cols.append(model.energy_head.weight.reshape(-1, 1).to(phi.dtype))
+    targets = (phi_s @ torch.cat(cols, dim=1)).sum(0)  # (r [+ 1],): Σ_s Φ_s·v
     r = targets.shape[0]
     grads = [torch.autograd.grad(targets[k], pos, retain_graph=k < r - 1)[0]
              for k in range(r)]
-    out["forces"] = (-scale * grads[-1]).detach()
-    j_f = (-scale * torch.stack(grads[:-1], dim=-1)).detach() if r > 1 else (
-        pos.new_zeros((*pos.shape, 0)))  # (N, 3, r)
+    if mean_forces:
+        out["forces"] = (-scale * grads.pop()).detach()
+    else:
+        out["forces"] = torch.full_like(pos, float("nan")).detach()
+    j_f = (-scale * torch.stack(grads, dim=-1)).detach()  # (N, 3, r)
     return out, (scale * phi_s).detach(), j_f
 
 
@@ -114,11 +98,11 @@ class LastLayerLaplace(OneModelProperties):
     """Posterior over ``model.energy_head.weight``; see the module docstring."""
 
     method = "laplace"
+    can_skip_mean_forces = True  # predict(mean_forces=False): one backward pass less
 
     def __init__(self, model: MVEPotential, ggn: np.ndarray, prior_precision: float, *,
                  structure: Structure | str = Structure.FULL, force_rank: int | None = None,
-                 force_variance: ForceVariance | str = ForceVariance.EXACT,
-                 local_scale: float | None = None, diagnostics: dict | None = None) -> None:
+                 diagnostics: dict | None = None) -> None:
         d = model.n_features
         if ggn.shape != (d, d):
             raise ValueError(f"GGN of shape {ggn.shape} does not fit a last layer of {d} weights")
@@ -127,10 +111,6 @@ class LastLayerLaplace(OneModelProperties):
         self.prior_precision = float(prior_precision)
         self.structure = Structure(structure)
         self.force_rank = force_rank
-        self.force_variance = ForceVariance(force_variance)
-        if self.force_variance is ForceVariance.LOCAL and not local_scale:
-            raise ValueError("force_variance: local needs the fitted local_scale")
-        self.local_scale = local_scale
         self.diagnostics = diagnostics or {}
         self.covariance = self._covariance(self.prior_precision)
         if self.structure is Structure.FULL:
@@ -200,35 +180,8 @@ class LastLayerLaplace(OneModelProperties):
             delta = probe._best_valid_prior(valid, grid[::4], config.batch_size)
         diagnostics["prior_method"] = ("fixed" if config.prior_precision is not None
                                        else config.prior.value)
-        out = cls(model, ggn, delta, structure=structure, force_rank=config.force_rank,
-                  diagnostics=diagnostics)
-        if config.force_variance is ForceVariance.LOCAL:
-            out.force_variance = ForceVariance.LOCAL
-            out.local_scale = out.fit_local_scale(train[:_LOCAL_FIT_STRUCTURES],
-                                                  batch_size=config.batch_size)
-            diagnostics["local_scale"] = out.local_scale
-        return out
-
-    def _local_variances(self, phi: torch.Tensor, chol: torch.Tensor) -> torch.Tensor:
-        """v_a = c² φ_a Σ φ_aᵀ per atom (N,), eV²: the epistemic variance of local energies."""
-        scale = self.model.scale.to(torch.float64)
-        return ((scale * phi.double()) @ chol).pow(2).sum(1)
-
-    def fit_local_scale(self, graphs: Sequence[Graph], *, batch_size: int = 16) -> float:
-        """κ (1/Å²) with Σ_a tr Σ_epi,a = 3 κ Σ_a v_a over ``graphs`` (exact force
-        covariances on the left)."""
-        dtype, device = next(self.model.parameters()).dtype, model_device(self.model)
-        chol = torch.as_tensor(self._chol, device=device)
-        exact = local = 0.0
-        for idx in iter_batches(graphs, batch_size=batch_size):
-            batch = batch_graphs([graphs[i] for i in idx], dtype=dtype, device=device)
-            out, _, j_f = _jacobians(self.model, batch, chol)
-            exact += float(j_f.double().pow(2).sum())
-            local += float(self._local_variances(out["features"].detach(), chol).sum())
-        if not (exact > 0 and local > 0):
-            raise ValueError("cannot fit the local force-variance scale: the posterior's "
-                             "variances vanish on the training structures")
-        return exact / (3.0 * local)
+        return cls(model, ggn, delta, structure=structure, force_rank=config.force_rank,
+                   diagnostics=diagnostics)
 
     def _best_valid_prior(self, valid: Sequence[Graph], grid: np.ndarray,
                           batch_size: int) -> float:
@@ -259,30 +212,22 @@ class LastLayerLaplace(OneModelProperties):
 
     # -- prediction ----------------------------------------------------------------------
     def predict_graphs(self, graphs: Sequence[Graph], *, batch_size: int = 32,
-                       max_atoms: int = 4096) -> Prediction:
+                       max_atoms: int = 4096, mean_forces: bool = True) -> Prediction:
+        """The prediction of ``graphs``; ``mean_forces=False`` (scoring): forces NaN, one
+        backward pass per batch saved."""
         dtype, device = next(self.model.parameters()).dtype, model_device(self.model)
         chol = torch.as_tensor(self._chol, device=device)
         dirs = torch.as_tensor(self._force_dirs, device=device)
 
-        local = self.force_variance is ForceVariance.LOCAL
-        if local:  # no force Jacobians: only the backward pass of the mean forces
-            dirs = dirs[:, :0]
-        eye3 = torch.eye(3, dtype=torch.float64, device=device)
-
         def one_batch(idx: Sequence[int]) -> Prediction:
             batch = batch_graphs([graphs[i] for i in idx], dtype=dtype, device=device)
-            out, j_e, j_f = _jacobians(self.model, batch, dirs)
+            out, j_e, j_f = _jacobians(self.model, batch, dirs, mean_forces=mean_forces)
             feats = j_e.double() @ chol  # (S, D): dot products = posterior covariances
-            if local:
-                v = self._local_variances(out["features"].detach(), chol)
-                cov_epi = self.local_scale * v[:, None, None] * eye3
-            else:
-                jv = j_f.double()
-                cov_epi = torch.einsum("nir,njr->nij", jv, jv)
+            jv = j_f.double()
             return Prediction(
                 energy=host(out["energy"]), energy_var_epi=host((feats**2).sum(1)),
                 energy_var_ale=host(out["energy_var"]), forces=host(out["forces"]),
-                forces_cov_epi=host(cov_epi),
+                forces_cov_epi=host(torch.einsum("nir,njr->nij", jv, jv)),
                 forces_cov_ale=host(out["forces_cov"]),
                 n_atoms=np.array([graphs[i].n_atoms for i in idx]),
                 features=host(feats), features_metric=True)
@@ -293,16 +238,16 @@ class LastLayerLaplace(OneModelProperties):
         return Prediction.concatenate(parts)
 
     def predict(self, images: Sequence[Atoms], *, batch_size: int = 32,
-                max_atoms: int = 4096) -> Prediction:
+                max_atoms: int = 4096, mean_forces: bool = True) -> Prediction:
         graphs = [atoms_to_graph(a, self.species, self.cutoff, with_labels=False)
                   for a in images]
-        return self.predict_graphs(graphs, batch_size=batch_size, max_atoms=max_atoms)
+        return self.predict_graphs(graphs, batch_size=batch_size, max_atoms=max_atoms,
+                                   mean_forces=mean_forces)
 
     # -- persistence -----------------------------------------------------------------------
     def state(self) -> dict:
         return {"ggn": torch.as_tensor(self.ggn), "prior_precision": self.prior_precision,
                 "structure": self.structure.value, "force_rank": self.force_rank,
-                "force_variance": self.force_variance.value, "local_scale": self.local_scale,
                 "n_features": self.model.n_features,
                 "diagnostics": {k: float(v) if isinstance(v, int | float) else str(v)
                                 for k, v in self.diagnostics.items()}}
@@ -314,6 +259,4 @@ class LastLayerLaplace(OneModelProperties):
                              f"the model has {model.n_features}")
         return cls(model, state["ggn"].numpy(), float(state["prior_precision"]),
                    structure=state["structure"], force_rank=state["force_rank"],
-                   force_variance=state.get("force_variance", ForceVariance.EXACT),
-                   local_scale=state.get("local_scale"),
                    diagnostics=dict(state.get("diagnostics", {})))

@@ -138,30 +138,38 @@ PROGRESS_CHUNK = 256  # structures per progress step of predict_in_chunks
 
 def predict_in_chunks(posterior, images: Sequence[Atoms], *, batch_size: int = 32,
                       chunk: int = PROGRESS_CHUNK,
-                      on_progress: Callable[[int], None] | None = None) -> Prediction:
+                      on_progress: Callable[[int], None] | None = None,
+                      mean_forces: bool = True) -> Prediction:
     """``posterior.predict(images)``, ``chunk`` structures at a time, calling
     ``on_progress(done)`` after each: the same numbers (a posterior's members or samples are
-    fixed when it is loaded), with progress for long files."""
+    fixed when it is loaded), with progress for long files. ``mean_forces=False``: the
+    caller needs no mean forces (scoring); a posterior that can skip them then does
+    (``forces`` NaN; the last-layer Laplace saves a backward pass), the others ignore it."""
+    kwargs = {"batch_size": batch_size}
+    if not mean_forces and getattr(posterior, "can_skip_mean_forces", False):
+        kwargs["mean_forces"] = False
     if on_progress is None or len(images) <= chunk:
-        pred = posterior.predict(images, batch_size=batch_size)
+        pred = posterior.predict(images, **kwargs)
         if on_progress is not None:
             on_progress(len(images))
         return pred
     parts = []
     for first in range(0, len(images), chunk):
-        parts.append(posterior.predict(images[first:first + chunk], batch_size=batch_size))
+        parts.append(posterior.predict(images[first:first + chunk], **kwargs))
         on_progress(min(first + chunk, len(images)))
     return Prediction.concatenate(parts)
 
 
 def predict_calibrated(posterior, images: Sequence[Atoms], *, batch_size: int = 32,
                        recalibrated: bool = True,
-                       on_progress: Callable[[int], None] | None = None) -> Prediction:
+                       on_progress: Callable[[int], None] | None = None,
+                       mean_forces: bool = True) -> Prediction:
     """The prediction every consumer uses (``bayesal predict``, scoring, the ASE calculator,
     the explorer): the posterior's, with its validation recalibration applied (variance
     scales from ``calibration.json``) unless ``recalibrated`` is False or none was fitted.
-    ``on_progress(done)``: see :func:`predict_in_chunks`."""
-    pred = predict_in_chunks(posterior, images, batch_size=batch_size, on_progress=on_progress)
+    ``on_progress(done)``, ``mean_forces``: see :func:`predict_in_chunks`."""
+    pred = predict_in_chunks(posterior, images, batch_size=batch_size, on_progress=on_progress,
+                             mean_forces=mean_forces)
     return calibrate(posterior, pred) if recalibrated else pred
 
 

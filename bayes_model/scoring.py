@@ -64,7 +64,7 @@ def iter_scores(posterior, frames: Iterable[Atoms], config: AcquisitionConfig, *
     first = first_index
     for chunk in _chunks(frames, config.chunk_size):
         pred = predict_calibrated(posterior, chunk, batch_size=config.predict_batch,
-                                  recalibrated=recalibrated)
+                                  recalibrated=recalibrated, mean_forces=False)
         yield chunk, pred, score(pred, config.function, reduction=config.reduction,
                                  seed=seed, first_index=first,
                                  trust=(config.trust_lo, config.trust_hi))

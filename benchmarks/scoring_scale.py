@@ -7,8 +7,9 @@ stored, selection marked) in a fresh process per posterior, with ``--threads`` t
 
 * ``ensemble``: the model directory given (default: a 4-member ensemble of the default
   model, trained for a few epochs here: throughput does not depend on how well);
-* ``laplace`` (exact force covariances) and ``laplace-local`` (``force_variance: local``),
-  fitted from its first member.
+* ``laplace-r1`` and ``laplace-r2``: last-layer Laplace fitted from its first member with
+  ``force_rank`` 1 and 2 (benchmarks/laplace_cost.py compares the ranks with exact force
+  covariances, which cost about 4x the ensemble).
 
 Prints structures/s, the peak resident memory of each scoring process, and each
 posterior's cost relative to the ensemble's in this run (same pool, same threads).
@@ -107,12 +108,12 @@ def main() -> None:
         (first, *_), _ = load_members(model)
         save_members(root / "plain", [first])
         dirs = {"ensemble": model}
-        for name, force_variance in (("laplace", "exact"), ("laplace-local", "local")):
-            dirs[name] = fit_posterior(
-                "laplace", root / "plain", train[:32], train[32:], root / name,
+        for rank in (1, 2):
+            dirs[f"laplace-r{rank}"] = fit_posterior(
+                "laplace", root / "plain", train[:32], train[32:], root / f"laplace-r{rank}",
                 settings=TrainingFile.model_validate(
-                    {"device": "cpu", "posterior": {"laplace": {
-                        "force_variance": force_variance}}}), recalibrate=False)
+                    {"device": "cpu", "posterior": {"laplace": {"force_rank": rank}}}),
+                recalibrate=False)
         t0 = time.perf_counter()
         pool = build_pool(args.n, load_posterior(model))
         url = f"sqlite:///{root / 'pool.db'}"

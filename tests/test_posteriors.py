@@ -112,35 +112,29 @@ def test_laplace_low_rank_forces_and_prior_by_marginal_likelihood(tiny):
             + 1e-12).all()
 
 
-def test_laplace_local_force_variances_are_scaled_local_energy_variances(tiny):
-    """force_variance: local: Σ_epi,a = κ v_a I₃ with v_a = c² φ_a Σ φ_aᵀ (the local
-    energy's variance), κ fitted so that the summed trace matches the exact one on the
-    structures it was fitted on; everything else is the exact posterior's, and a saved
-    state keeps the choice and κ."""
+@pytest.mark.parametrize("rank", [None, 1])
+def test_laplace_scoring_skips_the_mean_forces_and_nothing_else(tiny, ethanol, rank):
+    """Scoring needs no mean forces: Laplace then saves their backward pass. Every other
+    field is the full prediction's, the forces are NaN (never silently zero), and the
+    scores of a pool are the same."""
+    from bayesal.bayes_model.acquisition import AcquisitionConfig, score
+    from bayesal.bayes_model.scoring import iter_scores
+
     model, data = tiny
-    exact = LastLayerLaplace.fit(model, data.train[:20])
-    local = LastLayerLaplace.fit(model, data.train[:20],
-                                 config=LaplaceConfig(force_variance="local"))
-    assert local.prior_precision == exact.prior_precision and local.local_scale > 0
-    on_fit = (local.predict_graphs(data.train[:20]), exact.predict_graphs(data.train[:20]))
-    traces = [np.trace(p.forces_cov_epi, axis1=1, axis2=2).sum() for p in on_fit]
-    assert traces[0] == pytest.approx(traces[1], rel=1e-8)
-    pl, pe = local.predict_graphs(data.valid), exact.predict_graphs(data.valid)
-    for field in ("energy", "energy_var_epi", "energy_var_ale", "forces", "forces_cov_ale",
-                  "features"):
-        np.testing.assert_allclose(getattr(pl, field), getattr(pe, field), rtol=1e-10,
+    fitted = LastLayerLaplace.fit(model, data.train[:20])
+    lap = LastLayerLaplace(model, fitted.ggn, fitted.prior_precision, force_rank=rank)
+    full = lap.predict_graphs(data.valid)
+    lean = lap.predict_graphs(data.valid, mean_forces=False)
+    assert np.isnan(lean.forces).all() and lean.forces.shape == full.forces.shape
+    for field in ("energy", "energy_var_epi", "energy_var_ale", "forces_cov_epi",
+                  "forces_cov_ale", "features"):
+        np.testing.assert_allclose(getattr(lean, field), getattr(full, field), rtol=1e-10,
                                    atol=1e-14, err_msg=field)
-    # κ v_a I₃ from the per-atom features, by hand
-    out = model(batch_graphs(data.valid, dtype=torch.float64), forces=False)
-    phi = float(model.scale) * out["features"].detach().numpy()
-    v = np.einsum("nd,de,ne->n", phi, local.covariance, phi)
-    np.testing.assert_allclose(pl.forces_cov_epi, local.local_scale * v[:, None, None]
-                               * np.eye(3), rtol=1e-8)
-    again = LastLayerLaplace.from_state(model, local.state())
-    np.testing.assert_array_equal(again.predict_graphs(data.valid).forces_cov_epi,
-                                  pl.forces_cov_epi)
-    with pytest.raises(ValueError, match="local_scale"):
-        LastLayerLaplace(model, exact.ggn, exact.prior_precision, force_variance="local")
+    pool = ethanol[:12]
+    (chunk, pred, scores), = iter_scores(lap, iter(pool), AcquisitionConfig(chunk_size=50))
+    assert np.isnan(pred.forces).all()  # the scoring path did skip them
+    np.testing.assert_allclose(scores.score, score(lap.predict(pool), "bald-ef").score,
+                               rtol=1e-10)
 
 
 def test_laplace_variance_shrinks_with_data_and_grows_away_from_it(tiny, ethanol):
