@@ -92,7 +92,8 @@ def use_kernels(model: torch.nn.Module, kernels: str = "e3nn") -> torch.nn.Modul
             tp.__dict__.pop("forward", None)  # back to the class's (e3nn's) forward
             continue
         probe = next(layer.parameters())
-        _channelwise(tp, probe.device, probe.dtype)  # refuse now, not at the first batch
-        object.__setattr__(tp, "_cueq", {})
+        # built now (refused now, not at the first batch) and kept for that device and dtype
+        built = _channelwise(tp, probe.device, probe.dtype)
+        object.__setattr__(tp, "_cueq", {(probe.device, probe.dtype): built})
         tp.forward = types.MethodType(_cueq_forward, tp)
     return model

@@ -343,7 +343,7 @@ def load_model_on(model_dir: Path, device: str, method: str | None = None,
                   kernels: str = "e3nn"):
     """``--method`` checked against the model, ``--device`` resolved (one line when this
     machine cannot honour it), and the model directory's posterior loaded there."""
-    from bayesal.bayes_model.device import resolve_device
+    from bayesal.bayes_model.device import describe_devices, resolve_device
     from bayesal.bayes_model.kernels import check_kernels
     from bayesal.bayes_model.posterior import load_posterior
 
@@ -351,14 +351,8 @@ def load_model_on(model_dir: Path, device: str, method: str | None = None,
     where = resolve_device(device, what="--device")
     posterior = load_posterior(model_dir, device=where, kernels=check_kernels(kernels))
     if where.type != "cpu":
-        err_console.print(f"model on {where} ({_gpu_name(where)})")
+        err_console.print(f"model {describe_devices([where])}")
     return posterior
-
-
-def _gpu_name(device) -> str:
-    import torch
-
-    return torch.cuda.get_device_name(device)
 
 
 def check_method(value: str | None, model_dir: Path | None = None):
