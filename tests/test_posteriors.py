@@ -131,7 +131,7 @@ def test_laplace_scoring_skips_the_mean_forces_and_nothing_else(tiny, ethanol, r
         np.testing.assert_allclose(getattr(lean, field), getattr(full, field), rtol=1e-10,
                                    atol=1e-14, err_msg=field)
     pool = ethanol[:12]
-    (chunk, pred, scores), = iter_scores(lap, iter(pool), AcquisitionConfig(chunk_size=50))
+    ((_, pred, scores),) = iter_scores(lap, iter(pool), AcquisitionConfig(chunk_size=50))
     assert np.isnan(pred.forces).all()  # the scoring path did skip them
     np.testing.assert_allclose(scores.score, score(lap.predict(pool), "bald-ef").score,
                                rtol=1e-10)
