@@ -206,14 +206,16 @@ def score_summary(engine: Engine, round_id: int) -> dict[str, float]:
     the selected batch, and the mean BALD components of the batch."""
 
     def work(session) -> dict[str, float]:
-        rows = session.execute(select(Score.score, Score.selected, Score.components)
-                               .where(Score.round_id == round_id)).all()
-        out: dict[str, float] = {M.N_SCORED: len(rows)}
-        if not rows:
+        # the pool's figures in SQL (a pool may hold millions); only the batch is read
+        n, top, mean = session.execute(
+            select(func.count(), func.max(Score.score), func.avg(Score.score))
+            .where(Score.round_id == round_id)).one()
+        out: dict[str, float] = {M.N_SCORED: int(n)}
+        if not n:
             return out
-        pool = [r[0] for r in rows]
-        chosen = [r for r in rows if r[1]]
-        out.update(pool_score_max=max(pool), pool_score_mean=sum(pool) / len(pool),
+        chosen = session.execute(select(Score.score, Score.selected, Score.components)
+                                 .where(Score.round_id == round_id, Score.selected)).all()
+        out.update(pool_score_max=float(top), pool_score_mean=float(mean),
                    n_selected=len(chosen))
         if chosen:
             out.update(selected_score_max=max(r[0] for r in chosen),
