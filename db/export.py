@@ -253,8 +253,9 @@ def _write_table(rows, path: Path, fmt: str, campaign: str, on_row, chunk: int =
             df = pd.DataFrame.from_records(buf, columns=schema.names)
             for col in ("numbers", "positions", "cell", "forces"):
                 df[col] = [None if v is None else json.dumps(v) for v in df[col]]
-            for col in df.select_dtypes(include="object").columns:
-                df[col] = [csv_safe(v) for v in df[col]]
+            for col in df.columns:  # every text column (object in pandas 2, str in 3)
+                if not pd.api.types.is_numeric_dtype(df[col]):
+                    df[col] = [csv_safe(v) for v in df[col]]
             df.to_csv(path, mode="w" if first else "a", header=first, index=False)
         buf.clear()
 
