@@ -337,9 +337,9 @@ def report(out: Path, args) -> None:
                     for b in results.get((molecule, strategy, s), {}).get("stability", [])]
             stab = [b["time_fs"] for b in runs]
             print(f"  {strategy:16s} " + " | ".join(cells)
-                  + (f"  | 1000 K MD: {np.mean(stab):.0f} fs to break on average, "
-                     f"{sum(b['broken'] for b in runs)} of {len(runs)} broke"
-                     if stab else ""))
+                  + (f"  | 1000 K MD: {sum(b['broken'] for b in runs)} of {len(runs)} "
+                     f"broke; mean time to break {np.mean(stab):.0f} fs (unbroken runs "
+                     "count their whole length)" if stab else ""))
         if "random" in curves:
             labels, errs = curves["random"]
             target = errs.mean(0)[-1]
@@ -404,7 +404,10 @@ def _plot(results, args, out: Path) -> None:
             ax.plot(labels, errs.mean(0), marker="o", label=strategy)
             ax.fill_between(labels, errs.min(0), errs.max(0), alpha=0.15)
         ax.set(xlabel="labels", ylabel="hot-MD force MAE (meV/Å)", title=molecule)
-        ax.legend()
+        if ax.lines:
+            ax.legend()
+        else:
+            ax.text(0.5, 0.5, "no campaign finished yet", ha="center", transform=ax.transAxes)
     fig.tight_layout()
     fig.savefig(out / "exploration.png", dpi=120)
 
