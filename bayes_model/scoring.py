@@ -26,7 +26,7 @@ from bayesal.bayes_model.acquisition import (
 )
 from bayesal.bayes_model.predict import Prediction, predict_calibrated
 
-__all__ = ["Candidate", "PoolSelection", "iter_scores", "score_pool"]
+__all__ = ["Candidate", "PoolSelection", "iter_scores", "score_pool", "stream_best"]
 
 BALD_FAMILY = (Acquisition.BALD_EF, Acquisition.BALD_E, Acquisition.BALD_F)
 
@@ -120,6 +120,27 @@ def merge_selection(parts: Iterable[list[Candidate]], n_scored: int, features_me
     return PoolSelection([pool[i] for i in chosen], n_scored, features_metric)
 
 
+def stream_best(posterior, frames: Iterable[Atoms], config: AcquisitionConfig, *,
+                seed: int = 0, first_index: int = 0,
+                on_scores: Callable[[int, list[Atoms], Scores], None] | None = None,
+                ) -> tuple[list[Candidate], int, bool]:
+    """Score ``frames`` (pool indices from ``first_index``) chunk by chunk, keeping only the
+    best ``config.n_keep`` candidates (memory flat in the pool size): (those candidates,
+    how many were scored, whether the features are a metric). ``on_scores(first_index,
+    chunk, scores)`` is called per chunk. A whole pool, or one worker's shard of it."""
+    n, metric = 0, False
+    best: list[Candidate] = []
+    for chunk, pred, scores in iter_scores(posterior, frames, config, seed=seed,
+                                           first_index=first_index):
+        if on_scores is not None:
+            on_scores(first_index + n, chunk, scores)
+        metric = pred.features_metric
+        best = heapq.nlargest(config.n_keep, best + best_candidates(
+            chunk, pred, scores, first_index + n, config))
+        n += len(chunk)
+    return best, n, metric
+
+
 def score_pool(posterior, frames: Iterable[Atoms], config: AcquisitionConfig, *,
                seed: int = 0,
                on_scores: Callable[[int, list[Atoms], Scores], None] | None = None,
@@ -129,16 +150,7 @@ def score_pool(posterior, frames: Iterable[Atoms], config: AcquisitionConfig, *,
     The ``config.n_keep`` candidates with the best scores are retained for the selection
     (``diverse`` chooses among them). ``on_scores(first_index, chunk, scores)`` is called
     per chunk. Chunks scored elsewhere (workers) merge the same way: each gives
-    :func:`best_candidates`, :func:`merge_selection` chooses.
+    :func:`stream_best` (or :func:`best_candidates`), :func:`merge_selection` chooses.
     """
-    n, metric = 0, False
-    parts: list[list[Candidate]] = []
-    for chunk, pred, scores in iter_scores(posterior, frames, config, seed=seed):
-        if on_scores is not None:
-            on_scores(n, chunk, scores)
-        metric = pred.features_metric
-        best = best_candidates(chunk, pred, scores, n, config)
-        # keep memory flat: fold into one list of at most ``keep`` as we go
-        parts = [heapq.nlargest(config.n_keep, [c for p in parts for c in p] + best)]
-        n += len(chunk)
-    return merge_selection(parts, n, metric, config)
+    best, n, metric = stream_best(posterior, frames, config, seed=seed, on_scores=on_scores)
+    return merge_selection([best], n, metric, config)

@@ -17,7 +17,7 @@ from prefect.runtime import task_run
 
 from bayesal.contracts import RoundMetric as M
 from bayesal.db.pool import load_atoms, unlabelled_ids
-from bayesal.db.rounds import RoundInfo, open_round, score_summary, selected_structure_ids
+from bayesal.db.rounds import RoundInfo, open_round
 from bayesal.tasks import steps
 from bayesal.tasks.labeling import build_labeler, compute_label, store_results
 
@@ -150,9 +150,7 @@ def finish_selection_task(url: str, round_id: int, round_index: int,
 
 @task(name="stored-selection", cache_policy=NONE)
 def stored_selection_task(url: str, round_id: int) -> tuple[list[int], dict[str, float]]:
-    engine = steps.engine_for(url)
-    return (selected_structure_ids(engine, round_id),
-            {**score_summary(engine, round_id), "selection_reused": True})
+    return steps.stored_selection(steps.engine_for(url), round_id)
 
 
 @task(name="label", cache_policy=NONE, task_run_name="label-structure-{structure_id}")

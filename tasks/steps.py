@@ -19,7 +19,6 @@ and the libraries' config objects (`AcquisitionConfig`, `TrainingFile`).
 from __future__ import annotations
 
 import functools
-import heapq
 import logging
 import re
 import threading
@@ -64,7 +63,7 @@ if TYPE_CHECKING:
 
 __all__ = ["ScoringShard", "ShardResult", "Sources", "engine_for", "evaluate_model",
            "explore_round", "finish_selection", "import_sources", "plan_scoring",
-           "score_shard", "select_batch", "test_set_name", "train_round"]
+           "score_shard", "select_batch", "stored_selection", "test_set_name", "train_round"]
 
 log = logging.getLogger("bayesal.campaign")
 
@@ -365,7 +364,7 @@ def score_shard(engine: Engine, campaign: str, round_id: int, settings_hash: str
     best candidates, as :func:`bayes_model.scoring.best_candidates` keeps them."""
     from bayesal.bayes_model.acquisition import AcquisitionConfig
     from bayesal.bayes_model.posterior import load_posterior
-    from bayesal.bayes_model.scoring import best_candidates, iter_scores
+    from bayesal.bayes_model.scoring import stream_best
 
     acquisition = AcquisitionConfig.model_validate(acquisition)  # a dict when serialised
     if posterior is None:
@@ -373,25 +372,28 @@ def score_shard(engine: Engine, campaign: str, round_id: int, settings_hash: str
     frames = (a for _, a in iter_unlabelled(engine, campaign, settings_hash=settings_hash,
                                             chunk_size=acquisition.chunk_size,
                                             first_id=shard.first_id, last_id=shard.last_id))
-    best: list = []
-    n, metric = 0, False
-    for chunk, pred, scores in iter_scores(posterior, frames, acquisition, seed=seed,
-                                           first_index=shard.first_index):
+
+    def on_scores(first: int, chunk, scores) -> None:
         values = scores.as_dict()
         record_scores(engine, round_id, acquisition.function.value, [
             ScoreRow(a.info["structure_id"], float(values["score"][j]),
                      {c: float(v[j]) for c, v in values.items() if c != "score"})
             for j, a in enumerate(chunk)])
-        metric = pred.features_metric
-        best = heapq.nlargest(acquisition.n_keep, best + best_candidates(
-            chunk, pred, scores, shard.first_index + n, acquisition))
-        n += len(chunk)
         if on_chunk is not None:
-            on_chunk(n)
+            on_chunk(first + len(chunk) - shard.first_index)
+
+    best, n, metric = stream_best(posterior, frames, acquisition, seed=seed,
+                                  first_index=shard.first_index, on_scores=on_scores)
     ids = [c.atoms.info["structure_id"] for c in best]
     for c in best:
         c.atoms = None  # the flow needs the ids, not the structures
     return ShardResult(best, ids, n, metric)
+
+
+def stored_selection(engine: Engine, round_id: int) -> tuple[list[int], dict[str, float]]:
+    """A resumed round's stored selection and its score summary."""
+    return (selected_structure_ids(engine, round_id),
+            {**score_summary(engine, round_id), "selection_reused": True})
 
 
 def finish_selection(engine: Engine, round_id: int,
@@ -429,8 +431,7 @@ def select_batch(engine: Engine, campaign: str, round_id: int, settings_hash: st
     t0 = time.perf_counter()
     shards = plan_scoring(engine, campaign, round_id, settings_hash, acquisition)
     if shards is None:
-        return (selected_structure_ids(engine, round_id),
-                {**score_summary(engine, round_id), "selection_reused": True})
+        return stored_selection(engine, round_id)
     posterior = load_posterior(model_dir, device=device, kernels=kernels)
     results, done = [], 0
     for shard in shards:
