@@ -114,7 +114,8 @@ def user_errors(options: dict[str, str] | None = None) -> Iterator[None]:
         names = options or {}
         _fail("; ".join(
             f"--{names.get(str(e['loc'][-1]), str(e['loc'][-1])).replace('_', '-')} "
-            f"{e.get('input')!r}: {e['msg']}" for e in exc.errors()))
+            f"{e.get('input')!r}: {e['msg'].removeprefix('Value error, ')}" if e["loc"] else
+            e["msg"].removeprefix("Value error, ") for e in exc.errors()))
     except (InputError, LabelerInputError, DatabaseError, SettingsError, ValueError,
             OSError, CampaignError, CampaignBusyError, UndertrainedError, DeviceError) as exc:
         _fail(str(exc))  # OSError: missing files, permissions, disk full

@@ -17,7 +17,7 @@ from bayesal.cli._app import (
     user_errors,
     writer_engine,
 )
-from bayesal.labelers.config import LabelerConfig
+from bayesal.labelers.config import LabelerConfig, LabelerKind
 
 _D = {name: f.default for name, f in LabelerConfig.model_fields.items()}  # one set of defaults
 
@@ -29,10 +29,26 @@ def label(
     output: Annotated[Path, typer.Option(help="extxyz with REF_energy (eV) and REF_forces "
                                          "(eV/Å) of the labelled frames; failed frames go to "
                                          "OUTPUT.failed.xyz.")],
-    method: Annotated[str, typer.Option(help="hf or a DFT functional (pbe, b3lyp, ...).")
-                      ] = _D["method"],
-    basis: Annotated[str, typer.Option(help="Basis set (def2-svp, 6-31g*, sto-3g, ...).")
-                     ] = _D["basis"],
+    kind: Annotated[LabelerKind, typer.Option(
+        help="pyscf (DFT/HF), xtb (GFN-xTB through tblite) or ase (any ASE calculator: "
+             "--calculator).")] = LabelerKind.PYSCF,
+    method: Annotated[str | None, typer.Option(
+        help="pyscf: hf or a DFT functional (pbe, b3lyp, ...; default pbe); xtb: gfn2-xtb "
+             "(default) or gfn1-xtb; ase: an optional name stored with the labels.")
+    ] = _D["method"],
+    basis: Annotated[str | None, typer.Option(
+        help="pyscf: basis set (def2-svp, 6-31g*, sto-3g, ...; default def2-svp); ase: an "
+             "optional name stored with the labels.")] = _D["basis"],
+    calculator: Annotated[str | None, typer.Option(
+        help="--kind ase: import path of the ASE calculator class, e.g. "
+             "ase.calculators.orca.ORCA.")] = None,
+    parameter: Annotated[list[str] | None, typer.Option(
+        "--parameter", "-p",
+        help="--kind ase/xtb: a calculator keyword as KEY=VALUE (VALUE read as YAML: "
+             "numbers, strings, lists); repeat for several.")] = None,
+    command: Annotated[str | None, typer.Option(
+        help="--kind ase: the program's command line (ORCA, VASP, CP2K); default: ASE's "
+             "configuration.")] = None,
     dispersion: Annotated[str, typer.Option(help="none, d3bj, d3zero, d4, ...")
                           ] = _D["dispersion"],
     charge: Annotated[int, typer.Option(help="Total charge.")] = _D["charge"],
@@ -59,11 +75,13 @@ def label(
     source: Annotated[str, typer.Option(help="Source of new structures in --campaign.")
                       ] = "pool",
 ) -> None:
-    """Label structures with PySCF (energies in eV, forces in eV/Å).
+    """Label structures with PySCF, xTB or any ASE calculator (energies in eV, forces in
+    eV/Å).
 
     Every frame is checked before any calculation (charge/multiplicity, basis coverage,
-    geometry). Each calculation runs in its own process under --timeout; SCF failures walk
-    a recovery ladder and are reported, never dropped.
+    geometry), and the program an ASE calculator runs is looked up first. Each calculation
+    runs in its own process under --timeout; PySCF's SCF failures walk a recovery ladder;
+    failures are reported, never dropped.
     """
 
     from bayesal.db.export import atoms_extxyz
@@ -75,11 +93,13 @@ def label(
         cfg = settings()
         if guess_dir is None and campaign is not None:
             guess_dir = cfg.scf_guess_dir
-        labeler = LabelerConfig(
-            method=method, basis=basis, charge=charge, multiplicity=multiplicity,
+        labeler_options = dict(  # options of another kind than --kind are refused there
+            kind=kind, method=method, basis=basis, charge=charge, multiplicity=multiplicity,
+            threads=threads, max_memory_mb=max_memory, timeout_s=timeout,
             dispersion=dispersion, density_fit=density_fit, grid_level=grid_level,
-            backend=backend, threads=threads, max_memory_mb=max_memory, timeout_s=timeout,
-        ).build(guess_dir)
+            backend=backend, calculator=calculator, command=command,
+            parameters=_parameters(parameter or []))
+        labeler = LabelerConfig(**labeler_options).build(guess_dir)
         try:
             labeler.validate(images)
         except LabelerInputError as exc:  # name the file and the frame in it
@@ -121,6 +141,19 @@ def label(
         _summary(results, todo, output)
         if todo and not any(results[i][0] == "ok" for i in todo):
             raise typer.Exit(1)  # every calculation failed: a job script must notice
+
+
+def _parameters(items: list[str]) -> dict:
+    """``KEY=VALUE`` options as calculator keywords (values read as YAML scalars/lists)."""
+    import yaml
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--parameter {item!r}: write KEY=VALUE, e.g. accuracy=0.1")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
 
 
 def _write_outputs(images, results, output: Path, atoms_extxyz) -> None:

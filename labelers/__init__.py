@@ -1,4 +1,5 @@
-"""Labelers: DFT (PySCF) and replayed labels behind one protocol. No Prefect here.
+"""Labelers: DFT (PySCF), xTB (tblite), any ASE calculator and replayed labels behind one
+protocol. No Prefect here.
 
     from bayesal.labelers import PySCFLabeler
     result = PySCFLabeler("pbe", "def2-svp", dispersion="d3bj").label(atoms)
@@ -7,6 +8,7 @@
     LabelerConfig(method="hf", basis="sto-3g").build()  # from a campaign's labeler: section
 """
 
+from bayesal.labelers.ase_labeler import AseLabeler, XTBLabeler
 from bayesal.labelers.base import (
     Labeler,
     LabelerInputError,
@@ -20,6 +22,7 @@ from bayesal.labelers.replay import ReplayLabeler
 
 __all__ = [
     "DISPERSIONS",
+    "AseLabeler",
     "LabelResult",
     "LabelStatus",
     "Labeler",
@@ -29,6 +32,7 @@ __all__ = [
     "PySCFBackend",
     "PySCFLabeler",
     "ReplayLabeler",
+    "XTBLabeler",
     "gpu_available",
     "settings_hash",
 ]

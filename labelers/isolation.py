@@ -1,11 +1,11 @@
 """Run one calculation in its own process, under a wall-time limit.
 
-Calculations go to worker processes (``python -m bayesal.labelers._worker``): clean interpreters
-with PySCF imported once, which fork a child per calculation. A crash (segfault, kill by the
-out-of-memory killer) or a hang costs that one calculation; the worker reports it and goes
-on. Workers are started on demand, one per concurrent caller thread, and are SIGKILLed by
-Linux if this process dies (children likewise if their worker dies), so nothing is left
-running behind a killed campaign.
+Calculations go to worker processes (``python -m bayesal.labelers._worker``): clean
+interpreters with the calculation's code (PySCF, an ASE calculator) imported once, which fork
+a child per calculation. A crash (segfault, kill by the out-of-memory killer) or a hang costs
+that one calculation; the worker reports it and goes on. Workers are started on demand, one
+per concurrent caller thread, and are SIGKILLed by Linux if this process dies (children
+likewise if their worker dies), so nothing is left running behind a killed campaign.
 """
 
 from __future__ import annotations
@@ -39,12 +39,12 @@ class Outcome:
 
 
 class _Worker:
-    def __init__(self, threads: int) -> None:
+    def __init__(self, threads: int, preload: tuple[str, ...]) -> None:
         env = dict(os.environ)
         for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
             env[var] = str(threads)  # BLAS thread pools are sized at import, in the worker
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bayesal.labelers._worker", *PRELOAD],
+            [sys.executable, "-m", "bayesal.labelers._worker", *preload],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
         )
         msg = recv(self.proc.stdout.fileno(), time.monotonic() + 120)
@@ -80,13 +80,14 @@ class _Worker:
                 f.close()
 
 
-_idle: dict[int, queue.LifoQueue[_Worker]] = {}
+_idle: dict[tuple[int, tuple[str, ...]], queue.LifoQueue[_Worker]] = {}
 _all: list[_Worker] = []
 _lock = threading.Lock()
 
 
 def run_isolated(target: str, kwargs: dict[str, Any], *, timeout: float | None,
-                 threads: int = 1, memory_mb: int | None = None) -> Outcome:
+                 threads: int = 1, memory_mb: int | None = None,
+                 preload: tuple[str, ...] = PRELOAD) -> Outcome:
     """Call ``module:function(**kwargs)`` in a fresh child process.
 
     Parameters
@@ -100,13 +101,18 @@ def run_isolated(target: str, kwargs: dict[str, Any], *, timeout: float | None,
     memory_mb
         Address-space limit of the child (RLIMIT_AS, MB; ``None``: none): allocations
         beyond it fail with MemoryError in the child, which costs that call only.
+    preload
+        Modules the worker imports once, before it forks children (the calculation's code:
+        PySCF by default, an ASE calculator's module for ``kind: ase``); workers are kept
+        per (threads, preload).
     """
+    preload = tuple(preload)
     with _lock:
-        pool = _idle.setdefault(threads, queue.LifoQueue())
+        pool = _idle.setdefault((threads, preload), queue.LifoQueue())
     try:
         worker = pool.get_nowait()
     except queue.Empty:
-        worker = _Worker(threads)
+        worker = _Worker(threads, preload)
         with _lock:
             _all.append(worker)
     try:

@@ -12,6 +12,7 @@ from ase import Atoms
 from ase.data import chemical_symbols
 
 from bayesal.contracts import atoms_hash
+from bayesal.labelers._identity import spin_problem
 from bayesal.labelers.base import Labeler, LabelResult, LabelStatus
 from bayesal.labelers.config import (
     DEFAULT_BASIS,
@@ -219,15 +220,9 @@ class PySCFLabeler(Labeler):
         if atoms.pbc.any():
             return ("periodic cell: the PySCF labeler computes molecules only; set "
                     "pbc=False (the cell is then ignored)")
-        n_electrons = int(atoms.numbers.sum()) - self.charge
-        unpaired = self.multiplicity - 1
-        if n_electrons <= 0:
-            return f"charge {self.charge} leaves {n_electrons} electrons"
-        if (n_electrons - unpaired) % 2 or unpaired > n_electrons:
-            fix = "an even multiplicity (2, 4, ...)" if n_electrons % 2 else \
-                  "an odd multiplicity (1, 3, ...)"
-            return (f"{n_electrons} electrons (charge {self.charge}) cannot have multiplicity "
-                    f"{self.multiplicity}; use {fix} or another charge")
+        spin = spin_problem(atoms, self.charge, self.multiplicity)
+        if spin:
+            return spin
         missing = sorted({chemical_symbols[z] for z in set(atoms.numbers.tolist())
                           if not _has_basis(self._basis, chemical_symbols[z])})
         if missing:

@@ -15,7 +15,7 @@ from ase import Atoms
 from ase.build import molecule
 from ase.calculators.singlepoint import SinglePointCalculator
 
-from bayesal.labelers import LabelerInputError, PySCFLabeler, ReplayLabeler
+from bayesal.labelers import LabelerInputError, PySCFLabeler, ReplayLabeler, XTBLabeler
 from bayesal.labelers.isolation import _all as workers
 from bayesal.labelers.isolation import run_isolated
 
@@ -293,9 +293,14 @@ def test_library_cli_and_campaign_share_one_set_of_labeler_defaults():
         assert sig.parameters[name].default == getattr(cfg, name), name
     assert CampaignConfig.model_fields["labeler"].default_factory() == cfg
     cli = inspect.signature(label_cli.label).parameters
-    assert (cli["method"].default, cli["basis"].default, cli["timeout"].default,
-            cli["max_memory"].default) == (cfg.method, cfg.basis, cfg.timeout_s,
-                                           cfg.max_memory_mb)
+    assert (cli["timeout"].default, cli["max_memory"].default) == (cfg.timeout_s,
+                                                                   cfg.max_memory_mb)
+    # method and basis: the CLI leaves them to the kind's defaults, which are the library's
+    kind_defaults = LabelerConfig(kind=cli["kind"].default, method=cli["method"].default,
+                                  basis=cli["basis"].default)
+    assert (kind_defaults.method, kind_defaults.basis) == (cfg.method, cfg.basis)
+    assert LabelerConfig(kind="xtb").method == "gfn2-xtb"
+    assert inspect.signature(XTBLabeler).parameters["method"].default == "gfn2-xtb"
 
 
 def test_replay_serves_stored_labels_exactly(shared_data):

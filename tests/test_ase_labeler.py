@@ -1,0 +1,241 @@
+"""Labelers beyond PySCF: GFN-xTB through tblite and any ASE calculator (kind ase), run
+for real under the same isolation, limits and provenance."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import numpy as np
+import pytest
+from ase.build import bulk, molecule
+
+from bayesal.labelers import AseLabeler, LabelerConfig, LabelerInputError, XTBLabeler
+
+HERE = Path(__file__).parent
+
+
+@pytest.fixture
+def test_calculators(monkeypatch):
+    """Workers are fresh interpreters: they find the test calculators on PYTHONPATH."""
+    path = os.pathsep.join(p for p in (str(HERE), os.environ.get("PYTHONPATH")) if p)
+    monkeypatch.setenv("PYTHONPATH", path)
+
+
+def rattled(name: str, seed: int = 0):
+    atoms = molecule(name)
+    atoms.positions += np.random.default_rng(seed).normal(scale=0.05, size=atoms.positions.shape)
+    return atoms
+
+
+@pytest.mark.parametrize("method", ["gfn2-xtb", "gfn1-xtb"])
+def test_xtb_labels_equal_a_direct_tblite_call(method):
+    from tblite.ase import TBLite
+
+    lab = XTBLabeler(method)
+    images = [rattled("H2O"), rattled("CH3CH2OH", 1)]
+    for atoms, res in zip(images, lab.label_many(images, workers=2), strict=True):
+        assert res.ok, res.error
+        direct = atoms.copy()
+        direct.calc = TBLite(method=method.upper().replace("XTB", "xTB"), verbosity=0)
+        assert abs(res.energy - direct.get_potential_energy()) < 1e-8
+        np.testing.assert_allclose(res.forces, direct.get_forces(), atol=1e-8)
+    prov = res.provenance
+    assert prov["code_version"].startswith("tblite ") and prov["host"]
+    assert prov["calculator"] == "tblite.ase.TBLite"
+    assert prov["settings"] == lab.settings == LabelerConfig(kind="xtb", method=method).settings
+
+
+def test_xtb_forces_are_minus_energy_gradient():
+    lab = XTBLabeler(parameters={"accuracy": 0.01})
+    atoms = rattled("CH3CH2OH", 2)
+    ref = lab.label(atoms)
+    h = 1e-3
+    coords = [(0, 0), (2, 1), (5, 2), (8, 0)]
+    images = []
+    for a, c in coords:
+        for sign in (1, -1):
+            img = atoms.copy()
+            img.positions[a, c] += sign * h
+            images.append(img)
+    res = lab.label_many(images, workers=2)
+    for k, (a, c) in enumerate(coords):
+        fd = -(res[2 * k].energy - res[2 * k + 1].energy) / (2 * h)
+        assert abs(fd - ref.forces[a, c]) < 1e-3, (a, c, fd, ref.forces[a, c])
+
+
+def test_xtb_scf_that_does_not_converge_is_scf_failed():
+    res = XTBLabeler(parameters={"max_iterations": 2}).label(rattled("CH3CH2OH"))
+    assert res.status == "scf_failed" and "not converged" in res.error and res.energy is None
+
+
+def test_xtb_refuses_an_odd_electron_count_as_a_singlet_before_any_work():
+    lab = XTBLabeler(charge=1)  # ethanol+ has 25 electrons: no singlet
+    with pytest.raises(LabelerInputError, match=r"frame 1: 25 electrons .* multiplicity 1"):
+        lab.label_many([rattled("H2O"), rattled("CH3CH2OH")])  # water+ is refused too
+    with pytest.raises(LabelerInputError, match="frame 0: 9 electrons"):
+        lab.label_many([rattled("H2O")])
+    doublet = XTBLabeler(charge=1, multiplicity=2).label(rattled("CH3CH2OH"))
+    assert doublet.ok, doublet.error
+    assert doublet.energy != XTBLabeler().label(rattled("CH3CH2OH")).energy
+
+
+def test_xtb_labels_a_periodic_cell_and_its_images_alike():
+    """tblite computes periodic cells: the energy does not change when an atom is moved by a
+    lattice vector, and the forces equal -dE/dr across the cell boundary."""
+    lab = XTBLabeler("gfn1-xtb", parameters={"accuracy": 0.01})
+    si = bulk("Si", "diamond", a=5.43, cubic=True)
+    si.positions += np.random.default_rng(3).normal(scale=0.03, size=si.positions.shape)
+    shifted = si.copy()
+    shifted.positions[0] += si.cell[0] - si.cell[2]
+    a, b = lab.label_many([si, shifted])
+    assert a.ok and b.ok, (a.error, b.error)
+    assert abs(a.energy - b.energy) < 1e-7
+    np.testing.assert_allclose(a.forces, b.forces, atol=1e-6)
+    h = 1e-3
+    plus, minus = si.copy(), si.copy()
+    plus.positions[0, 0] += h
+    minus.positions[0, 0] -= h
+    ep, em = (r.energy for r in lab.label_many([plus, minus]))
+    assert abs(-(ep - em) / (2 * h) - a.forces[0, 0]) < 2e-3
+
+
+def test_settings_hash_holds_the_level_of_theory_not_where_or_how_fast(test_calculators):
+    base = AseLabeler("ase_test_calculators.Springs", {"k": 2.0})
+    same = AseLabeler("ase_test_calculators.Springs",
+                      {"k": 2.0, "directory": "/scratch/x", "nprocs": 8, "verbosity": 3},
+                      threads=4, timeout_s=10)
+    other = AseLabeler("ase_test_calculators.Springs", {"k": 3.0})
+    assert base.settings_hash == same.settings_hash != other.settings_hash
+    mine = AseLabeler("ase_test_calculators.Springs", {"k": 2.0, "restart_every": 5},
+                      settings_exclude=["restart_every"])
+    assert mine.settings_hash == base.settings_hash
+    assert XTBLabeler(parameters={"electronic_temperature": 300}).settings_hash == \
+        XTBLabeler().settings_hash != XTBLabeler(parameters={"accuracy": 0.1}).settings_hash
+    assert XTBLabeler(parameters={"max_iterations": 500}).settings_hash == \
+        XTBLabeler().settings_hash
+    assert XTBLabeler().settings_hash not in {XTBLabeler("gfn1-xtb").settings_hash,
+                                              XTBLabeler(charge=1, multiplicity=2).settings_hash}
+    cfg = LabelerConfig(kind="ase", calculator="ase_test_calculators.Springs",
+                        parameters={"k": 2.0}, method="toy", basis="none")
+    assert cfg.build().settings == cfg.settings
+    assert cfg.settings["method"] == "toy" and cfg.settings_hash != base.settings_hash
+
+
+def test_each_failing_calculation_costs_one_label_and_the_next_runs(test_calculators,
+                                                                    tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # calculations run in their own scratch folders, not here
+    atoms = rattled("CH3CH2OH")
+    cases = {"Raises": ("error", "broken input file"),
+             "NotConverged": ("scf_failed", "did not converge"),
+             "Hangs": ("timeout", "wall-time limit of 3 s"),
+             "Segfaults": ("error", "SIGSEGV"),
+             "NaNForces": ("error", "non-finite")}
+    good = AseLabeler("ase_test_calculators.WritesFiles", {"k": 2.0}, timeout_s=3)
+    for name, (status, text) in cases.items():
+        bad = AseLabeler(f"ase_test_calculators.{name}", timeout_s=3)
+        res = bad.label(atoms)
+        assert res.status == status and text in res.error, (name, res.status, res.error)
+        assert res.energy is None and res.provenance["calculator"].endswith(name)
+        after = good.label(atoms)
+        assert after.ok, (name, after.error)
+        d = atoms.positions - atoms.positions.mean(axis=0)
+        np.testing.assert_allclose(after.forces, -2.0 * d, atol=1e-12)
+        assert abs(after.energy - float((d**2).sum())) < 1e-12
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_emt_labels_a_metal_cell_through_kind_ase():
+    from ase.calculators.emt import EMT
+
+    cu = bulk("Cu", cubic=True).repeat(2)
+    cu.rattle(0.05, seed=1)
+    res = LabelerConfig(kind="ase", calculator="ase.calculators.emt.EMT").build().label(cu)
+    ref = cu.copy()
+    ref.calc = EMT()
+    assert res.ok and abs(res.energy - ref.get_potential_energy()) < 1e-12
+    np.testing.assert_allclose(res.forces, ref.get_forces(), atol=1e-12)
+    assert res.provenance["code_version"].startswith("ase ")
+
+
+def _campaign_yaml(tmp_path: Path, labeler: str) -> Path:
+    (tmp_path / "pool.xyz").write_text("1\n\nH 0 0 0\n")
+    path = tmp_path / "c.yaml"
+    path.write_text(f"name: c\ndata: {{pool_files: [pool.xyz]}}\nlabeler: {labeler}\n")
+    return path
+
+
+@pytest.mark.parametrize("labeler, field, text", [
+    ("{kind: ase, calculator: ase.calculators.orca.NoSuchORCA}", "labeler.calculator",
+     "module ase.calculators.orca has no NoSuchORCA"),
+    ("{kind: ase, calculator: not_a_package_here.Calc}", "labeler.calculator",
+     "cannot import not_a_package_here"),
+    ("{kind: ase, calculator: os.system}", "labeler.calculator",
+     "not an ASE calculator class"),
+    ("{kind: ase, calculator: ase.calculators.orca.ORCA, command: orca-missing-here}",
+     "labeler.command", "program 'orca-missing-here'"),
+    ("{kind: ase, calculator: ase.calculators.orca.ORCA}", "labeler.command",
+     "ORCA runs an external program and none is configured"),
+    ("{kind: ase, calculator: ase.calculators.vasp.Vasp}", "labeler.command",
+     "ASE_VASP_COMMAND"),
+    ("{kind: ase, calculator: ase.calculators.cp2k.CP2K}", "labeler.command",
+     "program 'cp2k.psmp'"),
+    ("{kind: xtb, method: gfn3-xtb}", "labeler.method", "unknown xTB method"),
+    ("{kind: xtb, dispersion: d3bj}", "labeler", "dispersion applies to kind pyscf only"),
+])
+def test_a_campaign_yaml_with_a_bad_labeler_fails_at_validation_naming_the_field(
+        tmp_path, monkeypatch, labeler, field, text):
+    from bayesal.flows.campaign_config import load_campaign_config
+
+    for var in ("ASE_VASP_COMMAND", "VASP_COMMAND", "VASP_SCRIPT", "ASE_CP2K_COMMAND"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("ASE_CONFIG_PATH", str(tmp_path / "no-ase-config.ini"))
+    import ase.config
+
+    monkeypatch.setattr(ase.config, "cfg", ase.config.Config())
+    monkeypatch.setattr("ase.calculators.genericfileio.GenericFileIOCalculator.cfg",
+                        ase.config.cfg)
+    with pytest.raises(Exception) as info:
+        load_campaign_config(_campaign_yaml(tmp_path, labeler))
+    message = str(info.value)
+    assert f"{field}:" in message and text in message, message
+
+
+def test_a_program_on_path_or_in_ase_configuration_passes_validation(tmp_path, monkeypatch):
+    """The lookup is the calculator's own: labeler.command, ASE's configuration file or
+    the calculator's environment variable; a program found there passes."""
+    fake = tmp_path / "bin" / "orca"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\nexit 1\n")
+    fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
+    monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
+    cfg = LabelerConfig(kind="ase", calculator="ase.calculators.orca.ORCA", command="orca",
+                        parameters={"orcasimpleinput": "HF STO-3G EnGrad"}, method="hf",
+                        basis="sto-3g")
+    assert cfg.settings["parameters"] == {"orcasimpleinput": "HF STO-3G EnGrad"}
+    import ase.config
+    from ase.calculators.orca import ORCA
+    from ase.calculators.vasp import Vasp
+
+    from bayesal.labelers.ase_labeler import command_problem, configured_command
+
+    config = ase.config.Config()
+    config.parser.read_string(f"[orca]\ncommand = {fake} \n")
+    monkeypatch.setattr("ase.config.cfg", config)
+    assert configured_command(ORCA)[0].strip() == str(fake)
+    assert command_problem(ORCA, None) is None
+    monkeypatch.setattr("ase.config.cfg", ase.config.Config())
+    with pytest.warns(Warning, match="ASE_VASP_COMMAND"):  # ASE prefers its config file
+        monkeypatch.setenv("ASE_VASP_COMMAND", f"env OMP_NUM_THREADS=1 {fake} -n 4")
+        assert command_problem(Vasp, None) is None
+        monkeypatch.setenv("ASE_VASP_COMMAND", "vasp_std_missing_here -n 4")
+        problem = command_problem(Vasp, None)
+    assert "environment variable ASE_VASP_COMMAND: program 'vasp_std_missing_here'" in problem
+
+
+def test_a_labeler_whose_worker_cannot_start_records_an_error(test_calculators):
+    lab = AseLabeler("ase_test_calculators.Springs")
+    lab.calculator_class = type("Gone", (), {"__module__": "no_such_module_anywhere"})
+    res = lab.label(rattled("H2O"))
+    assert res.status == "error" and "worker failed to start" in res.error
