@@ -65,7 +65,8 @@ def load_yaml_model(path: str | Path, model: type[M], what: str) -> M:
     try:
         return model.model_validate(data, context={"base_dir": path.resolve().parent})
     except ValidationError as exc:
-        lines = [f"{'.'.join(map(str, e['loc'])) or '(top level)'}: {e['msg']}"
+        lines = [f"{'.'.join(map(str, e['loc'])) or '(top level)'}: "
+                 f"{e['msg'].removeprefix('Value error, ')}"
                  for e in exc.errors()]
         raise ValueError(f"{path}: invalid settings:\n  " + "\n  ".join(lines)) from None
 

@@ -115,8 +115,10 @@ def export(
     output: Annotated[Path, typer.Option(help="Output file.")],
     format: Annotated[str, typer.Option(help="extxyz, csv or parquet.")] = "extxyz",
     settings_hash: Annotated[str | None, typer.Option(
-        help="Labeler settings to export when a campaign has several (a prefix is enough).")
-    ] = None,
+        "--labeler-settings", "--settings-hash",
+        help="Level of theory to export when a campaign has several: a settings hash (a "
+             "unique prefix is enough; the error without it and SQL's label_levels view "
+             "list them) or latest (that of the newest label).")] = None,
     include_unlabelled: Annotated[bool, typer.Option(
         "--include-unlabelled", help="Also write structures without an ok label.")] = False,
     energy_key: Annotated[str, typer.Option(help="extxyz info key for energies.")

@@ -44,7 +44,7 @@ def label_levels(session: Session, campaign_id: int) -> list[dict[str, Any]]:
     """Distinct labeler settings of a campaign's ok labels, most used first."""
     q = (
         select(Label.settings_hash, Label.labeler, Label.method, Label.basis,
-               func.count().label("n"))
+               func.count().label("n"), func.max(Label.id).label("newest"))
         .join(Structure, Structure.id == Label.structure_id)
         .where(Structure.campaign_id == campaign_id, Label.status == LabelStatus.OK.value)
         .group_by(Label.settings_hash, Label.labeler, Label.method, Label.basis)
@@ -107,7 +107,10 @@ def atoms_extxyz(atoms, info: dict[str, Any], arrays: dict[str, np.ndarray]) -> 
 
 
 def _choose_level(levels: list[dict[str, Any]], requested: str | None, campaign: str) -> str | None:
-    """The settings hash to export: the only one, or the one a (prefix) request names."""
+    """The settings hash to export: the only one, the one a (prefix) request names, or with
+    ``latest`` the one of the campaign's newest ok label."""
+    if requested == "latest":
+        return max(levels, key=lambda lv: lv["newest"])["settings_hash"] if levels else None
     if requested is None:
         if len(levels) <= 1:
             return levels[0]["settings_hash"] if levels else None
@@ -116,11 +119,12 @@ def _choose_level(levels: list[dict[str, Any]], requested: str | None, campaign:
             f"  ({lv['n']} labels)" for lv in levels)
         raise DatabaseError(
             f"campaign {campaign!r} has labels at {len(levels)} levels of theory; "
-            f"choose one with --settings-hash (a unique prefix is enough):\n{listing}")
+            f"choose one with --labeler-settings HASH (a unique prefix is enough) or "
+            f"--labeler-settings latest:\n{listing}")
     matches = [lv["settings_hash"] for lv in levels if lv["settings_hash"].startswith(requested)]
     if len(matches) != 1:
-        raise DatabaseError(f"--settings-hash {requested!r} matches {len(matches)} of the "
-                            "campaign's label settings; give a longer prefix")
+        raise DatabaseError(f"--labeler-settings {requested!r} matches {len(matches)} of the "
+                            "campaign's label settings; give a longer prefix, or latest")
     return matches[0]
 
 

@@ -115,33 +115,33 @@ def configured_command(cls) -> tuple[str | None, str]:
     if issubclass(cls, GenericFileIOCalculator):
         section = _template_section(cls)
         if section in cfg.parser and "command" in cfg.parser[section]:
-            return cfg.parser[section]["command"], f"[{section}] command in ASE's configuration"
+            return cfg.parser[section]["command"], f"from [{section}] in ASE's configuration"
         return None, (f"labeler.command, or command in a [{section}] section of ASE's "
                       "configuration file (ASE_CONFIG_PATH, default ~/.config/ase/config.ini)")
     env_commands = getattr(cls, "env_commands", None)
     if isinstance(env_commands, tuple | list):  # VASP
         for var in env_commands:
             if cfg.get(var):
-                return cfg.get(var), f"environment variable {var}"
+                return cfg.get(var), f"from environment variable {var}"
         return None, "labeler.command, or one of the environment variables " + ", ".join(
             env_commands)
     if cls.__name__ == "CP2K":
         if getattr(cls, "command", None):
-            return cls.command, "CP2K.command"
+            return cls.command, "from CP2K.command"
         if cfg.get("ASE_CP2K_COMMAND"):
-            return cfg.get("ASE_CP2K_COMMAND"), "environment variable ASE_CP2K_COMMAND"
-        return "cp2k.psmp -s", "CP2K's default command"
+            return cfg.get("ASE_CP2K_COMMAND"), "from environment variable ASE_CP2K_COMMAND"
+        return "cp2k.psmp -s", "CP2K's default"
     if issubclass(cls, FileIOCalculator):
         name = cls.name if isinstance(getattr(cls, "name", None), str) else cls.__name__
         var = f"ASE_{name.upper()}_COMMAND"
         if cfg.get(var):
-            return cfg.get(var), f"environment variable {var}"
+            return cfg.get(var), f"from environment variable {var}"
         if name.lower() in cfg.parser and "command" in cfg.parser[name.lower()]:
-            return cfg.parser[name.lower()]["command"], f"[{name.lower()}] command in ASE's " \
+            return cfg.parser[name.lower()]["command"], f"from [{name.lower()}] in ASE's " \
                 "configuration"
         default = getattr(cls, "_legacy_default_command", None)
         if isinstance(default, str):
-            return default, f"{cls.__name__}'s default command"
+            return default, f"{cls.__name__}'s default"
         return None, f"labeler.command, or the environment variable {var}"
     return None, ""
 
@@ -163,7 +163,7 @@ def command_problem(cls, command: str | None) -> str | None:
     """Why the program ``cls`` needs cannot be run here, or ``None`` (also for calculators
     that need none). ``command``: labeler.command, which overrides ASE's lookup."""
     if command:
-        source = "labeler.command"
+        source = "given as labeler.command"
     else:
         command, source = configured_command(cls)
         if command is None:
@@ -172,9 +172,9 @@ def command_problem(cls, command: str | None) -> str | None:
                 f"{source}")
     program = _program(command)
     if program is None:
-        return f"{source}: cannot parse the command {command!r}"
+        return f"cannot parse the command {command!r} ({source})"
     if shutil.which(program) is None:
-        return (f"{source}: program {program!r} (command {command!r}) is not found on PATH "
+        return (f"program {program!r} (command {command!r}, {source}) is not found on PATH "
                 "or not executable on this machine; install it, or give its full path")
     return None
 

@@ -231,7 +231,8 @@ def test_a_program_on_path_or_in_ase_configuration_passes_validation(tmp_path, m
         assert command_problem(Vasp, None) is None
         monkeypatch.setenv("ASE_VASP_COMMAND", "vasp_std_missing_here -n 4")
         problem = command_problem(Vasp, None)
-    assert "environment variable ASE_VASP_COMMAND: program 'vasp_std_missing_here'" in problem
+    assert problem.startswith("program 'vasp_std_missing_here' (command 'vasp_std_missing_here "
+                              "-n 4', from environment variable ASE_VASP_COMMAND) is not found")
 
 
 def test_a_labeler_whose_worker_cannot_start_records_an_error(test_calculators):
@@ -239,3 +240,57 @@ def test_a_labeler_whose_worker_cannot_start_records_an_error(test_calculators):
     lab.calculator_class = type("Gone", (), {"__module__": "no_such_module_anywhere"})
     res = lab.label(rattled("H2O"))
     assert res.status == "error" and "worker failed to start" in res.error
+
+
+def test_two_levels_of_theory_coexist_and_export_picks_one(db_url, tmp_path):
+    """xTB labels of the same structures under two methods: both kept (one label per
+    structure and settings hash); export by hash prefix or `latest`; label_levels lists
+    both; a third run labels nothing again."""
+    import ase.io
+    from sqlalchemy import text
+    from typer.testing import CliRunner
+
+    from bayesal.cli import app
+    from bayesal.db import make_engine
+
+    images = [rattled("H2O", k) for k in range(3)]
+    ase.io.write(tmp_path / "w.xyz", images)
+    run = CliRunner()
+
+    def bayesal(*args: str):
+        res = run.invoke(app, ["--database-url", db_url, *args], catch_exceptions=False)
+        assert res.exit_code == 0, res.output
+        return res
+
+    for method in ("gfn2-xtb", "gfn1-xtb"):
+        bayesal("label", "--input", str(tmp_path / "w.xyz"), "--output",
+                str(tmp_path / f"{method}.xyz"), "--kind", "xtb", "--method", method,
+                "--campaign", "c")
+    again = bayesal("label", "--input", str(tmp_path / "w.xyz"), "--output",
+                    str(tmp_path / "again.xyz"), "--kind", "xtb", "--campaign", "c")
+    assert "3 of 3 structures already labelled" in again.output
+    engine = make_engine(db_url)
+    try:
+        with engine.connect() as conn:
+            levels = conn.execute(text(
+                "SELECT method, settings_hash, n_ok, n_failed FROM label_levels "
+                "WHERE campaign = 'c' ORDER BY method")).all()
+            n_labels = conn.execute(text("SELECT COUNT(*) FROM labels")).scalar()
+    finally:
+        engine.dispose()
+    assert [(m, ok, bad) for m, _, ok, bad in levels] == [("gfn1-xtb", 3, 0),
+                                                          ("gfn2-xtb", 3, 0)]
+    assert n_labels == 6
+    hashes = {m: h for m, h, _, _ in levels}
+    assert hashes["gfn2-xtb"] == XTBLabeler("gfn2-xtb").settings_hash
+
+    res = run.invoke(app, ["--database-url", db_url, "export", "--campaign", "c",
+                           "--output", str(tmp_path / "x.xyz")])
+    assert res.exit_code == 1 and "2 levels of theory" in res.output
+    for choice, method in (("latest", "gfn1-xtb"), (hashes["gfn2-xtb"][:12], "gfn2-xtb")):
+        bayesal("export", "--campaign", "c", "--output", str(tmp_path / "x.xyz"),
+                "--labeler-settings", choice)
+        exported = ase.io.read(tmp_path / "x.xyz", ":")
+        labelled = ase.io.read(tmp_path / f"{method}.xyz", ":")
+        assert sorted(a.info["REF_energy"] for a in exported) == pytest.approx(
+            sorted(a.info["REF_energy"] for a in labelled), abs=1e-9)

@@ -140,7 +140,7 @@ def test_read_commands_on_a_missing_database_say_what_to_run(tmp_path):
     res = bayesal(url, "status")
     assert res.exit_code == 1 and "does not exist" in res.output
     res = bayesal(url, "db", "upgrade")
-    assert res.exit_code == 0 and "revision 0002" in res.output
+    assert res.exit_code == 0 and "revision 0003" in res.output
     res = bayesal(url, "status")
     assert res.exit_code == 0 and "no campaigns yet" in res.output
 

@@ -12,7 +12,7 @@ from bayesal.db.engine import current_revision
 from bayesal.db.models import Base
 
 TABLES = {"campaigns", "structures", "labeler_settings", "labels", "rounds", "models", "scores"}
-VIEWS = {"labelled_data", "round_summary", "label_failures"}
+VIEWS = {"labelled_data", "round_summary", "label_failures", "label_levels"}
 
 
 def schema(url: str) -> dict[str, set[str]]:
