@@ -242,9 +242,9 @@ def sql(
 
     Views for everyday questions: labelled_data, round_summary, label_failures,
     label_levels; tables: campaigns, structures, labels, rounds, models, scores. Arrays
-    print as shapes, or as JSON lists with --csv. Rows stream from the database a thousand at a time, so --csv,
-    --parquet and --max-rows 0 (tables of 1,000 rows each) use the same memory for a
-    million rows as for ten.
+    print as shapes, or as JSON lists with --csv. Rows stream from the database a thousand
+    at a time, so --csv, --parquet and --max-rows 0 (tables of 1,000 rows each) use the
+    same memory for a million rows as for ten.
     """
     import csv as csv_mod
 

@@ -1,0 +1,146 @@
+"""Periodic structures end to end: the potential's physics in a cell (images, boundary,
+extensivity), and a campaign on a metal cell labelled by an ASE calculator (EMT), stored
+with its cell, exported, and resumed."""
+
+from __future__ import annotations
+
+import ase.io
+import numpy as np
+import pytest
+import torch
+import yaml
+from ase.build import bulk
+from helpers import TINY
+
+from bayesal.bayes_model.data import atoms_to_graph, batch_graphs
+from bayesal.bayes_model.model import ModelConfig, MVEPotential
+
+SPECIES = [13, 29]  # Al, Cu
+CFG = ModelConfig(channels=8, n_layers=2, l_max=2, radial_hidden=16, cutoff=4.0)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(1)
+    m = MVEPotential(CFG, SPECIES, [0.0, 0.0], scale=1.1, avg_neighbors=12.0).double()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return m.eval()
+
+
+def predict(model, images):
+    graphs = [atoms_to_graph(a, SPECIES, CFG.cutoff, with_labels=False) for a in images]
+    out = model(batch_graphs(graphs, dtype=torch.float64))
+    return {k: v.detach().numpy() for k, v in out.items()}
+
+
+def alloy(seed: int = 0):
+    """A rattled, sheared Cu3Al cell smaller than twice the cutoff: atoms see their own
+    images."""
+    atoms = bulk("Cu", "fcc", a=3.7, cubic=True)
+    atoms.numbers[0] = 13
+    atoms.set_cell(atoms.cell.array + np.array([[0, 0.2, 0], [0, 0, 0], [0.3, 0, 0]]),
+                   scale_atoms=True)
+    atoms.positions += np.random.default_rng(seed).normal(scale=0.1, size=(4, 3))
+    return atoms
+
+
+def test_energy_and_forces_do_not_depend_on_which_image_is_stored(model):
+    atoms = alloy()
+    moved = atoms.copy()
+    moved.positions[1] += atoms.cell[0] - 2 * atoms.cell[2]  # the same crystal
+    everything = atoms.copy()
+    everything.positions += [5.1, -2.3, 0.7]  # a rigid translation of the periodic crystal
+    everything.wrap()
+    a, b, c = (predict(model, [x]) for x in (atoms, moved, everything))
+    for other in (b, c):
+        assert abs(a["energy"][0] - other["energy"][0]) < 1e-9
+        assert abs(a["energy_var"][0] - other["energy_var"][0]) < 1e-12
+        np.testing.assert_allclose(other["forces"], a["forces"], atol=1e-9)
+    assert np.abs(a["forces"]).max() > 1e-3  # a rattled cell has forces
+
+
+def test_a_supercell_has_the_energy_of_its_copies_and_their_forces(model):
+    atoms = alloy(2)
+    one = predict(model, [atoms])
+    big = predict(model, [atoms.repeat((2, 1, 3))])
+    assert abs(big["energy"][0] - 6 * one["energy"][0]) < 1e-8
+    np.testing.assert_allclose(big["forces"], np.tile(one["forces"], (6, 1)), atol=1e-9)
+
+
+def test_forces_are_minus_energy_gradient_across_the_cell_boundary(model):
+    atoms = alloy(3)
+    atoms.positions[2] = atoms.cell.cartesian_positions([0.9995, 0.5, 0.0002])[0]
+    forces = predict(model, [atoms])["forces"]
+    h = 1e-3  # steps carry the atom across the x and z faces of the cell
+    for c in range(3):
+        energies = []
+        for sign in (1, -1):
+            img = atoms.copy()
+            img.positions[2, c] += sign * h
+            energies.append(predict(model, [img])["energy"][0])
+        fd = -(energies[0] - energies[1]) / (2 * h)
+        assert abs(fd - forces[2, c]) < 1e-5, (c, fd, forces[2, c])
+
+
+def _cells(n: int, seed: int):
+    rng = np.random.default_rng(seed)
+    frames = []
+    for _ in range(n):
+        a = bulk("Cu", "fcc", a=3.6, cubic=True).repeat((2, 1, 1))
+        a.set_cell(a.cell.array * (1 + rng.normal(scale=0.01)), scale_atoms=True)
+        a.positions += rng.normal(scale=0.05 + 0.1 * rng.random(), size=a.positions.shape)
+        frames.append(a)
+    return frames
+
+
+def test_a_periodic_campaign_labels_stores_exports_and_resumes(prefect_api, sqlite_url,
+                                                               tmp_path, monkeypatch):
+    from ase.calculators.emt import EMT
+    from sqlalchemy import func, select
+
+    from bayesal.db import Label, Round, Structure, make_engine
+    from bayesal.db.export import export_campaign
+    from bayesal.flows.campaign import campaign
+
+    monkeypatch.setenv("BAYESAL_DATABASE_URL", sqlite_url)
+    monkeypatch.setenv("BAYESAL_DATA_DIR", str(tmp_path / "data"))
+    ase.io.write(tmp_path / "pool.xyz", _cells(30, 0))
+    ase.io.write(tmp_path / "test.xyz", _cells(4, 1))
+    cfg = {"name": "cu", "seed": 0,
+           "data": {"pool_files": ["pool.xyz"], "initial_random": 5,
+                    "test_files": ["test.xyz"]},
+           "members": 2, "model": TINY, "train": {"max_epochs": 3, "batch_size": 4},
+           "acquisition": {"n_select": 3},
+           "labeler": {"kind": "ase", "calculator": "ase.calculators.emt.EMT", "workers": 2,
+                       "timeout_s": 60},
+           "stop": {"max_rounds": 2}}
+    path = tmp_path / "campaign.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert campaign(str(path), resume=False)["rounds"] == 2
+    cfg["stop"]["max_rounds"] = 3
+    path.write_text(yaml.safe_dump(cfg))
+    assert campaign(str(path), resume=True)["rounds"] == 3
+
+    engine = make_engine(sqlite_url)
+    try:
+        with engine.connect() as conn:
+            assert conn.scalar(select(func.count()).select_from(Round)) == 3
+            n_labels = conn.scalar(select(func.count()).select_from(Label))
+            assert n_labels == 5 + 4 + 3 * 3  # initial, test, three rounds: none twice
+            assert conn.scalar(select(func.count()).select_from(Label)
+                               .where(Label.status != "ok")) == 0
+            assert set(conn.scalars(select(Structure.pbc))) == {"TTT"}
+    finally:
+        engine.dispose()
+    export_campaign(sqlite_url, "cu", tmp_path / "cu.xyz")
+    exported = ase.io.read(tmp_path / "cu.xyz", ":")
+    assert len(exported) == n_labels
+    pool = {round(float(a.cell.volume), 9) for a in _cells(30, 0) + _cells(4, 1)}
+    for atoms in exported:
+        assert atoms.pbc.all() and round(float(atoms.cell.volume), 9) in pool
+        ref = atoms.copy()
+        ref.calc = EMT()
+        assert abs(atoms.info["REF_energy"] - ref.get_potential_energy()) < 1e-9
+        np.testing.assert_allclose(atoms.arrays["REF_forces"], ref.get_forces(), atol=1e-9)
