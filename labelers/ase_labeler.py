@@ -32,7 +32,7 @@ from typing import Any
 from ase import Atoms
 
 from bayesal.labelers._identity import spin_problem
-from bayesal.labelers.base import Labeler, LabelResult, LabelStatus
+from bayesal.labelers.base import Labeler, LabelResult, LabelStatus, isolated_result
 from bayesal.labelers.isolation import run_isolated
 
 __all__ = ["NOT_THEORY", "XTB_METHODS", "AseLabeler", "XTBLabeler", "ase_settings",
@@ -322,17 +322,7 @@ class AseLabeler(Labeler):
         except RuntimeError as exc:  # the worker itself could not start
             return LabelResult(status=LabelStatus.ERROR.value, error=str(exc),
                                wall_s=time.perf_counter() - t0, provenance=base_prov)
-        if outcome.kind == "ok":
-            d = outcome.value
-            return LabelResult(status=d["status"], energy=d.get("energy"),
-                               forces=d.get("forces"), error=d.get("error"),
-                               n_scf_cycles=d.get("n_scf_cycles"),
-                               wall_s=time.perf_counter() - t0,
-                               provenance=base_prov | d.get("provenance", {}))
-        status = LabelStatus.TIMEOUT if outcome.kind == "timeout" else LabelStatus.ERROR
-        return LabelResult(status=status.value, error=outcome.message.strip()[:2000],
-                           wall_s=time.perf_counter() - t0,
-                           provenance=base_prov | {"isolation": outcome.kind})
+        return isolated_result(outcome, base_prov, time.perf_counter() - t0)
 
 
 class XTBLabeler(AseLabeler):

@@ -45,6 +45,19 @@ class LabelResult:
         return out
 
 
+def isolated_result(outcome, provenance: dict[str, Any], wall_s: float) -> LabelResult:
+    """The label of an isolated calculation (``labelers.isolation.Outcome``): the dict the
+    calculation returned, or ``timeout``/``error`` for a killed, crashed or raising one."""
+    if outcome.kind == "ok":
+        d = outcome.value
+        return LabelResult(status=d["status"], energy=d.get("energy"), forces=d.get("forces"),
+                           error=d.get("error"), n_scf_cycles=d.get("n_scf_cycles"),
+                           wall_s=wall_s, provenance=provenance | d.get("provenance", {}))
+    status = LabelStatus.TIMEOUT if outcome.kind == "timeout" else LabelStatus.ERROR
+    return LabelResult(status=status.value, error=outcome.message.strip()[:2000],
+                       wall_s=wall_s, provenance=provenance | {"isolation": outcome.kind})
+
+
 class LabelerInputError(ValueError):
     """Input a labeler cannot compute; raised before any calculation, naming the frames."""
 

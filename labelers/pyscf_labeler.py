@@ -13,7 +13,7 @@ from ase.data import chemical_symbols
 
 from bayesal.contracts import atoms_hash
 from bayesal.labelers._identity import spin_problem
-from bayesal.labelers.base import Labeler, LabelResult, LabelStatus
+from bayesal.labelers.base import Labeler, LabelResult, isolated_result
 from bayesal.labelers.config import (
     DEFAULT_BASIS,
     DEFAULT_GRID_LEVEL,
@@ -248,14 +248,4 @@ class PySCFLabeler(Labeler):
                                timeout=self.timeout_s, threads=self.threads,
                                memory_mb=self.memory_limit_mb)
         base_prov = {"settings": self.settings, "host": os.uname().nodename}
-        if outcome.kind == "ok":
-            d = outcome.value
-            return LabelResult(status=d["status"], energy=d.get("energy"),
-                               forces=d.get("forces"), error=d.get("error"),
-                               n_scf_cycles=d.get("n_scf_cycles"),
-                               wall_s=time.perf_counter() - t0,
-                               provenance=base_prov | d.get("provenance", {}))
-        status = LabelStatus.TIMEOUT if outcome.kind == "timeout" else LabelStatus.ERROR
-        return LabelResult(status=status.value, error=outcome.message.strip()[:2000],
-                           wall_s=time.perf_counter() - t0,
-                           provenance=base_prov | {"isolation": outcome.kind})
+        return isolated_result(outcome, base_prov, time.perf_counter() - t0)

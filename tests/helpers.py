@@ -22,6 +22,53 @@ def rattled_waters(n: int, seed: int = 0):
     return images
 
 
+def displaced_pairs(atoms, coords, h: float):
+    """For each (atom, component) in ``coords``: ``atoms`` displaced by +h and by -h along
+    it (central finite differences: label them, then ``fd_forces``)."""
+    images = []
+    for a, c in coords:
+        for sign in (1, -1):
+            img = atoms.copy()
+            img.positions[a, c] += sign * h
+            images.append(img)
+    return images
+
+
+def fd_forces(energies, h: float) -> list[float]:
+    """-dE/dr from the energies of ``displaced_pairs`` (in its order)."""
+    return [-(energies[2 * k] - energies[2 * k + 1]) / (2 * h)
+            for k in range(len(energies) // 2)]
+
+
+def perturbed_model(config, species, *, seed: int, scale: float, avg_neighbors: float):
+    """An untrained float64 potential with zero energy shifts (large constants would only
+    add rounding noise to finite differences) and every weight perturbed, so that heads
+    that start at zero (covariances, variances) are not trivially so and tests can fail."""
+    import torch
+
+    from bayesal.bayes_model.model import MVEPotential
+
+    torch.manual_seed(seed)
+    m = MVEPotential(config, species, [0.0] * len(species), scale=scale,
+                     avg_neighbors=avg_neighbors).double()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return m.eval()
+
+
+def predict_float64(model, images) -> dict:
+    """The potential's raw outputs (numpy) for ``images`` in one float64 batch."""
+    import torch
+
+    from bayesal.bayes_model.data import atoms_to_graph, batch_graphs
+
+    graphs = [atoms_to_graph(a, model.species, model.config.cutoff, with_labels=False)
+              for a in images]
+    out = model(batch_graphs(graphs, dtype=torch.float64))
+    return {k: v.detach().numpy() for k, v in out.items()}
+
+
 TINY = {"channels": 4, "n_layers": 1, "radial_hidden": 8, "l_max": 1}  # fast test models
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from ase.build import bulk, molecule
+from helpers import displaced_pairs, fd_forces
 
 from bayesal.labelers import AseLabeler, LabelerConfig, LabelerInputError, XTBLabeler
 
@@ -53,15 +54,8 @@ def test_xtb_forces_are_minus_energy_gradient():
     ref = lab.label(atoms)
     h = 1e-3
     coords = [(0, 0), (2, 1), (5, 2), (8, 0)]
-    images = []
-    for a, c in coords:
-        for sign in (1, -1):
-            img = atoms.copy()
-            img.positions[a, c] += sign * h
-            images.append(img)
-    res = lab.label_many(images, workers=2)
-    for k, (a, c) in enumerate(coords):
-        fd = -(res[2 * k].energy - res[2 * k + 1].energy) / (2 * h)
+    res = lab.label_many(displaced_pairs(atoms, coords, h), workers=2)
+    for (a, c), fd in zip(coords, fd_forces([r.energy for r in res], h), strict=True):
         assert abs(fd - ref.forces[a, c]) < 1e-3, (a, c, fd, ref.forces[a, c])
 
 

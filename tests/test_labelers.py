@@ -14,6 +14,7 @@ import pytest
 from ase import Atoms
 from ase.build import molecule
 from ase.calculators.singlepoint import SinglePointCalculator
+from helpers import displaced_pairs, fd_forces
 
 from bayesal.labelers import LabelerInputError, PySCFLabeler, ReplayLabeler, XTBLabeler
 from bayesal.labelers.isolation import _all as workers
@@ -33,16 +34,9 @@ def test_forces_are_minus_energy_gradient():
     assert ref.ok, ref.error
     h = 1e-3
     coords = [(0, 2), (1, 0), (2, 1), (1, 2)]
-    images = []
-    for a, c in coords:
-        for sign in (1, -1):
-            img = atoms.copy()
-            img.positions[a, c] += sign * h
-            images.append(img)
-    res = lab.label_many(images, workers=2)
+    res = lab.label_many(displaced_pairs(atoms, coords, h), workers=2)
     assert all(r.ok for r in res)
-    for k, (a, c) in enumerate(coords):
-        fd = -(res[2 * k].energy - res[2 * k + 1].energy) / (2 * h)
+    for (a, c), fd in zip(coords, fd_forces([r.energy for r in res], h), strict=True):
         assert abs(fd - ref.forces[a, c]) < 2e-4, (a, c, fd, ref.forces[a, c])
 
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from ase import Atoms
 from ase.build import molecule
+from helpers import perturbed_model, predict_float64
 from scipy.spatial.transform import Rotation
 
-from bayesal.bayes_model.data import atoms_to_graph, batch_graphs
-from bayesal.bayes_model.model import ModelConfig, MVEPotential
+from bayesal.bayes_model.data import atoms_to_graph
+from bayesal.bayes_model.model import ModelConfig
 
 SPECIES = [1, 6, 8]
 CFG = ModelConfig(channels=8, n_layers=3, l_max=2, radial_hidden=16, cutoff=4.0)
@@ -18,21 +18,10 @@ CFG = ModelConfig(channels=8, n_layers=3, l_max=2, radial_hidden=16, cutoff=4.0)
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    # zero shifts: large constant energies would only add rounding noise to finite differences
-    m = MVEPotential(CFG, SPECIES, [0.0, 0.0, 0.0], scale=1.3, avg_neighbors=6.0)
-    m = m.double()
-    # Give the covariance and variance heads non-trivial weights so tests can fail.
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    return m.eval()
+    return perturbed_model(CFG, SPECIES, seed=0, scale=1.3, avg_neighbors=6.0)
 
 
-def predict(model, images):
-    graphs = [atoms_to_graph(a, SPECIES, CFG.cutoff, with_labels=False) for a in images]
-    out = model(batch_graphs(graphs, dtype=torch.float64))
-    return {k: v.detach().numpy() for k, v in out.items()}
+predict = predict_float64
 
 
 def ethanol(seed=0):

@@ -7,13 +7,11 @@ from __future__ import annotations
 import ase.io
 import numpy as np
 import pytest
-import torch
 import yaml
 from ase.build import bulk
-from helpers import TINY
+from helpers import TINY, perturbed_model, predict_float64
 
-from bayesal.bayes_model.data import atoms_to_graph, batch_graphs
-from bayesal.bayes_model.model import ModelConfig, MVEPotential
+from bayesal.bayes_model.model import ModelConfig
 
 SPECIES = [13, 29]  # Al, Cu
 CFG = ModelConfig(channels=8, n_layers=2, l_max=2, radial_hidden=16, cutoff=4.0)
@@ -21,18 +19,10 @@ CFG = ModelConfig(channels=8, n_layers=2, l_max=2, radial_hidden=16, cutoff=4.0)
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(1)
-    m = MVEPotential(CFG, SPECIES, [0.0, 0.0], scale=1.1, avg_neighbors=12.0).double()
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    return m.eval()
+    return perturbed_model(CFG, SPECIES, seed=1, scale=1.1, avg_neighbors=12.0)
 
 
-def predict(model, images):
-    graphs = [atoms_to_graph(a, SPECIES, CFG.cutoff, with_labels=False) for a in images]
-    out = model(batch_graphs(graphs, dtype=torch.float64))
-    return {k: v.detach().numpy() for k, v in out.items()}
+predict = predict_float64
 
 
 def alloy(seed: int = 0):

@@ -107,6 +107,16 @@ def test_the_random_baseline_differs_from_the_quickstart_only_in_its_selection()
     assert baseline == main
 
 
+def test_the_xtb_quickstart_differs_from_the_quickstart_only_in_its_labeler():
+    main = yaml.safe_load((EXAMPLES / "quickstart.yaml").read_text())
+    xtb = yaml.safe_load((EXAMPLES / "quickstart-xtb.yaml").read_text())
+    assert xtb.pop("name") == "quickstart-xtb" and main.pop("name") == "quickstart"
+    labeler, labeler_xtb = main.pop("labeler"), xtb.pop("labeler")
+    assert labeler_xtb == {"kind": "xtb", "method": "gfn2-xtb", "workers": labeler["workers"],
+                           "timeout_s": labeler["timeout_s"]}
+    assert xtb == main
+
+
 def test_quickstart_data_are_geometries_from_the_packaged_reference(tmp_path):
     import ase.io
 
