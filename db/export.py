@@ -115,7 +115,8 @@ def _choose_level(levels: list[dict[str, Any]], requested: str | None, campaign:
         if len(levels) <= 1:
             return levels[0]["settings_hash"] if levels else None
         listing = "\n".join(
-            f"  {lv['settings_hash'][:16]}  {lv['labeler']} {lv['method']}/{lv['basis']}"
+            f"  {lv['settings_hash'][:16]}  {lv['labeler']} "
+            f"{'/'.join(x for x in (lv['method'], lv['basis']) if x) or '(no method name)'}"
             f"  ({lv['n']} labels)" for lv in levels)
         raise DatabaseError(
             f"campaign {campaign!r} has labels at {len(levels)} levels of theory; "
