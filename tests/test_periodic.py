@@ -1,6 +1,6 @@
 """Periodic structures end to end: the potential's physics in a cell (images, boundary,
-extensivity), and a campaign on a metal cell labelled by an ASE calculator (EMT), stored
-with its cell, exported, and resumed."""
+extensivity), and a campaign on a metal cell that explores by MD in the cell, is labelled
+by an ASE calculator (EMT), stored with its cell, exported, and resumed."""
 
 from __future__ import annotations
 
@@ -85,7 +85,7 @@ def _cells(n: int, seed: int):
     return frames
 
 
-def test_a_periodic_campaign_labels_stores_exports_and_resumes(prefect_api, sqlite_url,
+def test_a_periodic_campaign_explores_labels_stores_exports_and_resumes(prefect_api, sqlite_url,
                                                                tmp_path, monkeypatch):
     from ase.calculators.emt import EMT
     from sqlalchemy import func, select
@@ -105,6 +105,8 @@ def test_a_periodic_campaign_labels_stores_exports_and_resumes(prefect_api, sqli
            "acquisition": {"n_select": 3},
            "labeler": {"kind": "ase", "calculator": "ase.calculators.emt.EMT", "workers": 2,
                        "timeout_s": 60},
+           "explorer": {"temperatures_K": [300], "steps": 20, "record_every": 5,
+                        "seeds_per_round": 2, "max_force_std": 5.0},  # MD in the cell
            "stop": {"max_rounds": 2}}
     path = tmp_path / "campaign.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -122,6 +124,8 @@ def test_a_periodic_campaign_labels_stores_exports_and_resumes(prefect_api, sqli
             assert conn.scalar(select(func.count()).select_from(Label)
                                .where(Label.status != "ok")) == 0
             assert set(conn.scalars(select(Structure.pbc))) == {"TTT"}
+            sources = set(conn.scalars(select(Structure.source)))
+            assert sources == {"pool", "explored", "test"}
     finally:
         engine.dispose()
     export_campaign(sqlite_url, "cu", tmp_path / "cu.xyz")
