@@ -319,10 +319,11 @@ def report(out: Path, args) -> None:
         for strategy in args.strategies:
             for seed in range(args.seeds):
                 f = out / molecule / f"{strategy}-s{seed}" / "state.json"
-                if f.is_file():
-                    results[(molecule, strategy, seed)] = json.loads(f.read_text())
+                state = json.loads(f.read_text()) if f.is_file() else {}
+                if "stability" in state:  # finished campaigns only
+                    results[(molecule, strategy, seed)] = state
     if not results:
-        print("no results yet")
+        print("no finished campaign yet")
         return
     for molecule in args.molecules:
         print(f"\n{molecule}: hot-MD force MAE (meV/Å) by round, mean ± sd over seeds")
@@ -350,7 +351,36 @@ def report(out: Path, args) -> None:
                 print(f"  {strategy:16s} labels to reach random's final {target:.1f} meV/Å: "
                       f"{share} of random's {base}")
         _versus(results, args, molecule, "bald-ef", "trust-window")
+        _diagnostics(results, args, molecule)
     _plot(results, args, out)
+
+
+def _diagnostics(results, args, molecule: str) -> None:
+    """What each strategy picked and how well the final models know their errors (means
+    over seeds): the picked frames' max-force-std (rounds after the first), the hot-MD
+    energy σ's 68 % coverage (0.68 when calibrated) and Spearman ρ(|error|, σ) for energies
+    and forces, and the final errors on the torsion scan and the stretch path."""
+    rows = []
+    for strategy in args.strategies:
+        runs = [results[(molecule, strategy, s)]["rounds"] for s in range(args.seeds)
+                if (molecule, strategy, s) in results]
+        if not runs:
+            continue
+        picked = np.mean([np.mean(r["picked_max_force_std"]) for run in runs
+                          for r in run[1:]])
+        last = [run[-1] for run in runs]
+
+        def mean(key: str, scale: float = 1.0, last=last) -> float:
+            return scale * float(np.mean([r.get(key, np.nan) for r in last]))
+
+        rows.append(f"  {strategy:16s} picked σ_F {picked:.3f} eV/Å | hot E cov68 "
+                    f"{mean('hot_energy_coverage68'):.2f}, ρE {mean('hot_energy_spearman'):+.2f}"
+                    f", ρF {mean('hot_force_spearman'):+.2f} | torsion F MAE "
+                    f"{mean('torsion_force_mae', 1000):.0f} meV/Å, stretch E profile MAE "
+                    f"{mean('stretch_energy_profile_mae', 1000):.0f} meV  (n={len(runs)})")
+    if rows:
+        print("  diagnostics (final round unless said):")
+        print("\n".join(rows))
 
 
 def _curve(results, args, molecule: str, strategy: str):
