@@ -9,5 +9,7 @@ EDGE_INDEX = "edge_index"  # (2, E) long: row 0 receiving atom i, row 1 neighbou
 EDGE_SHIFT = "edge_shift"  # (E, 3) float, Å: r_ij = pos[j] - pos[i] + edge_shift
 BATCH = "batch"  # (N,) long, structure index of each atom
 N_ATOMS = "n_atoms"  # (S,) long
+VOLUME = "volume"  # (S,) float64, Å³: the cell's volume when periodic in all three
+#                    directions, else 0 (no stress)
 ENERGY = "energy"  # (S,) float64, eV (reference labels, when known)
 FORCES = "forces"  # (N, 3) float, eV/Å (reference labels, when known)

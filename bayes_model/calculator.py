@@ -37,7 +37,9 @@ class BayesalCalculator(Calculator):
     ``model_dir`` runs; a ``posterior`` given ready runs where it was loaded.
     """
 
-    implemented_properties = ["energy", "free_energy", "forces", *UNCERTAINTY_KEYS]
+    # stress (eV/Å³, ASE's Voigt order) and stress_std_epistemic: cells periodic in all
+    # three directions only
+    implemented_properties = ["energy", "free_energy", "forces", "stress", *UNCERTAINTY_KEYS]
 
     def __init__(self, model_dir: str | Path | None = None, *, posterior=None,
                  recalibrated: bool = True, device: str = "cpu", **kwargs) -> None:

@@ -45,6 +45,7 @@ class Graph:
     edge_shift: np.ndarray  # (e, 3) Å
     energy: float | None = None  # eV
     forces: np.ndarray | None = None  # (n, 3) eV/Å
+    volume: float = 0.0  # Å³ when periodic in all three directions (stress), else 0
 
     @property
     def n_atoms(self) -> int:
@@ -92,8 +93,10 @@ def atoms_to_graph(atoms: Atoms, species: Sequence[int], cutoff: float,
         edge_index = np.zeros((2, 0), dtype=np.int64)
         edge_shift = np.zeros((0, 3))
     energy, forces = labels_of(atoms) if with_labels else (None, None)
+    volume = float(abs(np.linalg.det(box))) if pbc.all() else 0.0
     return Graph(species=species_index(atoms.numbers, species), positions=atoms.positions.copy(),
-                 edge_index=edge_index, edge_shift=edge_shift, energy=energy, forces=forces)
+                 edge_index=edge_index, edge_shift=edge_shift, energy=energy, forces=forces,
+                 volume=volume)
 
 
 def batch_graphs(graphs: Sequence[Graph], *, dtype: torch.dtype = torch.float32,
@@ -112,6 +115,7 @@ def batch_graphs(graphs: Sequence[Graph], *, dtype: torch.dtype = torch.float32,
                                       dtype=dtype, device=device),
         K.BATCH: torch.as_tensor(np.repeat(np.arange(len(graphs)), n), device=device),
         K.N_ATOMS: torch.as_tensor(n, device=device),
+        K.VOLUME: torch.tensor([g.volume for g in graphs], dtype=torch.float64, device=device),
     }
     if all(g.energy is not None for g in graphs):
         batch[K.ENERGY] = torch.tensor([g.energy for g in graphs], dtype=torch.float64,

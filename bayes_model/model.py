@@ -27,7 +27,7 @@ from torch import nn
 
 from bayesal.bayes_model import _keys as K
 
-__all__ = ["MVEPotential", "ModelConfig"]
+__all__ = ["MVEPotential", "ModelConfig", "virial_to_stress"]
 
 
 class ModelConfig(BaseModel):
@@ -151,6 +151,15 @@ def _bounded(cov6: torch.Tensor) -> torch.Tensor:
     return torch.cat([s0, s2 * torch.clamp(LOG_BOUND / norm, max=1.0)], dim=1)
 
 
+def virial_to_stress(d_energy_d_strain: torch.Tensor, volume: torch.Tensor) -> torch.Tensor:
+    """(1/V) dE/dε per structure (S, 3, 3) in float64, NaN where the volume is 0 (not
+    periodic in all three directions)."""
+    v = volume.to(torch.float64)
+    safe = torch.where(v > 0, v, torch.ones_like(v))
+    out = d_energy_d_strain.to(torch.float64) / safe[:, None, None]
+    return torch.where((v > 0)[:, None, None], out, torch.full_like(out, float("nan")))
+
+
 class MVEPotential(nn.Module):
     """The potential. Construct from a :class:`ModelConfig`, the species (atomic numbers),
     per-species energy shifts (eV), a force scale (eV/Å) and the mean neighbour count."""
@@ -197,13 +206,18 @@ class MVEPotential(nn.Module):
         return self.energy_head.in_features
 
     def features(self, data: dict[str, torch.Tensor], *, detach_variance: bool = False,
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+                 strain: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Invariant per-atom features φ (N, n_features) and the covariance log-matrix
         components (N, 6) in the 0e ⊕ 2e basis (``detach_variance``: computed from detached
-        features, so that only the covariance heads learn from it)."""
+        features, so that only the covariance heads learn from it). ``strain`` (S, 3, 3),
+        zero-valued: every edge vector of structure s becomes r (1 + ε_s) with ε_s its
+        symmetric part, so that dE/dε is the virial (stress)."""
         pos, species = data[K.POSITIONS], data[K.SPECIES]
         i, j = data[K.EDGE_INDEX]
         vec = pos[j] - pos[i] + data[K.EDGE_SHIFT]
+        if strain is not None:
+            sym = 0.5 * (strain + strain.transpose(1, 2))
+            vec = vec + torch.einsum("ea,eab->eb", vec, sym[data[K.BATCH][i]])
         r = vec.norm(dim=-1)
         sh = self.sh(vec)
         radial = self.radial(r)
@@ -221,7 +235,8 @@ class MVEPotential(nn.Module):
 
     def forward(self, data: dict[str, torch.Tensor], *, forces: bool = True,
                 training: bool = False, retain_graph: bool = False,
-                detach_variance: bool = False) -> dict[str, torch.Tensor]:
+                detach_variance: bool = False, stress: bool = False,
+                strain: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Energies (S,) eV in float64, energy variances (S,) eV², forces (N, 3) eV/Å, force
         covariances (N, 3, 3) (eV/Å)², per-atom features φ and per-atom energies (N,) eV in
         float64. ``training`` keeps the graph for double backward; ``retain_graph`` keeps it
@@ -229,11 +244,20 @@ class MVEPotential(nn.Module):
         detached features (the network's features are then fitted by the means alone).
 
         The network runs in its dtype; the scale, the per-species shifts and the sum over
-        atoms are float64 (a −9000 eV total summed in float32 is rounded to ~1 meV)."""
+        atoms are float64 (a −9000 eV total summed in float32 is rounded to ~1 meV).
+
+        ``stress`` (with ``forces``): also the stress (S, 3, 3) eV/Å³, (1/V) dE/dε under a
+        homogeneous strain ε (ASE's sign convention), for structures periodic in all three
+        directions (``K.VOLUME`` > 0); NaN for the others. ``strain``: a zero (S, 3, 3)
+        tensor of the caller's, for its own derivatives (Laplace)."""
         pos = data[K.POSITIONS]
         if forces and not pos.requires_grad:
             pos.requires_grad_(True)
-        phi, cov6 = self.features(data, detach_variance=detach_variance)
+        if stress and forces and strain is None:
+            n = int(data[K.N_ATOMS].shape[0])
+            strain = torch.zeros(n, 3, 3, dtype=pos.dtype, device=pos.device,
+                                 requires_grad=True)
+        phi, cov6 = self.features(data, detach_variance=detach_variance, strain=strain)
         species, batch = data[K.SPECIES], data[K.BATCH]
         n_struct = int(data[K.N_ATOMS].shape[0])
         eps_i = (self.energy_head(phi).squeeze(-1).to(torch.float64) * self.scale
@@ -251,9 +275,13 @@ class MVEPotential(nn.Module):
         out = {"energy": energy, "energy_var": energy_var, "forces_cov": cov,
                "features": phi, "atomic_energies": eps_i}
         if forces:
-            (grad,) = torch.autograd.grad(energy.sum(), pos, create_graph=training,
-                                          retain_graph=training or retain_graph)
-            out["forces"] = -grad
+            with_stress = stress and strain is not None
+            inputs = [pos, strain] if with_stress else [pos]
+            grads = torch.autograd.grad(energy.sum(), inputs, create_graph=training,
+                                        retain_graph=training or retain_graph)
+            out["forces"] = -grads[0]
+            if with_stress:
+                out["stress"] = virial_to_stress(grads[1], data[K.VOLUME])
         return out
 
     def _apply(self, fn, recurse=True):

@@ -37,6 +37,11 @@ class Prediction:
     # covariances of the energies.
     features: np.ndarray | None = None
     features_metric: bool = False  # True: dot products of ``features`` are covariances
+    # Structures periodic in all three directions: stress (S, 3, 3) eV/Å³ (ASE's sign,
+    # (1/V) dE/dε) and its epistemic variance per component; NaN rows for the others.
+    # None when no structure of the prediction has a cell.
+    stress: np.ndarray | None = None
+    stress_var_epi: np.ndarray | None = None
 
     @property
     def energy_std(self) -> np.ndarray:
@@ -65,30 +70,43 @@ class Prediction:
         atoms = (np.concatenate([np.arange(slices[i].start, slices[i].stop) for i in indices])
                  if len(indices) else np.zeros(0, dtype=int))
         idx = np.asarray(indices, dtype=int)
+
+        def rows(x):
+            return None if x is None else x[idx]
+
         return Prediction(self.energy[idx], self.energy_var_epi[idx], self.energy_var_ale[idx],
                           self.forces[atoms], self.forces_cov_epi[atoms],
-                          self.forces_cov_ale[atoms], self.n_atoms[idx],
-                          None if self.features is None else self.features[idx],
-                          self.features_metric)
+                          self.forces_cov_ale[atoms], self.n_atoms[idx], rows(self.features),
+                          self.features_metric, rows(self.stress), rows(self.stress_var_epi))
 
     @staticmethod
     def concatenate(parts: Sequence[Prediction]) -> Prediction:
         arrays = {f: np.concatenate([getattr(p, f) for p in parts])
-                  for f in Prediction.__dataclass_fields__
-                  if f not in ("features", "features_metric")}
+                  for f in Prediction.__dataclass_fields__ if f not in OPTIONAL_FIELDS}
         with_features = all(p.features is not None for p in parts)
+        stress = {}
+        if any(p.stress is not None for p in parts):  # parts without cells: NaN rows
+            for f in ("stress", "stress_var_epi"):
+                stress[f] = np.concatenate([
+                    np.full((len(p.n_atoms), 3, 3), np.nan) if getattr(p, f) is None
+                    else getattr(p, f) for p in parts])
         return Prediction(**arrays, features=np.concatenate([p.features for p in parts])
                           if with_features else None,
-                          features_metric=parts[0].features_metric)
+                          features_metric=parts[0].features_metric, **stress)
+
+
+OPTIONAL_FIELDS = ("features", "features_metric", "stress", "stress_var_epi")
 
 
 def combine_samples(energy: np.ndarray, energy_var: np.ndarray, forces: np.ndarray,
                     forces_cov: np.ndarray, n_atoms: np.ndarray,
-                    features: np.ndarray | None = None) -> Prediction:
-    """Moment-match K samples (members or weight draws): (K, S), (K, S), (K, N, 3), (K, N, 3, 3).
+                    features: np.ndarray | None = None,
+                    stress: np.ndarray | None = None) -> Prediction:
+    """Moment-match K samples (members or weight draws): (K, S), (K, S), (K, N, 3), (K, N, 3, 3)
+    (and stresses (K, S, 3, 3)).
 
     Epistemic = variance (covariance) of the sample means; aleatoric = mean of the sample
-    variances (covariances).
+    variances (covariances). The stress has no aleatoric part (it is not trained).
     """
     f_mean = forces.mean(0)
     d = forces - f_mean
@@ -96,7 +114,9 @@ def combine_samples(energy: np.ndarray, energy_var: np.ndarray, forces: np.ndarr
         energy=energy.mean(0), energy_var_epi=energy.var(0), energy_var_ale=energy_var.mean(0),
         forces=f_mean, forces_cov_epi=np.einsum("kni,knj->nij", d, d) / forces.shape[0],
         forces_cov_ale=forces_cov.mean(0), n_atoms=n_atoms,
-        features=None if features is None else features.mean(0))
+        features=None if features is None else features.mean(0),
+        stress=None if stress is None else stress.mean(0),
+        stress_var_epi=None if stress is None else stress.var(0))
 
 
 def structure_features(phi: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -117,15 +137,16 @@ def predict_members(models: Sequence[MVEPotential], images: Sequence[Atoms], *,
 
     def one_batch(idx: Sequence[int]) -> Prediction:
         batch = batch_graphs([graphs[i] for i in idx], dtype=dtype, device=device)
+        stress = bool((batch[K.VOLUME] > 0).any())  # cells in the batch: their stress too
         outs = []
         for model in models:  # members share the batch (and its device)
-            out = model(batch)
+            out = model(batch, stress=stress)
             out["features"] = structure_features(out["features"], batch)
             outs.append({k: host(v) for k, v in out.items() if k != "atomic_energies"})
         stack = {k: np.stack([o[k] for o in outs]) for k in outs[0]}
         return combine_samples(stack["energy"], stack["energy_var"], stack["forces"],
                                stack["forces_cov"], np.array([graphs[i].n_atoms for i in idx]),
-                               features=stack["features"])
+                               features=stack["features"], stress=stack.get("stress"))
 
     parts = []
     for idx in iter_batches(graphs, batch_size=batch_size, max_atoms=max_atoms):
@@ -214,15 +235,29 @@ def structure_results(pred: Prediction, k: int = 0, atoms: slice | None = None,
         "forces_std_epistemic": np.sqrt(np.diagonal(epi, axis1=1, axis2=2).clip(min=0)),
         "forces_std_aleatoric": np.sqrt(np.diagonal(ale, axis1=1, axis2=2).clip(min=0)),
         "forces_cov_epistemic": epi.copy(), "forces_cov_aleatoric": ale.copy(),
-    }
+    } | _stress_results(pred, k)
+
+
+VOIGT = ([0, 1, 2, 1, 0, 0], [0, 1, 2, 2, 2, 1])  # xx yy zz yz xz xy: ASE's order
+
+
+def _stress_results(pred: Prediction, k: int) -> dict[str, np.ndarray]:
+    """``stress`` (6,) eV/Å³ in ASE's Voigt order and its epistemic std, for a structure
+    with a cell (nothing for the others)."""
+    if pred.stress is None or np.isnan(pred.stress[k]).any():
+        return {}
+    return {"stress": pred.stress[k][VOIGT].copy(),
+            "stress_std_epistemic": np.sqrt(pred.stress_var_epi[k][VOIGT].clip(min=0))}
 
 
 def file_fields(results: dict[str, float | np.ndarray], prefix: str = "pred_",
                 ) -> tuple[dict[str, float], dict[str, np.ndarray]]:
-    """What a structure file keeps of :func:`structure_results`: scalars as ``info`` and
-    per-atom (n, 3) quantities as ``arrays``, each key prefixed (``pred_energy_std``,
-    ``pred_forces_std_epistemic``, ...); the 3x3 covariances are left out."""
-    info = {prefix + k: v for k, v in results.items() if isinstance(v, float)}
+    """What a structure file keeps of :func:`structure_results`: scalars and the stress
+    (6 Voigt components) as ``info`` and per-atom (n, 3) quantities as ``arrays``, each key
+    prefixed (``pred_energy_std``, ``pred_forces_std_epistemic``, ``pred_stress``, ...); the
+    3x3 covariances are left out."""
+    info = {prefix + k: v for k, v in results.items()
+            if isinstance(v, float) or (isinstance(v, np.ndarray) and v.ndim == 1)}
     arrays = {prefix + k: v for k, v in results.items()
               if isinstance(v, np.ndarray) and v.ndim == 2}
     return info, arrays

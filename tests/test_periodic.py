@@ -138,3 +138,124 @@ def test_a_periodic_campaign_explores_labels_stores_exports_and_resumes(prefect_
         ref.calc = EMT()
         assert abs(atoms.info["REF_energy"] - ref.get_potential_energy()) < 1e-9
         np.testing.assert_allclose(atoms.arrays["REF_forces"], ref.get_forces(), atol=1e-9)
+
+
+def strained(atoms, a: int, b: int, h: float):
+    """``atoms`` under the symmetric deformation 1 + D, D_ab = D_ba = h."""
+    d = np.zeros((3, 3))
+    d[a, b] = d[b, a] = h
+    out = atoms.copy()
+    out.set_cell(atoms.cell.array @ (np.eye(3) + d), scale_atoms=True)
+    return out
+
+
+def numerical_stress(energy, atoms, h: float = 1e-4) -> np.ndarray:
+    """(1/V) dE/dε by central differences of ``energy(atoms)`` (ASE's convention)."""
+    out = np.zeros((3, 3))
+    for a in range(3):
+        for b in range(a, 3):
+            plus, minus = energy(strained(atoms, a, b, h)), energy(strained(atoms, a, b, -h))
+            out[a, b] = out[b, a] = (plus - minus) / (2 * h * (1 if a == b else 2))
+    return out / atoms.get_volume()
+
+
+def test_stress_is_the_energy_derivative_under_strain(model):
+    import torch
+
+    from bayesal.bayes_model.data import atoms_to_graph, batch_graphs
+
+    atoms = alloy(4)
+    graphs = [atoms_to_graph(x, SPECIES, CFG.cutoff, with_labels=False)
+              for x in (atoms, atoms.repeat((1, 2, 1)))]
+    graphs.append(atoms_to_graph(molecule_of(atoms), SPECIES, CFG.cutoff, with_labels=False))
+    out = model(batch_graphs(graphs, dtype=torch.float64), stress=True)
+    stress = out["stress"].detach().numpy()
+    expected = numerical_stress(lambda x: predict(model, [x])["energy"][0], atoms)
+    assert np.abs(expected).max() > 1e-3
+    np.testing.assert_allclose(stress[0], expected, atol=1e-7)
+    np.testing.assert_allclose(stress[1], stress[0], atol=1e-10)  # intensive
+    np.testing.assert_allclose(stress[0], stress[0].T, atol=1e-12)
+    assert np.isnan(stress[2]).all()  # no cell: no stress
+    without = model(batch_graphs(graphs, dtype=torch.float64))
+    np.testing.assert_allclose(out["forces"].detach().numpy(),
+                               without["forces"].detach().numpy(), atol=1e-12)
+
+
+def molecule_of(atoms):
+    """The same atoms without a cell."""
+    out = atoms.copy()
+    out.pbc = False
+    return out
+
+
+def test_ensemble_stress_through_the_calculator_and_its_spread(model):
+    from ase.calculators.calculator import PropertyNotImplementedError
+
+    from bayesal.bayes_model.calculator import BayesalCalculator
+    from bayesal.bayes_model.posterior import EnsemblePosterior
+
+    other = perturbed_model(CFG, SPECIES, seed=7, scale=1.1, avg_neighbors=12.0)
+    calc = BayesalCalculator(posterior=EnsemblePosterior([model, other]), recalibrated=False)
+    atoms = alloy(5)
+    atoms.calc = calc
+    stress = atoms.get_stress(voigt=False)
+    spread = calc.results["stress_std_epistemic"].copy()
+
+    def energy(x):
+        x.calc = calc  # (calc.results now hold the strained cells': read before)
+        return x.get_potential_energy()
+
+    np.testing.assert_allclose(stress, numerical_stress(energy, atoms), atol=1e-7)
+    import torch
+
+    from bayesal.bayes_model.data import atoms_to_graph, batch_graphs
+
+    batch = batch_graphs([atoms_to_graph(atoms, SPECIES, CFG.cutoff, with_labels=False)],
+                         dtype=torch.float64)
+    each = np.stack([m(batch, stress=True)["stress"].detach().numpy()[0]
+                     for m in (model, other)])
+    voigt = ([0, 1, 2, 1, 0, 0], [0, 1, 2, 2, 2, 1])
+    np.testing.assert_allclose(spread, each.std(0)[voigt], atol=1e-10)
+    assert spread.max() > 0
+    gas = molecule_of(atoms)
+    gas.calc = calc
+    with pytest.raises(PropertyNotImplementedError):
+        gas.get_stress()
+
+
+def test_laplace_stress_is_the_map_stress_with_its_last_layer_variance(model):
+    import torch
+
+    from bayesal.bayes_model.data import atoms_to_graph, batch_graphs
+    from bayesal.bayes_model.laplace import LastLayerLaplace
+
+    d = model.n_features
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(d, d))
+    laplace = LastLayerLaplace(model, a @ a.T / d, prior_precision=2.0)
+    cells = [alloy(6), alloy(7)]
+    pred = laplace.predict([cells[0], molecule_of(cells[0]), cells[1]])
+    assert np.isnan(pred.stress[1]).all() and np.isnan(pred.stress_var_epi[1]).all()
+
+    def stresses(m):
+        batch = batch_graphs([atoms_to_graph(x, SPECIES, CFG.cutoff, with_labels=False)
+                              for x in cells], dtype=torch.float64)
+        return m(batch, stress=True)["stress"].detach().numpy()
+
+    np.testing.assert_allclose(pred.stress[[0, 2]], stresses(model), atol=1e-10)
+    # the stress is linear in the last-layer weights w: σ(w) = A w; Var = A Σ Aᵀ
+    import copy
+
+    probe = copy.deepcopy(model)
+    base = stresses(probe)
+    columns = []
+    for k in range(d):
+        with torch.no_grad():
+            probe.energy_head.weight.copy_(model.energy_head.weight)
+            probe.energy_head.weight[0, k] += 1.0
+        columns.append(stresses(probe) - base)
+    jac = np.stack(columns, axis=-1)  # (2, 3, 3, d)
+    cov = laplace._covariance(laplace.prior_precision)
+    expected = np.einsum("sabd,de,sabe->sab", jac, cov, jac)
+    np.testing.assert_allclose(pred.stress_var_epi[[0, 2]], expected, rtol=1e-6, atol=1e-14)
+    assert expected.max() > 0
