@@ -66,6 +66,8 @@ def _info_value(value: Any) -> str:
         return "T" if value else "F"
     if isinstance(value, int | float):
         return repr(value)
+    if isinstance(value, np.ndarray) and value.ndim == 1 and value.dtype.kind in "fiu":
+        return '"' + " ".join(repr(float(x)) for x in value) + '"'  # ASE reads an array
     return _quote(str(value))
 
 

@@ -221,6 +221,22 @@ def test_ensemble_stress_through_the_calculator_and_its_spread(model):
     gas.calc = calc
     with pytest.raises(PropertyNotImplementedError):
         gas.get_stress()
+    # prediction files (bayesal predict) carry it as an array ASE reads back
+    import io
+
+    import ase.io
+
+    from bayesal.bayes_model.predict import file_fields, structure_results
+    from bayesal.db.export import atoms_extxyz
+
+    pred = calc.posterior.predict([atoms, gas])
+    frames = []
+    for k, x in enumerate((atoms, gas)):
+        info, arrays = file_fields(structure_results(pred, k))
+        frames.append(atoms_extxyz(x, info, arrays))
+    back = ase.io.read(io.StringIO("".join(frames)), ":", format="extxyz")
+    np.testing.assert_allclose(back[0].info["pred_stress"], stress[voigt], atol=1e-12)
+    assert "pred_stress" not in back[1].info
 
 
 def test_laplace_stress_is_the_map_stress_with_its_last_layer_variance(model):
