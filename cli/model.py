@@ -261,8 +261,9 @@ def predict(
     pred_energy_std_aleatoric, pred_max_force_std_epistemic (eV, eV/Å) and arrays
     pred_forces, pred_forces_std, pred_forces_std_epistemic, pred_forces_std_aleatoric
     (eV/Å, per component): the numbers the ASE calculator returns and scoring uses.
-    Standard deviations are recalibrated with the model's calibration.json unless
-    --no-recalibrated.
+    Cells periodic in all three directions also get pred_stress and
+    pred_stress_std_epistemic (eV/Å³, Voigt order xx yy zz yz xz xy). Standard deviations
+    are recalibrated with the model's calibration.json unless --no-recalibrated.
     """
     from bayesal.bayes_model.predict import file_fields, predict_calibrated, structure_results
     from bayesal.db.export import atoms_extxyz
