@@ -255,7 +255,13 @@ def run_campaign(molecule: str, strategy: str, seed: int, files: dict[str, Path]
                                               seed=seed + r).selected]
         new, failed = _label([_bare(a) for a in chosen], args)
         ase.io.write(train_file, labelled + new, format="extxyz")
+        sigma = np.array([float(a.info.get("max_force_std", np.nan)) for a in pool])
+        lo, hi = config.trust_lo, config.trust_hi
         record.update(temperature_K=temperature, n_explored=len(pool),
+                      explored_max_force_std_quantiles=(
+                          np.nanquantile(sigma, [0, 0.25, 0.5, 0.75, 1]).tolist()
+                          if len(pool) else []),
+                      n_explored_in_trust_window=int(((sigma >= lo) & (sigma < hi)).sum()),
                       n_selected=len(chosen), n_failed=failed,
                       picked_max_force_std=[float(a.info.get("max_force_std", np.nan))
                                             for a in chosen],
@@ -373,7 +379,11 @@ def _diagnostics(results, args, molecule: str) -> None:
         def mean(key: str, scale: float = 1.0, last=last) -> float:
             return scale * float(np.mean([r.get(key, np.nan) for r in last]))
 
-        rows.append(f"  {strategy:16s} picked σ_F {picked:.3f} eV/Å | hot E cov68 "
+        window = [r["n_explored_in_trust_window"] for run in runs for r in run[1:]
+                  if "n_explored_in_trust_window" in r]
+        in_window = (f" ({np.mean(window):.0f} of {runs[0][-1]['n_explored']} explored in "
+                     "the trust window)" if window else "")
+        rows.append(f"  {strategy:16s} picked σ_F {picked:.3f} eV/Å{in_window} | hot E cov68 "
                     f"{mean('hot_energy_coverage68'):.2f}, ρE {mean('hot_energy_spearman'):+.2f}"
                     f", ρF {mean('hot_force_spearman'):+.2f} | torsion F MAE "
                     f"{mean('torsion_force_mae', 1000):.0f} meV/Å, stretch E profile MAE "
