@@ -192,6 +192,7 @@ def run_campaign(molecule: str, strategy: str, seed: int, files: dict[str, Path]
     from bayesal.bayes_model.ensemble import split_validation_stable
     from bayesal.bayes_model.explore import explore
     from bayesal.bayes_model.posterior import load_posterior, train_posterior
+    from bayesal.bayes_model.predict import calibrate
     from bayesal.bayes_model.scoring import score_pool
     from bayesal.bayes_model.stability import times_to_break
     from bayesal.bayes_model.train import TrainConfig
@@ -237,9 +238,17 @@ def run_campaign(molecule: str, strategy: str, seed: int, files: dict[str, Path]
         posterior = load_posterior(model_dir)
         record = {"round": r, "n_labels": len(labelled), "train_s": time.perf_counter() - t0}
         for name, images in tests.items():
-            metrics = evaluate_prediction(posterior.predict(images), images, profile=True)
+            pred = posterior.predict(images)
+            metrics = evaluate_prediction(pred, images, profile=True)
             record.update({f"{name}_{k}": v for k, v in metrics.items()
                            if isinstance(v, float)})
+            if name == "hot":  # what the energy σ is made of, raw and as scoring sees it
+                cal = calibrate(posterior, pred)
+                for tag, p in (("", pred), ("_calibrated", cal)):
+                    record[f"hot_energy_sigma_epi_median{tag}"] = float(
+                        np.median(np.sqrt(p.energy_var_epi)))
+                    record[f"hot_energy_sigma_ale_median{tag}"] = float(
+                        np.median(np.sqrt(p.energy_var_ale)))
         temperature = temps[min(r, len(temps) - 1)]
         rng = np.random.default_rng(seed + 7 * r)
         md_seeds = [labelled[i] for i in rng.choice(len(labelled), size=min(args.md_seeds,
@@ -383,6 +392,12 @@ def _diagnostics(results, args, molecule: str) -> None:
                   if "n_explored_in_trust_window" in r]
         in_window = (f" ({np.mean(window):.0f} of {runs[0][-1]['n_explored']} explored in "
                      "the trust window)" if window else "")
+        if "hot_energy_sigma_ale_median" in last[0]:
+            in_window += (f" | hot σ_E epi/ale {mean('hot_energy_sigma_epi_median', 1000):.0f}/"
+                          f"{mean('hot_energy_sigma_ale_median', 1000):.0f} meV (calibrated "
+                          f"{mean('hot_energy_sigma_epi_median_calibrated', 1000):.0f}/"
+                          f"{mean('hot_energy_sigma_ale_median_calibrated', 1000):.0f}), E MAE "
+                          f"{mean('hot_energy_mae', 1000):.0f} meV")
         rows.append(f"  {strategy:16s} picked σ_F {picked:.3f} eV/Å{in_window} | hot E cov68 "
                     f"{mean('hot_energy_coverage68'):.2f}, ρE {mean('hot_energy_spearman'):+.2f}"
                     f", ρF {mean('hot_force_spearman'):+.2f} | torsion F MAE "
