@@ -494,6 +494,9 @@ def main() -> None:
     parser.add_argument("--until", default=None,
                         help="HH:MM (today, local time): start no campaign that would not "
                              "end by then (a cut-off one starts again on the next run)")
+    parser.add_argument("--campaign-minutes", type=float, default=None,
+                        help="what --until expects a campaign to take (default: the median "
+                             "of the finished ones, which a busy machine inflates)")
     parser.add_argument("--molecules", nargs="+", default=list(SOURCES))
     parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES),
                         choices=list(STRATEGIES))
@@ -544,7 +547,8 @@ def main() -> None:
                     done = (folder / "state.json").is_file() and "stability" in json.loads(
                         (folder / "state.json").read_text())
                     if (not done and deadline is not None
-                            and time.time() + 60 * _campaign_minutes(args.out) > deadline):
+                            and time.time() + 60 * (args.campaign_minutes
+                                                    or _campaign_minutes(args.out)) > deadline):
                         print(f"stopping before {folder.name} of {molecule}: it would not "
                               f"end by {args.until}", flush=True)
                         report(args.out, args)
