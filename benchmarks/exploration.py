@@ -381,8 +381,7 @@ def _diagnostics(results, args, molecule: str) -> None:
                 if (molecule, strategy, s) in results]
         if not runs:
             continue
-        picked = np.mean([np.mean(r["picked_max_force_std"]) for run in runs
-                          for r in run[1:]])
+        picks = [x for run in runs for r in run[1:] for x in r["picked_max_force_std"]]
         last = [run[-1] for run in runs]
 
         def mean(key: str, scale: float = 1.0, last=last) -> float:
@@ -390,7 +389,9 @@ def _diagnostics(results, args, molecule: str) -> None:
 
         window = [r["n_explored_in_trust_window"] for run in runs for r in run[1:]
                   if "n_explored_in_trust_window" in r]
-        in_window = (f" ({np.mean(window):.0f} of {runs[0][-1]['n_explored']} explored in "
+        explored = [r["n_explored"] for run in runs for r in run[1:]
+                    if "n_explored_in_trust_window" in r]
+        in_window = (f" ({np.mean(window):.0f} of {np.mean(explored):.0f} explored in "
                      "the trust window)" if window else "")
         if "hot_energy_sigma_ale_median" in last[0]:
             in_window += (f" | hot σ_E epi/ale {mean('hot_energy_sigma_epi_median', 1000):.0f}/"
@@ -398,7 +399,8 @@ def _diagnostics(results, args, molecule: str) -> None:
                           f"{mean('hot_energy_sigma_epi_median_calibrated', 1000):.0f}/"
                           f"{mean('hot_energy_sigma_ale_median_calibrated', 1000):.0f}), E MAE "
                           f"{mean('hot_energy_mae', 1000):.0f} meV")
-        rows.append(f"  {strategy:16s} picked σ_F {picked:.3f} eV/Å{in_window} | hot E cov68 "
+        picked = f"picked σ_F {np.mean(picks):.3f} eV/Å" if picks else "picked nothing"
+        rows.append(f"  {strategy:16s} {picked}{in_window} | hot E cov68 "
                     f"{mean('hot_energy_coverage68'):.2f}, ρE {mean('hot_energy_spearman'):+.2f}"
                     f", ρF {mean('hot_force_spearman'):+.2f} | torsion F MAE "
                     f"{mean('torsion_force_mae', 1000):.0f} meV/Å, stretch E profile MAE "
@@ -441,6 +443,10 @@ def _versus(results, args, molecule: str, a: str, b: str) -> None:
     if pairs:
         print(f"  {a} below {b} at equal labels in {wins} of {pairs} (seed, round) pairs "
               f"({100 * wins / pairs:.0f} %)")
+    elif seen := [results[(molecule, b, s)]["rounds"][-1]["n_labels"]
+                  for s in range(args.seeds) if (molecule, b, s) in results]:
+        print(f"  {a} vs {b}: no equal-label pairs ({b} ended with {min(seen)}-{max(seen)} "
+              "labels: its selection stayed empty)")
 
 
 def _plot(results, args, out: Path) -> None:
