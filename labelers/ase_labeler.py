@@ -47,6 +47,8 @@ NOT_THEORY = frozenset({
 })
 XTB_METHODS = {"gfn2-xtb": "GFN2-xTB", "gfn1-xtb": "GFN1-xTB", "ipea1-xtb": "IPEA1-xTB"}
 XTB_CALCULATOR = "tblite.ase.TBLite"
+# tblite's defaults of the level-of-theory keywords, written out (hash and calculation alike)
+XTB_DEFAULTS = {"accuracy": 1.0, "electronic_temperature": 300.0}
 _IMPORT_PATH = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)+$")
 _SCF_TROUBLE = re.compile(r"\bscf\b|self[- ]consistent|not converged|did not converge|"
                           r"convergence", re.IGNORECASE)
@@ -223,7 +225,7 @@ def xtb_settings(method: str, *, charge: int, multiplicity: int,
     electronic temperature (written out, so that a change of tblite's defaults changes the
     hash) and any further parameter that is not a run setting (e.g. solvation)."""
     xtb_method(method)
-    theory = {"accuracy": 1.0, "electronic_temperature": 300.0} | {
+    theory = XTB_DEFAULTS | {
         k: _json_safe(v) for k, v in parameters.items() if k not in NOT_THEORY}
     for key in ("accuracy", "electronic_temperature"):  # 300 and 300.0: one level of theory
         theory[key] = float(theory[key])
@@ -360,6 +362,6 @@ class XTBLabeler(AseLabeler):
         return super().problem(atoms) or spin_problem(atoms, self.charge, self.multiplicity)
 
     def _calculator_parameters(self, atoms: Atoms) -> dict[str, Any]:
-        return {"accuracy": 1.0, "electronic_temperature": 300.0} | self.parameters | {
+        return XTB_DEFAULTS | self.parameters | {
             "method": self.xtb_method, "charge": self.charge,
             "multiplicity": self.multiplicity, "verbosity": 0}
