@@ -3,7 +3,11 @@
 A frame is broken when, against the starting structure's covalent bonds (pairs closer than
 ``bond_scale`` x the sum of their covalent radii):
 
-* a bond is stretched beyond ``stretch_factor`` x its starting length ("bond broken");
+* a bond is stretched beyond ``stretch_factor`` x its starting length ("bond broken"). A
+  hydrogen that moved to another heavy atom (a proton transfer, e.g. acetylacetone's enol
+  proton hopping to the other oxygen: chemistry, not a breakdown) is still bonded: its bond
+  counts as broken only when the hydrogen is also beyond ``stretch_factor`` x the sum of
+  covalent radii from every other heavy atom;
 * two atoms come closer than ``close_factor`` x the sum of their covalent radii ("atoms too
   close"), or a position is not finite;
 * the potential energy per atom moved more than ``max_energy_per_atom`` eV from the first
@@ -62,6 +66,22 @@ def bonds_of(atoms: Atoms, rule: StabilityRule = StabilityRule()) -> np.ndarray:
     return np.stack([i, j], axis=1)
 
 
+def _rebonded_hydrogens(numbers: np.ndarray, bonds: np.ndarray, d: np.ndarray,
+                        rule: StabilityRule) -> np.ndarray:
+    """Per bond: one end is a hydrogen now within stretch_factor x the covalent radii sum of
+    a heavy atom other than its partner (it moved there: a proton transfer)."""
+    heavy = numbers > 1
+    near = (d < rule.stretch_factor * _radii_sum(numbers)) & heavy[None, :]
+    out = np.zeros(len(bonds), dtype=bool)
+    for k, (i, j) in enumerate(bonds):
+        for h, partner in ((i, j), (j, i)):
+            if numbers[h] == 1:
+                others = near[h].copy()
+                others[partner] = False
+                out[k] |= bool(others.any())
+    return out
+
+
 def check_frame(reference: Atoms, bonds: np.ndarray, frame: Atoms, energy0: float | None,
                 energy: float | None, rule: StabilityRule = StabilityRule()) -> str:
     """Why ``frame`` is broken against ``reference`` ("" when it is not)."""
@@ -80,7 +100,9 @@ def check_frame(reference: Atoms, bonds: np.ndarray, frame: Atoms, energy0: floa
         now = d[bonds[:, 0], bonds[:, 1]]
         over = now > rule.stretch_factor * ref
         if over.any():
-            k = int(np.argmax(now / ref))
+            over &= ~_rebonded_hydrogens(frame.numbers, bonds, d, rule)
+        if over.any():
+            k = int(np.argmax(np.where(over, now / ref, 0.0)))
             i, j = bonds[k]
             return (f"bond {i}-{j} broken ({now[k]:.2f} Å, {now[k] / ref[k]:.2f}x its "
                     f"{ref[k]:.2f} Å)")

@@ -107,3 +107,50 @@ def test_time_to_break_tells_a_stable_model_from_one_without_walls():
     assert loose[1] == time_to_break(_SpringsTo(start, 0.0), start, seed=1, steps=600)
     stiff = times_to_break(_SpringsTo(start, 50.0), start, seeds=[0, 1], steps=300)
     assert [(b.broken, b.time_fs) for b in stiff] == [(False, 150.0), (False, 150.0)]
+
+
+def _acac_enol(shared_data):
+    """Acetylacetone's enol: O3-H11...O5, the proton that hops between the oxygens."""
+    import ase.io
+
+    atoms = ase.io.read(shared_data / "acac" / "train_300K.xyz", 0)
+    assert atoms[3].symbol == atoms[5].symbol == "O" and atoms[11].symbol == "H"
+    assert [3, 11] in bonds_of(atoms).tolist() and atoms.get_distance(5, 11) > 1.7
+    return atoms
+
+
+def test_a_proton_transferred_to_the_other_oxygen_is_not_a_broken_bond(shared_data):
+    """The enol proton moved to O5 (1.0 Å from it, 1.7x its bond from O3): chemistry, not a
+    breakdown; the frame passes."""
+    start = _acac_enol(shared_data)
+    moved = start.copy()
+    o3, o5 = start.positions[3], start.positions[5]
+    moved.positions[11] = o5 + 1.0 * (o3 - o5) / np.linalg.norm(o3 - o5)
+    assert moved.get_distance(3, 11) > 1.5 * start.get_distance(3, 11)
+    assert not first_break([start, moved]).broken
+
+
+def test_a_proton_pulled_away_from_both_oxygens_is_a_broken_bond(shared_data):
+    """The same proton pulled to 1.6x its bond from O3, out of the ring's plane (away from
+    O5 and the carbons): bonded to no heavy atom, the frame is broken."""
+    start = _acac_enol(shared_data)
+    pulled = start.copy()
+    o3, o5, c2 = start.positions[3], start.positions[5], start.positions[2]
+    normal = np.cross(o5 - o3, c2 - o3)
+    normal /= np.linalg.norm(normal)
+    pulled.positions[11] = o3 + 1.6 * start.get_distance(3, 11) * normal
+    d = pulled.get_distances(11, [0, 1, 2, 4, 5, 6])
+    assert (d > 1.5 * (0.31 + 0.76)).all()  # beyond 1.5x an X-H bond from every heavy atom
+    assert pulled.get_distance(5, 11) > 1.5 * 0.97
+    out = first_break([start, pulled])
+    assert out.frame == 1 and "bond 3-11 broken" in out.reason
+
+
+def test_a_broken_bond_is_named_even_beside_a_longer_transferred_proton(shared_data):
+    """Proton moved to O5 (1.7x from O3) and a methyl C-H stretched 1.6x: the C-H is named."""
+    start = _acac_enol(shared_data)
+    frame = start.copy()
+    o3, o5 = start.positions[3], start.positions[5]
+    frame.positions[11] = o5 + 1.0 * (o3 - o5) / np.linalg.norm(o3 - o5)
+    frame.positions[8] = start.positions[4] + 1.6 * (start.positions[8] - start.positions[4])
+    assert "bond 4-8 broken" in first_break([start, frame]).reason
