@@ -35,6 +35,10 @@ class PosteriorSettings(BaseModel):
     recal_prior_weight: float = Field(
         PRIOR_WEIGHT, ge=0, description="Pseudo-structures at the uncorrected scale in the "
         "variance recalibration, s² = (ν₀ + Σz²)/(ν₀ + n); 0 = maximum likelihood mean(z²).")
+    recal_aleatoric: bool = Field(
+        False, description="Before the recalibration, scale the aleatoric variances alone by "
+        "mean(r²/σ²_ale) over the training residuals (the variance heads lag the means, "
+        "which mutes BALD's energy term; see bayes_model.calibration).")
 
 
 class TrainingFile(BaseModel):

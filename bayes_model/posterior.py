@@ -202,7 +202,7 @@ def train_posterior(
         fit_posterior(method, out, train, valid, out, settings=settings,
                       on_posterior=on_posterior, recalibrate=False, deadline=posterior_end)
     if recalibrate:
-        _recalibrate(out, valid, settings)
+        _recalibrate(out, train, valid, settings)
     posterior = load_posterior(out, device=settings.device, kernels=settings.kernels)
     assess(posterior, train, valid, members=posterior.manifest.members,
            min_epochs=settings.train.min_epochs).save(out)
@@ -263,7 +263,7 @@ def fit_posterior(
                               for m in manifest.members],
                  extra=extra, posterior=entry)
     if recalibrate:
-        _recalibrate(out, valid, settings)
+        _recalibrate(out, train, valid, settings)
     return out
 
 
@@ -315,9 +315,18 @@ def describe_budget(method: Method | str, minutes: float, members: int, processe
     return text + f", {finish_s:.0f} s kept for saving, calibration and the check"
 
 
-def _recalibrate(out: Path, valid: Sequence[Atoms], settings: TrainingFile) -> None:
+ALEATORIC_FIT_MAX = 2000  # training structures the aleatoric scales are fitted on (evenly spaced)
+
+
+def _recalibrate(out: Path, train: Sequence[Atoms], valid: Sequence[Atoms],
+                 settings: TrainingFile) -> None:
     posterior = load_posterior(out, device=settings.device, kernels=settings.kernels)
+    aleatoric_on = None
+    if settings.posterior.recal_aleatoric:
+        some = list(train)[:: max(1, -(-len(train) // ALEATORIC_FIT_MAX))]
+        aleatoric_on = (posterior.predict(some), some)
     recal = fit_recalibration(posterior.predict(valid), valid,
                               isotonic=settings.posterior.isotonic,
-                              prior_weight=settings.posterior.recal_prior_weight)
+                              prior_weight=settings.posterior.recal_prior_weight,
+                              aleatoric_on=aleatoric_on)
     recal.save(out)

@@ -30,6 +30,8 @@ def main() -> None:
     parser.add_argument("--tests", type=Path, default=RESULTS / "ethanol" / "tests")
     parser.add_argument("--members", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=150)
+    parser.add_argument("--model", type=Path, default=None,
+                        help="model directory: trained there if missing, else reused")
     args = parser.parse_args()
 
     import torch
@@ -44,37 +46,45 @@ def main() -> None:
     train, valid = split_validation_stable(labelled, [str(i) for i in range(len(labelled))],
                                            0.1, seed=0)
     with tempfile.TemporaryDirectory() as tmp:
-        settings = TrainingFile(device="cpu", train=TrainConfig(
-            max_epochs=args.epochs, seed=1, patience=10**6, allow_undertrained=True,
-            keep_train_state="none"))
-        train_posterior("ensemble", train, valid, Path(tmp) / "m", settings=settings,
-                        members=args.members)
-        posterior = load_posterior(Path(tmp) / "m")
+        model_dir = args.model or Path(tmp) / "m"
+        if not (model_dir / "manifest.json").is_file():
+            settings = TrainingFile(device="cpu", train=TrainConfig(
+                max_epochs=args.epochs, seed=1, patience=10**6, allow_undertrained=True,
+                keep_train_state="none"))
+            train_posterior("ensemble", train, valid, model_dir, settings=settings,
+                            members=args.members)
+        posterior = load_posterior(model_dir)
 
         def residuals(images):
+            """(energy: residual, σ²_ale, σ²_epi), (force components: the same)."""
             pred = posterior.predict(images)
             ref = np.array([a.get_potential_energy() for a in images])
-            return pred.energy - ref, pred.energy_var_ale, pred.energy_var_epi
+            f_ref = np.concatenate([a.get_forces() for a in images])
+            ale, epi = (np.diagonal(c, axis1=1, axis2=2).ravel()
+                        for c in (pred.forces_cov_ale, pred.forces_cov_epi))
+            return ((pred.energy - ref, pred.energy_var_ale, pred.energy_var_epi),
+                    ((pred.forces - f_ref).ravel(), ale, epi))
 
         sets = {name: residuals(ase.io.read(args.tests / f"{name}.xyz", ":"))
                 for name in ("hot", "torsion")}
         sets["train"] = residuals(train)
-        fits = {"raw": 1.0, **{f"rescaled on {name} (n={len(images)})":
-                               float(np.mean(r**2 / va))
-                               for name, images in (("train", train), ("valid", valid))
-                               for r, va, _ in [residuals(images)]}}
         print(f"{len(train)} training, {len(valid)} validation structures, "
               f"{args.members} members, {args.epochs} epochs")
-        for label, factor in fits.items():
-            cells = []
-            for name, (r, va, ve) in sets.items():
-                sigma = np.sqrt(factor * va + ve)
-                cells.append(f"{name}: E MAE {1000 * np.abs(r).mean():.1f}, σ_E,ale "
-                             f"{1000 * np.median(np.sqrt(factor * va)):.1f}, σ_E,epi "
-                             f"{1000 * np.median(np.sqrt(ve)):.1f} meV, cov68 "
-                             f"{np.mean(np.abs(r) < sigma):.2f}")
-            print(f"{label} (σ²_ale x {factor:.4f}): " + " | ".join(cells))
-
+        for kind, unit, k in (("E", "meV", 0), ("F", "meV/Å", 1)):
+            fits = {"raw": 1.0, **{f"rescaled on {name} (n={len(images)})":
+                                   float(np.mean(r**2 / va))
+                                   for name, images in (("train", train), ("valid", valid))
+                                   for r, va, _ in [residuals(images)[k]]}}
+            for label, factor in fits.items():
+                cells = []
+                for name, parts in sets.items():
+                    r, va, ve = parts[k]
+                    sigma = np.sqrt(factor * va + ve)
+                    cells.append(f"{name}: MAE {1000 * np.abs(r).mean():.1f}, σ_ale "
+                                 f"{1000 * np.median(np.sqrt(factor * va)):.1f}, σ_epi "
+                                 f"{1000 * np.median(np.sqrt(ve)):.1f}, cov68 "
+                                 f"{np.mean(np.abs(r) < sigma):.2f}")
+                print(f"{kind} ({unit}) {label} (σ²_ale x {factor:.4f}): " + " | ".join(cells))
 
 if __name__ == "__main__":
     sys.exit(main())

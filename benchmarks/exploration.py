@@ -16,7 +16,11 @@ Per molecule (ethanol, acetylacetone), strategy and seed, a campaign starts from
    real method cheap enough for hours on 2 cores) and add them to the training set.
 
 Strategies: bald-ef (top-k), bald-ef-diverse, bald-f, trust-window (DP-GEN: random within
-max-force-std in [0.05, 0.15) eV/Å) and random over the explored frames.
+max-force-std in [0.05, 0.15) eV/Å) and random over the explored frames; bald-ef-ale is
+bald-ef with the aleatoric variances rescaled on the training residuals
+(``posterior.recal_aleatoric``); trust-window-adaptive is DP-GEN2's window with an adaptive
+lower level (:func:`adaptive_lower`), the fair version of the fixed window from a small
+start.
 
 Test sets, labelled once with the same method and never seen by a campaign:
 ``hot``: 60 frames of high-temperature reference MD (ethanol rMD17; acac 600 K);
@@ -60,11 +64,32 @@ STRATEGIES = {  # name -> (acquisition function, selection)
     "bald-f": ("bald-f", "top-k"),
     "trust-window": ("trust-window", "top-k"),
     "random": ("random", "top-k"),
+    "bald-ef-ale": ("bald-ef", "top-k"),  # with posterior.recal_aleatoric (below)
+    "trust-window-adaptive": ("max-force-std", "top-k"),  # selected by adaptive_lower()
 }
+POSTERIOR = {"bald-ef-ale": {"recal_aleatoric": True}}  # strategy -> posterior settings
 SOURCES = {  # molecule -> (300 K start frames, high-temperature test frames)
     "ethanol": ("ethanol/train.xyz", "ethanol/test_MD.xyz"),
     "acac": ("acac/train_300K.xyz", "acac/train_600K.xyz"),
 }
+
+
+ADAPTIVE_HI, ADAPTIVE_CANDIDATES = 0.5, 2  # eV/Å; candidates per label to select
+
+
+def adaptive_lower(pool, n_select: int, rng) -> list:
+    """DP-GEN2's trust window with an adaptive lower level (ExplorationReportAdaptiveLower):
+    frames whose max-force-std (the explored frames' ``info``) is above level_f_hi
+    (ADAPTIVE_HI, its default 0.5 eV/Å) are failed; of the rest, the max(numb_candi_f,
+    rate_candi_f x n) with the highest deviation are candidates (rate 1 %; numb_candi_f, 200
+    there for pools of 10⁴-10⁵ frames, is ADAPTIVE_CANDIDATES x n_select for pools of ~160)
+    and n_select of them are drawn at random."""
+    sigma = np.array([float(a.info.get("max_force_std", np.nan)) for a in pool])
+    ok = np.flatnonzero(sigma <= ADAPTIVE_HI)
+    n_candidates = min(len(ok), max(ADAPTIVE_CANDIDATES * n_select, int(0.01 * len(sigma))))
+    candidates = ok[np.argsort(-sigma[ok], kind="stable")[:n_candidates]]
+    picks = rng.choice(candidates, size=min(n_select, len(candidates)), replace=False)
+    return [pool[i] for i in sorted(picks)]
 
 
 def _labeler(args):
@@ -231,7 +256,8 @@ def run_campaign(molecule: str, strategy: str, seed: int, files: dict[str, Path]
         epochs = args.epochs if previous is None else args.finetune_epochs
         settings = TrainingFile(device="cpu", train=TrainConfig(
             max_epochs=epochs, seed=seed + 1000 * r, patience=10**6,
-            allow_undertrained=True, keep_train_state="none"))
+            allow_undertrained=True, keep_train_state="none"),
+            posterior=POSTERIOR.get(strategy, {}))
         model_dir = folder / f"round-{r}"
         train_posterior("ensemble", train, valid, model_dir, settings=settings,
                         members=args.members, init_from=previous)
@@ -260,8 +286,11 @@ def run_campaign(molecule: str, strategy: str, seed: int, files: dict[str, Path]
         pool = [f for t in trajectories for f in t.frames]
         config = AcquisitionConfig(function=function, selection=selection,
                                    n_select=args.n_select)
-        chosen = [c.atoms for c in score_pool(posterior, pool, config,
-                                              seed=seed + r).selected]
+        if strategy == "trust-window-adaptive":
+            chosen = adaptive_lower(pool, args.n_select, np.random.default_rng(seed + r))
+        else:
+            chosen = [c.atoms for c in score_pool(posterior, pool, config,
+                                                  seed=seed + r).selected]
         new, failed = _label([_bare(a) for a in chosen], args)
         ase.io.write(train_file, labelled + new, format="extxyz")
         sigma = np.array([float(a.info.get("max_force_std", np.nan)) for a in pool])

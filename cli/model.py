@@ -384,6 +384,7 @@ def evaluate(
     AUROC of separating OOD structures by epistemic uncertainty."""
 
     from bayesal.bayes_model.calibration import (
+        Recalibration,
         evaluate_prediction,
         fit_recalibration,
         ood_auroc,
@@ -401,9 +402,11 @@ def evaluate(
         if recalibrate_on is not None:
             images = read_frames([recalibrate_on], labelled=True, forces_optional=True)
             prior = {} if prior_weight is None else {"prior_weight": prior_weight}
+            kept = posterior.recalibration or Recalibration()  # its aleatoric scales stay
             recal = fit_recalibration(predict(images, recalibrate_on.name), images,
-                                      isotonic=isotonic,
-                                      **prior)
+                                      isotonic=isotonic, aleatoric=(
+                                          kept.energy_aleatoric_scale,
+                                          kept.force_aleatoric_scale), **prior)
             recal.save(model)
             posterior.recalibration = recal
             console.print(f"recalibrated on {recalibrate_on}: energy variance x"

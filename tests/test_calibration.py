@@ -147,3 +147,51 @@ def test_ood_auroc_and_plots(tmp_path):
     paths = plot_calibration(pred, images, tmp_path, "case",
                              recalibration=fit_recalibration(pred, images))
     assert all(p.stat().st_size > 10_000 for p in paths) and len(paths) == 2
+
+
+def test_aleatoric_rescale_fixes_a_too_wide_noise_head_that_a_common_scale_cannot(tmp_path):
+    """Labels deviate by the epistemic σ and a noise 5x narrower than the model's aleatoric
+    σ: the aleatoric part is scaled by mean(r²/σ²_ale) of the training residuals (≈ 1/25 plus
+    the epistemic share), the common scales are then fitted on validation, held-out coverage
+    comes out right, and BALD's energy term, ½ log(1 + v_epi/v_ale), grows by the change of
+    the ratio, which a common scale of both parts leaves alone."""
+    from bayesal.bayes_model.acquisition import bald_energy
+    from bayesal.bayes_model.calibration import aleatoric_scales
+
+    rng = np.random.default_rng(7)
+
+    def case(n):
+        pred, images = labelled_case(rng, n_struct=n)  # labels drawn with σ² = v_epi + v_ale
+        noise_e = pred.energy_var_ale  # the true noise variance: the head says 25x that
+        return (Prediction(**{**pred.__dict__, "energy_var_ale": 25 * noise_e,
+                              "forces_cov_ale": 25 * pred.forces_cov_ale}), images)
+
+    train, valid, test = case(600), case(600), case(600)
+    e_a, f_a = aleatoric_scales(*train)
+    e_err = np.array([a.get_potential_energy() for a in train[1]]) - train[0].energy
+    assert e_a == pytest.approx(np.mean(e_err**2 / train[0].energy_var_ale))
+    # r² ≈ v_epi + v_noise = (0.3 + 0.7) var, and the head says v_ale = 25 x 0.7 var
+    assert e_a == pytest.approx((0.3 / 0.7 + 1) / 25, rel=0.2)
+    assert f_a == pytest.approx((0.3 / 0.7 + 1) / 25, rel=0.05)
+
+    plain = fit_recalibration(*valid)
+    fixed = fit_recalibration(*valid, aleatoric_on=train)
+    assert (fixed.energy_aleatoric_scale, fixed.force_aleatoric_scale) == (e_a, f_a)
+    assert fixed.fitted_on["aleatoric_structures"] == 600
+    for recal in (plain, fixed):  # both cover right overall: a common scale fixes that...
+        m = calibration_metrics(*test, recalibration=recal)
+        assert m["force_coverage68_recal"] == pytest.approx(0.6827, abs=0.03)
+    # ...but only the aleatoric scale moves the information BALD sees
+    raw, p, f = test[0], plain.apply(test[0]), fixed.apply(test[0])
+    np.testing.assert_allclose(bald_energy(p.energy_var_epi, p.energy_var_ale),
+                               bald_energy(raw.energy_var_epi, raw.energy_var_ale))
+    np.testing.assert_allclose(bald_energy(f.energy_var_epi, f.energy_var_ale),
+                               bald_energy(raw.energy_var_epi, e_a * raw.energy_var_ale))
+    assert np.all(bald_energy(f.energy_var_epi, f.energy_var_ale)
+                  > 5 * bald_energy(raw.energy_var_epi, raw.energy_var_ale))
+    # kept as given (a later refit on new validation data keeps the training-set factors)
+    again = fit_recalibration(*valid, aleatoric=(e_a, f_a))
+    assert again.energy_scale == pytest.approx(fixed.energy_scale)
+    fixed.save(tmp_path)
+    np.testing.assert_allclose(Recalibration.load(tmp_path).apply(raw).energy_var_ale,
+                               f.energy_var_ale)

@@ -364,3 +364,41 @@ def _calculator_matches_predict(model_dir, probe, tmp_path):
         results["energy_std_epistemic"] ** 2, rel=1e-9)
     np.testing.assert_allclose(results["forces_std_raw"] ** 2 * recal.force_scale,
                                results["forces_std"] ** 2, rtol=1e-9)
+
+
+def test_aleatoric_recalibration_is_fitted_on_the_training_set_and_kept_by_a_refit(
+        ethanol, tmp_path):
+    """posterior.recal_aleatoric: calibration.json carries the aleatoric factors
+    mean(r²/σ²_ale) of the model's own training residuals; `evaluate --recalibrate-on`
+    refits the common scales and keeps them; without the setting they are 1."""
+    from typer.testing import CliRunner
+
+    from bayesal.bayes_model.calibration import Recalibration, aleatoric_scales
+    from bayesal.cli import app
+
+    train, valid = ethanol[:24], ethanol[24:30]
+    settings = TrainingFile(model=TINY, train=TrainConfig(max_epochs=3, batch_size=8),
+                            posterior={"recal_aleatoric": True})
+    out = train_posterior("ensemble", train, valid, tmp_path / "m", settings=settings,
+                          members=2, processes=1)
+    recal = Recalibration.load(out)
+    e_a, f_a = aleatoric_scales(load_posterior(out).predict(train), train)
+    assert recal.energy_aleatoric_scale == pytest.approx(e_a, rel=1e-6)
+    assert recal.force_aleatoric_scale == pytest.approx(f_a, rel=1e-6)
+    assert abs(np.log(e_a)) > 0.1 and recal.fitted_on["aleatoric_structures"] == 24
+
+    refit_on = tmp_path / "refit.xyz"
+    ase.io.write(refit_on, ethanol[30:40], format="extxyz")
+    res = CliRunner().invoke(app, ["evaluate", "--model", str(out), "--test", str(refit_on),
+                                   "--recalibrate-on", str(refit_on)])
+    assert res.exit_code == 0, res.output
+    refit = Recalibration.load(out)
+    assert refit.fitted_on["structures"] == 10 and refit.energy_scale != recal.energy_scale
+    assert (refit.energy_aleatoric_scale, refit.force_aleatoric_scale) == (
+        recal.energy_aleatoric_scale, recal.force_aleatoric_scale)
+
+    plain = train_posterior("ensemble", train, valid, tmp_path / "plain", members=2,
+                            processes=1, settings=TrainingFile(
+                                model=TINY, train=TrainConfig(max_epochs=3, batch_size=8)))
+    kept = Recalibration.load(plain)
+    assert (kept.energy_aleatoric_scale, kept.force_aleatoric_scale) == (1.0, 1.0)
