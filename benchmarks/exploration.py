@@ -394,7 +394,9 @@ def report(out: Path, args) -> None:
                 share = "not reached" if need is None else f"{100 * need / base:.0f} %"
                 print(f"  {strategy:16s} labels to reach random's final {target:.1f} meV/Å: "
                       f"{share} of random's {base}")
-        _versus(results, args, molecule, "bald-ef", "trust-window")
+        for a, b in (("bald-ef", "trust-window"), ("bald-ef", "trust-window-adaptive"),
+                     ("bald-ef-ale", "bald-ef"), ("bald-ef-ale", "trust-window-adaptive")):
+            _versus(results, args, molecule, a, b)
         _diagnostics(results, args, molecule)
     _plot(results, args, out)
 
