@@ -32,8 +32,9 @@ with the final model breaks (bonds, distances, energy; bayes_model.stability), o
 
 Everything is written under ``--out`` as it goes (labelled sets, per-round metrics), by
 default into ``benchmarks/results/exploration`` in the repository, so that sessions add up:
-commit it. A rerun resumes at the first unfinished round of each campaign; a campaign whose
-newest model is gone (models are not committed) starts again. ``--until HH:MM`` starts no
+commit it (the final round's model stays beside it, not committed). A rerun resumes at the
+first unfinished round of each campaign; a campaign whose newest model is gone (models are
+not committed) starts again. ``--until HH:MM`` starts no
 campaign that would not end by then. ``--report-only`` prints the comparison: labels each
 strategy needs to reach random's final hot-MD force MAE, errors at equal labels (mean ± sd
 over seeds), bald-ef against trust-window per (seed, round), MD stability, and writes
@@ -325,9 +326,8 @@ def run_campaign(molecule: str, strategy: str, seed: int, files: dict[str, Path]
         state["wall_s"] = sum(r["round_s"] for r in state["rounds"]) + (
             time.perf_counter() - t_stab)
         state_file.write_text(json.dumps(state, indent=1))
-        import shutil
-
-        shutil.rmtree(last)  # the campaign is done: its models are not kept
+        # The final model stays (about 1 MB, ignored by git) for later looks at it, e.g.
+        # longer stability runs; a checkout without it reports from state.json alone.
 
 
 def _revision() -> str:
