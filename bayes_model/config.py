@@ -37,8 +37,9 @@ class PosteriorSettings(BaseModel):
         "variance recalibration, s² = (ν₀ + Σz²)/(ν₀ + n); 0 = maximum likelihood mean(z²).")
     recal_aleatoric: bool = Field(
         False, description="Before the recalibration, scale the aleatoric variances alone by "
-        "mean(r²/σ²_ale) over the training residuals (the variance heads lag the means, "
-        "which mutes BALD's energy term; see bayes_model.calibration).")
+        "mean(r²/σ²_ale) over the training residuals (the variance heads learn the errors of "
+        "the weights being trained, predictions use their moving average: too wide a σ_ale "
+        "mutes BALD's energy term; see bayes_model.calibration).")
 
 
 class TrainingFile(BaseModel):
