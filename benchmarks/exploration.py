@@ -20,7 +20,8 @@ max-force-std in [0.05, 0.15) eV/Å) and random over the explored frames; bald-e
 bald-ef with the aleatoric variances rescaled on the training residuals
 (``posterior.recal_aleatoric``); trust-window-adaptive is DP-GEN2's window with an adaptive
 lower level (:func:`adaptive_lower`), the fair version of the fixed window from a small
-start.
+start; bald-ef-capped is bald-ef among the frames below that window's upper level (0.5
+eV/Å), the frames DP-GEN counts as failed left out.
 
 Test sets, labelled once with the same method and never seen by a campaign:
 ``hot``: 60 frames of high-temperature reference MD (ethanol rMD17; acac 600 K);
@@ -67,6 +68,7 @@ STRATEGIES = {  # name -> (acquisition function, selection)
     "random": ("random", "top-k"),
     "bald-ef-ale": ("bald-ef", "top-k"),  # with posterior.recal_aleatoric (below)
     "trust-window-adaptive": ("max-force-std", "top-k"),  # selected by adaptive_lower()
+    "bald-ef-capped": ("bald-ef", "top-k"),  # among frames with σ_F <= ADAPTIVE_HI only
 }
 POSTERIOR = {"bald-ef-ale": {"recal_aleatoric": True}}  # strategy -> posterior settings
 SOURCES = {  # molecule -> (300 K start frames, high-temperature test frames)
@@ -290,7 +292,10 @@ def run_campaign(molecule: str, strategy: str, seed: int, files: dict[str, Path]
         if strategy == "trust-window-adaptive":
             chosen = adaptive_lower(pool, args.n_select, np.random.default_rng(seed + r))
         else:
-            chosen = [c.atoms for c in score_pool(posterior, pool, config,
+            eligible = pool
+            if strategy == "bald-ef-capped":  # DP-GEN's "failed" frames are not candidates
+                eligible = [a for a in pool if a.info["max_force_std"] <= ADAPTIVE_HI] or pool
+            chosen = [c.atoms for c in score_pool(posterior, eligible, config,
                                                   seed=seed + r).selected]
         new, failed = _label([_bare(a) for a in chosen], args)
         ase.io.write(train_file, labelled + new, format="extxyz")
