@@ -386,7 +386,7 @@ def report(out: Path, args) -> None:
             runs = [b for s in range(args.seeds)
                     for b in results.get((molecule, strategy, s), {}).get("stability", [])]
             stab = [b["time_fs"] for b in runs]
-            print(f"  {strategy:16s} " + " | ".join(cells)
+            print(f"  {strategy:21s} " + " | ".join(cells)
                   + (f"  | 1000 K MD: {sum(b['broken'] for b in runs)} of {len(runs)} "
                      f"broke; mean time to break {np.mean(stab):.0f} fs (unbroken runs "
                      "count their whole length)" if stab else ""))
@@ -397,7 +397,7 @@ def report(out: Path, args) -> None:
             for strategy, (lab, e) in curves.items():
                 need = _labels_to_reach(list(zip(lab, e.mean(0), strict=True)), target)
                 share = "not reached" if need is None else f"{100 * need / base:.0f} %"
-                print(f"  {strategy:16s} labels to reach random's final {target:.1f} meV/Å: "
+                print(f"  {strategy:21s} labels to reach random's final {target:.1f} meV/Å: "
                       f"{share} of random's {base}")
         for a, b in (("bald-ef", "trust-window"), ("bald-ef", "trust-window-adaptive"),
                      ("bald-ef-ale", "bald-ef"), ("bald-ef-ale", "trust-window-adaptive")):
@@ -436,7 +436,7 @@ def _diagnostics(results, args, molecule: str) -> None:
                           f"{mean('hot_energy_sigma_ale_median_calibrated', 1000):.0f}), E MAE "
                           f"{mean('hot_energy_mae', 1000):.0f} meV")
         picked = f"picked σ_F {np.mean(picks):.3f} eV/Å" if picks else "picked nothing"
-        rows.append(f"  {strategy:16s} {picked}{in_window} | hot E cov68 "
+        rows.append(f"  {strategy:21s} {picked}{in_window} | hot E cov68 "
                     f"{mean('hot_energy_coverage68'):.2f}, ρE {mean('hot_energy_spearman'):+.2f}"
                     f", ρF {mean('hot_force_spearman'):+.2f} | torsion F MAE "
                     f"{mean('torsion_force_mae', 1000):.0f} meV/Å, stretch E profile MAE "
