@@ -235,6 +235,10 @@ def _print_calibration(model_dir: Path) -> None:
 
     recal = Recalibration.load(model_dir)
     if recal is not None:
+        if (recal.energy_aleatoric_scale, recal.force_aleatoric_scale) != (1.0, 1.0):
+            console.print("aleatoric variance scales from the training residuals: energy "
+                          f"x{recal.energy_aleatoric_scale:.3g}, forces "
+                          f"x{recal.force_aleatoric_scale:.3g}")
         console.print(f"variance scales from validation: energy x{recal.energy_scale:.3g}, "
                       f"forces x{recal.force_scale:.3g} (stored in {model_dir}/calibration.json)")
 
