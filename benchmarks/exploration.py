@@ -400,7 +400,9 @@ def report(out: Path, args) -> None:
                 print(f"  {strategy:21s} labels to reach random's final {target:.1f} meV/Å: "
                       f"{share} of random's {base}")
         for a, b in (("bald-ef", "trust-window"), ("bald-ef", "trust-window-adaptive"),
-                     ("bald-ef-ale", "bald-ef"), ("bald-ef-ale", "trust-window-adaptive")):
+                     ("bald-ef", "random"), ("bald-ef-ale", "bald-ef"),
+                     ("bald-ef-capped", "bald-ef"), ("bald-ef-capped", "random"),
+                     ("bald-ef-capped", "trust-window-adaptive")):
             _versus(results, args, molecule, a, b)
         _diagnostics(results, args, molecule)
     _plot(results, args, out)
