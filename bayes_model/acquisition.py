@@ -92,6 +92,11 @@ class AcquisitionConfig(BaseModel):
                             "max-force-std, eV/Å (DP-GEN's model_devi_f_trust_lo).")
     trust_hi: float = Field(0.15, gt=0, description="trust-window: upper bound of "
                             "max-force-std, eV/Å (DP-GEN's model_devi_f_trust_hi).")
+    max_force_std_cap: float | None = Field(
+        None, gt=0, description="Any function: candidates whose max-force-std is above this "
+        "(eV/Å) are not selected: DP-GEN's upper trust level for every acquisition (frames "
+        "so far from the training data that they are likely unphysical, such as the frame "
+        "where an exploration stopped). None: no cap.")
 
     @model_validator(mode="after")
     def _window(self) -> AcquisitionConfig:

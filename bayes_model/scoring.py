@@ -73,16 +73,19 @@ def iter_scores(posterior, frames: Iterable[Atoms], config: AcquisitionConfig, *
 
 def best_candidates(chunk: list[Atoms], pred: Prediction, scores: Scores, first_index: int,
                     config: AcquisitionConfig) -> list[Candidate]:
-    """The chunk's candidates that can be selected (above the threshold), best ``keep``
-    first; each carries what the selection needs (components, information, features)."""
+    """The chunk's candidates that can be selected (above the threshold, at most the
+    max-force-std cap), best ``keep`` first; each carries what the selection needs
+    (components, information, features)."""
     acquisition, threshold = config.function, _threshold(config)
     info = scores.score if acquisition in BALD_FAMILY else scores.bald_e + scores.bald_f
     comps = scores.as_dict()
+    cap = config.max_force_std_cap
     out = [Candidate(float(scores.score[j]), -(first_index + j), atoms,
                      {c: float(v[j]) for c, v in comps.items()}, float(info[j]),
                      None if pred.features is None else pred.features[j].copy())
            for j, atoms in enumerate(chunk)
-           if threshold is None or scores.score[j] >= threshold]
+           if (threshold is None or scores.score[j] >= threshold)
+           and (cap is None or scores.max_force_std[j] <= cap)]
     return heapq.nlargest(config.n_keep, out)
 
 

@@ -66,6 +66,9 @@ def score(
         help="trust-window: lower bound of max-force-std, eV/Å.")] = _D["trust_lo"],
     trust_hi: Annotated[float, typer.Option(
         help="trust-window: upper bound of max-force-std, eV/Å.")] = _D["trust_hi"],
+    max_force_std_cap: Annotated[float | None, typer.Option(
+        help="Any acquisition: candidates with max-force-std above this (eV/Å) are not "
+             "selected (DP-GEN's upper trust level).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the random and trust-window "
                                             "acquisitions.")] = 0,
     method: Annotated[str | None, typer.Option(
@@ -90,7 +93,7 @@ def score(
                                    selection=selection, reduction=reduction,
                                    threshold=threshold, keep=keep, chunk_size=chunk_size,
                                    predict_batch=predict_batch, trust_lo=trust_lo,
-                                   trust_hi=trust_hi)
+                                   trust_hi=trust_hi, max_force_std_cap=max_force_std_cap)
         if not pool and not pool_campaign:
             raise ValueError("give candidate files with --pool or a campaign with "
                              "--pool-campaign")

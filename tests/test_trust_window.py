@@ -74,3 +74,25 @@ def test_the_pool_selection_takes_only_frames_in_the_window(n_select):
 def test_a_window_upside_down_is_refused():
     with pytest.raises(ValueError, match=r"trust_lo \(0.2\) must be below trust_hi \(0.1\)"):
         AcquisitionConfig(function="trust-window", trust_lo=0.2, trust_hi=0.1)
+
+
+@pytest.mark.parametrize("function", ["bald-ef", "max-force-std", "random"])
+def test_a_max_force_std_cap_leaves_out_the_frames_above_it(function):
+    """DP-GEN's upper trust level for any acquisition: the frames above the cap are never
+    picked, whatever they score; without the cap max-force-std picks the largest first."""
+    capped = AcquisitionConfig(function=function, n_select=8, chunk_size=3,
+                               selection="top-k", max_force_std_cap=0.149)
+    picked = [c.atoms.info["k"] for c in score_pool(_Fixed(), _frames(), capped,
+                                                     seed=2).selected]
+    assert sorted(picked) == [k for k, d in enumerate(DEVIATION) if d <= 0.149]
+    top = AcquisitionConfig(function=function, n_select=2, selection="top-k",
+                            max_force_std_cap=0.149)
+    first = [c.atoms.info["k"] for c in score_pool(_Fixed(), _frames(), top).selected]
+    assert not {4, 5} & set(first)
+    if function == "max-force-std":
+        assert first == [3, 6]  # 0.149, 0.12: the largest below the cap
+        uncapped = AcquisitionConfig(function=function, n_select=2, selection="top-k")
+        assert [c.atoms.info["k"] for c in score_pool(_Fixed(), _frames(),
+                                                      uncapped).selected] == [5, 4]
+    with pytest.raises(ValueError, match="greater than 0"):
+        AcquisitionConfig(max_force_std_cap=0)
