@@ -464,6 +464,8 @@ def _versus(results, args, molecule: str, a: str, b: str) -> None:
     """Per seed and round after the first (round 0 is the same for every strategy): is
     ``a``'s hot-MD force MAE below ``b``'s at ``a``'s label count (``b``'s curve
     interpolated; ``b`` may have labelled fewer: DP-GEN labels only what its window holds)?"""
+    if not any((molecule, a, s) in results for s in range(args.seeds)):
+        return  # nothing of ``a`` finished yet
     wins = pairs = 0
     for seed in range(args.seeds):
         ra = results.get((molecule, a, seed), {}).get("rounds", [])
