@@ -156,18 +156,23 @@ class Recalibration:
 def _pit(pred: Prediction, images: Sequence[Atoms]):
     """Errors, σ and PIT values of energies (S,) and force components (3N,) of the images
     that carry forces (empty force arrays when none does)."""
-    e_err = reference_energies(images) - pred.energy
+    e_err, f_err, sub = _residuals(pred, images)
     e_std = np.sqrt(pred.energy_var_epi + pred.energy_var_ale)
-    forced = with_forces(images)
-    if forced:
-        sub = pred if len(forced) == len(images) else pred.subset(forced)
-        _, f_ref = reference_labels([images[k] for k in forced])
-        f_err = (f_ref - sub.forces).ravel()
-        f_std = np.sqrt(np.diagonal(sub.forces_cov_epi + sub.forces_cov_ale, axis1=1,
-                                    axis2=2)).ravel()
-    else:
-        f_err = f_std = np.zeros(0)
+    f_std = (np.zeros(0) if sub is None else np.sqrt(np.diagonal(
+        sub.forces_cov_epi + sub.forces_cov_ale, axis1=1, axis2=2)).ravel())
     return e_err, e_std, ndtr(e_err / e_std), f_err, f_std, ndtr(f_err / f_std)
+
+
+def _residuals(pred: Prediction, images: Sequence[Atoms]):
+    """Energy errors (S,), force-component errors (3N,) of the structures that carry forces,
+    and the prediction of those structures (None when none does)."""
+    e_err = reference_energies(images) - pred.energy
+    forced = with_forces(images)
+    if not forced:
+        return e_err, np.zeros(0), None
+    sub = pred if len(forced) == len(images) else pred.subset(forced)
+    _, f_ref = reference_labels([images[k] for k in forced])
+    return e_err, (f_ref - sub.forces).ravel(), sub
 
 
 def _isotonic_map(pit: np.ndarray, knots: int = 200) -> list[list[float]]:
@@ -187,17 +192,11 @@ def _apply_isotonic(pit: np.ndarray, mapping: list[list[float]] | None) -> np.nd
 def aleatoric_scales(pred: Prediction, images: Sequence[Atoms]) -> tuple[float, float]:
     """(energy, force) factors a² = mean(r²/σ²_ale) of the aleatoric variances, from
     labelled (training) structures; (1, 1) for a part without residuals."""
-    e_err = reference_energies(images) - pred.energy
-    factors = [float(np.mean(e_err**2 / pred.energy_var_ale)) if len(e_err) else 1.0]
-    forced = with_forces(images)
-    if forced:
-        sub = pred if len(forced) == len(images) else pred.subset(forced)
-        _, f_ref = reference_labels([images[k] for k in forced])
-        var = np.diagonal(sub.forces_cov_ale, axis1=1, axis2=2)
-        factors.append(float(np.mean((f_ref - sub.forces) ** 2 / var)))
-    else:
-        factors.append(1.0)
-    return factors[0], factors[1]
+    e_err, f_err, sub = _residuals(pred, images)
+    energy = float(np.mean(e_err**2 / pred.energy_var_ale)) if len(e_err) else 1.0
+    force = 1.0 if sub is None else float(np.mean(
+        f_err**2 / np.diagonal(sub.forces_cov_ale, axis1=1, axis2=2).ravel()))
+    return energy, force
 
 
 def fit_recalibration(pred: Prediction, images: Sequence[Atoms], *,
