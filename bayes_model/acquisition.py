@@ -59,6 +59,7 @@ class Reduction(enum.StrEnum):
 class Selection(enum.StrEnum):
     TOP_K = "top-k"
     DIVERSE = "diverse"
+    POWER = "power"
 
 
 class AcquisitionConfig(BaseModel):
@@ -92,6 +93,9 @@ class AcquisitionConfig(BaseModel):
                             "max-force-std, eV/Å (DP-GEN's model_devi_f_trust_lo).")
     trust_hi: float = Field(0.15, gt=0, description="trust-window: upper bound of "
                             "max-force-std, eV/Å (DP-GEN's model_devi_f_trust_hi).")
+    power_beta: float = Field(1.0, gt=0, description="selection power: candidates are drawn "
+                              "with probability proportional to score^power_beta (higher: "
+                              "closer to top-k; 0 would be uniform).")
     max_force_std_cap: float | None = Field(
         None, gt=0, description="Any function: candidates whose max-force-std is above this "
         "(eV/Å) are not selected: DP-GEN's upper trust level for every acquisition (frames "
@@ -169,6 +173,19 @@ def uniform_draws(seed: int, index: np.ndarray) -> np.ndarray:
     return (z >> np.uint64(11)).astype(np.float64) * 2.0**-53
 
 
+def power_keys(scores: np.ndarray, seed: int, index: np.ndarray, beta: float = 1.0,
+               ) -> np.ndarray:
+    """Keys whose top k are k draws without replacement with probability proportional to
+    ``scores ** beta`` (power acquisition, Kirsch et al., TMLR 2023): beta·log(score) plus a
+    Gumbel variable from the structure's own :func:`uniform_draws` (a stream apart from
+    ``random``'s), so the draw is the same however the pool is chunked or sharded.
+    Scores at or below zero get a key of -inf: never drawn (probability zero)."""
+    u = np.clip(uniform_draws(seed ^ 0x5F3759DF, index), 2.0**-53, None)
+    with np.errstate(divide="ignore"):
+        log_s = np.log(np.clip(np.asarray(scores, dtype=float), 0, None))
+    return beta * log_s - np.log(-np.log(u))
+
+
 def score(pred: Prediction, acquisition: Acquisition | str = Acquisition.BALD_EF, *,
           reduction: Reduction | str = Reduction.SUM, seed: int = 0, first_index: int = 0,
           trust: tuple[float, float] = (0.05, 0.15)) -> Scores:
@@ -220,7 +237,7 @@ def select(scores: np.ndarray, n_select: int, *, mode: Selection | str = Selecti
     if n_select == 0 or len(eligible) == 0:
         return []
     order = eligible[np.argsort(-scores[eligible], kind="stable")]
-    if mode is Selection.TOP_K or len(order) <= 1:
+    if mode in (Selection.TOP_K, Selection.POWER) or len(order) <= 1:
         return order[:n_select].tolist()
     if features is None:
         raise ValueError("diverse selection needs last-layer features of the candidates")

@@ -21,6 +21,7 @@ from bayesal.bayes_model.acquisition import (
     AcquisitionConfig,
     Scores,
     Selection,
+    power_keys,
     score,
     select,
 )
@@ -33,8 +34,9 @@ BALD_FAMILY = (Acquisition.BALD_EF, Acquisition.BALD_E, Acquisition.BALD_F)
 
 @dataclass(order=True)
 class Candidate:
-    score: float
+    key: float  # what the selection ranks by: the score, or power's perturbed log score
     index: int
+    score: float = field(compare=False)
     atoms: Atoms = field(compare=False)
     components: dict[str, float] = field(compare=False)
     information: float = field(compare=False)
@@ -72,21 +74,31 @@ def iter_scores(posterior, frames: Iterable[Atoms], config: AcquisitionConfig, *
 
 
 def best_candidates(chunk: list[Atoms], pred: Prediction, scores: Scores, first_index: int,
-                    config: AcquisitionConfig) -> list[Candidate]:
+                    config: AcquisitionConfig, *, seed: int = 0) -> list[Candidate]:
     """The chunk's candidates that can be selected (above the threshold, at most the
     max-force-std cap), best ``keep`` first; each carries what the selection needs
-    (components, information, features)."""
+    (components, information, features). ``power`` ranks them by their perturbed log score
+    (:func:`bayes_model.acquisition.power_keys`, per pool index: the same in any chunk)."""
     acquisition, threshold = config.function, _threshold(config)
     info = scores.score if acquisition in BALD_FAMILY else scores.bald_e + scores.bald_f
     comps = scores.as_dict()
     cap = config.max_force_std_cap
-    out = [Candidate(float(scores.score[j]), -(first_index + j), atoms,
+    keys = (power_keys(scores.score, seed, first_index + np.arange(len(chunk)),
+                       config.power_beta)
+            if _mode(config) is Selection.POWER else scores.score)
+    out = [Candidate(float(keys[j]), -(first_index + j), float(scores.score[j]), atoms,
                      {c: float(v[j]) for c, v in comps.items()}, float(info[j]),
                      None if pred.features is None else pred.features[j].copy())
            for j, atoms in enumerate(chunk)
            if (threshold is None or scores.score[j] >= threshold)
            and (cap is None or scores.max_force_std[j] <= cap)]
     return heapq.nlargest(config.n_keep, out)
+
+
+def _mode(config: AcquisitionConfig) -> Selection:
+    if config.function is Acquisition.TRUST_WINDOW:  # DP-GEN: at random within the window
+        return Selection.TOP_K
+    return Selection(config.selection)  # a str after an unvalidated model_copy
 
 
 def _threshold(config: AcquisitionConfig) -> float | None:
@@ -107,17 +119,15 @@ def merge_selection(parts: Iterable[list[Candidate]], n_scored: int, features_me
             elif cand > heap[0]:
                 heapq.heapreplace(heap, cand)
     # earlier structures win ties: the index is stored negated for the min-heap
-    pool = sorted(heap, key=lambda c: (-c.score, -c.index))
+    pool = sorted(heap, key=lambda c: (-c.key, -c.index))
     for c in pool:
         c.index = -c.index
     if not pool:
         return PoolSelection([], n_scored, features_metric)
     features = (np.stack([c.features for c in pool]) if all(c.features is not None
                                                             for c in pool) else None)
-    mode = (Selection.TOP_K if config.function is Acquisition.TRUST_WINDOW
-            else config.selection)  # DP-GEN: at random within the window
-    chosen = select(np.array([c.score for c in pool]), config.n_select,
-                    mode=mode, features=features,
+    chosen = select(np.array([c.key for c in pool]), config.n_select, mode=_mode(config),
+                    features=features,
                     center_features=not features_metric,
                     information=np.array([c.information for c in pool]))
     return PoolSelection([pool[i] for i in chosen], n_scored, features_metric)
@@ -139,7 +149,7 @@ def stream_best(posterior, frames: Iterable[Atoms], config: AcquisitionConfig, *
             on_scores(first_index + n, chunk, scores)
         metric = pred.features_metric
         best = heapq.nlargest(config.n_keep, best + best_candidates(
-            chunk, pred, scores, first_index + n, config))
+            chunk, pred, scores, first_index + n, config, seed=seed))
         n += len(chunk)
     return best, n, metric
 

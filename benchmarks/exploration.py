@@ -69,6 +69,7 @@ STRATEGIES = {  # name -> (acquisition function, selection)
     "bald-ef-ale": ("bald-ef", "top-k"),  # with posterior.recal_aleatoric (below)
     "trust-window-adaptive": ("max-force-std", "top-k"),  # selected by adaptive_lower()
     "bald-ef-capped": ("bald-ef", "top-k"),  # among frames with σ_F <= ADAPTIVE_HI only
+    "bald-ef-power": ("bald-ef", "power"),  # drawn with probability ∝ BALD (Kirsch 2023)
 }
 POSTERIOR = {"bald-ef-ale": {"recal_aleatoric": True}}  # strategy -> posterior settings
 SOURCES = {  # molecule -> (300 K start frames, high-temperature test frames)
@@ -402,7 +403,8 @@ def report(out: Path, args) -> None:
         for a, b in (("bald-ef", "trust-window"), ("bald-ef", "trust-window-adaptive"),
                      ("bald-ef", "random"), ("bald-ef-ale", "bald-ef"),
                      ("bald-ef-capped", "bald-ef"), ("bald-ef-capped", "random"),
-                     ("bald-ef-capped", "trust-window-adaptive")):
+                     ("bald-ef-capped", "trust-window-adaptive"),
+                     ("bald-ef-power", "bald-ef"), ("bald-ef-power", "random")):
             _versus(results, args, molecule, a, b)
         _diagnostics(results, args, molecule)
     _plot(results, args, out)

@@ -46,8 +46,12 @@ def score(
         "--n-select", "--batch-size", help="Structures to select (--batch-size: the old "
         "name).")] = _D["n_select"],
     selection: Annotated[str, typer.Option(
-        help="diverse (batch-diverse: greedy joint information) or top-k.")
+        help="diverse (batch-diverse: greedy joint information), top-k, or power (drawn at "
+             "random with probability proportional to score^--power-beta).")
     ] = _D["selection"].value,
+    power_beta: Annotated[float, typer.Option(
+        help="power selection: the exponent of the score (higher: closer to top-k).")
+    ] = _D["power_beta"],
     reduction: Annotated[str, typer.Option(
         help="Reduction of per-atom force BALD over atoms: sum, mean or max.")
     ] = _D["reduction"].value,
@@ -70,7 +74,7 @@ def score(
         help="Any acquisition: candidates with max-force-std above this (eV/Å) are not "
              "selected (DP-GEN's upper trust level).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the random and trust-window "
-                                            "acquisitions.")] = 0,
+                                            "acquisitions and the power selection.")] = 0,
     method: Annotated[str | None, typer.Option(
         help="Expected posterior method (checked against the model).")] = None,
     device: DeviceOption = "auto",
@@ -79,7 +83,7 @@ def score(
     """Score a pool by BALD (energy + forces) or a baseline and select a batch to label.
 
     Memory is flat in the pool size: candidates are scored chunk by chunk and only the best
-    KEEP are held for the (top-k or batch-diverse) selection.
+    KEEP are held for the (top-k, batch-diverse or power) selection.
     """
     import itertools
 
@@ -93,7 +97,8 @@ def score(
                                    selection=selection, reduction=reduction,
                                    threshold=threshold, keep=keep, chunk_size=chunk_size,
                                    predict_batch=predict_batch, trust_lo=trust_lo,
-                                   trust_hi=trust_hi, max_force_std_cap=max_force_std_cap)
+                                   trust_hi=trust_hi, max_force_std_cap=max_force_std_cap,
+                                   power_beta=power_beta)
         if not pool and not pool_campaign:
             raise ValueError("give candidate files with --pool or a campaign with "
                              "--pool-campaign")

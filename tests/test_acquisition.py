@@ -218,8 +218,9 @@ def test_random_draws_are_uniform_and_belong_to_the_structure_not_the_chunk():
     assert not np.array_equal(uniform_draws(4, np.arange(10)), u[:10])
 
 
-@pytest.mark.parametrize("acq", ["random", "trust-window", "bald-ef"])
-def test_chunks_scored_apart_merge_to_the_selection_of_one_pass(posterior, acq):
+@pytest.mark.parametrize(("acq", "selection"), [("random", "top-k"), ("trust-window", "top-k"),
+                                               ("bald-ef", "top-k"), ("bald-ef", "power")])
+def test_chunks_scored_apart_merge_to_the_selection_of_one_pass(posterior, acq, selection):
     """What a fan-out over workers does: every chunk scored on its own (its own index
     range), its best candidates merged; the same scores and the same selection as one
     pass, whatever the chunk size."""
@@ -227,7 +228,7 @@ def test_chunks_scored_apart_merge_to_the_selection_of_one_pass(posterior, acq):
 
     post, frames = posterior
     config = AcquisitionConfig(function=acq, n_select=4, chunk_size=7, keep=9,
-                               trust_lo=0.0, trust_hi=10.0)
+                               trust_lo=0.0, trust_hi=10.0, selection=selection)
     one = score_pool(post, iter(frames), config, seed=11)
     other = score_pool(post, iter(frames), config.model_copy(update={"chunk_size": 3}),
                        seed=11)
@@ -237,11 +238,51 @@ def test_chunks_scored_apart_merge_to_the_selection_of_one_pass(posterior, acq):
         chunk = frames[first:first + 10]
         pred = post.predict(chunk)
         s = score(pred, acq, seed=11, first_index=first, trust=(0.0, 10.0))
-        parts.append(best_candidates(chunk, pred, s, first, config))
+        parts.append(best_candidates(chunk, pred, s, first, config, seed=11))
     merged = merge_selection(reversed(parts), len(frames), False, config)
     assert [c.index for c in merged.selected] == [c.index for c in one.selected]
     assert [c.score for c in merged.selected] == pytest.approx([c.score for c in one.selected],
                                                                rel=1e-9)
+
+
+def test_power_selection_draws_in_proportion_to_score_to_the_beta():
+    """Power acquisition: the first pick is structure i with probability s_i^β / Σ s^β; a
+    zero score is never drawn; a large β is top-k."""
+    from bayesal.bayes_model.acquisition import power_keys
+
+    s = np.array([1.0, 2.0, 3.0, 4.0, 0.0])
+    n = 40_000
+    for beta in (1.0, 2.0):
+        first = [int(np.argmax(power_keys(s, seed, np.arange(5), beta))) for seed in range(n)]
+        freq = np.bincount(first, minlength=5) / n
+        np.testing.assert_allclose(freq, s**beta / (s**beta).sum(), atol=0.01)
+    # without replacement: two picks of three equal scores cover each pair equally often
+    pairs = [tuple(sorted(np.argsort(-power_keys(np.ones(3), seed, np.arange(3)))[:2]))
+             for seed in range(9000)]
+    assert {p: pairs.count(p) / 9000 for p in set(pairs)} == pytest.approx(
+        {(0, 1): 1 / 3, (0, 2): 1 / 3, (1, 2): 1 / 3}, abs=0.02)
+    # the draw belongs to the structure's pool index, not to its position in a chunk
+    np.testing.assert_array_equal(power_keys(s[2:], 7, np.arange(2, 5)),
+                                  power_keys(s, 7, np.arange(5))[2:])
+
+
+def test_power_selection_through_the_pool(posterior):
+    """score_pool with power: a huge β gives top-k's batch; β = 1 draws different batches
+    for different seeds, each of n_select distinct structures, keeping each one's score."""
+    post, frames = posterior
+    top = AcquisitionConfig(n_select=5, selection="top-k", chunk_size=4)
+    sharp = AcquisitionConfig(n_select=5, selection="power", power_beta=1e6, chunk_size=4)
+    want = [c.index for c in score_pool(post, iter(frames), top).selected]
+    assert sorted(c.index for c in score_pool(post, iter(frames), sharp, seed=1).selected) \
+        == sorted(want)
+    soft = AcquisitionConfig(n_select=5, selection="power", chunk_size=4)
+    batches = [score_pool(post, iter(frames), soft, seed=k).selected for k in range(6)]
+    assert all(len({c.index for c in b}) == 5 for b in batches)
+    assert len({tuple(sorted(c.index for c in b)) for b in batches}) > 1
+    full = score(post.predict(frames), "bald-ef")
+    for b in batches:
+        assert [c.score for c in b] == pytest.approx(full.score[[c.index for c in b]],
+                                                     rel=1e-9)
 
 
 _SCORE_POOL = '''
