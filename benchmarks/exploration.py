@@ -21,7 +21,9 @@ bald-ef with the aleatoric variances rescaled on the training residuals
 (``posterior.recal_aleatoric``); trust-window-adaptive is DP-GEN2's window with an adaptive
 lower level (:func:`adaptive_lower`), the fair version of the fixed window from a small
 start; bald-ef-capped is bald-ef among the frames below that window's upper level (0.5
-eV/Å), the frames DP-GEN counts as failed left out.
+eV/Å), the frames DP-GEN counts as failed left out; bald-ef-power draws frames with
+probability ∝ BALD-EF (``selection: power``); bald-ef-epig chooses by expected predictive
+information gain about the explored pool (:func:`epig_select`).
 
 Test sets, labelled once with the same method and never seen by a campaign:
 ``hot``: 60 frames of high-temperature reference MD (ethanol rMD17; acac 600 K);
@@ -70,6 +72,7 @@ STRATEGIES = {  # name -> (acquisition function, selection)
     "trust-window-adaptive": ("max-force-std", "top-k"),  # selected by adaptive_lower()
     "bald-ef-capped": ("bald-ef", "top-k"),  # among frames with σ_F <= ADAPTIVE_HI only
     "bald-ef-power": ("bald-ef", "power"),  # drawn with probability ∝ BALD (Kirsch 2023)
+    "bald-ef-epig": ("bald-ef", "top-k"),  # selected by epig_select()
 }
 POSTERIOR = {"bald-ef-ale": {"recal_aleatoric": True}}  # strategy -> posterior settings
 SOURCES = {  # molecule -> (300 K start frames, high-temperature test frames)
@@ -94,6 +97,41 @@ def adaptive_lower(pool, n_select: int, rng) -> list:
     candidates = ok[np.argsort(-sigma[ok], kind="stable")[:n_candidates]]
     picks = rng.choice(candidates, size=min(n_select, len(candidates)), replace=False)
     return [pool[i] for i in sorted(picks)]
+
+
+def epig_select(posterior, pool, n_select: int) -> list:
+    """Greedy batch EPIG (expected predictive information gain, Bickford-Smith et al.,
+    AISTATS 2023) with the explored pool as the target distribution: the frame whose label
+    tells most, on average, about the labels of the pool's frames, given the batch so far.
+
+    The Gaussian model is the one ``diverse`` selection uses: noise-whitened covariance
+    K(s,t) = a_s a_t C(s,t), a_s² = e^{2·BALD_s} − 1 (so ½ log(1 + K_ss) is the frame's
+    BALD-EF) and C the cosine of standardised last-layer features. The information of y_s
+    about y_t (unit noise on both) is −½ log(1 − K_st² / ((1 + K_ss)(1 + K_tt))); after a
+    pick j, K ← K − K_:j K_j: / (1 + K_jj). BALD favours the pool's outliers (the frames
+    where MD stopped); EPIG weighs a frame by how much of the pool it informs."""
+    from bayesal.bayes_model.acquisition import AcquisitionConfig
+    from bayesal.bayes_model.scoring import iter_scores
+
+    if len(pool) <= n_select:
+        return list(pool)
+    (_, pred, scores), = list(iter_scores(posterior, pool, AcquisitionConfig(
+        function="bald-ef", chunk_size=len(pool))))
+    x = pred.features - pred.features.mean(0)
+    x = x / (x.std(0) + 1e-12)
+    u = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    a = np.sqrt(np.expm1(2 * np.clip(scores.score, 0, 50)))
+    k = np.outer(a, a) * (u @ u.T)
+    chosen: list[int] = []
+    for _ in range(n_select):
+        d = 1 + np.clip(np.diag(k), 0, None)
+        rho2 = np.clip(k**2 / np.outer(d, d), 0, 1 - 1e-12)
+        gain = -0.5 * np.log1p(-rho2).mean(1)
+        gain[chosen] = -np.inf
+        j = int(np.argmax(gain))
+        chosen.append(j)
+        k = k - np.outer(k[:, j], k[j, :]) / d[j]
+    return [pool[i] for i in sorted(chosen)]
 
 
 def _labeler(args):
@@ -292,6 +330,8 @@ def run_campaign(molecule: str, strategy: str, seed: int, files: dict[str, Path]
                                    n_select=args.n_select)
         if strategy == "trust-window-adaptive":
             chosen = adaptive_lower(pool, args.n_select, np.random.default_rng(seed + r))
+        elif strategy == "bald-ef-epig":
+            chosen = epig_select(posterior, pool, args.n_select)
         else:
             eligible = pool
             if strategy == "bald-ef-capped":  # DP-GEN's "failed" frames are not candidates
@@ -404,7 +444,8 @@ def report(out: Path, args) -> None:
                      ("bald-ef", "random"), ("bald-ef-ale", "bald-ef"),
                      ("bald-ef-capped", "bald-ef"), ("bald-ef-capped", "random"),
                      ("bald-ef-capped", "trust-window-adaptive"),
-                     ("bald-ef-power", "bald-ef"), ("bald-ef-power", "random")):
+                     ("bald-ef-power", "bald-ef"), ("bald-ef-power", "random"),
+                     ("bald-ef-epig", "bald-ef"), ("bald-ef-epig", "random")):
             _versus(results, args, molecule, a, b)
         _diagnostics(results, args, molecule)
     _plot(results, args, out)
