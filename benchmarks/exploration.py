@@ -451,6 +451,22 @@ def report(out: Path, args) -> None:
     _plot(results, args, out)
 
 
+def _label_heights(args, molecule: str, strategy: str) -> tuple[float, float] | None:
+    """Median energy of the frames a strategy labelled (all seeds, the starting structures
+    left out) and of the hot test frames, both above the hot set's lowest energy (eV):
+    whether a strategy labels the test distribution or far above it."""
+    import ase.io
+
+    hot_file = args.out / molecule / "tests" / "hot.xyz"
+    files = [args.out / molecule / f"{strategy}-s{s}" / "train.xyz" for s in range(args.seeds)]
+    picked = [a.get_potential_energy() for f in files if f.is_file()
+              for a in ase.io.read(f, f"{args.initial}:")]
+    if not picked or not hot_file.is_file():
+        return None
+    hot = np.array([a.get_potential_energy() for a in ase.io.read(hot_file, ":")])
+    return float(np.median(picked) - hot.min()), float(np.median(hot) - hot.min())
+
+
 def _diagnostics(results, args, molecule: str) -> None:
     """What each strategy picked and how well the final models know their errors (means
     over seeds): the picked frames' max-force-std (rounds after the first), the hot-MD
@@ -481,6 +497,9 @@ def _diagnostics(results, args, molecule: str) -> None:
                           f"{mean('hot_energy_sigma_ale_median_calibrated', 1000):.0f}), E MAE "
                           f"{mean('hot_energy_mae', 1000):.0f} meV")
         picked = f"picked σ_F {np.mean(picks):.3f} eV/Å" if picks else "picked nothing"
+        if (height := _label_heights(args, molecule, strategy)) is not None:
+            picked += (f", labelled {height[0]:.2f} eV above the hot set's lowest (hot set: "
+                       f"{height[1]:.2f}; medians)")
         rows.append(f"  {strategy:21s} {picked}{in_window} | hot E cov68 "
                     f"{mean('hot_energy_coverage68'):.2f}, ρE {mean('hot_energy_spearman'):+.2f}"
                     f", ρF {mean('hot_force_spearman'):+.2f} | torsion F MAE "
