@@ -6,8 +6,14 @@ first frame whose largest per-atom epistemic force standard deviation
 (max_i sqrt(tr Σ_epi,i), the committee deviation of DP-GEN; the calculator's
 ``max_force_std_epistemic``, recalibrated like every uncertainty bayesal reports) exceeds
 ``max_force_std`` — that frame is kept too: it is where the model most needs a label.
-Frames carry their provenance in ``info`` (temperature_K, md_step, max_force_std,
-seed_index).
+With ``stop_on_break`` (molecules: seed structures periodic in no direction) a trajectory
+also stops at the first recorded frame that :func:`bayes_model.stability.check_frame`
+finds broken against its seed structure (a bond past 1.5x the covalent-radii sum, a
+hydrogen moved to another heavy atom excepted; atoms too close), and that frame is not
+kept: an atom that has flown off is beyond every member's cutoff, so the committee agrees
+on it (a small max-force-std) while its DFT energy lies eV above the molecule's and would
+dominate the energy loss. Frames carry their provenance in ``info`` (temperature_K,
+md_step, max_force_std, seed_index).
 """
 
 from __future__ import annotations
@@ -38,7 +44,8 @@ class Trajectory:
     temperature_K: float
     frames: list[Atoms]
     steps_run: int
-    stopped: str  # "uncertain", "steps" or "failed" (the model could not be evaluated)
+    stopped: str  # "uncertain", "steps", "broken" (stop_on_break; the frame left out) or
+    #               "failed" (the model could not be evaluated)
 
 
 def langevin(atoms: Atoms, posterior, *, temperature_K: float, timestep_fs: float = 0.5,
@@ -148,17 +155,22 @@ class Replicas:
 def explore(posterior, seeds: Sequence[Atoms], *, temperatures_K: Sequence[float],
             steps: int = 500, timestep_fs: float = 0.5, friction_per_fs: float = 0.01,
             max_force_std_threshold: float = 0.5, record_every: int = 10, seed: int = 0,
-            ) -> list[Trajectory]:
+            stop_on_break: bool = True) -> list[Trajectory]:
     """One Langevin trajectory per seed structure and temperature (see module doc), all run
     together (:class:`Replicas`: one model call per step), each with its own generator
     spawned from ``seed``, in (seed structure, temperature) order. A trajectory where the
     model cannot be evaluated (positions gone non-finite) stops there ("failed"), the
     others go on."""
+    from bayesal.bayes_model.stability import bonds_of, check_frame
+
     if steps < 1 or record_every < 1:
         raise ValueError("steps and record_every must be >= 1")
     runs = [(i, float(t)) for i in range(len(seeds)) for t in temperatures_K]
     if not runs:
         return []
+    # the bonds of each seed structure, for molecules (distances here ignore periodic images)
+    bonds = {i: bonds_of(seeds[i]) for i in {i for i, _ in runs}
+             if stop_on_break and not seeds[i].pbc.any()}
     md = Replicas(posterior, [seeds[i] for i, _ in runs], [t for _, t in runs],
                   np.random.default_rng(seed).spawn(len(runs)), timestep_fs=timestep_fs,
                   friction_per_fs=friction_per_fs)
@@ -175,7 +187,11 @@ def explore(posterior, seeds: Sequence[Atoms], *, temperatures_K: Sequence[float
             atoms = md.atoms[k]
             sigma = md.results[k]["max_force_std_epistemic"]
             uncertain = not sigma <= max_force_std_threshold  # NaN: uncertain too
-            if (n % record_every == 0 or uncertain) and np.isfinite(atoms.positions).all():
+            recorded = n % record_every == 0 or uncertain
+            if recorded and i in bonds and check_frame(seeds[i], bonds[i], atoms, None, None):
+                done[k] = Trajectory(i, temperature, frames[k], n, "broken")
+                continue
+            if recorded and np.isfinite(atoms.positions).all():
                 frames[k].append(Atoms(
                     numbers=atoms.numbers, positions=atoms.positions.copy(), cell=atoms.cell,
                     pbc=atoms.pbc, info={"temperature_K": temperature, "md_step": n,

@@ -10,7 +10,11 @@ Per molecule (ethanol, acetylacetone), strategy and seed, a campaign starts from
 3. explore: Langevin MD with the model from ``--md-seeds`` labelled structures at the
    round's temperature (``--temperatures``, rising: 300, 600, 900 K, then the last), every
    10th frame a candidate, a trajectory stopped where max-force-std passes ``--stop-above``
-   (1.0 eV/Å: far enough to leave frames above DP-GEN's trust window too);
+   (1.0 eV/Å: far enough to leave frames above DP-GEN's trust window too), or, as the
+   product explores by default (``stop_on_break``), at the first frame with a bond of its
+   start broken, that frame left out (``--keep-broken``: as the first grid ran, before
+   that rule; its results are kept in ``results/exploration``, the others in
+   ``results/exploration-stop-on-break``);
 4. select ``--n-select`` of this round's explored frames by the strategy;
 5. label them with a real labeler (PySCF, ``--method``/``--basis``, default HF/STO-3G: a
    real method cheap enough for hours on 2 cores) and add them to the training set.
@@ -34,11 +38,11 @@ with the final model breaks (bonds, distances, energy; bayes_model.stability), o
 ``--stability-seeds`` seeds.
 
 Everything is written under ``--out`` as it goes (labelled sets, per-round metrics), by
-default into ``benchmarks/results/exploration`` in the repository, so that sessions add up:
-commit it (the final round's model stays beside it, not committed). A rerun resumes at the
-first unfinished round of each campaign; a campaign whose newest model is gone (models are
-not committed) starts again. ``--until HH:MM`` starts no
-campaign that would not end by then. ``--report-only`` prints the comparison: labels each
+default into ``benchmarks/results/exploration-stop-on-break`` in the repository, so that
+sessions add up: commit it (the final round's model stays beside it, not committed). A
+rerun resumes at the first unfinished round of each campaign; a campaign whose newest model
+is gone (models are not committed) starts again. ``--until HH:MM`` starts no campaign that
+would not end by then. ``--report-only`` prints the comparison: labels each
 strategy needs to reach random's final hot-MD force MAE, errors at equal labels (mean ± sd
 over seeds), bald-ef against trust-window per (seed, round), MD stability, and writes
 exploration.png.
@@ -60,7 +64,8 @@ from pathlib import Path
 import numpy as np
 from _common import REPO, shared_data
 
-RESULTS = REPO / "benchmarks" / "results" / "exploration"
+RESULTS = REPO / "benchmarks" / "results" / "exploration-stop-on-break"
+RESULTS_KEEP_BROKEN = REPO / "benchmarks" / "results" / "exploration"  # the first grid
 
 STRATEGIES = {  # name -> (acquisition function, selection)
     "bald-ef": ("bald-ef", "top-k"),
@@ -324,7 +329,8 @@ def run_campaign(molecule: str, strategy: str, seed: int, files: dict[str, Path]
                                                      replace=False)]
         trajectories = explore(posterior, md_seeds, temperatures_K=[temperature],
                                steps=args.md_steps, record_every=10,
-                               max_force_std_threshold=args.stop_above, seed=seed + r)
+                               max_force_std_threshold=args.stop_above, seed=seed + r,
+                               stop_on_break=not args.keep_broken)
         pool = [f for t in trajectories for f in t.frames]
         config = AcquisitionConfig(function=function, selection=selection,
                                    n_select=args.n_select)
@@ -343,6 +349,7 @@ def run_campaign(molecule: str, strategy: str, seed: int, files: dict[str, Path]
         sigma = np.array([float(a.info.get("max_force_std", np.nan)) for a in pool])
         lo, hi = config.trust_lo, config.trust_hi
         record.update(temperature_K=temperature, n_explored=len(pool),
+                      n_trajectories_broken=sum(t.stopped == "broken" for t in trajectories),
                       explored_max_force_std_quantiles=(
                           np.nanquantile(sigma, [0, 0.25, 0.5, 0.75, 1]).tolist()
                           if len(pool) else []),
@@ -577,7 +584,7 @@ def _plot(results, args, out: Path) -> None:
 
 SETTINGS = ("rounds", "initial", "n_select", "members", "epochs", "finetune_epochs",
             "temperatures", "md_seeds", "md_steps", "stop_above", "stability_seeds",
-            "stability_steps", "method", "basis")
+            "stability_steps", "method", "basis", "keep_broken")
 
 
 def _same_settings(args) -> None:
@@ -597,8 +604,10 @@ def _same_settings(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=RESULTS,
-                        help="results folder (default: the one kept in the repository)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="results folder (default: the one kept in the repository for "
+                             "the exploration chosen, results/exploration-stop-on-break or, "
+                             "with --keep-broken, results/exploration)")
     parser.add_argument("--until", default=None,
                         help="HH:MM (today, local time): start no campaign that would not "
                              "end by then (a cut-off one starts again on the next run)")
@@ -620,6 +629,9 @@ def main() -> None:
     parser.add_argument("--md-steps", type=int, default=200)
     parser.add_argument("--stop-above", type=float, default=1.0,
                         help="stop a trajectory where max-force-std passes this, eV/Å")
+    parser.add_argument("--keep-broken", action="store_true",
+                        help="explore as before stop_on_break: trajectories go on past a "
+                             "broken bond and such frames are candidates (the first grid)")
     parser.add_argument("--stability-seeds", type=int, default=6)
     parser.add_argument("--stability-steps", type=int, default=2000)
     parser.add_argument("--method", default="hf")
@@ -627,6 +639,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args()
+    if args.out is None:
+        args.out = RESULTS_KEEP_BROKEN if args.keep_broken else RESULTS
     if not args.report_only:
         import torch
 

@@ -216,6 +216,7 @@ def campaign_round(config: str, round_id: int, round_index: int,
                                         friction_per_fs=e.friction_per_fs,
                                         max_force_std=e.max_force_std,
                                         record_every=e.record_every,
+                                        stop_on_break=e.stop_on_break,
                                         seeds_per_round=e.seeds_per_round, seed=cfg.seed,
                                         device=cfg.device, kernels=cfg.kernels))
         a = cfg.acquisition

@@ -84,6 +84,10 @@ class ExplorerConfig(_Strict):
         "Stop a trajectory when the largest per-atom epistemic force std, recalibrated "
         "(the ASE calculator's max_force_std_epistemic), exceeds this (eV/Å)."))
     record_every: int = Field(10, ge=1, description="Keep every n-th frame as a candidate.")
+    stop_on_break: bool = Field(True, description=(
+        "Molecules: stop a trajectory at the first recorded frame with a bond of its start "
+        "structure broken (past 1.5x the covalent-radii sum; a hydrogen moved to another "
+        "heavy atom excepted) or atoms too close, and leave that frame out."))
     seeds_per_round: int = Field(4, ge=1, description="Labelled structures to start from.")
 
 

@@ -279,7 +279,8 @@ def explore_round(engine: Engine, campaign: str, round_index: int, settings_hash
                   model_dir: Path, *, temperatures_K: Sequence[float], steps: int,
                   timestep_fs: float, friction_per_fs: float, max_force_std: float,
                   record_every: int, seeds_per_round: int, seed: int,
-                  device: str = "auto", kernels: str = "e3nn") -> dict[str, float]:
+                  stop_on_break: bool = True, device: str = "auto", kernels: str = "e3nn",
+                  ) -> dict[str, float]:
     """Langevin MD with the round's model (on ``device``) from labelled structures; the
     frames become candidates (source ``explored``). Done once per round (all frames in one
     transaction)."""
@@ -298,13 +299,14 @@ def explore_round(engine: Engine, campaign: str, round_index: int, settings_hash
                            steps=steps, timestep_fs=timestep_fs,
                            friction_per_fs=friction_per_fs,
                            max_force_std_threshold=max_force_std, record_every=record_every,
-                           seed=seed + round_index)
+                           seed=seed + round_index, stop_on_break=stop_on_break)
     items = [(frame, seeds[t.seed_index].info["structure_id"])
              for t in trajectories for frame in t.frames]
     n_new = add_explored(engine, campaign, round_index, items)
     stopped = sum(t.stopped == "uncertain" for t in trajectories)
     return {M.N_EXPLORED: n_new, "explore_trajectories": len(trajectories),
             "explore_stopped_uncertain": stopped,
+            "explore_stopped_broken": sum(t.stopped == "broken" for t in trajectories),
             "explore_mean_steps": float(np.mean([t.steps_run for t in trajectories])),
             M.EXPLORE_S: time.perf_counter() - t0}
 
