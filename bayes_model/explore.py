@@ -161,7 +161,7 @@ def explore(posterior, seeds: Sequence[Atoms], *, temperatures_K: Sequence[float
     spawned from ``seed``, in (seed structure, temperature) order. A trajectory where the
     model cannot be evaluated (positions gone non-finite) stops there ("failed"), the
     others go on."""
-    from bayesal.bayes_model.stability import bonds_of, check_frame
+    from bayesal.bayes_model.stability import BondReference, check_frame
 
     if steps < 1 or record_every < 1:
         raise ValueError("steps and record_every must be >= 1")
@@ -169,7 +169,7 @@ def explore(posterior, seeds: Sequence[Atoms], *, temperatures_K: Sequence[float
     if not runs:
         return []
     # the bonds of each seed structure, for molecules (distances here ignore periodic images)
-    bonds = {i: bonds_of(seeds[i]) for i in {i for i, _ in runs}
+    bonds = {i: BondReference.of(seeds[i]) for i in {i for i, _ in runs}
              if stop_on_break and not seeds[i].pbc.any()}
     md = Replicas(posterior, [seeds[i] for i, _ in runs], [t for _, t in runs],
                   np.random.default_rng(seed).spawn(len(runs)), timestep_fs=timestep_fs,
@@ -188,7 +188,7 @@ def explore(posterior, seeds: Sequence[Atoms], *, temperatures_K: Sequence[float
             sigma = md.results[k]["max_force_std_epistemic"]
             uncertain = not sigma <= max_force_std_threshold  # NaN: uncertain too
             recorded = n % record_every == 0 or uncertain
-            if recorded and i in bonds and check_frame(seeds[i], bonds[i], atoms, None, None):
+            if recorded and i in bonds and check_frame(bonds[i], atoms, None, None):
                 done[k] = Trajectory(i, temperature, frames[k], n, "broken")
                 continue
             if recorded and np.isfinite(atoms.positions).all():

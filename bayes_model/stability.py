@@ -28,7 +28,8 @@ import numpy as np
 from ase import Atoms
 from ase.data import covalent_radii
 
-__all__ = ["Break", "StabilityRule", "first_break", "time_to_break", "times_to_break"]
+__all__ = ["BondReference", "Break", "StabilityRule", "first_break", "time_to_break",
+           "times_to_break"]
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,21 @@ def bonds_of(atoms: Atoms, rule: StabilityRule = StabilityRule()) -> np.ndarray:
     return np.stack([i, j], axis=1)
 
 
+@dataclass(frozen=True)
+class BondReference:
+    """A starting structure's covalent bonds (``pairs``, from :func:`bonds_of`) and their
+    lengths there, computed once and checked against every later frame."""
+    pairs: np.ndarray  # (n_bonds, 2) atom indices, i < j
+    lengths: np.ndarray  # (n_bonds,) Å in the starting structure
+
+    @classmethod
+    def of(cls, atoms: Atoms, rule: StabilityRule = StabilityRule()) -> BondReference:
+        pairs = bonds_of(atoms, rule)
+        lengths = np.linalg.norm(atoms.positions[pairs[:, 1]] - atoms.positions[pairs[:, 0]],
+                                 axis=-1)
+        return cls(pairs, lengths)
+
+
 def _rebonded_hydrogens(numbers: np.ndarray, bonds: np.ndarray, d: np.ndarray,
                         rule: StabilityRule) -> np.ndarray:
     """Per bond: one end is a hydrogen now within stretch_factor x the covalent radii sum of
@@ -82,9 +98,9 @@ def _rebonded_hydrogens(numbers: np.ndarray, bonds: np.ndarray, d: np.ndarray,
     return out
 
 
-def check_frame(reference: Atoms, bonds: np.ndarray, frame: Atoms, energy0: float | None,
+def check_frame(reference: BondReference, frame: Atoms, energy0: float | None,
                 energy: float | None, rule: StabilityRule = StabilityRule()) -> str:
-    """Why ``frame`` is broken against ``reference`` ("" when it is not)."""
+    """Why ``frame`` is broken against the starting structure's bonds ("" when it is not)."""
     pos = frame.positions
     if not np.isfinite(pos).all():
         return "positions not finite"
@@ -95,8 +111,8 @@ def check_frame(reference: Atoms, bonds: np.ndarray, frame: Atoms, energy0: floa
     if close.any():
         i, j = np.argwhere(close)[0]
         return f"atoms {i} and {j} too close ({d[i, j]:.2f} Å)"
+    bonds, ref = reference.pairs, reference.lengths
     if len(bonds):
-        ref = _distances(reference.positions)[bonds[:, 0], bonds[:, 1]]
         now = d[bonds[:, 0], bonds[:, 1]]
         over = now > rule.stretch_factor * ref
         if over.any():
@@ -121,10 +137,10 @@ def first_break(frames: Sequence[Atoms], energies: Sequence[float] | None = None
     energies, when given, against the first one)."""
     if not frames:
         return Break(-1, "")
-    bonds = bonds_of(frames[0], rule)
+    reference = BondReference.of(frames[0], rule)
     e0 = None if energies is None else float(energies[0])
     for k, frame in enumerate(frames):
-        reason = check_frame(frames[0], bonds, frame, e0,
+        reason = check_frame(reference, frame, e0,
                              None if energies is None else float(energies[k]), rule)
         if reason:
             return Break(k, reason)
@@ -156,7 +172,7 @@ def times_to_break(posterior, start: Atoms, *, seeds: Sequence[int],
 
     reference = Atoms(numbers=start.numbers, positions=start.positions, cell=start.cell,
                       pbc=start.pbc)
-    bonds = bonds_of(reference, rule)
+    bonds = BondReference.of(reference, rule)
     md = Replicas(posterior, [reference] * len(seeds), [temperature_K] * len(seeds),
                   [np.random.default_rng(s) for s in seeds], timestep_fs=timestep_fs,
                   friction_per_fs=friction_per_fs)
@@ -171,7 +187,7 @@ def times_to_break(posterior, start: Atoms, *, seeds: Sequence[int],
         for k in active:
             if md.failed[k]:
                 out[k] = Break(step, md.failed[k], step * timestep_fs)
-            elif reason := check_frame(reference, bonds, md.atoms[k], e0[k],
+            elif reason := check_frame(bonds, md.atoms[k], e0[k],
                                        float(md.results[k]["energy"]), rule):
                 out[k] = Break(step, reason, step * timestep_fs)
     return [out.get(k, Break(-1, "", steps * timestep_fs)) for k in range(len(seeds))]

@@ -124,13 +124,13 @@ def test_explorer_stops_where_a_bond_breaks_and_leaves_that_frame_out(committee)
     """An atom pushed off its molecule: beyond the cutoff every member agrees on it, so
     max-force-std does not stop the trajectory; the bond check does, and the broken frame
     (a DFT label eV above the molecule's) is not a candidate."""
-    from bayesal.bayes_model.stability import bonds_of, check_frame
+    from bayesal.bayes_model.stability import BondReference, check_frame
 
     posterior, ethanol = committee
     seed = ethanol[0]
-    bonds = bonds_of(seed)
+    bonds = BondReference.of(seed)
     h, c = next((int(i), int(j)) if seed.numbers[i] == 1 else (int(j), int(i))
-                for i, j in bonds if 1 in seed.numbers[[i, j]])
+                for i, j in bonds.pairs if 1 in seed.numbers[[i, j]])
 
     class PushesAHydrogenOff:
         recalibration = None
@@ -146,15 +146,15 @@ def test_explorer_stops_where_a_bond_breaks_and_leaves_that_frame_out(committee)
     kept, = explore(PushesAHydrogenOff(), [seed], temperatures_K=[300.0], steps=200,
                     record_every=5, max_force_std_threshold=1e6, seed=0,
                     stop_on_break=False)
-    assert kept.stopped == "steps" and check_frame(seed, bonds, kept.frames[-1], None, None)
+    assert kept.stopped == "steps" and check_frame(bonds, kept.frames[-1], None, None)
     (t,) = explore(PushesAHydrogenOff(), [seed], temperatures_K=[300.0], steps=200,
                    record_every=5, max_force_std_threshold=1e6, seed=0)
     assert t.stopped == "broken" and 5 <= t.steps_run < 200 and t.steps_run % 5 == 0
-    assert t.frames and not any(check_frame(seed, bonds, f, None, None) for f in t.frames)
+    assert t.frames and not any(check_frame(bonds, f, None, None) for f in t.frames)
     # the same trajectory up to the break: the kept frames are those of the unchecked run
     assert [f.info["md_step"] for f in t.frames] == [
         f.info["md_step"] for f in kept.frames if f.info["md_step"] < t.steps_run]
-    assert "broken" in check_frame(seed, bonds, next(
+    assert "broken" in check_frame(bonds, next(
         f for f in kept.frames if f.info["md_step"] == t.steps_run), None, None)
 
 
