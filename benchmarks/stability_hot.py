@@ -31,12 +31,14 @@ RESULTS = REPO / "benchmarks" / "results" / "exploration"
 
 
 def _models(root: Path) -> list[tuple[str, str, Path]]:
-    """(molecule, campaign folder name, newest round model) of every finished campaign."""
+    """(molecule, campaign folder name, final round's model) of every campaign whose rounds
+    all ran (its own 1000 K stability runs may be deferred)."""
+    n_rounds = json.loads((root / "settings.json").read_text())["rounds"]
     out = []
     for state in sorted(root.glob("*/*/state.json")):
-        rounds = sorted(state.parent.glob("round-*"), key=lambda p: int(p.name.split("-")[1]))
-        if rounds and "stability" in json.loads(state.read_text()):  # campaign finished
-            out.append((state.parent.parent.name, state.parent.name, rounds[-1]))
+        final = state.parent / f"round-{n_rounds - 1}"
+        if final.is_dir() and len(json.loads(state.read_text())["rounds"]) >= n_rounds:
+            out.append((state.parent.parent.name, state.parent.name, final))
     return out
 
 
