@@ -62,7 +62,7 @@ def run(args) -> None:
                                        dt.time.fromisoformat(args.until)).timestamp()
     for molecule, campaign, model in _models(args.out):
         key = f"{molecule}/{campaign}"
-        if key in done:
+        if key in done or (args.strategies and _strategy(campaign) not in args.strategies):
             continue
         if deadline is not None and time.time() + args.model_minutes * 60 > deadline:
             print(f"{key}: not started, would not end by {args.until}", flush=True)
@@ -118,6 +118,8 @@ def main() -> None:
     parser.add_argument("--until", default=None, help="HH:MM: start no model after it")
     parser.add_argument("--model-minutes", type=float, default=5.0,
                         help="what --until expects one model to take")
+    parser.add_argument("--strategies", nargs="+", default=None,
+                        help="run only these strategies' campaigns (default: all)")
     parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args()
     if args.report_only:
