@@ -26,8 +26,10 @@ bald-ef with the aleatoric variances rescaled on the training residuals
 lower level (:func:`adaptive_lower`), the fair version of the fixed window from a small
 start; bald-ef-capped is bald-ef among the frames below that window's upper level (0.5
 eV/Å), the frames DP-GEN counts as failed left out; bald-ef-power draws frames with
-probability ∝ BALD-EF (``selection: power``); bald-ef-epig chooses by expected predictive
-information gain about the explored pool (:func:`epig_select`).
+probability ∝ BALD-EF (``selection: power``), bald-ef-power-capped among the frames at or
+below 0.5 eV/Å (``selection: power`` with ``max_force_std_cap: 0.5``); bald-ef-epig
+chooses by expected predictive information gain about the explored pool
+(:func:`epig_select`).
 
 Test sets, labelled once with the same method and never seen by a campaign:
 ``hot``: 60 frames of high-temperature reference MD (ethanol rMD17; acac 600 K);
@@ -79,6 +81,7 @@ STRATEGIES = {  # name -> (acquisition function, selection)
     "bald-ef-capped": ("bald-ef", "top-k"),  # among frames with σ_F <= ADAPTIVE_HI only
     "bald-ef-power": ("bald-ef", "power"),  # drawn with probability ∝ BALD (Kirsch 2023)
     "bald-ef-epig": ("bald-ef", "top-k"),  # selected by epig_select()
+    "bald-ef-power-capped": ("bald-ef", "power"),  # power among σ_F <= ADAPTIVE_HI only
 }
 POSTERIOR = {"bald-ef-ale": {"recal_aleatoric": True}}  # strategy -> posterior settings
 SOURCES = {  # molecule -> (300 K start frames, high-temperature test frames)
@@ -88,6 +91,7 @@ SOURCES = {  # molecule -> (300 K start frames, high-temperature test frames)
 
 
 ADAPTIVE_HI, ADAPTIVE_CANDIDATES = 0.5, 2  # eV/Å; candidates per label to select
+CAPPED = ("bald-ef-capped", "bald-ef-power-capped")  # select among σ_F <= ADAPTIVE_HI
 
 
 def adaptive_lower(pool, n_select: int, rng) -> list:
@@ -341,7 +345,7 @@ def run_campaign(molecule: str, strategy: str, seed: int, files: dict[str, Path]
             chosen = epig_select(posterior, pool, args.n_select)
         else:
             eligible = pool
-            if strategy == "bald-ef-capped":  # DP-GEN's "failed" frames are not candidates
+            if strategy in CAPPED:  # DP-GEN's "failed" frames are not candidates
                 eligible = [a for a in pool if a.info["max_force_std"] <= ADAPTIVE_HI] or pool
             chosen = [c.atoms for c in score_pool(posterior, eligible, config,
                                                   seed=seed + r).selected]
@@ -462,6 +466,11 @@ def report(out: Path, args) -> None:
                      ("bald-ef-capped", "bald-ef"), ("bald-ef-capped", "random"),
                      ("bald-ef-capped", "trust-window-adaptive"),
                      ("bald-ef-power", "bald-ef"), ("bald-ef-power", "random"),
+                     ("bald-ef-power", "trust-window-adaptive"),
+                     ("bald-ef-diverse", "random"), ("bald-ef-diverse", "trust-window-adaptive"),
+                     ("bald-ef-power-capped", "bald-ef-power"),
+                     ("bald-ef-power-capped", "random"),
+                     ("bald-ef-power-capped", "trust-window-adaptive"),
                      ("bald-ef-epig", "bald-ef"), ("bald-ef-epig", "random")):
             _versus(results, args, molecule, a, b)
         _diagnostics(results, args, molecule)
