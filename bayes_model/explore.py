@@ -6,14 +6,14 @@ first frame whose largest per-atom epistemic force standard deviation
 (max_i sqrt(tr Σ_epi,i), the committee deviation of DP-GEN; the calculator's
 ``max_force_std_epistemic``, recalibrated like every uncertainty bayesal reports) exceeds
 ``max_force_std`` — that frame is kept too: it is where the model most needs a label.
-With ``stop_on_break`` (molecules: seed structures periodic in no direction) a trajectory
-also stops at the first recorded frame that :func:`bayes_model.stability.check_frame`
-finds broken against its seed structure (a bond past 1.5x the covalent-radii sum, a
-hydrogen moved to another heavy atom excepted; atoms too close), and that frame is not
-kept: an atom that has flown off is beyond every member's cutoff, so the committee agrees
-on it (a small max-force-std) while its DFT energy lies eV above the molecule's and would
-dominate the energy loss. Frames carry their provenance in ``info`` (temperature_K,
-md_step, max_force_std, seed_index).
+With ``stop_on_break`` a trajectory also stops at the first recorded frame that
+:func:`bayes_model.stability.check_frame` finds broken against its seed structure (a bond
+past 1.5x its starting length, a hydrogen moved to another heavy atom excepted; atoms
+closer than half their covalent-radii sum; periodic structures with their images), and
+that frame is not kept: an atom that has flown off is beyond every member's cutoff, so the
+committee agrees on it (a small max-force-std) while its DFT energy lies eV above the
+molecule's and would dominate the energy loss. Frames carry their provenance in ``info``
+(temperature_K, md_step, max_force_std, seed_index).
 """
 
 from __future__ import annotations
@@ -168,9 +168,8 @@ def explore(posterior, seeds: Sequence[Atoms], *, temperatures_K: Sequence[float
     runs = [(i, float(t)) for i in range(len(seeds)) for t in temperatures_K]
     if not runs:
         return []
-    # the bonds of each seed structure, for molecules (distances here ignore periodic images)
-    bonds = {i: BondReference.of(seeds[i]) for i in {i for i, _ in runs}
-             if stop_on_break and not seeds[i].pbc.any()}
+    # the bonds of each seed structure (periodic ones with their images)
+    bonds = {i: BondReference.of(seeds[i]) for i in {i for i, _ in runs} if stop_on_break}
     md = Replicas(posterior, [seeds[i] for i, _ in runs], [t for _, t in runs],
                   np.random.default_rng(seed).spawn(len(runs)), timestep_fs=timestep_fs,
                   friction_per_fs=friction_per_fs)

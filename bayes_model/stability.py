@@ -70,16 +70,63 @@ def bonds_of(atoms: Atoms, rule: StabilityRule = StabilityRule()) -> np.ndarray:
 @dataclass(frozen=True)
 class BondReference:
     """A starting structure's covalent bonds (``pairs``, from :func:`bonds_of`) and their
-    lengths there, computed once and checked against every later frame."""
-    pairs: np.ndarray  # (n_bonds, 2) atom indices, i < j
+    lengths there, computed once and checked against every later frame.
+
+    Periodic structures (``pbc`` in any direction) bond across the cell's faces: a bond is
+    then atom ``i`` to the image of ``j`` ``shifts`` cells away, found with a neighbour list
+    (linear in the atoms), and ``vectors`` holds its vector in the starting structure. A
+    later frame's bond vector is the start's plus its change reduced to the minimum image,
+    so atoms wrapped back into the cell (by MD codes or by a user) do not read as broken
+    bonds."""
+    pairs: np.ndarray  # (n_bonds, 2) atom indices, i < j (periodic: i <= j)
     lengths: np.ndarray  # (n_bonds,) Å in the starting structure
+    shifts: np.ndarray | None = None  # periodic: (n_bonds, 3) cell shifts of j's image
+    vectors: np.ndarray | None = None  # periodic: (n_bonds, 3) bond vectors at the start
 
     @classmethod
     def of(cls, atoms: Atoms, rule: StabilityRule = StabilityRule()) -> BondReference:
+        if atoms.pbc.any():
+            return cls._periodic(atoms, rule)
         pairs = bonds_of(atoms, rule)
         lengths = np.linalg.norm(atoms.positions[pairs[:, 1]] - atoms.positions[pairs[:, 0]],
                                  axis=-1)
         return cls(pairs, lengths)
+
+    @classmethod
+    def _periodic(cls, atoms: Atoms, rule: StabilityRule) -> BondReference:
+        from ase.neighborlist import neighbor_list
+
+        i, j, shift, vec = neighbor_list("ijSD", atoms, _cutoffs(atoms, rule.bond_scale),
+                                         self_interaction=False)
+        # each bond once: i < j, or an atom bonded to its own image (one of the two signs)
+        keep = (i < j) | ((i == j) & _positive(shift))
+        pairs = np.stack([i[keep], j[keep]], axis=1)
+        vectors = vec[keep]
+        return cls(pairs, np.linalg.norm(vectors, axis=-1), shift[keep], vectors)
+
+    def now(self, frame: Atoms) -> np.ndarray:
+        """The bonds' lengths in ``frame`` (Å)."""
+        pos = frame.positions
+        vec = pos[self.pairs[:, 1]] - pos[self.pairs[:, 0]]
+        if self.shifts is None:
+            return np.linalg.norm(vec, axis=-1)
+        from ase.geometry import find_mic
+
+        vec = vec + self.shifts @ frame.cell.array
+        change, _ = find_mic(vec - self.vectors, frame.cell, frame.pbc)
+        return np.linalg.norm(self.vectors + change, axis=-1)
+
+
+def _positive(shift: np.ndarray) -> np.ndarray:
+    """Per row: the first non-zero component is positive (one of +S and -S)."""
+    first = np.argmax(shift != 0, axis=1)
+    return shift[np.arange(len(shift)), first] > 0
+
+
+def _cutoffs(atoms: Atoms, scale: float) -> np.ndarray:
+    """Per-atom radii for ase's neighbour list: a pair is found when closer than the sum of
+    its two radii, here ``scale`` x the sum of their covalent radii."""
+    return scale * covalent_radii[atoms.numbers]
 
 
 def _rebonded_hydrogens(numbers: np.ndarray, bonds: np.ndarray, d: np.ndarray,
@@ -100,23 +147,33 @@ def _rebonded_hydrogens(numbers: np.ndarray, bonds: np.ndarray, d: np.ndarray,
 
 def check_frame(reference: BondReference, frame: Atoms, energy0: float | None,
                 energy: float | None, rule: StabilityRule = StabilityRule()) -> str:
-    """Why ``frame`` is broken against the starting structure's bonds ("" when it is not)."""
+    """Why ``frame`` is broken against the starting structure's bonds ("" when it is not).
+    Periodic frames (``reference`` built from a periodic start) are judged with their
+    images: neighbour lists instead of all pairwise distances."""
     pos = frame.positions
     if not np.isfinite(pos).all():
         return "positions not finite"
-    d = _distances(pos)
     n = len(frame)
-    close = d < rule.close_factor * _radii_sum(frame.numbers)
-    close[np.arange(n), np.arange(n)] = False
-    if close.any():
-        i, j = np.argwhere(close)[0]
-        return f"atoms {i} and {j} too close ({d[i, j]:.2f} Å)"
+    periodic = reference.shifts is not None
+    if periodic:
+        near = _Near(frame, rule)
+        found = near.pair(rule.close_factor)
+    else:
+        d = _distances(pos)
+        close = d < rule.close_factor * _radii_sum(frame.numbers)
+        close[np.arange(n), np.arange(n)] = False
+        found = (*np.argwhere(close)[0], None) if close.any() else None
+    if found is not None:
+        i, j, dist = found
+        dist = d[i, j] if dist is None else dist
+        return f"atoms {i} and {j} too close ({dist:.2f} Å)"
     bonds, ref = reference.pairs, reference.lengths
     if len(bonds):
-        now = d[bonds[:, 0], bonds[:, 1]]
+        now = reference.now(frame)
         over = now > rule.stretch_factor * ref
         if over.any():
-            over &= ~_rebonded_hydrogens(frame.numbers, bonds, d, rule)
+            over &= ~(near.rebonded_hydrogens(bonds) if periodic else
+                      _rebonded_hydrogens(frame.numbers, bonds, d, rule))
         if over.any():
             k = int(np.argmax(np.where(over, now / ref, 0.0)))
             i, j = bonds[k]
@@ -129,6 +186,43 @@ def check_frame(reference: BondReference, frame: Atoms, energy0: float | None,
             return (f"energy blew up ({(energy - energy0) / n:+.2f} eV/atom from the first "
                     "frame)")
     return ""
+
+
+class _Near:
+    """A periodic frame's close pairs, from ase's neighbour list (images included)."""
+
+    def __init__(self, frame: Atoms, rule: StabilityRule):
+        self.frame, self.rule = frame, rule
+
+    def pair(self, factor: float) -> tuple[int, int, float] | None:
+        """The first pair closer than ``factor`` x its covalent radii sum, or None."""
+        from ase.neighborlist import neighbor_list
+
+        i, j, d = neighbor_list("ijd", self.frame, _cutoffs(self.frame, factor),
+                                self_interaction=False)
+        if not len(i):
+            return None
+        k = int(np.lexsort((j, i))[0])
+        return int(min(i[k], j[k])), int(max(i[k], j[k])), float(d[k])
+
+    def rebonded_hydrogens(self, bonds: np.ndarray) -> np.ndarray:
+        """:func:`_rebonded_hydrogens` with images: per bond, a hydrogen end within
+        stretch_factor x the radii sum of a heavy atom other than its partner."""
+        from ase.neighborlist import neighbor_list
+
+        numbers = self.frame.numbers
+        i, j = neighbor_list("ij", self.frame, _cutoffs(self.frame, self.rule.stretch_factor),
+                             self_interaction=False)
+        heavy_near = {}  # hydrogen -> the heavy atoms near it
+        for a, b in zip(i, j, strict=True):
+            if numbers[a] == 1 and numbers[b] > 1:
+                heavy_near.setdefault(int(a), set()).add(int(b))
+        out = np.zeros(len(bonds), dtype=bool)
+        for k, (a, b) in enumerate(bonds):
+            for h, partner in ((a, b), (b, a)):
+                if numbers[h] == 1:
+                    out[k] |= bool(heavy_near.get(int(h), set()) - {int(partner)})
+        return out
 
 
 def first_break(frames: Sequence[Atoms], energies: Sequence[float] | None = None, *,

@@ -85,9 +85,10 @@ class ExplorerConfig(_Strict):
         "(the ASE calculator's max_force_std_epistemic), exceeds this (eV/Å)."))
     record_every: int = Field(10, ge=1, description="Keep every n-th frame as a candidate.")
     stop_on_break: bool = Field(True, description=(
-        "Molecules: stop a trajectory at the first recorded frame with a bond of its start "
-        "structure broken (past 1.5x the covalent-radii sum; a hydrogen moved to another "
-        "heavy atom excepted) or atoms too close, and leave that frame out."))
+        "Stop a trajectory at the first recorded frame with a bond of its start structure "
+        "broken (past 1.5x its starting length; a hydrogen moved to another heavy atom "
+        "excepted) or atoms too close, and leave that frame out (periodic structures: "
+        "with their images)."))
     seeds_per_round: int = Field(4, ge=1, description="Labelled structures to start from.")
 
 

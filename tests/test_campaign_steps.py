@@ -120,15 +120,22 @@ def test_explorer_stops_only_the_trajectory_the_model_fails_on(committee):
         ("steps", 8, 2), ("failed", 1, 0)]
 
 
-def test_explorer_stops_where_a_bond_breaks_and_leaves_that_frame_out(committee):
+@pytest.mark.parametrize("periodic", [False, True])
+def test_explorer_stops_where_a_bond_breaks_and_leaves_that_frame_out(committee, periodic):
     """An atom pushed off its molecule: beyond the cutoff every member agrees on it, so
     max-force-std does not stop the trajectory; the bond check does, and the broken frame
-    (a DFT label eV above the molecule's) is not a candidate."""
+    (a DFT label eV above the molecule's) is not a candidate. Periodic: the molecule in a
+    box, split by its faces (its bonds are bonds to images)."""
     from bayesal.bayes_model.stability import BondReference, check_frame
 
     posterior, ethanol = committee
-    seed = ethanol[0]
+    seed = ethanol[0].copy()
+    if periodic:
+        seed.cell, seed.pbc = [14.0] * 3, True
+        seed.positions -= seed.positions.mean(0)
+        seed.wrap()
     bonds = BondReference.of(seed)
+    assert (bonds.shifts is not None and bool(np.abs(bonds.shifts).sum())) == periodic
     h, c = next((int(i), int(j)) if seed.numbers[i] == 1 else (int(j), int(i))
                 for i, j in bonds.pairs if 1 in seed.numbers[[i, j]])
 
@@ -139,7 +146,7 @@ def test_explorer_stops_where_a_bond_breaks_and_leaves_that_frame_out(committee)
             pred = posterior.predict(images)
             first = np.concatenate([[0], np.cumsum(pred.n_atoms)[:-1]])
             for a, k in zip(images, first, strict=True):
-                away = a.positions[h] - a.positions[c]
+                away = a.get_distance(c, h, mic=True, vector=True)
                 pred.forces[k + h] += 3.0 * away / np.linalg.norm(away)
             return pred
 

@@ -154,3 +154,111 @@ def test_a_broken_bond_is_named_even_beside_a_longer_transferred_proton(shared_d
     frame.positions[11] = o5 + 1.0 * (o3 - o5) / np.linalg.norm(o3 - o5)
     frame.positions[8] = start.positions[4] + 1.6 * (start.positions[8] - start.positions[4])
     assert "bond 4-8 broken" in first_break([start, frame]).reason
+
+
+# Periodic structures: bonds across the cell's faces, atoms wrapped back into the cell.
+
+def _boxed(frames, centre, size=12.0, drift=(0.7, 0.5, 0.3)):
+    """``frames`` as periodic ones in a cubic box: moved so that ``centre`` sits on the
+    box's corner (the molecule straddles its faces), frame k moved on by k x ``drift`` (so
+    atoms cross the faces between frames) and wrapped back into the box."""
+    out = []
+    for k, frame in enumerate(frames):
+        a = frame.copy()
+        a.cell, a.pbc = [size] * 3, True
+        a.positions -= np.asarray(centre) + k * np.asarray(drift)
+        a.wrap()
+        out.append(a)
+    return out
+
+
+def _stretched():
+    frames = _healthy()
+    o, h = _oh(frames[0])
+    frames[4] = frames[0].copy()
+    frames[4].positions[h] = frames[0].positions[o] + 1.6 * (frames[0].positions[h]
+                                                           - frames[0].positions[o])
+    return frames
+
+
+def _pushed():
+    frames = _healthy()
+    frames[2] = frames[0].copy()
+    frames[2].positions[5] = frames[2].positions[4] + [0.2, 0.0, 0.0]
+    return frames
+
+
+@pytest.mark.parametrize("build", [_healthy, _stretched, _pushed])
+def test_a_molecule_split_by_the_cell_faces_is_judged_as_the_molecule(build):
+    """The same frames as a molecule and wrapped into a periodic box across its faces (atoms
+    crossing them between frames): the same first broken frame and reason."""
+    from bayesal.bayes_model.stability import BondReference
+
+    frames = build()
+    boxed = _boxed(frames, frames[0].positions.mean(0))
+    assert np.ptp(boxed[0].positions, axis=0).min() > 6.0  # split: atoms on both sides
+    reference = BondReference.of(boxed[0])
+    assert reference.shifts is not None and np.abs(reference.shifts).sum() > 0
+    assert sorted(map(tuple, reference.pairs.tolist())) == sorted(
+        map(tuple, bonds_of(frames[0]).tolist()))
+    mol, per = first_break(frames), first_break(boxed)
+    assert (per.frame, per.reason) == (mol.frame, mol.reason)
+    assert build is _healthy or per.broken
+
+
+def test_a_proton_transferred_across_the_cell_face_is_not_a_broken_bond(shared_data):
+    """acac's enol proton moved to O5, the two on opposite sides of the cell's faces: it
+    is bonded to O5's image and the frame passes; pulled away from both, it is broken."""
+    start = _acac_enol(shared_data)
+    moved = start.copy()
+    o3, o5 = start.positions[3], start.positions[5]
+    moved.positions[11] = o5 + 1.0 * (o3 - o5) / np.linalg.norm(o3 - o5)
+    boxed = _boxed([start, moved], (moved.positions[11] + o5) / 2, drift=(0, 0, 0))
+    assert boxed[1].get_distance(5, 11) > 6.0  # apart in the cell, 1.0 Å across the face
+    assert not first_break(boxed).broken
+    pulled = _boxed([start, start.copy()], (moved.positions[11] + o5) / 2, drift=(0, 0, 0))
+    normal = np.cross(o5 - o3, start.positions[2] - o3)
+    pulled[1].positions[11] = pulled[1].positions[3] + 1.6 * start.get_distance(3, 11) * (
+        normal / np.linalg.norm(normal))
+    pulled[1].wrap()
+    assert "bond 3-11 broken" in first_break(pulled).reason
+
+
+def test_a_crystal_bonds_to_its_images_and_breaks_when_pulled_apart():
+    """Diamond's 2-atom cell: 4 bonds, all to the other atom's images; a rattled and
+    translated copy (atoms wrapped) is whole, the cell expanded 1.6x breaks them. A simple
+    cubic cell of one atom bonds to its own images (3 bonds, each once)."""
+    from ase.build import bulk
+
+    from bayesal.bayes_model.stability import BondReference
+
+    diamond = bulk("C", "diamond", a=3.567)
+    ref = BondReference.of(diamond)
+    assert len(ref.pairs) == 4 and (ref.pairs == [0, 1]).all()
+    assert np.allclose(ref.lengths, 3.567 * np.sqrt(3) / 4)
+    moved = diamond.copy()
+    moved.positions += np.random.default_rng(0).normal(scale=0.05, size=(2, 3))
+    moved.positions += np.array([5.1, 0.0, 0.0])
+    moved.wrap()
+    assert not first_break([diamond, moved]).broken
+    expanded = diamond.copy()
+    expanded.set_cell(1.6 * diamond.cell.array, scale_atoms=True)
+    assert "bond 0-1 broken" in first_break([diamond, expanded]).reason
+    single = BondReference.of(bulk("C", "sc", a=1.5))
+    assert len(single.pairs) == 3 and (single.pairs == [0, 0]).all()
+    assert sorted(map(tuple, np.abs(single.shifts).tolist())) == [(0, 0, 1), (0, 1, 0),
+                                                                   (1, 0, 0)]
+
+
+def test_atoms_too_close_across_the_cell_face_break_the_frame():
+    """Two atoms 5 Å apart, then at x = 9.9 and 0.1 Å of a 10 Å cell: 9.8 Å apart in it,
+    0.2 Å across the face."""
+    from ase import Atoms
+
+    apart = Atoms("OH", positions=[[2.5, 5, 5], [7.5, 5, 5]], cell=[10.0] * 3, pbc=True)
+    squeezed = apart.copy()
+    squeezed.positions[:, 0] = [9.9, 0.1]
+    out = first_break([apart, squeezed])
+    assert out.frame == 1 and "atoms 0 and 1 too close (0.20 Å)" in out.reason
+    apart.pbc = squeezed.pbc = False  # as molecules: 9.8 Å apart, whole
+    assert not first_break([apart, squeezed]).broken
