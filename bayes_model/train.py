@@ -65,6 +65,9 @@ class TrainConfig(BaseModel):
                           "validation force MAE.")
     ema_decay: float = Field(0.99, ge=0, lt=1, description="EMA of weights (0: off).")
     weight_decay: float = Field(0.0, ge=0, description="L2 penalty (Adam weight_decay).")
+    grad_clip: float | None = Field(None, gt=0, description=(
+        "Clip each step's gradient to this L2 norm over all parameters (None: no "
+        "clipping)."))
     shared_start: float = Field(0.75, ge=0, lt=1, description=(
         "Ensembles: fraction of the training budget (wall time, or max_epochs without one) "
         "spent on one model that every member then continues from with its own seed, data "
@@ -384,6 +387,8 @@ def train_epoch(model: MVEPotential, train: Sequence[Graph], optimizer: torch.op
                 force_error[0] = force_error[0] + err.sum()  # a tensor: no sync per step
                 force_error[1] += err.numel()
             loss.backward()
+            if config.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         optimizer.step()
         if ema is not None:
             ema.update(model)

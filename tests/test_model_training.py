@@ -288,3 +288,25 @@ def test_refitting_the_energy_shifts_removes_the_offset_and_keeps_the_forces(eth
     old = (batch[K.ENERGY] - before["energy"]).detach().abs().mean()
     assert np.abs(residual).mean() <= old and old > 2.0
     torch.testing.assert_close(after["forces"], before["forces"])
+
+
+def test_grad_clip_bounds_every_step_s_gradient_norm(ethanol):
+    """``grad_clip``: the gradient the optimiser steps with has at most that L2 norm over
+    all parameters; without it the same training steps with larger ones."""
+    data = prepare_data(ethanol[:20], ethanol[20:24], SMALL)
+
+    def step_norms(clip):
+        model = small_model(data)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        norms = []
+        optimizer.register_step_pre_hook(lambda opt, *_: norms.append(float(torch.linalg.norm(
+            torch.stack([p.grad.norm() for g in opt.param_groups for p in g["params"]
+                         if p.grad is not None])))))
+        train_model(model, data.train, data.valid,
+                    TrainConfig(max_epochs=2, grad_clip=clip, ema_decay=0.0),
+                    optimizer=optimizer)
+        return np.array(norms)
+
+    free, clipped = step_norms(None), step_norms(0.05)
+    assert len(clipped) == len(free) > 0
+    assert (free > 0.05).any() and (clipped <= 0.05 * (1 + 1e-5)).all()
