@@ -27,7 +27,8 @@ lower level (:func:`adaptive_lower`), the fair version of the fixed window from 
 start; bald-ef-capped is bald-ef among the frames below that window's upper level (0.5
 eV/Å), the frames DP-GEN counts as failed left out; bald-ef-power draws frames with
 probability ∝ BALD-EF (``selection: power``), bald-ef-power-capped among the frames at or
-below 0.5 eV/Å (``selection: power`` with ``max_force_std_cap: 0.5``); bald-ef-epig
+below 0.5 eV/Å (``selection: power`` with ``max_force_std_cap: 0.5``; bald-ef-diverse-capped
+the same with ``diverse``); bald-ef-epig
 chooses by expected predictive information gain about the explored pool
 (:func:`epig_select`).
 
@@ -82,6 +83,7 @@ STRATEGIES = {  # name -> (acquisition function, selection)
     "bald-ef-power": ("bald-ef", "power"),  # drawn with probability ∝ BALD (Kirsch 2023)
     "bald-ef-epig": ("bald-ef", "top-k"),  # selected by epig_select()
     "bald-ef-power-capped": ("bald-ef", "power"),  # power among σ_F <= ADAPTIVE_HI only
+    "bald-ef-diverse-capped": ("bald-ef", "diverse"),  # diverse among σ_F <= ADAPTIVE_HI
 }
 POSTERIOR = {"bald-ef-ale": {"recal_aleatoric": True}}  # strategy -> posterior settings
 SOURCES = {  # molecule -> (300 K start frames, high-temperature test frames)
@@ -91,7 +93,8 @@ SOURCES = {  # molecule -> (300 K start frames, high-temperature test frames)
 
 
 ADAPTIVE_HI, ADAPTIVE_CANDIDATES = 0.5, 2  # eV/Å; candidates per label to select
-CAPPED = ("bald-ef-capped", "bald-ef-power-capped")  # select among σ_F <= ADAPTIVE_HI
+# strategies that select among the frames with σ_F <= ADAPTIVE_HI only
+CAPPED = ("bald-ef-capped", "bald-ef-power-capped", "bald-ef-diverse-capped")
 
 
 def adaptive_lower(pool, n_select: int, rng) -> list:
@@ -471,6 +474,8 @@ def report(out: Path, args) -> None:
                      ("bald-ef-power-capped", "bald-ef-power"),
                      ("bald-ef-power-capped", "random"),
                      ("bald-ef-power-capped", "trust-window-adaptive"),
+                     ("bald-ef-diverse-capped", "bald-ef-diverse"),
+                     ("bald-ef-diverse-capped", "random"),
                      ("bald-ef-epig", "bald-ef"), ("bald-ef-epig", "random")):
             _versus(results, args, molecule, a, b)
         _diagnostics(results, args, molecule)
