@@ -27,10 +27,9 @@ lower level (:func:`adaptive_lower`), the fair version of the fixed window from 
 start; bald-ef-capped is bald-ef among the frames below that window's upper level (0.5
 eV/Å), the frames DP-GEN counts as failed left out; bald-ef-power draws frames with
 probability ∝ BALD-EF (``selection: power``), bald-ef-power-capped among the frames at or
-below 0.5 eV/Å (``selection: power`` with ``max_force_std_cap: 0.5``; bald-ef-diverse-capped
-the same with ``diverse``); bald-ef-epig
-chooses by expected predictive information gain about the explored pool
-(:func:`epig_select`).
+below 0.5 eV/Å (``selection: power`` with ``max_force_std_cap: 0.5``),
+bald-ef-diverse-capped the same with ``diverse``; bald-ef-epig chooses by expected
+predictive information gain about the explored pool (:func:`epig_select`).
 
 Test sets, labelled once with the same method and never seen by a campaign:
 ``hot``: 60 frames of high-temperature reference MD (ethanol rMD17; acac 600 K);
