@@ -3,10 +3,10 @@ the training settings: does a setting keep a few extreme labels from wrecking th
 
 An exploration campaign (``benchmarks/exploration.py``) labels 8 frames a round; its
 ``train.xyz`` holds them in the order they were labelled (8 starting structures, then 8
-per round). This script retrains rounds 0..R exactly as the campaign did (150 epochs from
-scratch on the first 8, then 40 warm-started epochs per round on the first 8(r+1), same
-seeds and validation split) and reports, after each round, the hot-MD force and energy
-MAE and the median max-force-std on the hot test frames, for each variant:
+per round). This script retrains rounds 0..R exactly as the campaign did, with the grid's
+settings.json (150 epochs from scratch on the first 8, then 40 warm-started epochs per
+round on the first 8(r+1); same seeds and validation split) and reports, after each
+round, the hot-MD force and energy MAE and the median max-force-std on the hot test frames, for each variant:
 
 * ``as-run``: the campaign's settings (the figures should match its state.json);
 * ``clip``: gradients clipped to ``--clip`` (L2 norm over all parameters; MACE clips at
@@ -34,7 +34,14 @@ from pathlib import Path
 import numpy as np
 from _common import REPO  # noqa: F401  (puts the repository on sys.path)
 
-EPOCHS, FINETUNE_EPOCHS, MEMBERS, PER_ROUND, INITIAL = 150, 40, 4, 8, 8
+
+def _grid_settings(folder: Path) -> dict:
+    """The settings the campaign's grid ran with (exploration.py writes settings.json in
+    the results folder, two levels above a campaign): epochs, members, labels per round."""
+    path = folder.resolve().parents[1] / "settings.json"
+    if not path.is_file():
+        sys.exit(f"{path} not found: give a campaign folder of an exploration.py grid")
+    return json.loads(path.read_text())
 
 
 def _settings(variant: str, args, epochs: int, seed: int):
@@ -55,14 +62,16 @@ def replay(folder: Path, variant: str, args, done: set) -> list[dict]:
     from bayesal.bayes_model.posterior import load_posterior, train_posterior
 
     seed = int(folder.name.rsplit("-s", 1)[1])
+    grid = _grid_settings(folder)
+    initial, per_round = grid["initial"], grid["n_select"]
     labels = ase.io.read(folder / "train.xyz", ":")
     hot = ase.io.read(folder.parent / "tests" / "hot.xyz", ":")
-    e_low = min(a.get_potential_energy() for a in labels[:INITIAL])
+    e_low = min(a.get_potential_energy() for a in labels[:initial])
     out, work = [], Path(tempfile.mkdtemp(prefix="replay-"))
     try:
         previous = None
         for r in range(args.rounds):
-            labelled = labels[:INITIAL + PER_ROUND * r]
+            labelled = labels[:initial + per_round * r]
             if variant == "drop-high":
                 labelled = [a for a in labelled
                             if a.get_potential_energy() - e_low <= args.drop_above]
@@ -71,10 +80,9 @@ def replay(folder: Path, variant: str, args, done: set) -> list[dict]:
                 labelled, [str(i) for i in range(len(labelled))], 0.1, seed=seed)
             model_dir = work / f"round-{r}"
             train_posterior("ensemble", train, valid, model_dir,
-                            settings=_settings(variant, args,
-                                               EPOCHS if r == 0 else FINETUNE_EPOCHS,
-                                               seed + 1000 * r),
-                            members=MEMBERS, init_from=previous)
+                            settings=_settings(variant, args, grid["epochs"] if r == 0
+                                               else grid["finetune_epochs"], seed + 1000 * r),
+                            members=grid["members"], init_from=previous)
             previous = model_dir
             if (variant, r) in done:
                 continue
