@@ -6,7 +6,8 @@ An exploration campaign (``benchmarks/exploration.py``) labels 8 frames a round;
 per round). This script retrains rounds 0..R exactly as the campaign did, with the grid's
 settings.json (150 epochs from scratch on the first 8, then 40 warm-started epochs per
 round on the first 8(r+1); same seeds and validation split) and reports, after each
-round, the hot-MD force and energy MAE and the median max-force-std on the hot test frames, for each variant:
+round, the hot-MD force and energy MAE and the median max-force-std on the hot test
+frames, for each variant:
 
 * ``as-run``: the campaign's settings (the figures should match its state.json);
 * ``clip``: gradients clipped to ``--clip`` (L2 norm over all parameters; MACE clips at
