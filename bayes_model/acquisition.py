@@ -100,7 +100,8 @@ class AcquisitionConfig(BaseModel):
         None, gt=0, description="Any function: candidates whose max-force-std is above this "
         "(eV/Å) are not selected: DP-GEN's upper trust level for every acquisition (frames "
         "so far from the training data that they are likely unphysical, such as the frame "
-        "where an exploration stopped). None: no cap.")
+        "where an exploration stopped); lifted for a selection in which no candidate is "
+        "within it. None: no cap.")
 
     @model_validator(mode="after")
     def _window(self) -> AcquisitionConfig:

@@ -9,6 +9,7 @@ selection, so memory is flat in the pool size. Every structure's scores go to ``
 from __future__ import annotations
 
 import heapq
+import logging
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import islice
@@ -29,11 +30,16 @@ from bayesal.bayes_model.predict import Prediction, predict_calibrated
 
 __all__ = ["Candidate", "PoolSelection", "iter_scores", "score_pool", "stream_best"]
 
+log = logging.getLogger(__name__)
+
 BALD_FAMILY = (Acquisition.BALD_EF, Acquisition.BALD_E, Acquisition.BALD_F)
 
 
 @dataclass(order=True)
 class Candidate:
+    # at most the max-force-std cap (or no cap): such candidates rank above all others, so
+    # the others are kept only while too few are within it (see merge_selection)
+    within_cap: bool
     key: float  # what the selection ranks by: the score, or power's perturbed log score
     index: int
     score: float = field(compare=False)
@@ -75,10 +81,11 @@ def iter_scores(posterior, frames: Iterable[Atoms], config: AcquisitionConfig, *
 
 def best_candidates(chunk: list[Atoms], pred: Prediction, scores: Scores, first_index: int,
                     config: AcquisitionConfig, *, seed: int = 0) -> list[Candidate]:
-    """The chunk's candidates that can be selected (above the threshold, at most the
-    max-force-std cap), best ``keep`` first; each carries what the selection needs
-    (components, information, features). ``power`` ranks them by their perturbed log score
-    (:func:`bayes_model.acquisition.power_keys`, per pool index: the same in any chunk)."""
+    """The chunk's candidates that can be selected (above the threshold), best ``keep``
+    first, those within the max-force-std cap before all others; each carries what the
+    selection needs (components, information, features). ``power`` ranks them by their
+    perturbed log score (:func:`bayes_model.acquisition.power_keys`, per pool index: the
+    same in any chunk)."""
     acquisition, threshold = config.function, _threshold(config)
     info = scores.score if acquisition in BALD_FAMILY else scores.bald_e + scores.bald_f
     comps = scores.as_dict()
@@ -86,12 +93,12 @@ def best_candidates(chunk: list[Atoms], pred: Prediction, scores: Scores, first_
     keys = (power_keys(scores.score, seed, first_index + np.arange(len(chunk)),
                        config.power_beta)
             if _mode(config) is Selection.POWER else scores.score)
-    out = [Candidate(float(keys[j]), -(first_index + j), float(scores.score[j]), atoms,
+    out = [Candidate(bool(cap is None or scores.max_force_std[j] <= cap), float(keys[j]),
+                     -(first_index + j), float(scores.score[j]), atoms,
                      {c: float(v[j]) for c, v in comps.items()}, float(info[j]),
                      None if pred.features is None else pred.features[j].copy())
            for j, atoms in enumerate(chunk)
-           if (threshold is None or scores.score[j] >= threshold)
-           and (cap is None or scores.max_force_std[j] <= cap)]
+           if threshold is None or scores.score[j] >= threshold]
     return heapq.nlargest(config.n_keep, out)
 
 
@@ -110,7 +117,12 @@ def _threshold(config: AcquisitionConfig) -> float | None:
 def merge_selection(parts: Iterable[list[Candidate]], n_scored: int, features_metric: bool,
                     config: AcquisitionConfig) -> PoolSelection:
     """The selection from every chunk's :func:`best_candidates`, wherever they were
-    computed (this process or a worker each): the same as scoring the pool in one go."""
+    computed (this process or a worker each): the same as scoring the pool in one go.
+
+    Only candidates within ``config.max_force_std_cap`` are selected (fewer than
+    ``n_select`` when fewer are within it). When none is, the cap is lifted for this
+    selection, as DP-GEN would otherwise label nothing: a model uncertain about every
+    candidate (an early round) still gets its batch, and a campaign does not stop on it."""
     heap: list[Candidate] = []  # min-heap of the best ``keep``
     for part in parts:
         for cand in part:
@@ -122,6 +134,13 @@ def merge_selection(parts: Iterable[list[Candidate]], n_scored: int, features_me
     pool = sorted(heap, key=lambda c: (-c.key, -c.index))
     for c in pool:
         c.index = -c.index
+    if any(c.within_cap for c in pool):
+        pool = [c for c in pool if c.within_cap]
+    elif pool and config.max_force_std_cap is not None:
+        log.warning("no candidate's max-force-std is within max_force_std_cap %g eV/Å "
+                    "(lowest of the %d best scored: %.3g eV/Å): the cap is lifted for this "
+                    "selection", config.max_force_std_cap, len(pool),
+                    min(c.components["max_force_std"] for c in pool))
     if not pool:
         return PoolSelection([], n_scored, features_metric)
     features = (np.stack([c.features for c in pool]) if all(c.features is not None

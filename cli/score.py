@@ -72,7 +72,8 @@ def score(
         help="trust-window: upper bound of max-force-std, eV/Å.")] = _D["trust_hi"],
     max_force_std_cap: Annotated[float | None, typer.Option(
         help="Any acquisition: candidates with max-force-std above this (eV/Å) are not "
-             "selected (DP-GEN's upper trust level).")] = None,
+             "selected (DP-GEN's upper trust level); lifted when none is within it.")
+    ] = _D["max_force_std_cap"],
     seed: Annotated[int, typer.Option(help="Seed of the random and trust-window "
                                             "acquisitions and the power selection.")] = 0,
     method: Annotated[str | None, typer.Option(

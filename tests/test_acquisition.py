@@ -218,17 +218,25 @@ def test_random_draws_are_uniform_and_belong_to_the_structure_not_the_chunk():
     assert not np.array_equal(uniform_draws(4, np.arange(10)), u[:10])
 
 
-@pytest.mark.parametrize(("acq", "selection"), [("random", "top-k"), ("trust-window", "top-k"),
-                                               ("bald-ef", "top-k"), ("bald-ef", "power")])
-def test_chunks_scored_apart_merge_to_the_selection_of_one_pass(posterior, acq, selection):
+@pytest.mark.parametrize(("acq", "selection", "cap"), [
+    ("random", "top-k", None), ("trust-window", "top-k", None), ("bald-ef", "top-k", None),
+    ("bald-ef", "power", None), ("bald-ef", "top-k", "median"),
+    ("bald-ef", "diverse", "median"), ("bald-ef", "top-k", "below-all")])
+def test_chunks_scored_apart_merge_to_the_selection_of_one_pass(posterior, acq, selection,
+                                                                 cap):
     """What a fan-out over workers does: every chunk scored on its own (its own index
     range), its best candidates merged; the same scores and the same selection as one
-    pass, whatever the chunk size."""
+    pass, whatever the chunk size; with a max-force-std cap, whether half the pool is
+    within it or none is (the cap lifted)."""
     from bayesal.bayes_model.scoring import best_candidates, merge_selection
 
     post, frames = posterior
+    sigma = score(post.predict(frames), acq).max_force_std
+    cap = {None: None, "median": float(np.median(sigma)),
+           "below-all": float(sigma.min()) / 2}[cap]
     config = AcquisitionConfig(function=acq, n_select=4, chunk_size=7, keep=9,
-                               trust_lo=0.0, trust_hi=10.0, selection=selection)
+                               trust_lo=0.0, trust_hi=10.0, selection=selection,
+                               max_force_std_cap=cap)
     one = score_pool(post, iter(frames), config, seed=11)
     other = score_pool(post, iter(frames), config.model_copy(update={"chunk_size": 3}),
                        seed=11)
@@ -243,6 +251,9 @@ def test_chunks_scored_apart_merge_to_the_selection_of_one_pass(posterior, acq, 
     assert [c.index for c in merged.selected] == [c.index for c in one.selected]
     assert [c.score for c in merged.selected] == pytest.approx([c.score for c in one.selected],
                                                                rel=1e-9)
+    if cap is not None:
+        picked = sigma[[c.index for c in one.selected]]
+        assert (picked <= cap).all() if sigma.min() <= cap else len(picked) == 4
 
 
 def test_power_selection_draws_in_proportion_to_score_to_the_beta():

@@ -96,3 +96,27 @@ def test_a_max_force_std_cap_leaves_out_the_frames_above_it(function):
                                                       uncapped).selected] == [5, 4]
     with pytest.raises(ValueError, match="greater than 0"):
         AcquisitionConfig(max_force_std_cap=0)
+
+
+@pytest.mark.parametrize("selection", ["top-k", "diverse", "power"])
+def test_a_cap_no_candidate_is_within_is_lifted_and_one_within_keeps_the_rest_out(
+        selection, caplog):
+    """Every frame above the cap: the selection is the uncapped one (a campaign's early
+    model, uncertain everywhere, still gets its batch) and says so; one frame within the
+    cap: it alone is selected, even when the others fill the kept candidates first."""
+    def picked(cap, chunk_size=3, keep=None):
+        config = AcquisitionConfig(function="bald-ef", n_select=4, chunk_size=chunk_size,
+                                   selection=selection, max_force_std_cap=cap, keep=keep)
+        return [c.atoms.info["k"] for c in score_pool(_Fixed(), _frames(), config,
+                                                       seed=5).selected]
+
+    with caplog.at_level("WARNING", logger="bayesal.bayes_model.scoring"):
+        assert picked(0.009) == picked(None)
+    assert "cap is lifted" in caplog.text
+    assert len(picked(None)) == 4
+    caplog.clear()
+    # only frame 0 (0.01) is within 0.011; chunks of one and a keep of 4 make the frames
+    # above the cap fill the heap before it arrives and after
+    for chunk_size in (1, 3, 8):
+        assert picked(0.011, chunk_size=chunk_size, keep=4) == [0]
+    assert "cap is lifted" not in caplog.text
