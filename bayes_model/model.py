@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 
 import torch
+from ase.data import covalent_radii
 from e3nn import nn as e3nn_nn
 from e3nn import o3
 from e3nn.io import CartesianTensor
@@ -46,11 +47,41 @@ class ModelConfig(BaseModel):
     sigma_force0: float = Field(0.1, gt=0, description="Initial force std, eV/Å.")
     cov_eps: float = Field(1e-6, gt=0, description="Jitter added to force covariances, "
                            "(eV/Å)².")
+    zbl: bool = Field(False, description="Add the ZBL screened nuclear repulsion between "
+                      "atoms closer than the sum of their covalent radii (ASE's), switched "
+                      "off smoothly there by the radial envelope: a repulsive wall the "
+                      "network does not have to learn from compressed structures.")
 
 
 def _hidden_irreps(channels: int, l_max: int) -> o3.Irreps:
     """Natural-parity irreps 0e, 1o, 2e, 3o: true (polar) tensors."""
     return o3.Irreps([(channels, (deg, (-1) ** deg)) for deg in range(l_max + 1)])
+
+
+# Ziegler-Biersack-Littmark universal screening function: Σ c_k exp(-d_k r/a) with the
+# screening length a = 0.8854 a0 / (Z_i^0.23 + Z_j^0.23); e²/(4πε0) in eV Å.
+ZBL_A = 0.8854 * 0.529177210903  # Å
+ZBL_C = (0.18175, 0.50986, 0.28022, 0.02817)
+ZBL_D = (3.19980, 0.94229, 0.40290, 0.20162)
+COULOMB_EV_A = 14.399645
+
+
+def polynomial_envelope(d: torch.Tensor, p: int) -> torch.Tensor:
+    """u(d) = 1 − (p+1)(p+2)/2 d^p + p(p+2) d^(p+1) − p(p+1)/2 d^(p+2) for d < 1, else 0:
+    1 at 0, and zero with its first two derivatives at 1."""
+    env = (1 - (p + 1) * (p + 2) / 2 * d**p + p * (p + 2) * d ** (p + 1)
+           - p * (p + 1) / 2 * d ** (p + 2))
+    return env * (d < 1)
+
+
+def zbl_pair_energy(r: torch.Tensor, z_i: torch.Tensor, z_j: torch.Tensor,
+                    r_max: torch.Tensor, p: int) -> torch.Tensor:
+    """ZBL repulsion (eV) of pairs at distances ``r`` (Å) with nuclear charges ``z_i``,
+    ``z_j``, times :func:`polynomial_envelope` (r / ``r_max``)."""
+    a = ZBL_A / (z_i**0.23 + z_j**0.23)
+    x = r / a
+    phi = sum(c * torch.exp(-d * x) for c, d in zip(ZBL_C, ZBL_D, strict=True))
+    return COULOMB_EV_A * z_i * z_j / r * phi * polynomial_envelope(r / r_max, p)
 
 
 class BesselEnvelope(nn.Module):
@@ -62,11 +93,7 @@ class BesselEnvelope(nn.Module):
         self.register_buffer("freqs", torch.arange(1, n + 1) * math.pi / cutoff)
 
     def forward(self, r: torch.Tensor) -> torch.Tensor:
-        d = r / self.cutoff
-        p = self.p
-        env = (1 - (p + 1) * (p + 2) / 2 * d**p + p * (p + 2) * d ** (p + 1)
-               - p * (p + 1) / 2 * d ** (p + 2))
-        env = env * (d < 1)
+        env = polynomial_envelope(r / self.cutoff, self.p)
         bessel = math.sqrt(2 / self.cutoff) * torch.sin(self.freqs * r[:, None]) / r[:, None]
         return bessel * env[:, None]
 
@@ -135,7 +162,7 @@ class Interaction(nn.Module):
 
 
 # Buffers that stay float64 whatever dtype the network runs in.
-FLOAT64_BUFFERS = ("shifts", "scale")
+FLOAT64_BUFFERS = ("shifts", "scale", "zbl_z", "zbl_rcov")
 
 # Log-variances are kept within ±LOG_BOUND (σ² from 3e-7 to 3e6 in eV² or (eV/Å)²): far
 # outside anything physical, it keeps sampled weights (SWAG, IVON) from overflowing exp.
@@ -173,6 +200,13 @@ class MVEPotential(nn.Module):
         n_species = len(species)
         self.register_buffer("shifts", torch.tensor(shifts, dtype=torch.float64))
         self.register_buffer("scale", torch.tensor(float(scale), dtype=torch.float64))
+        # per species: nuclear charge and covalent radius (Å) for the ZBL term; derived from
+        # the species, so not saved (checkpoints without them load)
+        self.register_buffer("zbl_z", torch.tensor(species, dtype=torch.float64),
+                             persistent=False)
+        self.register_buffer("zbl_rcov", torch.tensor(
+            [float(covalent_radii[z]) for z in species], dtype=torch.float64),
+            persistent=False)
         self.avg_neighbors = float(avg_neighbors)
 
         c = config.channels
@@ -213,11 +247,7 @@ class MVEPotential(nn.Module):
         zero-valued: every edge vector of structure s becomes r (1 + ε_s) with ε_s its
         symmetric part, so that dE/dε is the virial (stress)."""
         pos, species = data[K.POSITIONS], data[K.SPECIES]
-        i, j = data[K.EDGE_INDEX]
-        vec = pos[j] - pos[i] + data[K.EDGE_SHIFT]
-        if strain is not None:
-            sym = 0.5 * (strain + strain.transpose(1, 2))
-            vec = vec + torch.einsum("ea,eab->eb", vec, sym[data[K.BATCH][i]])
+        vec = self._edge_vectors(data, strain)
         r = vec.norm(dim=-1)
         sh = self.sh(vec)
         radial = self.radial(r)
@@ -232,6 +262,30 @@ class MVEPotential(nn.Module):
             scalars.append(h[:, : self.config.channels])  # the 0e block comes first
             cov = cov + self.cov_heads[t](h.detach() if detach_variance else h)
         return torch.cat(scalars, dim=1), cov
+
+    @staticmethod
+    def _edge_vectors(data: dict[str, torch.Tensor],
+                      strain: torch.Tensor | None) -> torch.Tensor:
+        """r_j − r_i (+ the cell shift) per edge, deformed by ``strain`` when given."""
+        i, j = data[K.EDGE_INDEX]
+        vec = data[K.POSITIONS][j] - data[K.POSITIONS][i] + data[K.EDGE_SHIFT]
+        if strain is not None:
+            sym = 0.5 * (strain + strain.transpose(1, 2))
+            vec = vec + torch.einsum("ea,eab->eb", vec, sym[data[K.BATCH][i]])
+        return vec
+
+    def zbl_energies(self, data: dict[str, torch.Tensor],
+                     strain: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-atom ZBL repulsion (N,) eV in float64: half of each of the atom's pairs
+        closer than their covalent radii's sum (every pair is an edge both ways)."""
+        i, j = data[K.EDGE_INDEX]
+        species = data[K.SPECIES]
+        r = self._edge_vectors(data, strain).to(torch.float64).norm(dim=-1)
+        si, sj = species[i], species[j]
+        pair = zbl_pair_energy(r, self.zbl_z[si], self.zbl_z[sj],
+                               self.zbl_rcov[si] + self.zbl_rcov[sj], self.config.envelope_p)
+        return torch.zeros(species.shape[0], dtype=torch.float64,
+                           device=r.device).index_add(0, i, 0.5 * pair)
 
     def forward(self, data: dict[str, torch.Tensor], *, forces: bool = True,
                 training: bool = False, retain_graph: bool = False,
@@ -262,6 +316,8 @@ class MVEPotential(nn.Module):
         n_struct = int(data[K.N_ATOMS].shape[0])
         eps_i = (self.energy_head(phi).squeeze(-1).to(torch.float64) * self.scale
                  + self.shifts[species])
+        if self.config.zbl:
+            eps_i = eps_i + self.zbl_energies(data, strain)
         energy = torch.zeros(n_struct, dtype=torch.float64, device=phi.device).index_add(
             0, batch, eps_i)
         phi_var = phi.detach() if detach_variance else phi
