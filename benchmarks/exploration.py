@@ -28,7 +28,9 @@ start; bald-ef-capped is bald-ef among the frames below that window's upper leve
 eV/Å), the frames DP-GEN counts as failed left out; bald-ef-power draws frames with
 probability ∝ BALD-EF (``selection: power``), bald-ef-power-capped among the frames at or
 below 0.5 eV/Å (``selection: power`` with ``max_force_std_cap: 0.5``),
-bald-ef-diverse-capped the same with ``diverse``; bald-ef-epig chooses by expected
+bald-ef-diverse-capped the same with ``diverse``; bald-ef-diverse-guarded and random-guarded
+train on the labels within a Boltzmann ceiling only; bald-ef-diverse-zbl and random-zbl use
+a model with the ZBL repulsion (``model.zbl``); bald-ef-epig chooses by expected
 predictive information gain about the explored pool (:func:`epig_select`).
 
 Test sets, labelled once with the same method and never seen by a campaign:
@@ -83,8 +85,29 @@ STRATEGIES = {  # name -> (acquisition function, selection)
     "bald-ef-epig": ("bald-ef", "top-k"),  # selected by epig_select()
     "bald-ef-power-capped": ("bald-ef", "power"),  # power among σ_F <= ADAPTIVE_HI only
     "bald-ef-diverse-capped": ("bald-ef", "diverse"),  # diverse among σ_F <= ADAPTIVE_HI
+    "bald-ef-diverse-guarded": ("bald-ef", "diverse"),  # extreme labels not trained on
+    "random-guarded": ("random", "top-k"),  # the same guard
+    "bald-ef-diverse-zbl": ("bald-ef", "diverse"),  # model.zbl: a repulsive wall
+    "random-zbl": ("random", "top-k"),
 }
+# strategies whose labels far above the Boltzmann range of the hottest exploration are left
+# out of training and of the MD starts (:func:`guard_ceiling`); they are paid for all the same
+GUARDED = ("bald-ef-diverse-guarded", "random-guarded")
+GUARD_SDS = 6.0  # standard deviations above the mean
+
+
+def guard_ceiling(n_atoms: int, temperature_K: float, sds: float = GUARD_SDS) -> float:
+    """Energy above the lowest labelled one (eV) beyond which a label is left out: the
+    potential energy of a classical harmonic molecule at ``temperature_K`` is Gamma
+    distributed, f/2 kT on average with standard deviation sqrt(f/2) kT (f = 3N - 6
+    vibrations), and this is the mean plus ``sds`` standard deviations (acac at 900 K:
+    3.6 eV; ethanol: 2.3 eV). The lowest label sits above the minimum itself, so the
+    ceiling is a little looser than that."""
+    half_f = max(3 * n_atoms - 6, 1) / 2
+    kt = 8.617333262e-5 * temperature_K
+    return half_f * kt + sds * np.sqrt(half_f) * kt
 POSTERIOR = {"bald-ef-ale": {"recal_aleatoric": True}}  # strategy -> posterior settings
+MODEL = {"bald-ef-diverse-zbl": {"zbl": True}, "random-zbl": {"zbl": True}}  # -> ModelConfig
 SOURCES = {  # molecule -> (300 K start frames, high-temperature test frames)
     "ethanol": ("ethanol/train.xyz", "ethanol/test_MD.xyz"),
     "acac": ("acac/train_300K.xyz", "acac/train_600K.xyz"),
@@ -92,7 +115,10 @@ SOURCES = {  # molecule -> (300 K start frames, high-temperature test frames)
 
 
 ADAPTIVE_HI, ADAPTIVE_CANDIDATES = 0.5, 2  # eV/Å; candidates per label to select
-# strategies that select among the frames with σ_F <= ADAPTIVE_HI only
+# strategies that select among the frames with σ_F <= ADAPTIVE_HI only (the product's
+# acquisition.max_force_std_cap, lifted when no frame is within it; campaigns run before it
+# was used here filtered the pool first: the same selections for top-k and diverse, other
+# draws for power, whose keys are per pool index)
 CAPPED = ("bald-ef-capped", "bald-ef-power-capped", "bald-ef-diverse-capped")
 
 
@@ -304,19 +330,26 @@ def run_campaign(molecule: str, strategy: str, seed: int, files: dict[str, Path]
         r = len(state["rounds"])
         t0 = time.perf_counter()
         labelled = ase.io.read(train_file, ":")
-        train, valid = split_validation_stable(labelled, [str(i) for i in range(len(labelled))],
-                                               0.1, seed=seed)
+        keep = list(range(len(labelled)))
+        if strategy in GUARDED:
+            energy = np.array([a.get_potential_energy() for a in labelled])
+            ceiling = guard_ceiling(len(labelled[0]), max(temps))
+            keep = [i for i in keep if energy[i] - energy.min() <= ceiling]
+        # ids of the full list: a label left out does not move the others' split
+        train, valid = split_validation_stable([labelled[i] for i in keep],
+                                               [str(i) for i in keep], 0.1, seed=seed)
         previous = folder / f"round-{r - 1}" if r > 0 else None
         epochs = args.epochs if previous is None else args.finetune_epochs
         settings = TrainingFile(device="cpu", train=TrainConfig(
             max_epochs=epochs, seed=seed + 1000 * r, patience=10**6,
             allow_undertrained=True, keep_train_state="none"),
-            posterior=POSTERIOR.get(strategy, {}))
+            posterior=POSTERIOR.get(strategy, {}), model=MODEL.get(strategy, {}))
         model_dir = folder / f"round-{r}"
         train_posterior("ensemble", train, valid, model_dir, settings=settings,
                         members=args.members, init_from=previous)
         posterior = load_posterior(model_dir)
-        record = {"round": r, "n_labels": len(labelled), "train_s": time.perf_counter() - t0}
+        record = {"round": r, "n_labels": len(labelled), "n_trained_on": len(keep),
+                  "train_s": time.perf_counter() - t0}
         for name, images in tests.items():
             pred = posterior.predict(images)
             metrics = evaluate_prediction(pred, images, profile=True)
@@ -331,26 +364,29 @@ def run_campaign(molecule: str, strategy: str, seed: int, files: dict[str, Path]
                         np.median(np.sqrt(p.energy_var_ale)))
         temperature = temps[min(r, len(temps) - 1)]
         rng = np.random.default_rng(seed + 7 * r)
-        md_seeds = [labelled[i] for i in rng.choice(len(labelled), size=min(args.md_seeds,
-                                                                              len(labelled)),
+        md_seeds = [labelled[i] for i in rng.choice(keep, size=min(args.md_seeds, len(keep)),
                                                      replace=False)]
         trajectories = explore(posterior, md_seeds, temperatures_K=[temperature],
                                steps=args.md_steps, record_every=10,
                                max_force_std_threshold=args.stop_above, seed=seed + r,
                                stop_on_break=not args.keep_broken)
         pool = [f for t in trajectories for f in t.frames]
+        # the product's cap for the capped strategies (lifted when no frame is within it),
+        # none for the others whatever the product's default
         config = AcquisitionConfig(function=function, selection=selection,
-                                   n_select=args.n_select)
+                                   n_select=args.n_select,
+                                   max_force_std_cap=ADAPTIVE_HI if strategy in CAPPED
+                                   else None)
         if strategy == "trust-window-adaptive":
             chosen = adaptive_lower(pool, args.n_select, np.random.default_rng(seed + r))
         elif strategy == "bald-ef-epig":
             chosen = epig_select(posterior, pool, args.n_select)
         else:
-            eligible = pool
-            if strategy in CAPPED:  # DP-GEN's "failed" frames are not candidates
-                eligible = [a for a in pool if a.info["max_force_std"] <= ADAPTIVE_HI] or pool
-            chosen = [c.atoms for c in score_pool(posterior, eligible, config,
+            chosen = [c.atoms for c in score_pool(posterior, pool, config,
                                                   seed=seed + r).selected]
+        # the model's energies of its picks, to set beside their labels: would a rule on the
+        # predicted energy have kept the labels far above the Boltzmann range out?
+        picked_pred = posterior.predict(chosen).energy.tolist() if chosen else []
         new, failed = _label([_bare(a) for a in chosen], args)
         ase.io.write(train_file, labelled + new, format="extxyz")
         sigma = np.array([float(a.info.get("max_force_std", np.nan)) for a in pool])
@@ -364,6 +400,8 @@ def run_campaign(molecule: str, strategy: str, seed: int, files: dict[str, Path]
                       n_selected=len(chosen), n_failed=failed,
                       picked_max_force_std=[float(a.info.get("max_force_std", np.nan))
                                             for a in chosen],
+                      picked_energy_pred=picked_pred,  # eV, in the order of chosen
+                      labelled_energy=[float(a.get_potential_energy()) for a in new],
                       round_s=time.perf_counter() - t0)
         if previous is not None and previous.is_dir():
             import shutil
