@@ -306,8 +306,15 @@ def run_campaign(molecule: str, strategy: str, seed: int, files: dict[str, Path]
     state = json.loads(state_file.read_text()) if state_file.is_file() else {"rounds": []}
     if "stability" in state:
         return
+    done = _rounds_done(state, args)
+    if done and args.defer_stability:
+        return
     last = len(state["rounds"]) - 1
     if last >= 0 and not (folder / f"round-{last}").is_dir():
+        if done:  # a finished campaign's labels and figures stand; only the model is gone
+            print(f"{folder}: every round ran but its final model is not here (models are "
+                  "not kept in the repository): no stability run for it", flush=True)
+            return
         # a campaign cut off mid-way in an earlier session (its newest model, which the next
         # round warm-starts from, is not kept in the repository): it starts again
         print(f"{folder}: restarting (round-{last} model missing)", flush=True)
