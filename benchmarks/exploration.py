@@ -520,7 +520,9 @@ def report(out: Path, args) -> None:
                      ("bald-ef-power-capped", "trust-window-adaptive"),
                      ("bald-ef-diverse-capped", "bald-ef-diverse"),
                      ("bald-ef-diverse-capped", "random"),
-                     ("bald-ef-epig", "bald-ef"), ("bald-ef-epig", "random")):
+                     ("bald-ef-epig", "bald-ef"), ("bald-ef-epig", "random"),
+                     ("bald-ef-diverse-zbl", "random-zbl"), ("bald-ef-diverse-zbl", "random"),
+                     ("bald-ef-diverse-zbl", "bald-ef-diverse")):
             _versus(results, args, molecule, a, b)
         _diagnostics(results, args, molecule)
     _plot(results, args, out)
