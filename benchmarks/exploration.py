@@ -520,6 +520,7 @@ def report(out: Path, args) -> None:
                      ("bald-ef-power-capped", "trust-window-adaptive"),
                      ("bald-ef-diverse-capped", "bald-ef-diverse"),
                      ("bald-ef-diverse-capped", "random"),
+                     ("bald-ef-diverse-capped", "trust-window-adaptive"),
                      ("bald-ef-epig", "bald-ef"), ("bald-ef-epig", "random"),
                      ("bald-ef-diverse-zbl", "random-zbl"), ("bald-ef-diverse-zbl", "random"),
                      ("bald-ef-diverse-zbl", "bald-ef-diverse")):
