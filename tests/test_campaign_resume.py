@@ -161,7 +161,11 @@ def test_a_killed_run_leaves_no_process_behind(sig, group, sqlite_url, tmp_path)
         def training_with_server_and_members() -> bool:
             for p in psutil.Process(proc.pid).children(recursive=True):
                 with contextlib.suppress(psutil.Error):
-                    started.setdefault(p.pid, (p, " ".join(p.cmdline())))
+                    # the command line read again on every poll: a child seen between its
+                    # fork and its exec still shows its parent's (`bayesal run`), and kept
+                    # from then on the server or the members were never recognised
+                    first = started.get(p.pid, (p, ""))[0]
+                    started[p.pid] = (first, " ".join(p.cmdline()))
             return (_training(tmp_path / "data")(engine) and seen("uvicorn")
                     and seen("multiprocessing"))
 
